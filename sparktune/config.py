@@ -1,0 +1,243 @@
+"""Typed dataclass configs: YAML plus dotted ``key=value`` overrides, every problem reported at once.
+
+A config is a (nested) dataclass. ``load_config(Cls, path, overrides)`` reads the YAML file,
+applies overrides such as ``train.max_steps=20``, converts values to the annotated types and
+builds the dataclass. Unknown keys, values of the wrong type and failed ``__post_init__``
+checks are collected across the whole tree and raised together as one ``ConfigError``.
+
+Dataclasses check themselves in ``__post_init__`` with ``require``::
+
+    def __post_init__(self):
+        problems = []
+        require(problems, self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        raise_if(problems)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import Any, Literal, Union
+
+import yaml
+
+from sparktune.errors import ConfigError
+
+__all__ = [
+    "load_config",
+    "parse_overrides",
+    "config_to_dict",
+    "flatten_config",
+    "require",
+    "raise_if",
+]
+
+
+def require(problems: list, ok: bool, key: str, message: str) -> None:
+    """Record ``key: message`` in ``problems`` unless ``ok``."""
+    if not ok:
+        problems.append(f"{key}: {message}")
+
+
+def raise_if(problems: list) -> None:
+    if problems:
+        raise ConfigError(problems)
+
+
+def parse_overrides(overrides) -> dict:
+    """Turn ``["a.b=1", "c=x"]`` into a nested dict; values are parsed as YAML scalars."""
+    nested: dict = {}
+    problems = []
+    for item in overrides or ():
+        if "=" not in item:
+            problems.append(f"override {item!r}: expected KEY=VALUE (e.g. train.max_steps=20)")
+            continue
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            problems.append(f"override {item!r}: the key is empty or has an empty part")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"override {item!r}: {part!r} is set both as a value and as a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+    raise_if(problems)
+    return nested
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(cls, path: str | os.PathLike | None = None, overrides=(), data: dict | None = None):
+    """Build ``cls`` from a YAML file (optional), a dict (optional) and dotted overrides."""
+    raw: dict = {}
+    source = None
+    if path is not None:
+        source = str(path)
+        if not os.path.exists(path):
+            raise ConfigError([f"config file {path} does not exist: pass an existing YAML file to --config"])
+        with open(path, encoding="utf-8") as handle:
+            try:
+                loaded = yaml.safe_load(handle)
+            except yaml.YAMLError as exc:
+                raise ConfigError([f"{path} is not valid YAML: {exc}"]) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{path}: expected a mapping of keys at the top level, found {type(loaded).__name__}"])
+        raw = loaded
+    if data:
+        raw = _deep_merge(raw, data)
+    raw = _deep_merge(raw, parse_overrides(overrides))
+    problems: list[str] = []
+    cfg = _build(cls, raw, "", problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def _build(cls, raw, prefix: str, problems: list):
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix or '<top>'}: expected a mapping for section {cls.__name__}, found {raw!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; known keys: {', '.join(sorted(fields))}"
+            problems.append(f"{prefix}{key}: unknown key{hint}")
+    kwargs = {}
+    n_before = len(problems)
+    for name, field in fields.items():
+        if name not in raw:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                if dataclasses.is_dataclass(hints[name]):
+                    kwargs[name] = _build(hints[name], {}, f"{prefix}{name}.", problems)
+                else:
+                    problems.append(f"{prefix}{name}: required, not set")
+            continue
+        kwargs[name] = _coerce(raw[name], hints[name], f"{prefix}{name}", problems)
+    if len(problems) > n_before:
+        return None
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        problems.extend(f"{prefix}{p}" for p in exc.problems)
+        return None
+
+
+_MISSING = object()
+
+
+def _coerce(value, tp, key: str, problems: list):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            problems.append(f"{key}: expected a section, found null")
+            return None
+        return _build(tp, value, key + ".", problems)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, problems)
+        for candidate in inner:
+            trial: list = []
+            result = _coerce(value, candidate, key, trial)
+            if not trial:
+                return result
+        problems.append(f"{key}: expected one of {[getattr(a, '__name__', str(a)) for a in inner]}, found {value!r}")
+        return None
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{key}: expected one of {list(args)}, found {value!r}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: expected a list, found {value!r}")
+            return None
+        item_tp = args[0] if args else Any
+        return [_coerce(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, found {value!r}")
+            return None
+        val_tp = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}", problems) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        problems.append(f"{key}: expected true or false, found {value!r}")
+        return None
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            problems.append(f"{key}: expected an integer, found {value!r}")
+            return None
+        try:
+            as_float = float(value)
+            if as_float != int(as_float):
+                raise ValueError
+            return int(as_float)
+        except (ValueError, OverflowError):
+            problems.append(f"{key}: expected an integer, found {value!r}")
+            return None
+    if tp is float:
+        if isinstance(value, bool):
+            problems.append(f"{key}: expected a number, found {value!r}")
+            return None
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            problems.append(f"{key}: expected a number, found {value!r}")
+            return None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            problems.append(f"{key}: expected a string, found {value!r}")
+            return None
+        return "" if value is None else str(value)
+    return value
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten_config(cfg, prefix: str = "") -> dict:
+    """``{"train.lr": 1e-4, ...}``: the dotted keys that overrides use."""
+    flat = {}
+    items = cfg.items() if isinstance(cfg, dict) else config_to_dict(cfg).items()
+    for key, value in items:
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
