@@ -1,0 +1,81 @@
+"""Builders shared by test_evaluate, test_registry and test_serve: small real models and tables."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+
+LABELS = {0: "negative", 1: "positive"}
+
+
+def build_classifier(minilm_path: str, out_dir: str, seed: int = 0) -> str:
+    """MiniLM with a fresh 2-class head (seeded): real weights, real tokenizer, save_pretrained layout."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        minilm_path, num_labels=2, id2label=LABELS, label2id={v: k for k, v in LABELS.items()}
+    )
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(out_dir)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_gpt2(tokenizer_path: str, out_dir: str) -> str:
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    tok.pad_token = tok.eos_token  # GPT-2 has no pad token
+    config = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def tokenized_frame(sample_dir: str, tokenizer_path: str, max_length: int = 128, n: int | None = None) -> pd.DataFrame:
+    """The tokenized-table layout: row_id, split, label, input_ids (unpadded), n_tokens, truncated."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    raw = pd.read_parquet(os.path.join(sample_dir, "test.parquet"))
+    if n:
+        raw = raw.head(n)
+    full = tok(raw["text"].tolist(), truncation=False)["input_ids"]
+    ids = tok(raw["text"].tolist(), truncation=True, max_length=max_length)["input_ids"]
+    return pd.DataFrame(
+        {
+            "row_id": [f"test-{i}" for i in raw["id"]],
+            "split": "test",
+            "label": raw["label"].astype("int32"),
+            "input_ids": [list(map(int, x)) for x in ids],
+            "n_tokens": [len(x) for x in ids],
+            "truncated": [len(f) > max_length for f in full],
+        }
+    )
+
+
+def write_tokenized_table(spark, frame: pd.DataFrame, path: str) -> str:
+    from pyspark.sql.types import ArrayType, BooleanType, IntegerType, StringType, StructField, StructType
+
+    from sparktune.tables import write_table
+
+    schema = StructType(
+        [
+            StructField("row_id", StringType()),
+            StructField("split", StringType()),
+            StructField("label", IntegerType()),
+            StructField("input_ids", ArrayType(IntegerType())),
+            StructField("n_tokens", IntegerType()),
+            StructField("truncated", BooleanType()),
+        ]
+    )
+    rows = [
+        (r.row_id, r.split, int(r.label), list(r.input_ids), int(r.n_tokens), bool(r.truncated))
+        for r in frame.itertuples(index=False)
+    ]
+    write_table(spark.createDataFrame(rows, schema), path)
+    return path
