@@ -296,8 +296,10 @@ def evaluate_model(
 
 
 def _run(args) -> int:
+    from sparktune.registry import use_tracking_uri
     from sparktune.spark import get_spark
 
+    use_tracking_uri(args.tracking_uri)
     spark = get_spark()
     metrics = evaluate_model(
         spark,
@@ -338,5 +340,6 @@ def add_cli(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
     p.add_argument("--limit", type=int, default=None, help="score at most this many rows (smoke tests)")
     p.add_argument("--run-id", default=None, help="MLflow run to log metrics to (default: the model's training run for runs:/ URIs, else a new run)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: as `sparktune train`)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=_run)
