@@ -1,0 +1,234 @@
+"""Launching ``train(cfg)`` on Spark with TorchDistributor: the launch plan and the relaunch loop.
+
+This is the only module that touches ``pyspark.ml.torch.distributor.TorchDistributor``.
+``build_launch_plan`` is a pure function of the config and the facts about the cluster (Spark
+conf, GPUs, cores, environment), so it is tested without launching anything. ``run_training``
+is the driver side of a job: it pins the table version, opens the MLflow run, launches, and
+relaunches after a failure (resuming from the latest complete checkpoint, same MLflow run).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from sparktune.errors import SparktuneError
+from sparktune.train.config import TrainConfig, train_config_from_dict
+
+__all__ = ["LaunchPlan", "build_launch_plan", "run_training", "launch_once", "spark_facts"]
+
+log = logging.getLogger("sparktune.train")
+
+# Environment variables the ranks get from the driver when set there. Only these: the
+# driver's environment may hold credentials, so it is never forwarded wholesale.
+FORWARDED_ENV = (
+    "SPARKTUNE_HOME",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "HF_HOME",
+    "SPARKTUNE_TEST_KILL_AT_STEP",
+)
+
+
+@dataclass
+class LaunchPlan:
+    """What TorchDistributor will be asked to run, and with which environment per rank."""
+
+    num_processes: int
+    local_mode: bool
+    use_gpu: bool
+    backend: str
+    max_restarts: int
+    env: dict = field(default_factory=dict)
+    command: list = field(default_factory=list)
+    """The equivalent plain-torchrun command (for logs, and for running without Spark)."""
+
+    def describe(self) -> str:
+        where = "on the driver" if self.local_mode else "as Spark barrier tasks"
+        device = "GPU" if self.use_gpu else "CPU"
+        return (f"{self.num_processes} {device} process(es) {where}, backend {self.backend}, "
+                f"up to {self.max_restarts} relaunch(es)")
+
+
+def _task_slots(conf: dict, cpu_count: int) -> int | None:
+    """Concurrent tasks a local master offers (local[N] / N cores per task), None if unknown."""
+    master = conf.get("spark.master", "")
+    cpus_per_task = int(conf.get("spark.task.cpus", "1") or 1)
+    if master == "local":
+        cores = 1
+    elif master.startswith("local["):
+        inner = master[len("local["):].split("]")[0].split(",")[0]
+        cores = cpu_count if inner == "*" else int(inner)
+    else:
+        return None  # a cluster: the scheduler knows, and fails the barrier stage if short
+    return max(cores // max(cpus_per_task, 1), 0)
+
+
+def build_launch_plan(cfg: TrainConfig, *, spark_conf: dict, driver_gpus: int, cpu_count: int,
+                      environ: dict, config_path: str = "config.yaml") -> LaunchPlan:
+    """The launch plan for ``cfg`` given the cluster's facts; raises SparktuneError if it cannot run.
+
+    ``spark_conf``: the Spark settings that matter (``spark.master``, ``spark.task.cpus``,
+    ``spark.task.resource.gpu.amount``); ``driver_gpus``: CUDA devices the driver sees;
+    ``environ``: the driver's environment (only ``FORWARDED_ENV`` keys are passed on).
+    """
+    d = cfg.distributor
+    n = d.num_processes
+    task_gpus = float(spark_conf.get("spark.task.resource.gpu.amount", "0") or 0)
+    if d.use_gpu == "auto":
+        use_gpu = driver_gpus > 0 if d.local_mode else task_gpus > 0
+    else:
+        use_gpu = d.use_gpu == "true"
+    if use_gpu and d.local_mode and driver_gpus < n:
+        raise SparktuneError(
+            f"distributor.num_processes: {n} GPU processes on the driver need {n} GPUs, found {driver_gpus}; "
+            f"lower distributor.num_processes, or set distributor.use_gpu=false"
+        )
+    if use_gpu and not d.local_mode and task_gpus < 1:
+        raise SparktuneError(
+            "distributor.use_gpu: true with local_mode=false needs spark.task.resource.gpu.amount >= 1 "
+            f"(found {task_gpus or 'unset'}); configure GPU scheduling on the cluster or set distributor.use_gpu=false"
+        )
+    if not d.local_mode:
+        slots = _task_slots(spark_conf, cpu_count)
+        if slots is not None and slots < n:
+            raise SparktuneError(
+                f"distributor.num_processes: {n} barrier tasks need {n} free task slots, but master "
+                f"{spark_conf.get('spark.master')!r} with spark.task.cpus={spark_conf.get('spark.task.cpus', '1')} "
+                f"offers {slots}; lower distributor.num_processes or give Spark more cores"
+            )
+    backend = d.backend if d.backend != "auto" else ("nccl" if use_gpu else "gloo")
+    if backend == "nccl" and not use_gpu:
+        raise SparktuneError("distributor.backend: nccl needs GPUs; use gloo (or auto) for CPU training")
+
+    env = {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    if not use_gpu:
+        # Processes on one machine share its cores: more threads than cores only thrash.
+        per_host = n if d.local_mode else max(1, min(n, _task_slots(spark_conf, cpu_count) or 1))
+        env["OMP_NUM_THREADS"] = str(max(1, cpu_count // per_host))
+    if d.local_mode:
+        launcher = ["torchrun", "--standalone", "--nnodes=1", f"--nproc_per_node={n}"]
+    else:
+        launcher = ["torchrun", f"--nnodes={n}", "--nproc_per_node=1", "--rdzv_endpoint=MASTER:PORT"]
+    command = launcher + ["-m", "sparktune.train.train", "--config", config_path]
+    return LaunchPlan(num_processes=n, local_mode=d.local_mode, use_gpu=use_gpu, backend=backend,
+                      max_restarts=d.max_restarts, env=env, command=command)
+
+
+def spark_facts(spark) -> dict:
+    """The facts ``build_launch_plan`` needs, read from a live session."""
+    conf = spark.sparkContext.getConf()
+    keys = ("spark.master", "spark.task.cpus", "spark.task.resource.gpu.amount", "spark.executor.cores")
+    spark_conf = {k: conf.get(k) for k in keys if conf.get(k) is not None}
+    driver_gpus = 0
+    try:
+        import torch
+
+        driver_gpus = torch.cuda.device_count()
+    except Exception:
+        driver_gpus = 0
+    return {"spark_conf": spark_conf, "driver_gpus": driver_gpus, "cpu_count": os.cpu_count() or 1,
+            "environ": dict(os.environ)}
+
+
+def _rank_main(cfg_dict: dict, env: dict) -> dict:
+    """Runs in every training process (pickled by TorchDistributor): set the env, then train."""
+    os.environ.update(env)
+    from sparktune.train.train import train
+
+    return train(cfg_dict)
+
+
+def launch_once(plan: LaunchPlan, cfg: TrainConfig) -> dict:
+    """One TorchDistributor launch of ``train``; returns rank 0's result."""
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    distributor = TorchDistributor(num_processes=plan.num_processes, local_mode=plan.local_mode,
+                                   use_gpu=plan.use_gpu)
+    return distributor.run(_rank_main, cfg.to_dict(), dict(plan.env))
+
+
+def _resolve_table(spark, cfg: TrainConfig) -> None:
+    """Pin ``data.location`` and ``data.version`` on the driver, before any rank starts."""
+    from sparktune.tables import parse_table_ref, table_location
+    from sparktune.train.data import table_info
+
+    if not cfg.data.location:
+        ref = parse_table_ref(cfg.data.table)
+        cfg.data.location = ref.path if ref.is_path else table_location(spark, ref)
+    info = table_info(cfg.data.location, cfg.data.version)
+    cfg.data.version = info["version"]
+    if cfg.model.task == "auto":
+        task = info["properties"].get("sparktune.task", "")
+        if task not in ("classification", "causal-lm"):
+            raise SparktuneError(
+                f"model.task: is auto and table {cfg.data.table!r} has no sparktune.task property (found "
+                f"{task!r}); set model.task=classification or model.task=causal-lm"
+            )
+        cfg.model.task = task
+
+
+def run_training(cfg, spark=None, plan: LaunchPlan | None = None) -> dict:
+    """Driver side of a training job on Spark; returns the result of the successful launch.
+
+    Opens one MLflow run (params, Delta inputs) that every relaunch continues, launches the
+    ranks, and after a failure relaunches up to ``distributor.max_restarts`` times with
+    ``resume`` on, so training picks up from the latest complete checkpoint.
+    """
+    from sparktune.train import tracking
+    from sparktune.train.train import latest_complete_checkpoint
+
+    cfg = train_config_from_dict(cfg) if not isinstance(cfg, TrainConfig) else cfg
+    if spark is None:
+        from sparktune.spark import get_spark
+
+        spark = get_spark()
+    _resolve_table(spark, cfg)
+    if plan is None:
+        plan = build_launch_plan(cfg, **spark_facts(spark))
+    log.warning("sparktune train: %s", plan.describe())
+    if not cfg.resume and latest_complete_checkpoint(cfg.checkpoint_dir):
+        raise SparktuneError(
+            f"checkpoint.dir: {cfg.checkpoint_dir} already holds checkpoints of an earlier job; pass resume=true "
+            "to continue it, or choose another output_dir / checkpoint.dir"
+        )
+    opened = False
+    if cfg.mlflow.enabled:
+        cfg.mlflow.tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        continuing = bool(cfg.mlflow.run_id)
+        cfg.mlflow.run_id = tracking.open_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
+                                              cfg.mlflow.run_name, run_id=cfg.mlflow.run_id)
+        opened = True
+        if not continuing:
+            tracking.log_job(cfg, cfg.model.task)
+    attempts = []
+    try:
+        for attempt in range(plan.max_restarts + 1):
+            try:
+                result = launch_once(plan, cfg)
+            except Exception as exc:  # TorchDistributor reports failed ranks as RuntimeError
+                attempts.append(f"attempt {attempt + 1}: {str(exc).splitlines()[0][:300]}")
+                if isinstance(exc, SparktuneError) or attempt == plan.max_restarts:
+                    raise
+                checkpoint = latest_complete_checkpoint(cfg.checkpoint_dir, plan.num_processes)
+                log.warning("sparktune train: launch failed (%s); relaunching from %s", attempts[-1],
+                            checkpoint or "the start (no complete checkpoint yet)")
+                cfg.resume = True
+                continue
+            result = dict(result or {})
+            result["attempts"] = attempt + 1
+            result["failures"] = attempts
+            if opened:
+                import mlflow
+
+                mlflow.log_metric("job/attempts", attempt + 1)
+                tracking.finish_run(True)
+                opened = False
+            return result
+    finally:
+        if opened:
+            tracking.finish_run(False)
+    raise AssertionError("unreachable")

