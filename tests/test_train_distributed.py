@@ -28,19 +28,31 @@ def _mlflow_run(uri, run_id):
 
 
 @pytest.mark.timeout(400)
-def test_local_mode_tiny_gpt2_uneven_shards_one_mlflow_run(spark, tmp_path, gpt2_tokenizer_path, mlflow_uri):
-    from sparktune.train.config import load_train_config
-    from sparktune.train.distribute import run_training
+def test_cli_local_mode_tiny_gpt2_uneven_shards_one_mlflow_run(spark, tmp_path, gpt2_tokenizer_path, mlflow_uri,
+                                                               capsys):
+    import json
+
+    import yaml
+
+    from sparktune.cli import main
 
     table = write_tokenized_table(tmp_path / "tok", gpt2_tokenizer_path, task="causal-lm", n_train=40, n_test=8,
                                   max_length=48)
+    base = _nest(tiny_gpt2_overrides(tmp_path, "./placeholder", "sqlite:///unused.db", **{
+        "train.batch_size": 2, "checkpoint.steps": 6}))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(base))
     # 7 rows on 2 ranks: rank 0 gets 4, rank 1 gets 3 plus one repeated, so both run 2 steps an epoch.
-    overrides = tiny_gpt2_overrides(tmp_path, table, mlflow_uri, **{
-        "data.train_limit": 7, "data.eval_limit": 8, "train.batch_size": 2, "train.max_steps": 12,
-        "checkpoint.steps": 6, "distributor.local_mode": True,
-    })
-    cfg = load_train_config(data=_nest(overrides))
-    result = run_training(cfg, spark)
+    rc = main(["train", "--config", str(config), f"data.table={table}", f"output_dir={tmp_path / 'run'}",
+               f"mlflow.tracking_uri={mlflow_uri}", "mlflow.experiment=cli-test", "train.max_steps=12",
+               "data.train_limit=7", "data.eval_limit=8", "distributor.num_processes=2",
+               "distributor.local_mode=true"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("run_id: ") and lines[-1].startswith("model_uri: models:/")
+    run_id, model_uri = lines[-2].split(": ", 1)[1], lines[-1].split(": ", 1)[1]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["run_id"] == run_id and result["model_uri"] == model_uri
 
     assert result["world_size"] == 2
     assert result["rank_steps"] == [12, 12]
@@ -49,16 +61,15 @@ def test_local_mode_tiny_gpt2_uneven_shards_one_mlflow_run(spark, tmp_path, gpt2
     assert last < first - 0.5, result["losses"]
     assert 0 <= result["pad_share"] < 0.5
     assert os.path.exists(os.path.join(result["model_dir"], "model.safetensors"))
-    assert result["model_uri"].startswith("models:/")
 
-    client, run, runs = _mlflow_run(mlflow_uri, result["run_id"])
+    client, run, runs = _mlflow_run(mlflow_uri, run_id)
     assert len(runs) == 1 and run.info.status == "FINISHED"
     assert run.data.params["data.train_limit"] == "7"
     assert run.data.params["model.config_overrides.n_embd"] == "64"
-    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    losses = client.get_metric_history(run_id, "train/loss")
     assert len(losses) >= 12
     for key in ("train/learning_rate", "train/samples_per_second", "train/tokens_per_second", "train/pad_share"):
-        assert client.get_metric_history(run.info.run_id, key), key
+        assert client.get_metric_history(run_id, key), key
     inputs = run.inputs.dataset_inputs
     contexts = sorted(tag.value for i in inputs for tag in i.tags if tag.key == "mlflow.data.context")
     assert contexts == ["evaluation", "training"]

@@ -215,7 +215,7 @@ class DistributorConfig:
     """Training processes (one per GPU on GPU clusters)."""
     local_mode: bool = True
     """True: processes on the driver; False: Spark barrier tasks on executors."""
-    use_gpu: Literal["auto", "true", "false"] = "auto"
+    use_gpu: bool | Literal["auto"] = "auto"
     """Use GPUs: auto = when torch sees CUDA on the driver (local mode) or Spark assigns GPUs to tasks."""
     max_restarts: int = 1
     """Relaunch this many times after a failure, resuming from the latest complete checkpoint."""
@@ -249,17 +249,19 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
+    # Sections have no defaults so the loader builds each one itself (absent ones from {}),
+    # which prefixes their problems with the section name (data.table, not table).
+    model: ModelConfig
+    data: DataConfig
+    train: TrainArgsConfig
+    lora: LoraConfig
+    mlflow: MlflowConfig
+    distributor: DistributorConfig
+    checkpoint: CheckpointConfig
     output_dir: str = ""
     """Where the final model, tokenizer and result.json go."""
     resume: bool = False
     """Continue from the latest complete checkpoint in checkpoint.dir (a stopped job, by hand)."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainArgsConfig = field(default_factory=TrainArgsConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    distributor: DistributorConfig = field(default_factory=DistributorConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
         problems: list = []

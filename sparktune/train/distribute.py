@@ -80,7 +80,7 @@ def build_launch_plan(cfg: TrainConfig, *, spark_conf: dict, driver_gpus: int, c
     if d.use_gpu == "auto":
         use_gpu = driver_gpus > 0 if d.local_mode else task_gpus > 0
     else:
-        use_gpu = d.use_gpu == "true"
+        use_gpu = bool(d.use_gpu)
     if use_gpu and d.local_mode and driver_gpus < n:
         raise SparktuneError(
             f"distributor.num_processes: {n} GPU processes on the driver need {n} GPUs, found {driver_gpus}; "

