@@ -33,7 +33,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["sparktune", "sparktune.*"]),
-    include_package_data=True,
+    package_data={"sparktune": ["ivysettings.xml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "requests>=2.31"]},
     entry_points={"console_scripts": ["sparktune=sparktune.cli:main"]},

@@ -138,7 +138,9 @@ def table_version(spark, ref) -> int:
 def table_properties(spark, ref) -> dict:
     ref = parse_table_ref(ref)
     _require_exists(spark, ref, "table")
-    return {row["key"]: row["value"] for row in spark.sql(f"SHOW TBLPROPERTIES {ref.sql}").collect()}
+    # Not SHOW TBLPROPERTIES: it redacts any key or value matching spark.redaction.regex
+    # ("token" among them), which hides e.g. sparktune.tokenizer.
+    return dict(spark.sql(f"DESCRIBE DETAIL {ref.sql}").collect()[0]["properties"] or {})
 
 
 def table_location(spark, ref) -> str:

@@ -1,0 +1,176 @@
+"""For analysts: ``sparktune stats`` summarises a tokenized table; ``sparktune sql`` runs a query.
+
+Everything is computed in Spark (aggregates and a binned histogram); only the small results
+come back to the driver, so the corpus is never collected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from sparktune.errors import SparktuneError
+from sparktune.tables import read_table
+
+__all__ = ["table_stats", "format_stats", "plot_token_lengths", "run_sql"]
+
+HISTOGRAM_BINS = 40
+
+
+def table_stats(spark, ref) -> dict:
+    """Rows per split and label; token length mean/median/p95/max and truncation rate per split."""
+    from pyspark.sql import functions as F
+
+    df = read_table(spark, ref, what="--table")
+    missing = {"split", "label", "n_tokens", "truncated"} - set(df.columns)
+    if missing:
+        raise SparktuneError(
+            f"--table {ref}: expected a tokenized table (from `sparktune tokenize`) with split, label, n_tokens, truncated; "
+            f"missing {', '.join(sorted(missing))}"
+        )
+    per_split = (
+        df.groupBy("split")
+        .agg(
+            F.count("*").alias("rows"),
+            F.avg("n_tokens").alias("mean_tokens"),
+            F.percentile_approx("n_tokens", 0.5, 10000).alias("median_tokens"),
+            F.percentile_approx("n_tokens", 0.95, 10000).alias("p95_tokens"),
+            F.max("n_tokens").alias("max_tokens"),
+            F.avg(F.col("truncated").cast("double")).alias("truncation_rate"),
+            F.sum("n_tokens").alias("total_tokens"),
+        )
+        .orderBy("split")
+        .collect()
+    )
+    labels = df.groupBy("split", "label").count().orderBy("split", "label").collect()
+    stats = {"table": str(ref), "rows": 0, "splits": {}}
+    for row in per_split:
+        stats["splits"][row["split"]] = {
+            "rows": row["rows"],
+            "labels": {},
+            "mean_tokens": round(float(row["mean_tokens"]), 2),
+            "median_tokens": int(row["median_tokens"]),
+            "p95_tokens": int(row["p95_tokens"]),
+            "max_tokens": int(row["max_tokens"]),
+            "truncation_rate": round(float(row["truncation_rate"]), 4),
+            "total_tokens": int(row["total_tokens"]),
+        }
+        stats["rows"] += row["rows"]
+    for row in labels:
+        stats["splits"][row["split"]]["labels"][str(row["label"])] = row["count"]
+    return stats
+
+
+def format_stats(stats: dict) -> str:
+    header = f"{'split':<14}{'rows':>9}  {'labels':<26}{'mean':>8}{'median':>8}{'p95':>7}{'max':>7}{'truncated':>11}"
+    lines = [f"table: {stats['table']}   rows: {stats['rows']:,}", header, "-" * len(header)]
+    for split, s in stats["splits"].items():
+        labels = " ".join(f"{k}:{v}" for k, v in s["labels"].items())
+        lines.append(
+            f"{split:<14}{s['rows']:>9,}  {labels:<26}{s['mean_tokens']:>8.1f}{s['median_tokens']:>8}"
+            f"{s['p95_tokens']:>7}{s['max_tokens']:>7}{s['truncation_rate']:>10.1%}"
+        )
+    return "\n".join(lines)
+
+
+def plot_token_lengths(spark, ref, path: str, bins: int = HISTOGRAM_BINS) -> dict:
+    """Write a PNG histogram of token lengths per split; returns the bin counts it drew."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pyspark.sql import functions as F
+
+    df = read_table(spark, ref, what="--table")
+    top = df.agg(F.max("n_tokens")).collect()[0][0] or 1
+    width = max(1, -(-int(top) // bins))
+    counts = (
+        df.groupBy("split", F.floor(F.col("n_tokens") / width).alias("bin")).count().orderBy("split", "bin").collect()
+    )
+    series: dict = {}
+    for row in counts:
+        series.setdefault(row["split"], {})[int(row["bin"])] = row["count"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for split, by_bin in series.items():
+        xs = [b * width for b in range(max(by_bin) + 1)]
+        ys = [by_bin.get(b, 0) for b in range(max(by_bin) + 1)]
+        ax.step(xs, ys, where="post", label=split)
+    ax.set_xlabel("tokens per row")
+    ax.set_ylabel("rows")
+    ax.set_title(f"Token lengths: {ref}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return {"bin_width": width, "series": series}
+
+
+def run_sql(spark, query: str, limit: int = 100):
+    """Run a Spark SQL query; returns a pandas DataFrame of at most ``limit`` rows."""
+    from pyspark.errors import AnalysisException, ParseException
+
+    try:
+        df = spark.sql(query)
+        return df.limit(limit).toPandas()
+    except (AnalysisException, ParseException) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise SparktuneError(
+            f"the query failed: {first}. Name tables as `name`, `schema.name` or delta.`/path/to/table`"
+        ) from None
+
+
+def add_cli(subparsers) -> None:
+    stats = subparsers.add_parser(
+        "stats",
+        help="rows, label balance, token lengths and truncation of a tokenized table",
+        description=table_stats.__doc__,
+    )
+    stats.add_argument("--table", required=True, help="tokenized TABLE (a path or a catalog name)")
+    stats.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    stats.add_argument("--plot", metavar="FILE.png", help="also write a histogram of token lengths per split")
+    stats.add_argument("--master", help="Spark master for a local session (default: local[*])")
+    stats.set_defaults(func=_run_stats)
+
+    sql = subparsers.add_parser(
+        "sql",
+        help="run a Spark SQL query over the tables and print the result",
+        description="Tables by name or as delta.`/path`, e.g. SELECT split, count(*) FROM delta.`./data/tokens` GROUP BY split",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sql.add_argument("query", help="the SQL query")
+    sql.add_argument("--limit", type=int, default=100, help="print at most this many rows (default 100)")
+    sql.add_argument("--json", action="store_true", help="print rows as JSON lines")
+    sql.add_argument("--master", help="Spark master for a local session (default: local[*])")
+    sql.set_defaults(func=_run_sql)
+
+
+def _run_stats(args) -> int:
+    from sparktune.spark import get_spark
+
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise SparktuneError(f"--plot {args.plot!r}: expected a file name ending in .png")
+    spark = get_spark(master=args.master)
+    stats = table_stats(spark, args.table)
+    if args.plot:
+        plot_token_lengths(spark, args.table, args.plot)
+        stats["plot"] = args.plot
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    if args.plot and not args.json:
+        print(f"histogram: {args.plot}")
+    return 0
+
+
+def _run_sql(args) -> int:
+    import pandas as pd
+
+    from sparktune.spark import get_spark
+
+    if args.limit < 1:
+        raise SparktuneError(f"--limit must be at least 1, found {args.limit}")
+    result = run_sql(get_spark(master=args.master), args.query, args.limit)
+    if args.json:
+        print(result.to_json(orient="records", lines=True, default_handler=str))
+    else:
+        with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 80):
+            print(result.to_string(index=False) if len(result) else "(no rows)")
+    return 0

