@@ -48,7 +48,7 @@ def tokenized_frame(sample_dir: str, tokenizer_path: str, max_length: int = 128,
     ids = tok(raw["text"].tolist(), truncation=True, max_length=max_length)["input_ids"]
     return pd.DataFrame(
         {
-            "row_id": [f"test-{i}" for i in raw["id"]],
+            "row_id": [f"test-{i:04d}" for i in range(len(raw))],  # IMDB ids repeat across pos/neg
             "split": "test",
             "label": raw["label"].astype("int32"),
             "input_ids": [list(map(int, x)) for x in ids],

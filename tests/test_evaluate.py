@@ -1,0 +1,146 @@
+"""Evaluate: metrics equal scikit-learn's, Spark inference equals in-process inference, the
+predictions table round-trips through Spark and deltalake, metrics land in MLflow."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+from evalkit import build_classifier, build_tiny_gpt2, tokenized_frame, write_tokenized_table
+from sparktune.errors import SparktuneError
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow_eval')}/mlflow.db"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, minilm_path):
+    return build_classifier(minilm_path, str(tmp_path_factory.mktemp("clf")))
+
+
+@pytest.fixture(scope="module")
+def token_table(spark, tmp_path_factory, imdb_sample_path, classifier):
+    frame = tokenized_frame(imdb_sample_path, classifier, max_length=128, n=60)
+    frame.loc[frame.index[-5:], "label"] = -1  # unlabelled rows are not scored
+    path = str(tmp_path_factory.mktemp("tables") / "tokenized")
+    return write_tokenized_table(spark, frame, path), frame
+
+
+def test_compute_metrics_equals_sklearn():
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
+
+    from sparktune.evaluate import compute_metrics
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200)
+    p = np.where(rng.random(200) < 0.7, y, rng.integers(0, 3, 200))
+    m = compute_metrics(y, p, label_names=["a", "b", "c"])
+    assert m["n"] == 200
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert m["precision"] == pytest.approx(precision_score(y, p, average="macro"))
+    assert m["recall"] == pytest.approx(recall_score(y, p, average="macro"))
+    assert m["f1"] == pytest.approx(f1_score(y, p, average="macro"))
+    assert m["per_class"]["b"]["f1"] == pytest.approx(f1_score(y, p, average=None)[1])
+    assert m["confusion_matrix"] == confusion_matrix(y, p).tolist()
+    with pytest.raises(SparktuneError, match="no labelled rows"):
+        compute_metrics([], [])
+
+
+def test_evaluate_writes_predictions_and_logs_to_mlflow(spark, store, classifier, token_table, tmp_path):
+    from deltalake import DeltaTable
+    from mlflow.tracking import MlflowClient
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from sparktune.evaluate import PREDICTIONS_COLUMNS, evaluate_model
+    from sparktune.inference import predict_local, resolve_model
+    from sparktune.tables import read_table
+
+    table, frame = token_table
+    preds_path = str(tmp_path / "predictions")
+    m = evaluate_model(spark, classifier, table, split="test", predictions_table=preds_path)
+
+    labelled = frame[frame.label >= 0]
+    assert m["n"] == len(labelled) == 55
+    out = read_table(spark, preds_path).toPandas().sort_values("row_id").reset_index(drop=True)
+    assert list(read_table(spark, preds_path).columns) == PREDICTIONS_COLUMNS
+    assert dict(read_table(spark, preds_path).dtypes)["probabilities"] == "array<double>"
+    # Same table through delta-rs, without the JVM.
+    via_rs = DeltaTable(preds_path).to_pandas().sort_values("row_id").reset_index(drop=True)
+    assert via_rs["row_id"].tolist() == out["row_id"].tolist()
+    assert via_rs["prediction"].tolist() == out["prediction"].tolist()
+    assert set(out["model_uri"]) == {classifier}
+
+    # Spark's distributed inference equals the same model run in this process.
+    expected = labelled.sort_values("row_id").reset_index(drop=True)
+    local = predict_local([list(x) for x in expected["input_ids"]], resolve_model(classifier))
+    np.testing.assert_allclose(np.stack(out["probabilities"].map(np.asarray)), local, atol=1e-5)
+    assert out["label"].tolist() == expected["label"].tolist()
+
+    assert m["accuracy"] == pytest.approx(accuracy_score(out["label"], out["prediction"]))
+    assert m["f1"] == pytest.approx(f1_score(out["label"], out["prediction"], average="macro"))
+
+    run = MlflowClient().get_run(m["mlflow_run_id"])
+    assert run.data.metrics["test_accuracy"] == pytest.approx(m["accuracy"])
+    assert run.data.tags["sparktune.model_uri"] == classifier
+    artifacts = {a.path for a in MlflowClient().list_artifacts(m["mlflow_run_id"], "evaluation")}
+    assert {"evaluation/test_confusion_matrix.png", "evaluation/test_metrics.json"} <= artifacts
+
+
+def test_cli_json_and_bad_split(spark, store, classifier, token_table, capsys):
+    import json
+
+    from sparktune.cli import main
+
+    table, _ = token_table
+    assert main(["evaluate", "--model", classifier, "--table", table, "--json", "--no-mlflow", "--limit", "20"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"accuracy", "precision", "recall", "f1", "n"} <= set(result)
+    assert result["n"] <= 20
+    assert main(["evaluate", "--model", classifier, "--table", table, "--split", "validation", "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert "has splits ['test']" in err
+
+
+def test_bad_model_uri_is_explained(tmp_path):
+    from sparktune.inference import resolve_model
+
+    with pytest.raises(SparktuneError, match="no such folder"):
+        resolve_model(str(tmp_path / "nope"))
+    with pytest.raises(SparktuneError, match="neither an MLmodel file nor a config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_causal_lm_loss_and_perplexity(spark, store, tmp_path, gpt2_tokenizer_path, imdb_sample_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sparktune.evaluate import evaluate_model
+
+    model_dir = build_tiny_gpt2(gpt2_tokenizer_path, str(tmp_path / "gpt2"))
+    frame = tokenized_frame(imdb_sample_path, gpt2_tokenizer_path, max_length=64, n=12)
+    table = write_tokenized_table(spark, frame, str(tmp_path / "lm_tokens"))
+    m = evaluate_model(spark, model_dir, table, split="test", log_to_mlflow=False)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in frame["input_ids"]:
+            t = torch.tensor([ids])
+            total += model(input_ids=t, labels=t).loss.item() * (len(ids) - 1)
+            count += len(ids) - 1
+    assert m["n"] == 12 and m["n_tokens"] == count
+    assert m["eval_loss"] == pytest.approx(total / count, rel=1e-4)
+    assert m["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-3)
