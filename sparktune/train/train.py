@@ -419,6 +419,10 @@ def _train(cfg: TrainConfig, rank: int, world_size: int) -> dict:
         prediction_loss_only=task != "classification",
         dataloader_num_workers=0,
         log_level="warning",
+        # Trainer multiplies the loss by the world size when a model accepts loss kwargs, which
+        # is right for token-averaged causal-LM losses but doubles a classifier's batch-mean
+        # loss (and its gradients) on 2 ranks.
+        average_tokens_across_devices=task == "causal-lm",
     )
 
     class ShardTrainer(Trainer):
