@@ -125,7 +125,7 @@ def _build(cls, raw, prefix: str, problems: list):
     for key in raw:
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; known keys: {', '.join(sorted(fields))}"
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(sorted(fields))}"
             problems.append(f"{prefix}{key}: unknown key{hint}")
     kwargs = {}
     n_before = len(problems)
