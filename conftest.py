@@ -18,10 +18,6 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs on the full IMDB corpus or a real pretrained model (minutes)")
-
-
 @pytest.fixture(scope="session")
 def sparktune_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("sparktune_home")
