@@ -163,6 +163,19 @@ def log_metrics_to_mlflow(metrics: dict, prefix: str, run_id: str, extra_params:
             client.log_artifact(run_id, png, "evaluation")
 
 
+def _artifact_location(experiment: str) -> str | None:
+    """Beside a local SQLite store's database (as `sparktune train` does), not ./mlruns in the cwd."""
+    import re
+
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    root = os.path.join(os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])), "mlartifacts")
+    return "file://" + os.path.join(root, re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment).strip("_") or "experiment")
+
+
 def _evaluation_run(resolved, table: str) -> str:
     """A new run for an evaluation that has no training run to write into, linked to the model's run."""
     from mlflow.tracking import MlflowClient
@@ -177,7 +190,7 @@ def _evaluation_run(resolved, table: str) -> str:
     if experiment_id is None:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "sparktune-evaluate")
         experiment = client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(name, artifact_location=_artifact_location(name))
     tags = {"sparktune.stage": "evaluate", "sparktune.model_uri": resolved.uri, "sparktune.table": table}
     if resolved.run_id:
         tags["sparktune.source_run_id"] = resolved.run_id

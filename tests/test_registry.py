@@ -14,10 +14,13 @@ from sparktune.errors import SparktuneError
 def store(tmp_path_factory):
     import mlflow
 
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow_reg')}/mlflow.db"
+    base = tmp_path_factory.mktemp("mlflow_reg")
+    uri = f"sqlite:///{base}/mlflow.db"
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
+    # Artifacts in tmp: a SQLite store's default is ./mlruns in the working directory.
+    mlflow.MlflowClient().create_experiment("registry-test", artifact_location=f"file://{base}/artifacts")
     mlflow.set_experiment("registry-test")
     yield uri
     if previous is None:
