@@ -112,3 +112,22 @@ def test_collator_pads_to_batch_max_and_masks_causal_labels():
     cls = DynamicPaddingCollator(pad_token_id=0, task="classification", pad_to_multiple_of=4)
     out = cls([{"input_ids": [1, 2, 3, 4, 5], "labels": 1}, {"input_ids": [1], "labels": 0}])
     assert out["input_ids"].shape == (2, 8) and out["labels"].tolist() == [1, 0]
+
+
+def test_latest_complete_checkpoint_skips_partial_ones(tmp_path):
+    from sparktune.train.train import latest_complete_checkpoint
+
+    def make(step, files):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("x")
+
+    full = ["model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state_0.pth",
+            "rng_state_1.pth"]
+    make(2, full)
+    make(10, full)
+    make(12, [f for f in full if f != "trainer_state.json"])  # cut short by a crash
+    make(14, [f for f in full if f != "rng_state_1.pth"])
+    assert latest_complete_checkpoint(str(tmp_path), world_size=2).endswith("checkpoint-10")
+    assert latest_complete_checkpoint(str(tmp_path / "none"), world_size=2) is None

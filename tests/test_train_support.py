@@ -20,13 +20,13 @@ def imdb_rows(split: str, n: int) -> pd.DataFrame:
 
 
 def write_tokenized_table(path, tokenizer_path, *, task="classification", n_train=64, n_test=32,
-                          max_length=64, tokenizer_property=None, train_rows=None):
+                          max_length=64, tokenizer_property=None, train_rows=None, gguf_file=None):
     """Tokenize IMDB sample reviews with the real tokenizer into a Delta table at ``path``."""
     import pyarrow as pa
     from deltalake import write_deltalake
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    tok = AutoTokenizer.from_pretrained(tokenizer_path, **({"gguf_file": gguf_file} if gguf_file else {}))
     records = []
     for split, n in (("train", n_train), ("test", n_test)):
         frame = imdb_rows(split, n)

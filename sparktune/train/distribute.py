@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 from sparktune.errors import SparktuneError
@@ -171,6 +172,34 @@ def _resolve_table(spark, cfg: TrainConfig) -> None:
         cfg.model.task = task
 
 
+_RUN_FILE = "sparktune_run.json"
+_USER_ERROR = re.compile(r"sparktune\.errors\.(?:SparktuneError|ConfigError): (.*)")
+
+
+def _user_error_in(output: str) -> str | None:
+    """The message of a SparktuneError a rank died of (from its output tail), if any."""
+    found = _USER_ERROR.findall(output)
+    return found[-1].strip() if found else None
+
+
+def _record_run_id(checkpoint_dir: str, run_id: str, tracking_uri: str) -> None:
+    import json
+
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    with open(os.path.join(checkpoint_dir, _RUN_FILE), "w", encoding="utf-8") as handle:
+        json.dump({"run_id": run_id, "tracking_uri": tracking_uri}, handle)
+
+
+def _recorded_run_id(checkpoint_dir: str) -> str:
+    import json
+
+    try:
+        with open(os.path.join(checkpoint_dir, _RUN_FILE), encoding="utf-8") as handle:
+            return str(json.load(handle).get("run_id", ""))
+    except (OSError, ValueError):
+        return ""
+
+
 def run_training(cfg, spark=None, plan: LaunchPlan | None = None) -> dict:
     """Driver side of a training job on Spark; returns the result of the successful launch.
 
@@ -198,12 +227,16 @@ def run_training(cfg, spark=None, plan: LaunchPlan | None = None) -> dict:
     opened = False
     if cfg.mlflow.enabled:
         cfg.mlflow.tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        if cfg.resume and not cfg.mlflow.run_id:
+            # A job continued by hand (resume=true) goes on in the run it started.
+            cfg.mlflow.run_id = _recorded_run_id(cfg.checkpoint_dir)
         continuing = bool(cfg.mlflow.run_id)
         cfg.mlflow.run_id = tracking.open_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
                                               cfg.mlflow.run_name, run_id=cfg.mlflow.run_id)
         opened = True
         if not continuing:
             tracking.log_job(cfg, cfg.model.task)
+        _record_run_id(cfg.checkpoint_dir, cfg.mlflow.run_id, cfg.mlflow.tracking_uri)
     attempts = []
     try:
         for attempt in range(plan.max_restarts + 1):
@@ -211,6 +244,10 @@ def run_training(cfg, spark=None, plan: LaunchPlan | None = None) -> dict:
                 result = launch_once(plan, cfg)
             except Exception as exc:  # TorchDistributor reports failed ranks as RuntimeError
                 attempts.append(f"attempt {attempt + 1}: {str(exc).splitlines()[0][:300]}")
+                user_error = _user_error_in(str(exc))
+                if user_error is not None:
+                    # Bad input fails the same way on every try: report it instead of relaunching.
+                    raise SparktuneError(user_error) from None
                 if isinstance(exc, SparktuneError) or attempt == plan.max_restarts:
                     raise
                 checkpoint = latest_complete_checkpoint(cfg.checkpoint_dir, plan.num_processes)

@@ -126,6 +126,13 @@ def _init_distributed(cfg: TrainConfig, world_size: int, local_rank: int) -> Non
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
 
 
+def _load_error(key: str, what: str, exc: Exception) -> SparktuneError:
+    return SparktuneError(
+        f"{key}: could not load {what} ({exc}); give a local folder, pkg:MODULE, "
+        "or a hub name on a machine that reaches the hub"
+    )
+
+
 def _load_tokenizer(cfg: TrainConfig, table_props: dict):
     from transformers import AutoTokenizer
 
@@ -133,15 +140,12 @@ def _load_tokenizer(cfg: TrainConfig, table_props: dict):
     key = "model.tokenizer" if cfg.model.tokenizer else "model.name"
     path = resolve_model_path(source, key)
     kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
-    if cfg.model.gguf_file and not cfg.model.tokenizer:
+    if cfg.model.gguf_file and source == cfg.model.name:
         kwargs["gguf_file"] = cfg.model.gguf_file
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
-        raise SparktuneError(
-            f"{key}: could not load a tokenizer from {source!r} ({exc}); give a local folder, pkg:MODULE, "
-            "or a hub name on a machine that reaches the hub"
-        ) from None
+        raise _load_error(key, f"a tokenizer from {source!r}", exc) from None
     if tokenizer.pad_token is None:
         # GPT-2 style tokenizers have no pad token; pad positions are masked, so eos serves.
         tokenizer.pad_token = tokenizer.eos_token
@@ -178,10 +182,7 @@ def _build_model(cfg: TrainConfig, task: str, tokenizer):
         try:
             model = auto.from_pretrained(path, **kwargs)
         except (OSError, ValueError) as exc:
-            raise SparktuneError(
-                f"model.name: could not load {cfg.model.name!r} as a {task} model ({exc}); "
-                "give a local folder, pkg:MODULE, or a hub name on a machine that reaches the hub"
-            ) from None
+            raise _load_error("model.name", f"{cfg.model.name!r} as a {task} model", exc) from None
         if cfg.model.gguf_file:
             # save_pretrained refuses GGUF-loaded models: move the weights into a plain model.
             fresh = auto.from_config(model.config)
