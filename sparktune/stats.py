@@ -92,9 +92,8 @@ def plot_token_lengths(spark, ref, path: str, bins: int = HISTOGRAM_BINS) -> dic
         series.setdefault(row["split"], {})[int(row["bin"])] = row["count"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for split, by_bin in series.items():
-        xs = [b * width for b in range(max(by_bin) + 1)]
-        ys = [by_bin.get(b, 0) for b in range(max(by_bin) + 1)]
-        ax.step(xs, ys, where="post", label=split)
+        n_bins = max(by_bin) + 1
+        ax.stairs([by_bin.get(b, 0) for b in range(n_bins)], [b * width for b in range(n_bins + 1)], label=split)
     ax.set_xlabel("tokens per row")
     ax.set_ylabel("rows")
     ax.set_title(f"Token lengths: {ref}")

@@ -233,6 +233,14 @@ def tokenize_table(
             f"missing {', '.join(sorted(missing))}"
         )
     raw = raw.select("row_id", "split", F.col("label").cast("int").alias("label"), "text")
+    # A small raw table is often one or two files, i.e. one or two tasks: spread it so every
+    # core tokenizes (a few tasks per core evens out the long reviews).
+    try:
+        wanted = spark.sparkContext.defaultParallelism * 3
+        if raw.rdd.getNumPartitions() < wanted:
+            raw = raw.repartition(wanted)
+    except Exception:  # Spark Connect (Databricks shared clusters) has no RDD API: leave it to AQE
+        pass
     add_special = task == "classification"
     # Packed documents are not truncated: packing cuts the joined stream into blocks instead.
     truncate_at = 0 if pack else max_length
