@@ -36,7 +36,7 @@ def test_plain_torchrun_two_processes(tmp_path, gpt2_tokenizer_path, mlflow_uri)
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert lines[-2].startswith("run_id: ") and lines[-1].startswith("model_uri: ")
+    assert lines[-2].startswith("run_id: ") and lines[-1] == "model_uri:"  # mlflow.log_model is off
     run_id = lines[-2].split(": ", 1)[1]
     client = mlflow.MlflowClient(mlflow_uri)
     run = client.get_run(run_id)
