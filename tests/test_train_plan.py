@@ -131,3 +131,13 @@ def test_latest_complete_checkpoint_skips_partial_ones(tmp_path):
     make(14, [f for f in full if f != "rng_state_1.pth"])
     assert latest_complete_checkpoint(str(tmp_path), world_size=2).endswith("checkpoint-10")
     assert latest_complete_checkpoint(str(tmp_path / "none"), world_size=2) is None
+
+
+def test_bare_yaml_no_means_no_strategy(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("output_dir: /o\nmodel: {name: m}\ndata: {table: /t}\ncheckpoint: {strategy: no}\n"
+                      "train: {eval_strategy: no}\n")
+    cfg = load_train_config(str(config))
+    assert cfg.checkpoint.strategy == "no" and cfg.train.eval_strategy == "no"
+    with pytest.raises(ConfigError, match="checkpoint.strategy: expected one of no, steps, epoch"):
+        load_train_config(str(config), ["checkpoint.strategy=yes"])

@@ -32,6 +32,14 @@ __all__ = [
 ]
 
 
+def _strategy(value, key: str, problems: list):
+    """YAML 1.1 turns a bare ``no`` into False: read it back as "no"."""
+    if value is False:
+        return "no"
+    require(problems, value in ("no", "steps", "epoch"), key, f"expected one of no, steps, epoch; found {value!r}")
+    return value
+
+
 @dataclass
 class ModelConfig:
     name: str = ""
@@ -139,8 +147,9 @@ class TrainArgsConfig:
     """Seed for model init, shuffling and dropout."""
     logging_steps: int = 1
     """Log metrics every N optimizer steps."""
-    eval_strategy: Literal["no", "steps", "epoch"] = "no"
-    """When to evaluate during training; a final evaluation runs anyway when there is an eval split."""
+    eval_strategy: Literal["no", "steps", "epoch"] | bool = "no"
+    """When to evaluate during training (no, steps, epoch); a final evaluation runs anyway when
+    there is an eval split. YAML reads a bare ``no`` as false, which means ``no`` here too."""
     eval_steps: int | None = None
     """Evaluate every N steps with ``eval_strategy: steps``."""
     num_threads: int | None = None
@@ -150,6 +159,7 @@ class TrainArgsConfig:
 
     def __post_init__(self):
         problems: list = []
+        self.eval_strategy = _strategy(self.eval_strategy, "eval_strategy", problems)
         require(problems, self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
         require(problems, self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(problems, self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
@@ -233,8 +243,8 @@ class DistributorConfig:
 class CheckpointConfig:
     dir: str = ""
     """Checkpoint folder (a DBFS path or UC volume on Databricks); empty: OUTPUT_DIR/checkpoints."""
-    strategy: Literal["no", "steps", "epoch"] = "steps"
-    """When to save a checkpoint."""
+    strategy: Literal["no", "steps", "epoch"] | bool = "steps"
+    """When to save a checkpoint: no, steps or epoch (a bare YAML ``no``, read as false, means no)."""
     steps: int = 50
     """Save every N optimizer steps with strategy: steps."""
     keep: int | None = 2
@@ -242,6 +252,7 @@ class CheckpointConfig:
 
     def __post_init__(self):
         problems: list = []
+        self.strategy = _strategy(self.strategy, "strategy", problems)
         require(problems, self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         require(problems, self.keep is None or self.keep >= 1, "keep", f"must be >= 1 or empty, got {self.keep}")
         raise_if(problems)
