@@ -20,7 +20,7 @@ FACTS = {"spark_conf": {"spark.master": "local[2]"}, "driver_gpus": 0, "cpu_coun
 def test_cpu_local_mode_plan():
     plan = build_launch_plan(_cfg("distributor.num_processes=2"), **FACTS)
     assert (plan.num_processes, plan.local_mode, plan.use_gpu, plan.backend) == (2, True, False, "gloo")
-    assert plan.env["OMP_NUM_THREADS"] == "1"
+    assert plan.env["OMP_NUM_THREADS"] == "1" and plan.env["CUDA_VISIBLE_DEVICES"] == ""
     assert plan.env["SPARKTUNE_HOME"] == "/h" and plan.env["HF_HUB_OFFLINE"] == "1"
     assert "AWS_SECRET_ACCESS_KEY" not in plan.env  # the driver's env is never forwarded wholesale
     assert plan.command[:4] == ["torchrun", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
@@ -43,6 +43,7 @@ def test_gpu_plans():
     gpus = dict(FACTS, driver_gpus=2)
     plan = build_launch_plan(_cfg(), **gpus)
     assert plan.use_gpu and plan.backend == "nccl" and "OMP_NUM_THREADS" not in plan.env
+    assert "CUDA_VISIBLE_DEVICES" not in plan.env
     with pytest.raises(SparktuneError, match="need 4 GPUs, found 2"):
         build_launch_plan(_cfg("distributor.num_processes=4"), **gpus)
     executors = dict(FACTS, spark_conf={"spark.master": "spark://h:7077", "spark.task.resource.gpu.amount": "1"})

@@ -107,6 +107,8 @@ def build_launch_plan(cfg: TrainConfig, *, spark_conf: dict, driver_gpus: int, c
     env = {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
     env["TOKENIZERS_PARALLELISM"] = "false"
     if not use_gpu:
+        # A CPU plan stays on CPU even on a driver with GPUs (train() uses any GPU it sees).
+        env["CUDA_VISIBLE_DEVICES"] = ""
         # Processes on one machine share its cores: more threads than cores only thrash.
         per_host = n if d.local_mode else max(1, min(n, _task_slots(spark_conf, cpu_count) or 1))
         env["OMP_NUM_THREADS"] = str(max(1, cpu_count // per_host))
