@@ -97,7 +97,11 @@ def run_lineage_tags(run) -> dict:
             source = {}
         where = source.get("delta_table_name") or source.get("path") or ds.name
         version = source.get("delta_table_version")
-        tags[f"data.{context}.{ds.name}"] = _short(f"{where}@{version}" if version is not None else where)
+        if version is None:  # MLflow's DeltaDatasetSource drops version 0; training tags it too
+            version = next((t.value for t in dataset_input.tags if t.key == "delta.version"), None)
+        # Dataset names are table paths ("/x/tokens@v3"): not valid in a tag key, so key by context.
+        key = f"data.{context}" if f"data.{context}" not in tags else f"data.{context}.{i}"
+        tags[key] = _short(f"{where}@{version}" if version is not None else where)
     return tags
 
 
