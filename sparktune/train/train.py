@@ -400,7 +400,7 @@ def _train(cfg: TrainConfig, rank: int, world_size: int) -> dict:
         max_grad_norm=t.max_grad_norm,
         bf16=t.bf16 and gpu,
         fp16=t.fp16 and gpu,
-        gradient_checkpointing=t.gradient_checkpointing,
+        **_checkpointing_arg(t.gradient_checkpointing),
         torch_compile=t.torch_compile,
         seed=t.seed,
         logging_strategy="steps",
@@ -510,6 +510,17 @@ def _train(cfg: TrainConfig, rank: int, world_size: int) -> dict:
             mlflow.log_metrics(final_metrics, step=trainer.state.global_step)
             tracking.finish_run(True)
     return _broadcast(result, world_size)
+
+
+def _checkpointing_arg(enabled: bool) -> dict:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing (old name warns)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {key: enabled}
 
 
 def _overall_pad_share(trainer) -> float:
