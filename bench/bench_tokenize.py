@@ -71,7 +71,6 @@ def main():
     from sparktune.tokenize import TOKENIZED_SCHEMA, _tokenize_partition
 
     source = spark.read.format("delta").load(raw).select("row_id", "split", "label", "text")
-    source = source.repartition(spark.sparkContext.defaultParallelism * 3)
     start = time.perf_counter()
     source.mapInArrow(_tokenize_partition(args.tokenizer, args.max_length, True), TOKENIZED_SCHEMA).write.format(
         "noop"

@@ -245,12 +245,12 @@ def tokenize_table(
             f"missing {', '.join(sorted(missing))}"
         )
     raw = raw.select("row_id", "split", F.col("label").cast("int").alias("label"), "text")
-    # A small raw table is often one or two files, i.e. one or two tasks: spread it so every
-    # core tokenizes (a few tasks per core evens out the long reviews).
+    # A small raw table can be a single file, i.e. a single task: spread it so every core
+    # tokenizes. Only then: the shuffle costs more than the imbalance of a few big tasks.
     try:
-        wanted = spark.sparkContext.defaultParallelism * 3
-        if raw.rdd.getNumPartitions() < wanted:
-            raw = raw.repartition(wanted)
+        cores = spark.sparkContext.defaultParallelism
+        if raw.rdd.getNumPartitions() < cores:
+            raw = raw.repartition(cores)
     except Exception:  # Spark Connect (Databricks shared clusters) has no RDD API: leave it to AQE
         pass
     add_special = task == "classification"
