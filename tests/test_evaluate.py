@@ -7,23 +7,14 @@ import os
 import numpy as np
 import pytest
 
-from evalkit import build_classifier, build_tiny_gpt2, tokenized_frame, write_tokenized_table
+from evalkit import build_classifier, build_tiny_gpt2, mlflow_store, tokenized_frame, write_tokenized_table
 from sparktune.errors import SparktuneError
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow_eval')}/mlflow.db"
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    if previous is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
+    with mlflow_store(tmp_path_factory.mktemp("mlflow_eval"), "evaluate-test") as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")

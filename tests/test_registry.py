@@ -6,27 +6,14 @@ import os
 import pandas as pd
 import pytest
 
-from evalkit import build_classifier
+from evalkit import build_classifier, mlflow_store
 from sparktune.errors import SparktuneError
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    import mlflow
-
-    base = tmp_path_factory.mktemp("mlflow_reg")
-    uri = f"sqlite:///{base}/mlflow.db"
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    # Artifacts in tmp: a SQLite store's default is ./mlruns in the working directory.
-    mlflow.MlflowClient().create_experiment("registry-test", artifact_location=f"file://{base}/artifacts")
-    mlflow.set_experiment("registry-test")
-    yield uri
-    if previous is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
+    with mlflow_store(tmp_path_factory.mktemp("mlflow_reg"), "registry-test") as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")
