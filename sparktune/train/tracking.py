@@ -32,7 +32,7 @@ __all__ = [
 MAX_PARAM_VALUE = 6000
 MAX_PARAM_KEY = 250
 # Config keys whose values must never reach the tracking server.
-_SECRET_KEY = re.compile(r"(token|password|secret|api[_-]?key|credential)", re.IGNORECASE)
+_SECRET_KEY = re.compile(r"(token(?!iz)|password|secret|api[_-]?key|credential)", re.IGNORECASE)
 
 
 def default_tracking_uri() -> str:
