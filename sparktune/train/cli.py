@@ -36,7 +36,7 @@ def add_cli(subparsers) -> None:
 def format_summary(result: dict) -> str:
     lines = ["sparktune train: done"]
     for key in ("table", "version", "task", "world_size", "global_step", "attempts", "train_loss",
-                "eval_loss", "eval_accuracy", "pad_share", "samples_per_second", "train_seconds", "model_dir"):
+                "eval_loss", "eval_accuracy", "eval_f1", "pad_share", "samples_per_second", "train_seconds", "model_dir"):
         if result.get(key) is not None:
             value = result[key]
             lines.append(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")

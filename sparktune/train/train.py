@@ -439,7 +439,7 @@ def _train(cfg: TrainConfig, rank: int, world_size: int) -> dict:
             return DataLoader(tdata.RowsDataset(shard), batch_sampler=sampler, collate_fn=train_collator)
 
     history: list = []
-    compute_metrics = _accuracy if task == "classification" else None
+    compute_metrics = _classification_metrics if task == "classification" else None
     trainer = ShardTrainer(
         model=model,
         args=args,
@@ -531,13 +531,18 @@ def _overall_pad_share(trainer) -> float:
     return 0.0
 
 
-def _accuracy(eval_pred) -> dict:
+def _classification_metrics(eval_pred) -> dict:
+    """End-of-training evaluation with the same scikit-learn code as `sparktune evaluate`."""
     import numpy as np
+
+    from sparktune.evaluate import compute_metrics
 
     logits, labels = eval_pred.predictions, eval_pred.label_ids
     if isinstance(logits, tuple):
         logits = logits[0]
-    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    metrics = compute_metrics(labels, np.argmax(logits, axis=-1), shifted / shifted.sum(axis=-1, keepdims=True))
+    return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
 
 def main(argv=None) -> int:
