@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from sparktune.train.config import resolve_model_path
+    from sparktune.models import resolve_pretrained
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = resolve_model_path(args.model)
+    path = resolve_pretrained(args.model)
     tok = AutoTokenizer.from_pretrained(path)
     max_length = args.max_length or min(int(tok.model_max_length), 4096)
     rows = _reviews(args.data, args.rows)

