@@ -11,8 +11,16 @@ import os
 
 __all__ = ["get_spark", "sparktune_home", "stop_local_spark"]
 
+# Spark prints "Setting default log level" at every PySpark start unless the level configured
+# for org.apache.spark equals the root level: both are ERROR.
 _LOG4J = """\
 rootLogger.level = error
+logger.hadoop.name = org.apache.hadoop
+logger.hadoop.level = error
+logger.spark.name = org.apache.spark
+logger.spark.level = error
+logger.delta.name = org.apache.spark.sql.delta
+logger.delta.level = error
 rootLogger.appenderRef.stdout.ref = console
 appender.console.type = Console
 appender.console.name = console
@@ -30,7 +38,7 @@ def sparktune_home() -> str:
 
 def _log4j_file(home: str) -> str:
     path = os.path.join(home, "log4j2.properties")
-    if not os.path.exists(path):
+    if not os.path.exists(path) or open(path, encoding="utf-8").read() != _LOG4J:
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(_LOG4J)
     return path
