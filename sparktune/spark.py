@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["get_spark", "sparktune_home", "stop_local_spark"]
+__all__ = ["get_spark", "sparktune_home"]
 
 # Spark prints "Setting default log level" at every PySpark start unless the level configured
 # for org.apache.spark equals the root level: both are ERROR.
@@ -133,11 +133,3 @@ def _remember_delta_jars(spark, ivy_dir: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write("\n".join(jars) + "\n")
         os.replace(tmp, _jar_list_file(ivy_dir))
-
-
-def stop_local_spark() -> None:
-    from pyspark.sql import SparkSession
-
-    active = SparkSession.getActiveSession()
-    if active is not None:
-        active.stop()

@@ -21,7 +21,6 @@ __all__ = [
     "table_version",
     "table_properties",
     "table_location",
-    "table_sql",
 ]
 
 _NAME = re.compile(r"^`?[A-Za-z_][\w]*`?(\.`?[A-Za-z_][\w]*`?){0,2}$")
@@ -151,7 +150,3 @@ def table_location(spark, ref) -> str:
     _require_exists(spark, ref, "table")
     location = spark.sql(f"DESCRIBE DETAIL {ref.sql}").collect()[0]["location"]
     return location[len("file:"):] if location.startswith("file:") else location
-
-
-def table_sql(ref) -> str:
-    return parse_table_ref(ref).sql
