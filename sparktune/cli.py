@@ -1,21 +1,29 @@
-"""The ``sparktune`` command: one subcommand per stage.
+"""The ``sparktune`` command: one subcommand per stage, one grammar for all of them.
 
-Each stage module defines ``add_cli(subparsers)``, which adds its parser and sets
-``func(args) -> int``. Modules are imported lazily so ``sparktune --help`` stays fast and a
-stage's heavy imports (torch, pyspark) load only when that stage runs.
+Every stage's parser is made by ``stage_parser``, which gives it the common flags
+(``--master``, ``--remote``, ``--tracking-uri``, ``--experiment``, ``--json``). A stage's handler
+takes ``(args, ctx)`` and returns its typed result (``sparktune.results.StageResult``); this
+module prints ``result.summary()`` or, with ``--json``, one JSON object. ``ctx`` builds the
+SparkSession and the MLflow ``Tracker`` from the common flags, once, on first use.
+
+Stage modules are imported lazily so ``sparktune --help`` stays fast and a stage's heavy
+imports (torch, pyspark) load only when that stage runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
+from dataclasses import dataclass, field
+from typing import Any
 
 from sparktune.errors import SparktuneError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "stage_parser", "Context", "common_parser"]
 
-# (module, its subcommands): the order here is the order --help lists them.
+# The order here is the order --help lists them.
 STAGE_MODULES = [
     "sparktune.ingest",
     "sparktune.tokenize",
@@ -26,6 +34,53 @@ STAGE_MODULES = [
     "sparktune.serve",
     "sparktune.pipeline",
 ]
+
+
+def common_parser() -> argparse.ArgumentParser:
+    """The flags every stage accepts (an argparse parent parser)."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("common options")
+    group.add_argument("--master", help="Spark master when sparktune builds the session (default: spark-submit's, "
+                                        "else $SPARKTUNE_SPARK_MASTER, else local[*])")
+    group.add_argument("--remote", help="Spark Connect URL (sc://host:port); default: $SPARK_REMOTE")
+    group.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, 'databricks' on "
+                                              "Databricks, else sqlite:///$SPARKTUNE_HOME/mlflow.db)")
+    group.add_argument("--experiment", help="MLflow experiment for runs this command opens (default: sparktune)")
+    group.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    return common
+
+
+def stage_parser(subparsers, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand parser with the common flags."""
+    return subparsers.add_parser(name, parents=[common_parser()], **kwargs)
+
+
+@dataclass
+class Context:
+    """What a handler needs besides its own flags, built from the common flags on first use."""
+
+    args: argparse.Namespace
+    _spark: Any = field(default=None, repr=False)
+    _tracker: Any = field(default=None, repr=False)
+
+    def spark(self):
+        if self._spark is None:
+            from sparktune.spark import get_spark
+
+            kwargs = {"master": getattr(self.args, "master", None)}
+            remote = getattr(self.args, "remote", None)
+            if remote:
+                kwargs["remote"] = remote
+            self._spark = get_spark(**kwargs)
+        return self._spark
+
+    def tracker(self, experiment: str | None = None):
+        if self._tracker is None:
+            from sparktune.tracking import Tracker
+
+            self._tracker = Tracker(getattr(self.args, "tracking_uri", None),
+                                    getattr(self.args, "experiment", None) or experiment or "sparktune")
+        return self._tracker
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,20 +94,34 @@ def build_parser() -> argparse.ArgumentParser:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             if exc.name == module_name:
-                continue  # a stage not built yet in this checkout
+                continue  # a stage not built in this checkout
             raise
         module.add_cli(subparsers)
     return parser
 
 
+def _emit(result: Any, as_json: bool) -> int:
+    if isinstance(result, int) or result is None:
+        return int(result or 0)
+    if as_json:
+        print(result.to_json())
+    else:
+        print(result.summary())
+    sys.stdout.flush()
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
+    func = getattr(args, "func", None)
+    if not func:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        if len(inspect.signature(func).parameters) >= 2:
+            return _emit(func(args, Context(args)), getattr(args, "json", False))
+        return int(func(args) or 0)
     except SparktuneError as exc:
         print(f"sparktune {args.command}: error: {exc}", file=sys.stderr)
         return 2
