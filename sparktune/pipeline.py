@@ -51,7 +51,8 @@ class IngestSection:
 
     def __post_init__(self):
         problems: list = []
-        require(problems, bool(self.source), "source", "required: the corpus to read (a folder, a file, hf:NAME or a table)")
+        require(problems, bool(self.source), "source",
+                "required: the corpus to read (a folder, a file, hf:NAME or a table)")
         require(problems, bool(self.output), "output", "required: the raw Delta table to write (e.g. ./data/raw)")
         require(problems, self.num_labels >= 1, "num_labels", f"must be >= 1, found {self.num_labels}")
         raise_if(problems)

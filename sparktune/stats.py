@@ -28,7 +28,8 @@ def table_stats(spark, ref) -> dict:
     missing = {"split", "label", "n_tokens", "truncated"} - set(df.columns)
     if missing:
         raise SparktuneError(
-            f"--table {ref}: expected a tokenized table (from `sparktune tokenize`) with split, label, n_tokens, truncated; "
+            f"--table {ref}: expected a tokenized table (from `sparktune tokenize`) with split, label, n_tokens, "
+            "truncated; "
             f"missing {', '.join(sorted(missing))}"
         )
     per_split = (
@@ -173,7 +174,8 @@ def add_cli(subparsers) -> None:
         subparsers,
         "sql",
         help="run a Spark SQL query over the tables and print the result",
-        description="Tables by name or as delta.`/path`, e.g. SELECT split, count(*) FROM delta.`./data/tokens` GROUP BY split",
+        description="Tables by name or as delta.`/path`, e.g. "
+                    "SELECT split, count(*) FROM delta.`./data/tokens` GROUP BY split",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sql.add_argument("query", help="the SQL query")

