@@ -139,7 +139,7 @@ def _read(cfg: TrainConfig, split: str, task: Task, limit: int | None):
         raise
     except Exception as exc:
         text = str(exc)
-        if isinstance(exc, FileNotFoundError) or "No such file" in text or "not found" in text.lower():
+        if isinstance(exc, FileNotFoundError) or "No such file or directory" in text:
             raise DataFilesGone(
                 f"data.table: a data file of {cfg.data.table or cfg.data.location} v{cfg.data.version} is gone "
                 f"({text.splitlines()[0][:300] if text else type(exc).__name__}); VACUUM probably removed it. Train "
