@@ -176,22 +176,29 @@ def _resolve_table(spark, cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(problems)
 
 
-def _failure_message(cfg: TrainConfig, attempts: list[str], last_records, last_error: Exception) -> str:
+def _describe_failure(records, world_size: int, exc: Exception) -> str:
+    """One line: which ranks died without a record (a signal, the OOM killer), then the first record."""
+    parts = []
+    missing = sorted(set(range(world_size)) - {r.rank for r in records})
+    if missing:
+        parts.append(f"rank(s) {', '.join(map(str, missing))} died without a failure record (killed by a signal "
+                     "or out of memory?)")
+    if records:
+        parts.append(min(records, key=lambda r: r.time).headline())  # the first to fail; the others lost a peer
+    if not parts:
+        parts.append((str(exc).strip().splitlines() or [type(exc).__name__])[0][:500])
+    return "; ".join(parts)
+
+
+def _failure_message(cfg: TrainConfig, attempts: list[str]) -> str:
     """What the user reads when every launch failed: no traceback, what happened and what to do."""
     from sparktune.train.checkpoints import latest_complete_checkpoint
 
     lines = [f"training failed on all {len(attempts)} launch(es) (distributor.max_restarts="
              f"{cfg.distributor.max_restarts}):"]
     lines += [f"  {a}" for a in attempts]
-    if last_records:
-        record = min(last_records, key=lambda r: r.time)  # the first to fail; the others lost their peer
-        lines.append(f"last failure, rank {record.rank}: {record.exc_type}: {record.message}")
-    else:
-        first = (str(last_error).strip().splitlines() or [type(last_error).__name__])[0]
-        lines.append(f"last failure: a rank died without a failure record (killed by a signal or out of memory?): "
-                     f"{first[:500]}")
     checkpoint = latest_complete_checkpoint(cfg.checkpoint_dir)
-    lines.append(f"failure records: {os.path.join(cfg.checkpoint_dir, 'failures')}; "
+    lines.append(f"failure records (with tracebacks): {os.path.join(cfg.checkpoint_dir, 'failures')}; "
                  + (f"newest complete checkpoint: {checkpoint}; fix the cause and rerun with resume=true"
                     if checkpoint else "no complete checkpoint was written; fix the cause and rerun"))
     return "\n".join(lines)
@@ -256,10 +263,9 @@ def run_training(cfg, spark=None, tracker=None, plan: LaunchPlan | None = None) 
                 fallback = failures.user_error_in_output(str(exc)) if not records else None
                 if fallback is not None:
                     raise SparktuneError(fallback) from None
-                summary = min(records, key=lambda r: r.time).headline() if records else (str(exc).strip().splitlines() or ["?"])[0]
-                attempts.append(f"launch {attempt + 1}: {summary[:300]}")
+                attempts.append(f"launch {attempt + 1}: {_describe_failure(records, plan.num_processes, exc)[:600]}")
                 if attempt == plan.max_restarts:
-                    raise SparktuneError(_failure_message(cfg, attempts, records, exc)) from None
+                    raise SparktuneError(_failure_message(cfg, attempts)) from None
                 checkpoint = store.latest_complete(plan.num_processes)
                 log.warning("sparktune train: launch failed (%s); relaunching from %s", attempts[-1],
                             checkpoint or "the start (no complete checkpoint yet)")
