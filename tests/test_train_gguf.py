@@ -3,7 +3,6 @@
 import os
 
 import pytest
-
 from test_train_support import write_tokenized_table
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -3,7 +3,6 @@
 import os
 
 import pytest
-
 from test_train_support import write_tokenized_table
 
 

@@ -4,7 +4,6 @@ except the launcher's world-size check)."""
 import os
 
 import pytest
-
 from test_train_support import nest, tiny_gpt2_overrides, write_tokenized_table
 
 

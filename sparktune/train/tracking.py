@@ -49,7 +49,8 @@ def log_delta_input(tracker, run_id: str, *, location: str, version: int, name: 
     from mlflow.tracking.fluent import _create_dataset_input
 
     # The client form of mlflow.log_input: no active run needed (or ended behind the job's back).
-    tracker.client.log_inputs(run_id, datasets=[_create_dataset_input(dataset, context, {"delta.version": str(version)})])
+    dataset_input = _create_dataset_input(dataset, context, {"delta.version": str(version)})
+    tracker.client.log_inputs(run_id, datasets=[dataset_input])
 
 
 def log_job(tracker, run_id: str, cfg, task) -> None:
