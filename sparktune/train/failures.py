@@ -57,11 +57,13 @@ def failure_dir(checkpoint_dir: str) -> str:
 
 
 def _chain(exc: BaseException):
+    """``exc`` and its causes/contexts."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
+    item: BaseException | None = exc
+    while item is not None and id(item) not in seen:
+        seen.add(id(item))
+        yield item
+        item = item.__cause__ or item.__context__
 
 
 def classify(exc: BaseException) -> tuple[bool, str]:
