@@ -38,3 +38,14 @@ def test_rows_that_do_not_fit_the_model():
     assert len(problems) == 1 and problems[0].startswith("model.num_labels: is 2") and "[2]" in problems[0]
     assert check_rows_fit_model(labels=None, max_token_id=1000, vocab_size=1000, num_labels=2, table="/t",
                                 split="train")[0].startswith("model.name: the model has 1000 token embeddings")
+
+
+def test_job_record_holds_no_credentials(tmp_path):
+    from sparktune.train.checkpoints import CheckpointStore, JobRecord
+
+    store = CheckpointStore(str(tmp_path))
+    store.write_job(JobRecord(location="/t", version=3, world_size=2,
+                              tracking_uri="https://alice:s3cret@mlflow.example.com:5000/"))
+    assert "s3cret" not in (tmp_path / "sparktune_job.json").read_text()
+    record = store.read_job()
+    assert record.tracking_uri == "https://mlflow.example.com:5000/" and record.version == 3

@@ -226,6 +226,7 @@ class CheckpointStore:
             return None
 
     def write_job(self, record: JobRecord) -> None:
+        record = JobRecord(**{**asdict(record), "tracking_uri": _without_userinfo(record.tracking_uri)})
         os.makedirs(self.dir, exist_ok=True)
         tmp = f"{self.job_file}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as handle:
@@ -234,6 +235,19 @@ class CheckpointStore:
             os.fsync(handle.fileno())
         os.replace(tmp, self.job_file)
         _fsync_dir(self.dir)
+
+
+def _without_userinfo(uri: str) -> str:
+    """``https://user:secret@host/x`` -> ``https://host/x``: the record is a plain file on shared storage."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return ""
+    if parts.username is None and parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")))
 
 
 def latest_complete_checkpoint(checkpoint_dir: str, world_size: int | None = None) -> str | None:
