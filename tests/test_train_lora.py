@@ -3,7 +3,6 @@
 import os
 
 import pytest
-
 from test_train_support import write_tokenized_table
 
 
@@ -27,8 +26,8 @@ def test_lora_minilm_trains_adapters_and_saves_a_merged_model(tmp_path, minilm_p
     })
     result = train(cfg)  # one process, no launcher: train() knows nothing about Spark
 
-    assert result["global_step"] == 4
-    saved = load_file(os.path.join(result["model_dir"], "model.safetensors"))
+    assert result.global_step == 4
+    saved = load_file(os.path.join(result.model_dir, "model.safetensors"))
     assert not any("lora" in key for key in saved), "adapters must be merged into the base weights"
     base = load_file(os.path.join(minilm_path, "model.safetensors"))
 

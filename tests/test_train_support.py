@@ -19,8 +19,20 @@ def imdb_rows(split: str, n: int) -> pd.DataFrame:
     return frame
 
 
+def nest(flat: dict) -> dict:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}`` (dotted overrides as a config dict)."""
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
 def write_tokenized_table(path, tokenizer_path, *, task="classification", n_train=64, n_test=32,
-                          max_length=64, tokenizer_property=None, train_rows=None, gguf_file=None):
+                          max_length=64, tokenizer_property=None, train_rows=None, gguf_file=None, relabel=None):
     """Tokenize IMDB sample reviews with the real tokenizer into a Delta table at ``path``."""
     import pyarrow as pa
     from deltalake import write_deltalake
@@ -38,7 +50,7 @@ def write_tokenized_table(path, tokenizer_path, *, task="classification", n_trai
             records.append({
                 "row_id": f"{split}/{int(row['id']):06d}",
                 "split": split,
-                "label": int(row["label"]),
+                "label": int(relabel(split, int(row["id"]), int(row["label"])) if relabel else row["label"]),
                 "input_ids": [int(i) for i in ids],
                 "n_tokens": len(ids),
                 "truncated": len(ids) >= max_length,

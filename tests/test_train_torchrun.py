@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import yaml
-
 from test_train_support import write_tokenized_table
 
 

@@ -1,9 +1,13 @@
 """Distributed fine-tuning: ``train(cfg)`` (Trainer, no Spark) and its TorchDistributor launcher.
 
 Modules: ``config`` (TrainConfig), ``data`` (per-rank Delta reading, sharding, batching),
-``train`` (the training function), ``distribute`` (launch plan and TorchDistributor),
-``tracking`` (MLflow), ``modelio`` (saving/logging the model), ``cli`` (``sparktune train``).
-Submodules are imported on use so that importing the package stays light.
+``recipe`` (``train(cfg)``: setup -> fit -> finish), ``dist`` (process group, collectives),
+``model`` (tokenizer, model, LoRA), ``callbacks``, ``checkpoints`` (verify, pick, job record),
+``failures`` (rank failure records), ``checks`` (table vs model), ``result`` (TrainResult),
+``train`` (the torchrun entry), ``distribute`` (launch plan and relaunch loop), ``tracking``
+(config params and Delta inputs), ``modelio`` (saving/logging the model), ``cli``
+(``sparktune train``). Submodules are imported on use so that importing the package stays light.
 """
 
-__all__ = ["config", "data", "train", "distribute", "tracking", "modelio", "cli"]
+__all__ = ["callbacks", "checkpoints", "checks", "cli", "config", "data", "dist", "distribute", "failures", "model",
+           "modelio", "recipe", "result", "tracking", "train"]

@@ -185,7 +185,8 @@ class LoraConfig:
     dropout: float = 0.05
     """Dropout on adapter inputs."""
     target_modules: list[str] = field(default_factory=list)
-    """Module names to adapt; empty: a default for the architecture (GPT-2: c_attn, BERT: query/value, Llama: q/v_proj)."""
+    """Module names to adapt; empty: a default for the architecture (GPT-2: c_attn, BERT: query/value,
+    Llama: q/v_proj)."""
     merge_on_save: bool = True
     """Merge adapters into the base weights when saving the final model (a plain transformers model)."""
 

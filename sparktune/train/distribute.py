@@ -3,19 +3,22 @@
 This is the only module that touches ``pyspark.ml.torch.distributor.TorchDistributor``.
 ``build_launch_plan`` is a pure function of the config and the facts about the cluster (Spark
 conf, GPUs, cores, environment), so it is tested without launching anything. ``run_training``
-is the driver side of a job: it pins the table version, opens the MLflow run, launches, and
-relaunches after a failure (resuming from the latest complete checkpoint, same MLflow run).
+is the driver side of a job: it pins the table version (a resumed job: the version it
+recorded), checks the table against the model, opens the job's one MLflow run, launches, and
+after a failure reads the ranks' failure records: a user error (or any failure no retry can
+fix) is raised whole; other failures are relaunched, resuming from the newest checkpoint that
+verifies, in the same MLflow run, up to ``distributor.max_restarts`` times.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 
-from sparktune.errors import SparktuneError
+from sparktune.errors import ConfigError, SparktuneError
 from sparktune.train.config import TrainConfig, train_config_from_dict
+from sparktune.train.result import TrainResult
 
 __all__ = ["LaunchPlan", "build_launch_plan", "run_training", "launch_once", "spark_facts"]
 
@@ -137,137 +140,144 @@ def spark_facts(spark) -> dict:
             "environ": dict(os.environ)}
 
 
-def _rank_main(cfg_dict: dict, env: dict) -> dict:
+def _rank_main(cfg_dict: dict, env: dict, tracker=None) -> TrainResult:
     """Runs in every training process (pickled by TorchDistributor): set the env, then train."""
     os.environ.update(env)
-    from sparktune.train.train import train
+    from sparktune.train.recipe import train
 
-    return train(cfg_dict)
+    return train(cfg_dict, tracker=tracker)
 
 
-def launch_once(plan: LaunchPlan, cfg: TrainConfig) -> dict:
+def launch_once(plan: LaunchPlan, cfg: TrainConfig, tracker=None) -> TrainResult:
     """One TorchDistributor launch of ``train``; returns rank 0's result."""
     from pyspark.ml.torch.distributor import TorchDistributor
 
     distributor = TorchDistributor(num_processes=plan.num_processes, local_mode=plan.local_mode,
                                    use_gpu=plan.use_gpu)
-    return distributor.run(_rank_main, cfg.to_dict(), dict(plan.env))
+    return distributor.run(_rank_main, cfg.to_dict(), dict(plan.env), tracker)
 
 
-def _resolve_table(spark, cfg: TrainConfig) -> None:
-    """Pin ``data.location`` and ``data.version`` on the driver, before any rank starts."""
+def _resolve_table(spark, cfg: TrainConfig, world_size: int) -> None:
+    """Pin ``data.location``, ``data.version`` and ``model.task`` on the driver, before any rank starts."""
     from sparktune.tables import parse_table_ref, table_location
+    from sparktune.train.checks import check_table_matches_model
     from sparktune.train.data import table_info
+    from sparktune.train.recipe import prepare_resume, resolve_task, table_identity
 
     if not cfg.data.location:
         ref = parse_table_ref(cfg.data.table)
         cfg.data.location = ref.path if ref.is_path else table_location(spark, ref)
+    prepare_resume(cfg, world_size, table_identity(cfg.data.location))
     info = table_info(cfg.data.location, cfg.data.version)
     cfg.data.version = info["version"]
-    if cfg.model.task == "auto":
-        task = info["properties"].get("sparktune.task", "")
-        if task not in ("classification", "causal-lm"):
-            raise SparktuneError(
-                f"model.task: is auto and table {cfg.data.table!r} has no sparktune.task property (found "
-                f"{task!r}); set model.task=classification or model.task=causal-lm"
-            )
-        cfg.model.task = task
+    cfg.model.task = resolve_task(cfg, info["properties"]).value
+    problems = check_table_matches_model(info["properties"], cfg)
+    if problems:
+        raise ConfigError(problems)
 
 
-_RUN_FILE = "sparktune_run.json"
-_USER_ERROR = re.compile(r"sparktune\.errors\.(?:SparktuneError|ConfigError): (.*)")
+def _describe_failure(records, world_size: int, exc: Exception) -> str:
+    """One line: which ranks died without a record (a signal, the OOM killer), then the first record."""
+    parts = []
+    missing = sorted(set(range(world_size)) - {r.rank for r in records})
+    if missing:
+        parts.append(f"rank(s) {', '.join(map(str, missing))} died without a failure record (killed by a signal "
+                     "or out of memory?)")
+    if records:
+        parts.append(min(records, key=lambda r: r.time).headline())  # the first to fail; the others lost a peer
+    if not parts:
+        parts.append((str(exc).strip().splitlines() or [type(exc).__name__])[0][:500])
+    return "; ".join(parts)
 
 
-def _user_error_in(output: str) -> str | None:
-    """The message of a SparktuneError a rank died of (from its output tail), if any."""
-    found = _USER_ERROR.findall(output)
-    return found[-1].strip() if found else None
+def _failure_message(cfg: TrainConfig, attempts: list[str]) -> str:
+    """What the user reads when every launch failed: no traceback, what happened and what to do."""
+    from sparktune.train.checkpoints import latest_complete_checkpoint
+
+    lines = [f"training failed on all {len(attempts)} launch(es) (distributor.max_restarts="
+             f"{cfg.distributor.max_restarts}):"]
+    lines += [f"  {a}" for a in attempts]
+    checkpoint = latest_complete_checkpoint(cfg.checkpoint_dir)
+    lines.append(f"failure records (with tracebacks): {os.path.join(cfg.checkpoint_dir, 'failures')}; "
+                 + (f"newest complete checkpoint: {checkpoint}; fix the cause and rerun with resume=true"
+                    if checkpoint else "no complete checkpoint was written; fix the cause and rerun"))
+    return "\n".join(lines)
 
 
-def _record_run_id(checkpoint_dir: str, run_id: str, tracking_uri: str) -> None:
-    import json
+def run_training(cfg, spark=None, tracker=None, plan: LaunchPlan | None = None) -> TrainResult:
+    """Driver side of a training job on Spark; returns the ``TrainResult`` of the successful launch.
 
-    os.makedirs(checkpoint_dir, exist_ok=True)
-    with open(os.path.join(checkpoint_dir, _RUN_FILE), "w", encoding="utf-8") as handle:
-        json.dump({"run_id": run_id, "tracking_uri": tracking_uri}, handle)
-
-
-def _recorded_run_id(checkpoint_dir: str) -> str:
-    import json
-
-    try:
-        with open(os.path.join(checkpoint_dir, _RUN_FILE), encoding="utf-8") as handle:
-            return str(json.load(handle).get("run_id", ""))
-    except (OSError, ValueError):
-        return ""
-
-
-def run_training(cfg, spark=None, plan: LaunchPlan | None = None) -> dict:
-    """Driver side of a training job on Spark; returns the result of the successful launch.
-
-    Opens one MLflow run (params, Delta inputs) that every relaunch continues, launches the
-    ranks, and after a failure relaunches up to ``distributor.max_restarts`` times with
-    ``resume`` on, so training picks up from the latest complete checkpoint.
+    ``tracker``: the ``sparktune.tracking.Tracker`` to log to (default: one from ``cfg.mlflow``).
+    Opens one MLflow run (params, Delta inputs) that every relaunch continues; ranks get the
+    tracker and the run id, rank 0 logs. Raises SparktuneError/ConfigError, never a launcher
+    traceback, when training cannot succeed.
     """
-    from sparktune.train import tracking
-    from sparktune.train.train import latest_complete_checkpoint
+    from sparktune.train import failures
+    from sparktune.train.checkpoints import CheckpointStore, JobRecord
+    from sparktune.train.recipe import table_identity
+    from sparktune.train.tracking import log_job
 
     cfg = train_config_from_dict(cfg) if not isinstance(cfg, TrainConfig) else cfg
     if spark is None:
         from sparktune.spark import get_spark
 
         spark = get_spark()
-    _resolve_table(spark, cfg)
     if plan is None:
         plan = build_launch_plan(cfg, **spark_facts(spark))
+    _resolve_table(spark, cfg, plan.num_processes)
     log.warning("sparktune train: %s", plan.describe())
-    if not cfg.resume and latest_complete_checkpoint(cfg.checkpoint_dir):
-        raise SparktuneError(
-            f"checkpoint.dir: {cfg.checkpoint_dir} already holds checkpoints of an earlier job; pass resume=true "
-            "to continue it, or choose another output_dir / checkpoint.dir"
-        )
-    opened = False
+    store = CheckpointStore(cfg.checkpoint_dir)
+    record = store.read_job() if cfg.resume else None
+    run_id = ""
     if cfg.mlflow.enabled:
-        cfg.mlflow.tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
-        if cfg.resume and not cfg.mlflow.run_id:
-            # A job continued by hand (resume=true) goes on in the run it started.
-            cfg.mlflow.run_id = _recorded_run_id(cfg.checkpoint_dir)
-        continuing = bool(cfg.mlflow.run_id)
-        cfg.mlflow.run_id = tracking.open_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
-                                              cfg.mlflow.run_name, run_id=cfg.mlflow.run_id)
-        opened = True
-        if not continuing:
-            tracking.log_job(cfg, cfg.model.task)
-        _record_run_id(cfg.checkpoint_dir, cfg.mlflow.run_id, cfg.mlflow.tracking_uri)
-    attempts = []
+        if tracker is None:
+            from sparktune.tracking import Tracker
+
+            tracker = Tracker(cfg.mlflow.tracking_uri or None, cfg.mlflow.experiment)
+        cfg.mlflow.tracking_uri = str(tracker.tracking_uri)
+        cfg.mlflow.experiment = tracker.experiment
+        # A job continued by hand (resume=true) goes on in the run it started.
+        run_id = cfg.mlflow.run_id or (record.run_id if record is not None else "")
+        if not (run_id and tracker.run_exists(run_id)):
+            run_id = tracker.start_run(cfg.mlflow.run_name)
+            log_job(tracker, run_id, cfg, cfg.model.task)
+        cfg.mlflow.run_id = run_id
+    store.write_job(JobRecord(location=cfg.data.location, table=cfg.data.table,
+                              table_id=table_identity(cfg.data.location), version=cfg.data.version,
+                              world_size=plan.num_processes, task=cfg.model.task, run_id=run_id,
+                              tracking_uri=cfg.mlflow.tracking_uri if run_id else ""))
+    attempts: list[str] = []
+    ok = False
     try:
         for attempt in range(plan.max_restarts + 1):
+            failures.clear_failures(cfg.checkpoint_dir)
             try:
-                result = launch_once(plan, cfg)
+                result = launch_once(plan, cfg, tracker if run_id else None)
+            except SparktuneError:
+                raise
             except Exception as exc:  # TorchDistributor reports failed ranks as RuntimeError
-                attempts.append(f"attempt {attempt + 1}: {str(exc).splitlines()[0][:300]}")
-                user_error = _user_error_in(str(exc))
-                if user_error is not None:
-                    # Bad input fails the same way on every try: report it instead of relaunching.
-                    raise SparktuneError(user_error) from None
-                if isinstance(exc, SparktuneError) or attempt == plan.max_restarts:
-                    raise
-                checkpoint = latest_complete_checkpoint(cfg.checkpoint_dir, plan.num_processes)
+                records = failures.read_failures(cfg.checkpoint_dir)
+                fatal = failures.user_error(records)
+                if fatal is not None:
+                    raise fatal from None
+                fallback = failures.user_error_in_output(str(exc)) if not records else None
+                if fallback is not None:
+                    raise SparktuneError(fallback) from None
+                attempts.append(f"launch {attempt + 1}: {_describe_failure(records, plan.num_processes, exc)[:600]}")
+                if attempt == plan.max_restarts:
+                    raise SparktuneError(_failure_message(cfg, attempts)) from None
+                checkpoint = store.latest_complete(plan.num_processes)
                 log.warning("sparktune train: launch failed (%s); relaunching from %s", attempts[-1],
                             checkpoint or "the start (no complete checkpoint yet)")
                 cfg.resume = True
                 continue
-            result = dict(result or {})
-            result["attempts"] = attempt + 1
-            result["failures"] = attempts
-            if opened:
-                import mlflow
-
-                mlflow.log_metric("job/attempts", attempt + 1)
-                tracking.finish_run(True)
-                opened = False
+            result.attempts = attempt + 1
+            result.failures = attempts
+            if run_id:
+                tracker.set_tags(run_id, {"sparktune.attempts": attempt + 1})
+            ok = True
             return result
     finally:
-        if opened:
-            tracking.finish_run(False)
+        if run_id:
+            tracker.end_run(run_id, ok)
     raise AssertionError("unreachable")

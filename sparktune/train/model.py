@@ -1,0 +1,116 @@
+"""The tokenizer and the model a job trains: pretrained, GGUF or a fresh config, with optional LoRA."""
+
+from __future__ import annotations
+
+from sparktune.errors import SparktuneError
+from sparktune.models import resolve_pretrained
+from sparktune.tasks import TOKENIZED, Task
+from sparktune.train.config import TrainConfig
+
+__all__ = ["load_tokenizer", "build_model", "apply_lora", "LORA_TARGETS", "model_max_positions"]
+
+LORA_TARGETS = {
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+}
+
+
+def _load_error(key: str, what: str, exc: Exception) -> SparktuneError:
+    return SparktuneError(
+        f"{key}: could not load {what} ({exc}); give a local folder, pkg:MODULE, "
+        "or a hub name on a machine that reaches the hub"
+    )
+
+
+def load_tokenizer(cfg: TrainConfig, table_props: dict):
+    """``model.tokenizer``, else the table's tokenizer property, else ``model.name``."""
+    from transformers import AutoTokenizer
+
+    source = cfg.model.tokenizer or table_props.get(TOKENIZED.prop_tokenizer) or cfg.model.name
+    key = "model.tokenizer" if cfg.model.tokenizer else "model.name"
+    path = resolve_pretrained(source, key)
+    kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.model.gguf_file and source == cfg.model.name:
+        kwargs["gguf_file"] = cfg.model.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _load_error(key, f"a tokenizer from {source!r}", exc) from None
+    if tokenizer.pad_token is None:
+        # GPT-2 style tokenizers have no pad token; pad positions are masked, so eos serves.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(cfg: TrainConfig, task: Task, tokenizer):
+    """The model to train (LoRA-wrapped when ``lora.enabled``)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if task is Task.CLASSIFICATION else AutoModelForCausalLM
+    dtype = getattr(torch, cfg.model.dtype)
+    extra: dict = {}
+    if task is Task.CLASSIFICATION:
+        extra["num_labels"] = cfg.model.num_labels
+        if cfg.model.label_names:
+            extra["id2label"] = dict(enumerate(cfg.model.label_names))
+            extra["label2id"] = {n: i for i, n in enumerate(cfg.model.label_names)}
+    overrides = dict(cfg.model.config_overrides)
+    if overrides:
+        if "model_type" in overrides:
+            model_type = overrides.pop("model_type")
+            overrides.setdefault("vocab_size", len(tokenizer))
+            config = AutoConfig.for_model(model_type, **overrides, **extra)
+        else:
+            config = AutoConfig.from_pretrained(resolve_pretrained(cfg.model.name),
+                                                trust_remote_code=cfg.model.trust_remote_code, **overrides, **extra)
+        model = auto.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    else:
+        path = resolve_pretrained(cfg.model.name)
+        kwargs = dict(extra, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+        if cfg.model.gguf_file:
+            kwargs["gguf_file"] = cfg.model.gguf_file
+        try:
+            model = auto.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise _load_error("model.name", f"{cfg.model.name!r} as a {task} model", exc) from None
+        if cfg.model.gguf_file:
+            # save_pretrained refuses GGUF-loaded models: move the weights into a plain model.
+            fresh = auto.from_config(model.config)
+            fresh.load_state_dict(model.state_dict(), strict=False)
+            model = fresh.to(dtype)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.train.gradient_checkpointing:
+        model.config.use_cache = False
+    if cfg.lora.enabled:
+        model = apply_lora(cfg, model, task)
+    return model
+
+
+def apply_lora(cfg: TrainConfig, model, task: Task):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = cfg.lora.target_modules or LORA_TARGETS.get(model.config.model_type)
+    if not targets:
+        raise SparktuneError(
+            f"lora.target_modules: no default for model type {model.config.model_type!r}; "
+            "list the module names to adapt (e.g. [q_proj, v_proj])"
+        )
+    peft_cfg = LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=list(targets),
+        task_type=TaskType.SEQ_CLS if task is Task.CLASSIFICATION else TaskType.CAUSAL_LM,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def model_max_positions(config) -> int | None:
+    """The longest sequence a model config accepts (None when it does not say)."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

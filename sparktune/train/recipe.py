@@ -1,0 +1,497 @@
+"""``train(cfg)``: one rank of a fine-tuning job, read top to bottom: setup -> fit -> finish.
+
+Knows nothing about Spark: the launcher (``sparktune.train.distribute``) runs it in each
+TorchDistributor process, and it runs as well under plain torchrun
+(``python -m sparktune.train.train``) or as a function call in one process.
+
+- setup: join the process group; rank 0 pins the table version (continuing a resumed job on
+  the version it recorded), checks the table against the model, and opens or continues the
+  job's MLflow run; every rank loads the tokenizer, its rows and the model.
+- fit: Hugging Face ``Trainer`` over this rank's shard, resuming from the newest checkpoint
+  that verifies; rank 0's MLflow logging is transformers' own ``MLflowCallback``.
+- finish: evaluate, rank 0 saves/logs the model, every rank returns rank 0's ``TrainResult``.
+
+A rank that fails writes a failure record (``sparktune.train.failures``) before it exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sparktune.errors import ConfigError, SparktuneError
+from sparktune.tasks import TOKENIZED, Task
+from sparktune.train import dist
+from sparktune.train.checkpoints import CheckpointStore, JobRecord, resume_problems
+from sparktune.train.checks import check_rows_fit_model, check_table_matches_model
+from sparktune.train.config import TrainConfig, train_config_from_dict
+from sparktune.train.failures import DataFilesGone, record_failure
+from sparktune.train.result import TrainResult
+
+__all__ = ["train", "resolve_data", "prepare_resume", "table_identity", "check_table_matches_model"]
+
+log = logging.getLogger("sparktune.train")
+
+
+# Table and resume ---------------------------------------------------------------------------
+def resolve_data(cfg: TrainConfig) -> TrainConfig:
+    """Fill ``data.location`` from a path-like ``data.table``; names need the launcher (Spark)."""
+    if cfg.data.location:
+        return cfg
+    from sparktune.tables import parse_table_ref
+
+    ref = parse_table_ref(cfg.data.table)
+    if not ref.is_path:
+        raise SparktuneError(
+            f"data.table: {cfg.data.table!r} is a catalog name, which only Spark can resolve; launch with "
+            "`sparktune train` (it resolves the name) or set data.location to the table's folder"
+        )
+    cfg.data.location = ref.path
+    return cfg
+
+
+def table_identity(location: str) -> str:
+    """The Delta table id (it changes when a table is dropped and written again)."""
+    from deltalake import DeltaTable
+
+    try:
+        return str(DeltaTable(location).metadata().id)
+    except Exception:
+        return ""  # a missing table is reported, with what to do, by table_info
+
+
+def prepare_resume(cfg: TrainConfig, world_size: int, table_id: str) -> JobRecord | None:
+    """Check a ``resume=true`` job against its record and pin ``data.version`` to the recorded one.
+
+    Without resume, refuses a checkpoint folder that already holds checkpoints. Raises
+    ConfigError naming every problem.
+    """
+    store = CheckpointStore(cfg.checkpoint_dir)
+    if not cfg.resume:
+        if store.has_checkpoints():
+            raise SparktuneError(
+                f"checkpoint.dir: {cfg.checkpoint_dir} already holds checkpoints of an earlier job; pass resume=true "
+                "to continue it, or choose another output_dir / checkpoint.dir"
+            )
+        return None
+    record = store.read_job()
+    problems = resume_problems(record, location=cfg.data.location, table_id=table_id, version=cfg.data.version,
+                               world_size=world_size, written_world_size=store.written_world_size(),
+                               where=cfg.checkpoint_dir)
+    if problems:
+        raise ConfigError(problems)
+    if record is not None and record.version is not None and cfg.data.version is None:
+        cfg.data.version = int(record.version)
+        log.warning("sparktune train: resume continues on %s v%s, the version the job pinned",
+                    cfg.data.location, record.version)
+    return record
+
+
+def resolve_task(cfg: TrainConfig, props: dict) -> Task:
+    if cfg.model.task != "auto":
+        return Task.parse(cfg.model.task, "model.task")
+    task = TOKENIZED.task_of(props, "model.task")
+    if task is None:
+        raise ConfigError([f"model.task: is auto and table {cfg.data.table!r} has no {TOKENIZED.prop_task} "
+                           f"property; set model.task={Task.CLASSIFICATION.value} or "
+                           f"model.task={Task.CAUSAL_LM.value}"])
+    return task
+
+
+# Setup --------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """Everything setup found or built, for fit and finish."""
+
+    cfg: TrainConfig
+    env: dist.DistEnv
+    task: Task
+    props: dict
+    run_id: str
+    tracker: Any
+    tokenizer: Any
+    model: Any
+    train_rows: Any
+    shard: Any
+    eval_rows: Any
+    resume_from: str | None
+    opened_run: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def logs_to_mlflow(self) -> bool:
+        return self.env.is_main and self.cfg.mlflow.enabled and bool(self.run_id)
+
+
+def _read(cfg: TrainConfig, split: str, task: Task, limit: int | None):
+    """A split's rows; a data file that vanished (VACUUM) is a user error, not a retry."""
+    from sparktune.train import data as tdata
+
+    try:
+        return tdata.read_split(cfg.data.location, cfg.data.version, split, task=task, limit=limit,
+                                max_length=cfg.data.max_length)
+    except SparktuneError:
+        raise
+    except Exception as exc:
+        text = str(exc)
+        if isinstance(exc, FileNotFoundError) or "No such file or directory" in text:
+            raise DataFilesGone(
+                f"data.table: a data file of {cfg.data.table or cfg.data.location} v{cfg.data.version} is gone "
+                f"({text.splitlines()[0][:300] if text else type(exc).__name__}); VACUUM probably removed it. Train "
+                "on the table's latest version (data.version empty; a resumed job must start anew in another "
+                "output_dir), or re-run `sparktune tokenize`"
+            ) from exc
+        raise
+
+
+def _open_run(cfg: TrainConfig, tracker, task: Task, record: JobRecord | None) -> tuple[str, bool]:
+    """The job's MLflow run: the launcher's, the one a resumed job recorded, or a new one (torchrun)."""
+    from sparktune.train.tracking import log_job
+
+    run_id = cfg.mlflow.run_id or (record.run_id if record is not None and cfg.resume else "")
+    if run_id and tracker.run_exists(run_id):
+        return run_id, False
+    run_id = tracker.start_run(cfg.mlflow.run_name)
+    cfg.mlflow.run_id = run_id
+    log_job(tracker, run_id, cfg, task)
+    return run_id, True
+
+
+def setup(cfg: TrainConfig, env: dist.DistEnv, tracker=None) -> Job:
+    from transformers import set_seed
+
+    from sparktune.train import data as tdata
+    from sparktune.train.model import build_model, load_tokenizer, model_max_positions
+
+    resolve_data(cfg)
+    store = CheckpointStore(cfg.checkpoint_dir)
+    decided: dict | None = None
+    if env.is_main:
+        # Rank 0 decides (version, task, run) so every rank reads the same snapshot even if the
+        # table gets a new commit meanwhile; the others receive its decisions.
+        from sparktune.train.data import table_info
+
+        table_id = table_identity(cfg.data.location)
+        record = prepare_resume(cfg, env.world_size, table_id)
+        info = table_info(cfg.data.location, cfg.data.version)
+        cfg.data.version = info["version"]
+        task = resolve_task(cfg, info["properties"])
+        run_id = ""
+        if cfg.mlflow.enabled:
+            from sparktune.tracking import Tracker
+
+            tracker = tracker or Tracker(cfg.mlflow.tracking_uri or None, cfg.mlflow.experiment)
+            run_id, _ = _open_run(cfg, tracker, task, record)
+        os.makedirs(cfg.checkpoint_dir, exist_ok=True)
+        store.write_job(JobRecord(location=cfg.data.location, table=cfg.data.table, table_id=table_id,
+                                  version=cfg.data.version, world_size=env.world_size, task=task.value,
+                                  run_id=run_id, tracking_uri=str(tracker.tracking_uri) if tracker else ""))
+        resume_from = store.latest_complete(env.world_size, set_aside=True) if cfg.resume else None
+        decided = {"version": cfg.data.version, "props": info["properties"], "task": task, "run_id": run_id,
+                   "resume_from": resume_from}
+    decided = dist.broadcast(decided, env)
+    assert decided is not None
+    cfg.data.version = decided["version"]
+    cfg.mlflow.run_id = decided["run_id"]
+    task, props = decided["task"], decided["props"]
+    problems = check_table_matches_model(props, cfg)
+    if problems:
+        raise ConfigError(problems)
+
+    set_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg, props)
+    train_rows = _read(cfg, cfg.data.train_split, task, cfg.data.train_limit)
+    if len(train_rows) == 0:
+        raise SparktuneError(
+            f"data.train_split: table {cfg.data.table!r} v{cfg.data.version} has no "
+            f"{'labelled ' if task.has_labels else ''}rows with split={cfg.data.train_split!r}; "
+            "check data.train_split or re-run `sparktune tokenize`"
+        )
+    shard = train_rows.select(tdata.shard_indices(len(train_rows), env.rank, env.world_size, cfg.data.uneven))
+    eval_rows = None
+    if cfg.data.eval_split:
+        eval_rows = _read(cfg, cfg.data.eval_split, task, cfg.data.eval_limit)
+        if len(eval_rows) == 0:
+            eval_rows = None
+    model = build_model(cfg, task, tokenizer)
+
+    # What only the rows and the built model can tell: checked on every rank, so each one
+    # reports the same problems and none is left waiting for the others.
+    problems = check_table_matches_model(props, cfg, model_max_positions=model_max_positions(model.config))
+    table = cfg.data.table or cfg.data.location
+    for split, rows in ((cfg.data.train_split, train_rows), (cfg.data.eval_split, eval_rows)):
+        if rows is None:
+            continue
+        problems += check_rows_fit_model(
+            labels=rows.labels if task.has_labels else None,
+            max_token_id=max((max(ids) for ids in rows.input_ids if ids), default=0),
+            vocab_size=model.get_input_embeddings().num_embeddings, num_labels=cfg.model.num_labels,
+            table=f"{table} v{cfg.data.version}", split=split)
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)))
+    return Job(cfg=cfg, env=env, task=task, props=props, run_id=decided["run_id"], tracker=tracker,
+               tokenizer=tokenizer, model=model, train_rows=train_rows, shard=shard, eval_rows=eval_rows,
+               resume_from=decided["resume_from"])
+
+
+# Fit ----------------------------------------------------------------------------------------
+def _checkpointing_arg(enabled: bool) -> dict:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing (old name warns)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {key: enabled}
+
+
+def training_arguments(job: Job):
+    from transformers import TrainingArguments
+
+    cfg, t = job.cfg, job.cfg.train
+    gpu = dist.use_gpu()
+    return TrainingArguments(
+        output_dir=cfg.checkpoint_dir,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_grad_norm=t.max_grad_norm,
+        bf16=t.bf16 and gpu,
+        fp16=t.fp16 and gpu,
+        **_checkpointing_arg(t.gradient_checkpointing),
+        torch_compile=t.torch_compile,
+        seed=t.seed,
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy=t.eval_strategy if job.eval_rows is not None else "no",
+        eval_steps=t.eval_steps,
+        save_strategy=cfg.checkpoint.strategy,
+        save_steps=cfg.checkpoint.steps,
+        save_total_limit=cfg.checkpoint.keep,
+        # MLflowCallback is added by hand (callbacks.py says why its place in the list matters).
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not gpu,
+        ddp_backend=None if not job.env.distributed else ("nccl" if gpu else "gloo"),
+        ddp_find_unused_parameters=False,
+        remove_unused_columns=False,
+        prediction_loss_only=job.task is not Task.CLASSIFICATION,
+        dataloader_num_workers=0,
+        log_level="warning",
+        # Trainer multiplies the loss by the world size when a model accepts loss kwargs, which
+        # is right for token-averaged causal-LM losses but doubles a classifier's batch-mean
+        # loss (and its gradients) on 2 ranks.
+        average_tokens_across_devices=job.task is Task.CAUSAL_LM,
+    )
+
+
+def _classification_metrics(eval_pred) -> dict:
+    """End-of-training evaluation with the same scikit-learn code as `sparktune evaluate`."""
+    import numpy as np
+
+    from sparktune.evaluate import compute_metrics
+
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    metrics = compute_metrics(labels, np.argmax(logits, axis=-1), shifted / shifted.sum(axis=-1, keepdims=True))
+    return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
+@contextlib.contextmanager
+def _environ(changes: dict[str, str | None]):
+    """Set (or, with None, unset) environment variables for a block, then restore them."""
+    saved = {k: os.environ.get(k) for k in changes}
+    try:
+        for key, value in changes.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def mlflow_run(job: Job):
+    """Rank 0: the job's run is MLflow's active run while Trainer runs, so ``MLflowCallback`` logs
+    into it and, having not started it, neither restarts nor ends it."""
+    if not job.logs_to_mlflow:
+        yield
+        return
+    import importlib.util
+
+    system = job.cfg.mlflow.system_metrics and importlib.util.find_spec("psutil") is not None
+    env = {
+        # With MLFLOW_RUN_ID set, MLflowCallback would start the run again (an error while it is
+        # active) and end it at on_train_end, before the final evaluation and the model log.
+        "MLFLOW_RUN_ID": None,
+        "MLFLOW_NESTED_RUN": None,
+        # The job's config is logged once as params (data.*, train.*, ...); TrainingArguments'
+        # 150 keys would log the same settings a second time under other names.
+        "MLFLOW_MAX_LOG_PARAMS": "0",
+        "HF_MLFLOW_LOG_ARTIFACTS": None,
+        "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "true" if system else None,
+    }
+    import mlflow
+
+    with _environ(env), job.tracker.active(job.run_id):
+        try:
+            yield
+        finally:
+            mlflow.flush_async_logging()
+
+
+def fit(job: Job):
+    """Train on this rank's shard; returns (trainer, train output, eval metrics, seconds, callbacks)."""
+    from torch.utils.data import DataLoader
+    from transformers import Trainer
+
+    from sparktune.train import data as tdata
+    from sparktune.train.callbacks import FsyncCallback, MetricNamesCallback, ThroughputCallback, plugin_callbacks
+
+    cfg, env = job.cfg, job.env
+    pad_id = job.tokenizer.pad_token_id
+    train_collator = tdata.DynamicPaddingCollator(pad_id, job.task, cfg.data.pad_to_multiple_of)
+    eval_collator = tdata.DynamicPaddingCollator(pad_id, job.task, cfg.data.pad_to_multiple_of)
+    sampler = tdata.LengthGroupedBatchSampler(
+        [len(ids) for ids in job.shard.input_ids], cfg.train.batch_size, seed=cfg.train.seed,
+        group_by_length=cfg.data.group_by_length,
+    )
+    shard = job.shard
+
+    class ShardTrainer(Trainer):
+        """Trains on this rank's shard, batched by ``LengthGroupedBatchSampler``; the loader is not
+        passed through ``accelerator.prepare``, which would shard the shard a second time."""
+
+        def get_train_dataloader(self):
+            return DataLoader(tdata.RowsDataset(shard), batch_sampler=sampler, collate_fn=train_collator)
+
+    throughput, names = ThroughputCallback(train_collator, env), MetricNamesCallback()
+    callbacks: list = [throughput, names]
+    if job.logs_to_mlflow:
+        from transformers.integrations import MLflowCallback
+
+        callbacks.append(MLflowCallback())
+    callbacks += [FsyncCallback(), *plugin_callbacks(cfg, env)]
+    trainer = ShardTrainer(
+        model=job.model,
+        args=training_arguments(job),
+        data_collator=eval_collator,
+        train_dataset=tdata.RowsDataset(shard),
+        eval_dataset=tdata.RowsDataset(job.eval_rows) if job.eval_rows is not None else None,
+        processing_class=job.tokenizer,
+        compute_metrics=_classification_metrics if job.task is Task.CLASSIFICATION else None,
+        callbacks=callbacks,
+    )
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=job.resume_from)
+    seconds = time.perf_counter() - started
+    # MetricNamesCallback renamed evaluate()'s dict in place: keys are eval/<metric>.
+    eval_metrics = trainer.evaluate() if job.eval_rows is not None else {}
+    return trainer, output, eval_metrics, seconds, throughput, names
+
+
+# Finish -------------------------------------------------------------------------------------
+def _log_model(job: Job, model, model_dir: str) -> str:
+    """``modelio.log_model``, passing the extra arguments only to a version that takes them."""
+    from sparktune.train.modelio import log_model
+
+    wanted = {"tracker": job.tracker, "run_id": job.run_id, "label_names": job.cfg.model.label_names or None,
+              "max_length": job.cfg.data.max_length or _int(job.props.get(TOKENIZED.prop_max_length))}
+    params = inspect.signature(log_model).parameters
+    extra = {k: v for k, v in wanted.items() if k in params}
+    return log_model(model, job.tokenizer, task=job.task, save_dir=model_dir, **extra)
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def finish(job: Job, trainer, output, eval_metrics: dict, seconds: float, throughput, names) -> TrainResult:
+    cfg, env = job.cfg, job.env
+    steps = dist.gather(trainer.state.global_step, env)
+    result = None
+    if env.is_main:
+        final = trainer.model
+        if cfg.lora.enabled and cfg.lora.merge_on_save:
+            final = final.merge_and_unload()
+        model_dir = os.path.join(cfg.output_dir, "model")
+        model_uri = ""
+        if job.logs_to_mlflow and cfg.mlflow.log_model:
+            model_uri = _log_model(job, final, model_dir)
+        else:
+            from sparktune.train.modelio import save_model
+
+            save_model(final, job.tokenizer, model_dir)
+        if job.logs_to_mlflow:
+            from mlflow.exceptions import MlflowException
+
+            try:  # row counts are facts about the inputs: params, not metrics
+                job.tracker.log_params(job.run_id, {
+                    "data.train_rows": len(job.train_rows), "data.rows_per_rank": len(job.shard),
+                    "data.eval_rows": len(job.eval_rows) if job.eval_rows is not None else 0})
+            except MlflowException as exc:  # a resumed job with other limits: keep the first values
+                log.warning("sparktune train: row counts not logged (%s)", str(exc).splitlines()[0])
+        result = TrainResult(
+            run_id=job.run_id, model_uri=model_uri, model_dir=model_dir, output_dir=cfg.output_dir,
+            checkpoint_dir=cfg.checkpoint_dir, task=job.task, table=cfg.data.table, location=cfg.data.location,
+            version=int(cfg.data.version or 0), world_size=env.world_size, global_step=trainer.state.global_step,
+            rank_steps=[int(s) for s in steps], train_rows=len(job.train_rows), rows_per_rank=len(job.shard),
+            eval_rows=len(job.eval_rows) if job.eval_rows is not None else 0,
+            train_loss=float(output.training_loss), losses=names.series("train/loss"),
+            eval_metrics={k: float(v) for k, v in eval_metrics.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            pad_share=throughput.pad_share, samples_per_second=output.metrics.get("train_samples_per_second"),
+            train_seconds=seconds, resumed_from=job.resume_from,
+        )
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "result.json"), "w", encoding="utf-8") as handle:
+            handle.write(result.to_json())
+    return dist.broadcast(result, env)
+
+
+# The recipe ---------------------------------------------------------------------------------
+def train(cfg, tracker=None) -> TrainResult:
+    """Run this process's rank of a training job; every rank returns rank 0's ``TrainResult``.
+
+    ``cfg``: a ``TrainConfig`` or its ``to_dict()``; ``tracker``: the job's
+    ``sparktune.tracking.Tracker`` (rank 0 builds one from ``cfg.mlflow`` when not given).
+    """
+    cfg = cfg if isinstance(cfg, TrainConfig) else train_config_from_dict(cfg)
+    env = dist.dist_env()
+    dist.set_threads(cfg.train.num_threads, env)
+    try:
+        dist.init_process_group(cfg.distributor.backend, env)
+        job = setup(cfg, env, tracker)
+        with mlflow_run(job):
+            trainer, output, eval_metrics, seconds, throughput, names = fit(job)
+            return finish(job, trainer, output, eval_metrics, seconds, throughput, names)
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt) and cfg.output_dir:
+            record_failure(cfg.checkpoint_dir, env.rank, env.world_size, exc)
+        raise
+    finally:
+        dist.destroy_process_group()
