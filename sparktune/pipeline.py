@@ -310,7 +310,7 @@ def run_pipeline(cfg: PipelineConfig, spark=None, tracker=None, say=print) -> Pi
     lap("tokenize")
 
     say(f"[3/5] train {cfg.train.model.name} on {cfg.train.data.table}")
-    result.train = run_training(cfg.train, spark=spark)
+    result.train = run_training(cfg.train, spark=spark, tracker=tracker)
     say(_summary(result.train))
     lap("train")
 
