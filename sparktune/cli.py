@@ -25,6 +25,7 @@ STAGE_MODULES = [
     "sparktune.registry",
     "sparktune.serve",
     "sparktune.pipeline",
+    "sparktune.openai.cli",
 ]
 
 
