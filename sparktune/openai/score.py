@@ -129,14 +129,16 @@ def _partition_scorer(creds, spec: ScoreSpec, threads: int):
     return run
 
 
-def _preflight(creds, spec: ScoreSpec) -> None:
+def _preflight(creds, spec: ScoreSpec) -> int:
     """One request from the driver, so a wrong deployment or key fails now, clearly, not per row."""
     import openai
 
     client = creds.client(max_retries=spec.max_retries, timeout=spec.request_timeout)
     try:
-        client.chat.completions.create(model=spec.model, messages=spec.template.messages("A short test review."),
-                                       temperature=0, max_tokens=spec.max_tokens)
+        raw = client.chat.completions.with_raw_response.create(
+            model=spec.model, messages=spec.template.messages("A short test review."), temperature=0, max_tokens=spec.max_tokens
+        )
+        raw.parse()
     except openai.NotFoundError as exc:
         raise SparktuneError(f"--deployment {spec.model!r} was not found by the service ({_scrub(exc, creds)}); "
                              "deploy it first (`sparktune openai deploy`) or check the name") from exc
@@ -145,6 +147,7 @@ def _preflight(creds, spec: ScoreSpec) -> None:
                              "AZURE_OPENAI_AD_TOKEN and the endpoint") from exc
     except openai.APIError as exc:
         raise SparktuneError(f"a test request to {spec.model!r} failed: {_scrub(exc, creds)}") from exc
+    return int(getattr(raw, "retries_taken", 0) or 0)
 
 
 def _scrub(exc, creds) -> str:
@@ -174,7 +177,7 @@ def score_model(spark, creds, spec: ScoreSpec, log=None, run_id: str | None = No
     df = df.where(F.col("label") >= 0).select("row_id", "text", "label")
     if spec.limit:
         df = df.orderBy(F.xxhash64(F.col("row_id"))).limit(spec.limit)
-    _preflight(creds, spec)
+    retries = _preflight(creds, spec)
 
     partitions = min(spec.partitions, spec.concurrency)
     threads = max(1, spec.concurrency // partitions)
@@ -222,7 +225,7 @@ def score_model(spark, creds, spec: ScoreSpec, log=None, run_id: str | None = No
             for key in ("precision", "recall", "f1"):
                 flat[f"{split}/{key}_{name}"] = row[key]
         flat.update({f"{split}/unparsed": counts["unparsed"], f"{split}/errors": counts["errors"],
-                     f"{split}/retries": counts["retries"] or 0})
+                     f"{split}/retries": retries + (counts["retries"] or 0)})
         log.log_metrics(run_id, flat)
         log.set_tags(run_id, {
             "sparktune.openai.deployment": spec.model,
@@ -233,7 +236,7 @@ def score_model(spark, creds, spec: ScoreSpec, log=None, run_id: str | None = No
         log.log_json(run_id, dict(metrics, unparsed=counts["unparsed"], errors=counts["errors"], examples=examples),
                      f"{split}_metrics.json", folder="evaluation")
     return ScoreResult(spec.model, spec.table, version, split, metrics, int(counts["unparsed"] or 0), int(counts["errors"] or 0),
-                       int(counts["retries"] or 0), spec.predictions, predictions_version, run_id, examples)
+                       retries + int(counts["retries"] or 0), spec.predictions, predictions_version, run_id, examples)
 
 
 _COMPARED = ("n", "accuracy", "precision", "recall", "f1")
