@@ -32,6 +32,13 @@ def fake():
 
 
 @pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One MLflow store (SQLite + artifacts beside it) for the module: creating one costs seconds."""
+    folder = tmp_path_factory.mktemp("openai_mlflow")
+    return f"sqlite:///{folder / 'mlflow.db'}", folder
+
+
+@pytest.fixture(scope="module")
 def workspace(spark, imdb_sample_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("openai_life")
     raw = str(root / "raw")
@@ -71,8 +78,9 @@ def _files_containing(root, needle: bytes):
     return hits
 
 
-def test_full_life_cycle(spark, fake, workspace, azure_env, mlflow_uri, tmp_path, capfd):
+def test_full_life_cycle(spark, fake, workspace, azure_env, store, tmp_path, capfd):
     root, raw, data = workspace
+    mlflow_uri, store_folder = store
     data = _copy(data, tmp_path / "ft")
     tracking = ["--tracking-uri", mlflow_uri, "--experiment", "imdb-compare"]
 
@@ -157,12 +165,14 @@ def test_full_life_cycle(spark, fake, workspace, azure_env, mlflow_uri, tmp_path
     # The key is nowhere: output, MLflow's database and artifacts, the export folder, the tables.
     for needle in (API_KEY, MGMT_TOKEN):
         assert needle not in out.out + out.err
-        assert not _files_containing(str(tmp_path), needle.encode())  # MLflow store (db + mlartifacts), export copy
+        assert not _files_containing(str(store_folder), needle.encode())  # MLflow's database and artifacts
+        assert not _files_containing(str(tmp_path), needle.encode())  # the export folder and job.json
         assert not _files_containing(str(root), needle.encode())  # raw, predictions, export
 
 
-def test_failed_job_shows_the_service_error_and_fails_the_run(fake, workspace, azure_env, mlflow_uri, tmp_path, capfd):
+def test_failed_job_shows_the_service_error_and_fails_the_run(fake, workspace, azure_env, store, tmp_path, capfd):
     _, _, data = workspace
+    mlflow_uri, _ = store
     data = _copy(data, tmp_path / "ft")
     rc = main(["openai", "submit", "--data", data, "--suffix", "fail", "--wait", "--poll-interval", POLL,
                "--tracking-uri", mlflow_uri])
@@ -175,8 +185,9 @@ def test_failed_job_shows_the_service_error_and_fails_the_run(fake, workspace, a
     assert "invalid training file" in run.data.tags["sparktune.openai.error"]
 
 
-def test_slow_job_follow_times_out_and_can_be_followed_again(fake, workspace, azure_env, mlflow_uri, tmp_path, capfd):
+def test_slow_job_follow_times_out_and_can_be_followed_again(fake, workspace, azure_env, store, tmp_path, capfd):
     _, _, data = workspace
+    mlflow_uri, _ = store
     data = _copy(data, tmp_path / "ft")
     assert main(["openai", "submit", "--data", data, "--suffix", "slow", "--tracking-uri", mlflow_uri, "--poll-interval", POLL]) == 0
     capfd.readouterr()

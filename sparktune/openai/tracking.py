@@ -26,13 +26,22 @@ class RunLog:
     """One MLflow experiment, reached through ``MlflowClient(tracking_uri)`` (no global state)."""
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT, secrets=()):
+        self.experiment = experiment
+        self._secrets = [s for s in secrets if s]
+        try:  # the shared Tracker, where this checkout has it: same store, same experiment rules
+            from sparktune.tracking import Tracker  # type: ignore[import-not-found]
+        except ImportError:
+            Tracker = None
+        if Tracker is not None:
+            tracker = Tracker(tracking_uri or None, experiment)
+            self.tracking_uri, self.client = str(tracker.tracking_uri), tracker.client
+            self.experiment_id = tracker.experiment_id()
+            return
         from mlflow import MlflowClient
 
         from sparktune.train.tracking import resolve_tracking_uri
 
         self.tracking_uri = resolve_tracking_uri(tracking_uri or "")
-        self.experiment = experiment
-        self._secrets = [s for s in secrets if s]
         self.client = MlflowClient(self.tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
