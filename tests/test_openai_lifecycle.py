@@ -113,6 +113,9 @@ def test_full_life_cycle(spark, fake, workspace, azure_env, store, tmp_path, cap
     assert len(client.get_metric_history(run_id, "validation/token_accuracy")) == 12
     assert client.get_metric_history(run_id, "train/loss")[-1].step == 12
     assert "validation/full_loss" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run_id, "openai")}
+    assert {"openai/job.json", "openai/checkpoints.json", "openai/validation_report.json", "openai/export_manifest.json"} <= artifacts
+    assert fake.count("jobs.checkpoints", 200) == 1
 
     # deploy through the management route (one 429 first), then wait until it succeeded
     fake.inject("mgmt.put", 429, times=1, retry_after="1")

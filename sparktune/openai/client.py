@@ -413,6 +413,10 @@ def follow_job(creds: Credentials, job_id: str, log, run_id: str | None = None, 
         if job.trained_tokens is not None:
             log.log_metrics(run_id, {"train/trained_tokens": job.trained_tokens})
         log.log_json(run_id, job.model_dump(mode="json"), "job.json")
+        if job.status == JobStatus.SUCCEEDED.value:
+            # The last epochs' checkpoints are deployable models too; keep their names with the run.
+            checkpoints = client.fine_tuning.jobs.checkpoints.list(job_id)
+            log.log_json(run_id, [c.model_dump(mode="json") for c in checkpoints.data], "checkpoints.json")
         log.end_run(run_id, {"succeeded": "FINISHED", "failed": "FAILED"}.get(job.status, "KILLED"))
     result = FollowResult(job_id, run_id, job.status, job.fine_tuned_model, job.trained_tokens, steps, error)
     if error:

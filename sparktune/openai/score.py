@@ -115,14 +115,15 @@ def _partition_scorer(creds, spec: ScoreSpec, threads: int):
                 results = list(pool.map(one, batch["text"].tolist()))
                 answers = [r[0] for r in results]
                 predictions = [parse_answer(a, label_names) for a in answers]
+                # Plain arrays: every column lines up by position whatever the batch's index is.
                 yield pd.DataFrame({
-                    "row_id": batch["row_id"].astype(str),
-                    "label": batch["label"].astype("int32"),
-                    "prediction": pd.Series(predictions, dtype="int32"),
+                    "row_id": batch["row_id"].astype(str).to_numpy(),
+                    "label": batch["label"].astype("int32").to_numpy(),
+                    "prediction": pd.array(predictions, dtype="int32"),
                     "answer": answers,
                     "parsed": [p >= 0 for p in predictions],
                     "error": [r[1] for r in results],
-                    "retries": pd.Series([r[2] for r in results], dtype="int32"),
+                    "retries": pd.array([r[2] for r in results], dtype="int32"),
                     "model": model,
                 })
 
