@@ -33,6 +33,7 @@ STAGE_MODULES = [
     "sparktune.registry",
     "sparktune.serve",
     "sparktune.pipeline",
+    "sparktune.openai.cli",
 ]
 
 
