@@ -46,16 +46,16 @@ from sparktune.errors import SparktuneError
 from sparktune.tasks import TOKENIZED, Task
 
 __all__ = [
-    "STAGE_FORMAT",
     "DEFAULT_WINDOW_ROWS",
+    "STAGE_FORMAT",
     "StageKey",
     "StageManifest",
     "StagedData",
-    "stage_training_data",
-    "stage_job_data",
-    "find_staged",
-    "default_staging_dir",
     "check_labels",
+    "default_staging_dir",
+    "find_staged",
+    "stage_job_data",
+    "stage_training_data",
 ]
 
 STAGE_FORMAT = 1

@@ -37,21 +37,21 @@ from sparktune.errors import SparktuneError
 from sparktune.tasks import TOKENIZED, Task
 
 __all__ = [
-    "FlatRows",
-    "TokenizedSplit",
-    "read_split",
-    "read_shard",
-    "table_info",
-    "table_id",
-    "shard_indices",
-    "LengthGroupedBatchSampler",
     "DynamicPaddingCollator",
-    "ShardDataset",
-    "RowsDataset",
+    "FlatRows",
+    "LengthGroupedBatchSampler",
     "RankData",
+    "RowsDataset",
+    "ShardDataset",
+    "TokenizedSplit",
     "load_rank_data",
-    "stage_key_for",
     "pad_share",
+    "read_shard",
+    "read_split",
+    "shard_indices",
+    "stage_key_for",
+    "table_id",
+    "table_info",
 ]
 
 REQUIRED_COLUMNS = ("row_id", "split", "input_ids")
@@ -141,7 +141,7 @@ def _open(location: str, version: int | None):
         raise SparktuneError(
             f"data.table: no Delta table at {location!r}; run `sparktune tokenize` first or check the path"
         ) from None
-    except Exception as exc:  # noqa: BLE001  (delta-rs raises plain exceptions for a missing version)
+    except Exception as exc:  # delta-rs raises plain exceptions for a missing version
         if version is not None and "version" in str(exc).lower():
             raise SparktuneError(
                 f"data.version: table {location!r} has no version {version} ({exc}); "
