@@ -159,7 +159,7 @@ def test_pad_shards_are_equal_and_cover_every_row(n_rows, world):
 
 
 def test_drop_shards_drop_the_tail_evenly():
-    shards = [shard_indices(7, r, 2, "drop") for r in range(2)]
+    shards = [shard_indices(7, r, 2, "drop").tolist() for r in range(2)]
     assert shards == [[0, 2, 4], [1, 3, 5]]
     with pytest.raises(SparktuneError, match="data.uneven"):
         shard_indices(1, 0, 2, "drop")

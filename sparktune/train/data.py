@@ -234,7 +234,7 @@ def read_shard(paths, *, cache_dir: str, has_labels: bool) -> FlatRows:
     """
     done = os.path.join(cache_dir, _FLAT_DONE)
     if not os.path.exists(done):
-        _flatten_shard(list(paths), cache_dir, has_labels)
+        _flatten_shard([str(p) for p in paths], cache_dir, has_labels)
     with open(done, encoding="utf-8") as handle:
         counts = json.load(handle)
     rows, tokens = int(counts["rows"]), int(counts["tokens"])
