@@ -83,6 +83,8 @@ class FlatRows:
     """int32 token ids of every row, back to back (may be a read-only memory map)."""
     labels: np.ndarray | None = None
     """int32 label per row (classification), else None."""
+    row_ids: object = None
+    """The rows' ``row_id`` values (an Arrow string array) when read from the table, else None."""
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -109,11 +111,12 @@ class FlatRows:
         for k, (a, b) in enumerate(zip(starts, ends)):
             ids[offsets[k]:offsets[k + 1]] = self.ids[a:b]
         labels = None if self.labels is None else np.asarray(self.labels)[idx]
-        return FlatRows(offsets, ids, labels)
+        row_ids = None if self.row_ids is None else self.row_ids.take(idx)
+        return FlatRows(offsets, ids, labels, row_ids)
 
     @classmethod
-    def from_arrow(cls, input_ids, labels=None) -> FlatRows:
-        """From an Arrow list<int> array (or chunked array) and an optional label column."""
+    def from_arrow(cls, input_ids, labels=None, row_ids=None) -> FlatRows:
+        """From an Arrow list<int> array (or chunked array), optional label and row_id columns."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -124,7 +127,9 @@ class FlatRows:
         np.cumsum(lengths, out=offsets[1:])
         ids = np.asarray(input_ids.flatten().to_numpy(zero_copy_only=False), dtype=np.int32)
         labs = None if labels is None else np.asarray(labels.to_numpy(zero_copy_only=False), dtype=np.int32)
-        return cls(offsets, ids, labs)
+        if row_ids is not None and isinstance(row_ids, pa.ChunkedArray):
+            row_ids = row_ids.combine_chunks()
+        return cls(offsets, ids, labs, row_ids)
 
 
 TokenizedSplit = FlatRows
@@ -198,7 +203,7 @@ def read_split(location: str, version: int, split: str, *, task: str | Task, lim
     ids = arrow.column(t.input_ids).combine_chunks()
     if max_length is not None:
         ids = pc.list_slice(ids, 0, max_length)
-    return FlatRows.from_arrow(ids, arrow.column(t.label) if task.has_labels else None)
+    return FlatRows.from_arrow(ids, arrow.column(t.label) if task.has_labels else None, arrow.column(t.row_id))
 
 
 def shard_indices(n_rows: int, rank: int, world_size: int, uneven: str = "pad") -> np.ndarray:
