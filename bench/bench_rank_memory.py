@@ -114,9 +114,8 @@ def measure_rank(paths: list, cache: str, batch_size: int, steps: int, seed: int
 
 
 def run_case(rows: int, args, work: str) -> dict:
-    from tokenized_fixture import tokenized_arrow
-
     from deltalake import write_deltalake
+    from tokenized_fixture import tokenized_arrow
 
     case = os.path.join(work, f"rows{rows}")
     table_path = os.path.join(case, "table")

@@ -96,8 +96,8 @@ def _texts(imdb: str, n: int, seed: int) -> list:
                 break
         return texts[:n]
     rng = random.Random(seed)
-    words = ("the film was a quiet great terrible story of actors who play with light and sound while the "
-             "plot moves slowly toward an ending nobody saw coming").split()
+    words = ["the", "film", "was", "a", "quiet", "great", "terrible", "story", "of", "actors", "who", "play",
+             "with", "light", "and", "sound", "while", "plot", "moves", "slowly", "toward", "an", "ending"]
     return [" ".join(rng.choice(words) for _ in range(rng.randint(50, 400))) + "." for _ in range(n)]
 
 
@@ -191,7 +191,7 @@ def run_arm(args, work: str, table: str, facts: dict, compile_: bool) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
                f"--nproc_per_node={args.nproc}", "-m", "sparktune.train.train", "--config", config]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    done = subprocess.run(command, check=False, capture_output=True, text=True, env=env, cwd=ROOT)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-8000:])
