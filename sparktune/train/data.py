@@ -5,8 +5,8 @@ where each row starts, int32 labels. Never Python lists of ints: those cost ~36 
 
 Two ways in:
 
-* ``read_shard``: the rank's own shard, staged by Spark (``sparktune.staging``). Read one
-  Parquet row group at a time into flat files in a local cache folder, then memory-mapped, so a
+* ``read_shard``: the rank's own shard, staged by Spark (``sparktune.staging``). Read a few
+  thousand rows at a time into flat files in a local cache folder, then memory-mapped, so a
   rank's memory does not grow with the corpus (only the pages its batches touch are resident).
 * ``read_split``: the whole split read with delta-rs (no JVM), for runs without a stage (plain
   torchrun, tests); every rank then keeps its share (``shard_indices``). Memory grows with the
@@ -24,6 +24,7 @@ of similar length are batched together within a bounded window (``LengthGroupedB
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -229,13 +230,14 @@ def shard_indices(n_rows: int, rank: int, world_size: int, uneven: str = "pad") 
 
 
 _FLAT_DONE = "flat.json"
+_READ_BATCH_ROWS = 4096
 
 
 def read_shard(paths, *, cache_dir: str, has_labels: bool) -> FlatRows:
     """A rank's staged shard (Parquet files, in order) as memory-mapped flat buffers.
 
-    The files are streamed one row group at a time into ``cache_dir`` (a local folder; reused
-    when complete), so converting never holds more than a row group.
+    The files are streamed a few thousand rows at a time into ``cache_dir`` (a local folder; reused
+    when complete), so converting never holds more than a few thousand rows.
     """
     done = os.path.join(cache_dir, _FLAT_DONE)
     if not os.path.exists(done):
@@ -269,13 +271,12 @@ def _flatten_shard(paths: list, cache_dir: str, has_labels: bool) -> None:
                 open(os.path.join(scratch, "labels.i32"), "wb") as f_lab:
             np.zeros(1, dtype=np.int64).tofile(f_off)
             for path in paths:
-                parquet = pq.ParquetFile(path)
-                for group in range(parquet.num_row_groups):
-                    batch = parquet.read_row_group(group, columns=columns)
+                # Batches of a few thousand rows: memory stays bounded whatever the row group size.
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=_READ_BATCH_ROWS, columns=columns):
                     local = batch.column("_local").to_numpy()
                     if len(local) and (local[0] != rows or local[-1] != rows + len(local) - 1):
                         raise SparktuneError(f"staging: shard file {path} is out of order; delete the stage and rerun")
-                    ids = batch.column(t.input_ids).combine_chunks()
+                    ids = batch.column(t.input_ids)
                     lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
                     np.asarray(ids.flatten().to_numpy(zero_copy_only=False), dtype=np.int32).tofile(f_ids)
                     (np.cumsum(lengths) + tokens).tofile(f_off)
@@ -283,7 +284,7 @@ def _flatten_shard(paths: list, cache_dir: str, has_labels: bool) -> None:
                         np.asarray(batch.column(t.label).to_numpy(), dtype=np.int32).tofile(f_lab)
                     rows += len(lengths)
                     tokens += int(lengths.sum())
-                    del batch, ids
+                    del ids
         with open(os.path.join(scratch, _FLAT_DONE), "w", encoding="utf-8") as handle:
             json.dump({"rows": rows, "tokens": tokens, "files": paths}, handle)
         try:
@@ -513,6 +514,10 @@ def load_rank_data(cfg, rank: int, world_size: int, task: Task | str, *, staging
         shard = from_stage(train_stage, rank)
         train_rows, rows_per_rank = train_stage.manifest.rows, train_stage.manifest.rows_per_rank
     else:
+        if staging_dir:
+            logging.getLogger("sparktune.train").warning(
+                "sparktune train: no stage of this job under %s (launched without `sparktune train`?); every rank "
+                "reads the whole split %r, so memory grows with it", staging_dir, d.train_split)
         rows = read_split(d.location, d.version, d.train_split, task=task, limit=d.train_limit,
                           max_length=d.max_length)
         if len(rows) == 0:
