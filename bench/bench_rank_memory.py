@@ -14,7 +14,7 @@ up to ``--spark-max-rows``, and above it by ``--direct`` dealing in numpy with t
 rows on a 2-core machine shared with other jobs takes too long for a benchmark run.
 
     python bench/bench_rank_memory.py                      # 100k and 2M rows, world 2
-    python bench/bench_rank_memory.py --quick              # 20k and 200k rows (a test runs this)
+    python bench/bench_rank_memory.py --quick              # 5k and 50k rows, no Spark (a test runs this)
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def run_case(rows: int, args, work: str) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 2_000_000])
-    parser.add_argument("--quick", action="store_true", help="20k and 200k rows, 50 steps")
+    parser.add_argument("--quick", action="store_true", help="5k and 50k rows, 20 steps, shards written directly")
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=300)
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         print(json.dumps(measure_rank(json.loads(args.measure), args.cache, args.batch_size, args.steps, args.seed)))
         return 0
     if args.quick:
-        args.rows, args.steps = [20_000, 200_000], 50
+        args.rows, args.steps, args.direct = [5_000, 50_000], 20, True
     work = args.work or tempfile.mkdtemp(prefix="sparktune-rank-memory-")
     try:
         results = [run_case(n, args, work) for n in args.rows]

@@ -50,8 +50,8 @@ def test_job_stage_deals_equal_length_bucketed_shards_and_ranks_read_only_theirs
     assert rank1.train.rows.labels.tolist() == shards[1]["label"] and rank1.lengths.tolist() == shards[1]["n_tokens"]
     assert len(rank1.eval) == stages["test"].manifest.rows == 40
 
-    again = stage_training_data(spark, path, 0, "train", 2, seed=cfg.train.seed, staging_dir=stage.directory[:-len(
-        os.path.basename(stage.directory)) - 1], num_labels=2)
+    again = stage_training_data(spark, path, 0, "train", 2, seed=cfg.train.seed,
+                                staging_dir=os.path.dirname(stage.directory), num_labels=2)
     assert again.reused and again.directory == stage.directory
     # A stage whose manifest is missing (a crash mid-write) is never used.
     os.remove(os.path.join(stage.directory, MANIFEST))
