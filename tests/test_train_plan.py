@@ -6,7 +6,14 @@ from sparktune.errors import ConfigError, SparktuneError
 from sparktune.models import resolve_pretrained
 from sparktune.train.config import load_train_config
 from sparktune.train.data import DynamicPaddingCollator, LengthGroupedBatchSampler, pad_share, shard_indices
-from sparktune.train.distribute import build_launch_plan
+from sparktune.train.plan import (
+    DRIVER_GPU_AMOUNT,
+    DRIVER_GPU_SCRIPT,
+    build_launch_plan,
+    gpu_session_conf,
+    spark_facts,
+    write_gpu_discovery_script,
+)
 
 
 def _cfg(*overrides):
@@ -40,19 +47,85 @@ def test_executor_mode_plan_checks_task_slots():
     assert build_launch_plan(_cfg("distributor.local_mode=false", "distributor.num_processes=8"), **cluster)
 
 
-def test_gpu_plans():
-    gpus = dict(FACTS, driver_gpus=2)
-    plan = build_launch_plan(_cfg(), **gpus)
-    assert plan.use_gpu and plan.backend == "nccl" and "OMP_NUM_THREADS" not in plan.env
-    assert "CUDA_VISIBLE_DEVICES" not in plan.env
-    with pytest.raises(SparktuneError, match="need 4 GPUs, found 2"):
-        build_launch_plan(_cfg("distributor.num_processes=4"), **gpus)
-    executors = dict(FACTS, spark_conf={"spark.master": "spark://h:7077", "spark.task.resource.gpu.amount": "1"})
-    assert build_launch_plan(_cfg("distributor.local_mode=false"), **executors).use_gpu
-    with pytest.raises(SparktuneError, match="spark.task.resource.gpu.amount"):
+def _gpu_driver(n_gpus, told=None, bf16=True):
+    conf = {"spark.master": "local[2]"}
+    if told:
+        conf.update(gpu_session_conf(told, "/opt/discover.sh"))
+    return dict(FACTS, driver_gpus=n_gpus, driver_bf16=bf16, spark_conf=conf)
+
+
+def test_local_gpu_plan_one_rank_per_gpu_nccl_bf16():
+    plan = build_launch_plan(_cfg(), **_gpu_driver(2, told=2))
+    assert plan.use_gpu and plan.backend == "nccl" and plan.bf16 is True
+    assert "OMP_NUM_THREADS" not in plan.env and "CUDA_VISIBLE_DEVICES" not in plan.env
+    assert plan.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert "bf16" in plan.describe()
+    assert build_launch_plan(_cfg(), **_gpu_driver(2, told=2, bf16=False)).bf16 is False  # e.g. a V100
+    with pytest.raises(SparktuneError, match="need 4 GPUs .one rank per GPU., found 2"):
+        build_launch_plan(_cfg("distributor.num_processes=4"), **_gpu_driver(2, told=2))
+
+
+def test_local_gpus_spark_was_not_told_about():
+    with pytest.raises(SparktuneError, match="driver has 2 GPU.s. but Spark was not told") as err:
+        build_launch_plan(_cfg(), **_gpu_driver(2))
+    assert DRIVER_GPU_AMOUNT in str(err.value) and "distributor.use_gpu=false" in str(err.value)
+    with pytest.raises(SparktuneError, match="Spark was not told"):  # told about fewer than the ranks
+        build_launch_plan(_cfg(), **_gpu_driver(2, told=1))
+    # Opting out trains on CPU and hides the GPUs from the ranks.
+    plan = build_launch_plan(_cfg("distributor.use_gpu=false"), **_gpu_driver(2))
+    assert not plan.use_gpu and plan.env["CUDA_VISIBLE_DEVICES"] == "" and plan.backend == "gloo"
+
+
+def test_executor_gpu_plans():
+    conf = {"spark.master": "spark://h:7077", **gpu_session_conf(4, "/opt/d.sh", local=False)}
+    plan = build_launch_plan(_cfg("distributor.local_mode=false"), **dict(FACTS, spark_conf=conf))
+    assert plan.use_gpu and plan.backend == "nccl" and plan.bf16 is None  # each rank checks its GPU
+    assert plan.command[1] == "--nnodes=2"
+    with pytest.raises(SparktuneError, match="spark.task.resource.gpu.amount=1 .one rank per GPU., found unset"):
         build_launch_plan(_cfg("distributor.local_mode=false", "distributor.use_gpu=true"), **FACTS)
+    # Executors offer GPUs but tasks don't ask for one: the cluster has GPUs Spark won't hand out.
+    half = dict(FACTS, spark_conf={"spark.master": "spark://h:7077", "spark.executor.resource.gpu.amount": "2"})
+    with pytest.raises(SparktuneError, match="found unset"):
+        build_launch_plan(_cfg("distributor.local_mode=false"), **half)
+    two = dict(FACTS, spark_conf={**conf, "spark.task.resource.gpu.amount": "2"})
+    with pytest.raises(SparktuneError, match="found 2"):
+        build_launch_plan(_cfg("distributor.local_mode=false"), **two)
+    none = dict(FACTS, spark_conf={**conf, "spark.executor.resource.gpu.amount": "0"})
+    with pytest.raises(SparktuneError, match="no executor can run a GPU task"):
+        build_launch_plan(_cfg("distributor.local_mode=false"), **none)
     with pytest.raises(SparktuneError, match="nccl needs GPUs"):
         build_launch_plan(_cfg("distributor.backend=nccl"), **FACTS)
+
+
+def test_spark_connect_refuses_local_mode_only():
+    with pytest.raises(SparktuneError, match="Spark Connect session.*distributor.local_mode=false"):
+        build_launch_plan(_cfg(), **dict(FACTS, connect=True))
+    cluster = dict(FACTS, connect=True, spark_conf={"spark.master": "spark://h:7077"})
+    assert not build_launch_plan(_cfg("distributor.local_mode=false"), **cluster).local_mode
+
+
+def test_gpu_discovery_script_and_session_conf(tmp_path):
+    import json
+    import subprocess
+
+    script = write_gpu_discovery_script(str(tmp_path))
+    # Without nvidia-smi (this machine) it reports no GPUs, in the JSON shape Spark parses.
+    found = json.loads(subprocess.run([script], capture_output=True, text=True, check=True).stdout)
+    assert found["name"] == "gpu" and isinstance(found["addresses"], list)
+    assert gpu_session_conf(2, script) == {DRIVER_GPU_AMOUNT: "2", DRIVER_GPU_SCRIPT: script}
+    assert gpu_session_conf(0, script) == {}
+
+
+def test_spark_facts_reads_conf_without_spark_context(spark):
+    class NoContext:
+        """The session as Spark Connect offers it: conf, no sparkContext."""
+
+        conf = spark.conf
+
+    facts = spark_facts(NoContext())
+    assert facts["spark_conf"]["spark.master"] == "local[2]" and facts["connect"] is False
+    assert facts["driver_gpus"] == 0 and facts["driver_bf16"] is False
+    assert build_launch_plan(_cfg(), **facts).backend == "gloo"
 
 
 def test_config_problems_name_keys():
@@ -86,7 +159,7 @@ def test_pad_shards_are_equal_and_cover_every_row(n_rows, world):
 
 
 def test_drop_shards_drop_the_tail_evenly():
-    shards = [shard_indices(7, r, 2, "drop") for r in range(2)]
+    shards = [shard_indices(7, r, 2, "drop").tolist() for r in range(2)]
     assert shards == [[0, 2, 4], [1, 3, 5]]
     with pytest.raises(SparktuneError, match="data.uneven"):
         shard_indices(1, 0, 2, "drop")

@@ -14,130 +14,21 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 
 from sparktune.errors import ConfigError, SparktuneError
 from sparktune.train.config import TrainConfig, train_config_from_dict
+from sparktune.train.plan import (  # noqa: F401  (moved to plan.py; re-exported for callers)
+    FORWARDED_ENV,
+    LaunchPlan,
+    _task_slots,
+    build_launch_plan,
+    spark_facts,
+)
 from sparktune.train.result import TrainResult
 
 __all__ = ["LaunchPlan", "build_launch_plan", "run_training", "launch_once", "spark_facts"]
 
 log = logging.getLogger("sparktune.train")
-
-# Environment variables the ranks get from the driver when set there. Only these: the
-# driver's environment may hold credentials, so it is never forwarded wholesale.
-FORWARDED_ENV = (
-    "SPARKTUNE_HOME",
-    "HF_HUB_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
-    "HF_DATASETS_OFFLINE",
-    "HF_HOME",
-    "SPARKTUNE_TEST_KILL_AT_STEP",
-)
-
-
-@dataclass
-class LaunchPlan:
-    """What TorchDistributor will be asked to run, and with which environment per rank."""
-
-    num_processes: int
-    local_mode: bool
-    use_gpu: bool
-    backend: str
-    max_restarts: int
-    env: dict = field(default_factory=dict)
-    command: list = field(default_factory=list)
-    """The equivalent plain-torchrun command (for logs, and for running without Spark)."""
-
-    def describe(self) -> str:
-        where = "on the driver" if self.local_mode else "as Spark barrier tasks"
-        device = "GPU" if self.use_gpu else "CPU"
-        return (f"{self.num_processes} {device} process(es) {where}, backend {self.backend}, "
-                f"up to {self.max_restarts} relaunch(es)")
-
-
-def _task_slots(conf: dict, cpu_count: int) -> int | None:
-    """Concurrent tasks a local master offers (local[N] / N cores per task), None if unknown."""
-    master = conf.get("spark.master", "")
-    cpus_per_task = int(conf.get("spark.task.cpus", "1") or 1)
-    if master == "local":
-        cores = 1
-    elif master.startswith("local["):
-        inner = master[len("local["):].split("]")[0].split(",")[0]
-        cores = cpu_count if inner == "*" else int(inner)
-    else:
-        return None  # a cluster: the scheduler knows, and fails the barrier stage if short
-    return max(cores // max(cpus_per_task, 1), 0)
-
-
-def build_launch_plan(cfg: TrainConfig, *, spark_conf: dict, driver_gpus: int, cpu_count: int,
-                      environ: dict, config_path: str = "config.yaml") -> LaunchPlan:
-    """The launch plan for ``cfg`` given the cluster's facts; raises SparktuneError if it cannot run.
-
-    ``spark_conf``: the Spark settings that matter (``spark.master``, ``spark.task.cpus``,
-    ``spark.task.resource.gpu.amount``); ``driver_gpus``: CUDA devices the driver sees;
-    ``environ``: the driver's environment (only ``FORWARDED_ENV`` keys are passed on).
-    """
-    d = cfg.distributor
-    n = d.num_processes
-    task_gpus = float(spark_conf.get("spark.task.resource.gpu.amount", "0") or 0)
-    if d.use_gpu == "auto":
-        use_gpu = driver_gpus > 0 if d.local_mode else task_gpus > 0
-    else:
-        use_gpu = bool(d.use_gpu)
-    if use_gpu and d.local_mode and driver_gpus < n:
-        raise SparktuneError(
-            f"distributor.num_processes: {n} GPU processes on the driver need {n} GPUs, found {driver_gpus}; "
-            f"lower distributor.num_processes, or set distributor.use_gpu=false"
-        )
-    if use_gpu and not d.local_mode and task_gpus < 1:
-        raise SparktuneError(
-            "distributor.use_gpu: true with local_mode=false needs spark.task.resource.gpu.amount >= 1 "
-            f"(found {task_gpus or 'unset'}); configure GPU scheduling on the cluster or set distributor.use_gpu=false"
-        )
-    if not d.local_mode:
-        slots = _task_slots(spark_conf, cpu_count)
-        if slots is not None and slots < n:
-            raise SparktuneError(
-                f"distributor.num_processes: {n} barrier tasks need {n} free task slots, but master "
-                f"{spark_conf.get('spark.master')!r} with spark.task.cpus={spark_conf.get('spark.task.cpus', '1')} "
-                f"offers {slots}; lower distributor.num_processes or give Spark more cores"
-            )
-    backend = d.backend if d.backend != "auto" else ("nccl" if use_gpu else "gloo")
-    if backend == "nccl" and not use_gpu:
-        raise SparktuneError("distributor.backend: nccl needs GPUs; use gloo (or auto) for CPU training")
-
-    env = {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    if not use_gpu:
-        # A CPU plan stays on CPU even on a driver with GPUs (train() uses any GPU it sees).
-        env["CUDA_VISIBLE_DEVICES"] = ""
-        # Processes on one machine share its cores: more threads than cores only thrash.
-        per_host = n if d.local_mode else max(1, min(n, _task_slots(spark_conf, cpu_count) or 1))
-        env["OMP_NUM_THREADS"] = str(max(1, cpu_count // per_host))
-    if d.local_mode:
-        launcher = ["torchrun", "--standalone", "--nnodes=1", f"--nproc_per_node={n}"]
-    else:
-        launcher = ["torchrun", f"--nnodes={n}", "--nproc_per_node=1", "--rdzv_endpoint=MASTER:PORT"]
-    command = launcher + ["-m", "sparktune.train.train", "--config", config_path]
-    return LaunchPlan(num_processes=n, local_mode=d.local_mode, use_gpu=use_gpu, backend=backend,
-                      max_restarts=d.max_restarts, env=env, command=command)
-
-
-def spark_facts(spark) -> dict:
-    """The facts ``build_launch_plan`` needs, read from a live session."""
-    conf = spark.sparkContext.getConf()
-    keys = ("spark.master", "spark.task.cpus", "spark.task.resource.gpu.amount", "spark.executor.cores")
-    spark_conf = {k: conf.get(k) for k in keys if conf.get(k) is not None}
-    driver_gpus = 0
-    try:
-        import torch
-
-        driver_gpus = torch.cuda.device_count()
-    except Exception:
-        driver_gpus = 0
-    return {"spark_conf": spark_conf, "driver_gpus": driver_gpus, "cpu_count": os.cpu_count() or 1,
-            "environ": dict(os.environ)}
 
 
 def _rank_main(cfg_dict: dict, env: dict, tracker=None) -> TrainResult:
