@@ -96,6 +96,9 @@ class DataConfig:
     """Batch rows of similar length together (shuffled within mega-batches) to keep padding small."""
     pad_to_multiple_of: int | None = None
     """Round each batch's length up to a multiple of this (8 helps tensor cores on GPUs)."""
+    staging_dir: str = ""
+    """Folder for the per-rank shards Spark stages before training, on storage every rank can open
+    (local disk in local mode; /Volumes, /dbfs or NFS on a cluster); empty: OUTPUT_DIR/staging."""
 
     def __post_init__(self):
         problems: list = []

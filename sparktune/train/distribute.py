@@ -116,6 +116,11 @@ def run_training(cfg, spark=None, tracker=None, plan: LaunchPlan | None = None) 
     if plan is None:
         plan = build_launch_plan(cfg, **spark_facts(spark))
     _resolve_table(spark, cfg, plan.num_processes)
+    from sparktune.staging import stage_job_data
+
+    # Spark deals the rows into one shard per rank (and checks their labels) before any rank
+    # starts; each rank then reads only its own shard.
+    stage_job_data(spark, cfg, cfg.model.task, staging_dir=cfg.data.staging_dir or None)
     log.warning("sparktune train: %s", plan.describe())
     store = CheckpointStore(cfg.checkpoint_dir)
     record = store.read_job() if cfg.resume else None

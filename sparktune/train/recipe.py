@@ -116,9 +116,12 @@ class Job:
     tracker: Any
     tokenizer: Any
     model: Any
-    train_rows: Any
+    train_rows: int
+    """Training rows selected from the table (all ranks, before padding or dropping)."""
     shard: Any
+    """This rank's training rows (``sparktune.train.data.FlatRows``)."""
     eval_rows: Any
+    """The evaluation rows (``FlatRows``), or None without an eval split."""
     resume_from: str | None
     opened_run: bool = False
     extra: dict = field(default_factory=dict)
@@ -128,13 +131,14 @@ class Job:
         return self.env.is_main and self.cfg.mlflow.enabled and bool(self.run_id)
 
 
-def _read(cfg: TrainConfig, split: str, task: Task, limit: int | None):
-    """A split's rows; a data file that vanished (VACUUM) is a user error, not a retry."""
+def _load_data(cfg: TrainConfig, env: dist.DistEnv, task: Task):
+    """This rank's shard and the eval rows; a data file that vanished (VACUUM) is a user error."""
+    from sparktune.staging import default_staging_dir
     from sparktune.train import data as tdata
 
     try:
-        return tdata.read_split(cfg.data.location, cfg.data.version, split, task=task, limit=limit,
-                                max_length=cfg.data.max_length)
+        return tdata.load_rank_data(cfg, env.rank, env.world_size, task,
+                                    staging_dir=cfg.data.staging_dir or default_staging_dir(cfg.output_dir))
     except SparktuneError:
         raise
     except Exception as exc:
@@ -165,7 +169,6 @@ def _open_run(cfg: TrainConfig, tracker, task: Task, record: JobRecord | None) -
 def setup(cfg: TrainConfig, env: dist.DistEnv, tracker=None) -> Job:
     from transformers import set_seed
 
-    from sparktune.train import data as tdata
     from sparktune.train.model import build_model, load_tokenizer, model_max_positions
 
     resolve_data(cfg)
@@ -205,37 +208,33 @@ def setup(cfg: TrainConfig, env: dist.DistEnv, tracker=None) -> Job:
 
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg, props)
-    train_rows = _read(cfg, cfg.data.train_split, task, cfg.data.train_limit)
-    if len(train_rows) == 0:
-        raise SparktuneError(
-            f"data.train_split: table {cfg.data.table!r} v{cfg.data.version} has no "
-            f"{'labelled ' if task.has_labels else ''}rows with split={cfg.data.train_split!r}; "
-            "check data.train_split or re-run `sparktune tokenize`"
-        )
-    shard = train_rows.select(tdata.shard_indices(len(train_rows), env.rank, env.world_size, cfg.data.uneven))
-    eval_rows = None
-    if cfg.data.eval_split:
-        eval_rows = _read(cfg, cfg.data.eval_split, task, cfg.data.eval_limit)
-        if len(eval_rows) == 0:
-            eval_rows = None
+    data = _load_data(cfg, env, task)
+    shard = data.train.rows
+    eval_rows = data.eval.rows if data.eval is not None else None
     model = build_model(cfg, task, tokenizer)
 
     # What only the rows and the built model can tell: checked on every rank, so each one
     # reports the same problems and none is left waiting for the others.
     problems = check_table_matches_model(props, cfg, model_max_positions=model_max_positions(model.config))
     table = cfg.data.table or cfg.data.location
-    for split, rows in ((cfg.data.train_split, train_rows), (cfg.data.eval_split, eval_rows)):
+    import numpy as np
+
+    for split, rows in ((cfg.data.train_split, shard), (cfg.data.eval_split, eval_rows)):
         if rows is None:
             continue
+        # Each rank holds other rows: agree on their extremes so every rank raises the same problems.
+        local = (int(rows.ids.max()) if len(rows.ids) else 0,
+                 [int(x) for x in np.unique(rows.labels)] if task.has_labels and rows.labels is not None else [])
+        gathered = dist.gather(local, env)
         problems += check_rows_fit_model(
-            labels=rows.labels if task.has_labels else None,
-            max_token_id=max((max(ids) for ids in rows.input_ids if ids), default=0),
+            labels=sorted({x for _, labels in gathered for x in labels}) if task.has_labels else None,
+            max_token_id=max(m for m, _ in gathered),
             vocab_size=model.get_input_embeddings().num_embeddings, num_labels=cfg.model.num_labels,
             table=f"{table} v{cfg.data.version}", split=split)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
     return Job(cfg=cfg, env=env, task=task, props=props, run_id=decided["run_id"], tracker=tracker,
-               tokenizer=tokenizer, model=model, train_rows=train_rows, shard=shard, eval_rows=eval_rows,
+               tokenizer=tokenizer, model=model, train_rows=data.train_rows, shard=shard, eval_rows=eval_rows,
                resume_from=decided["resume_from"])
 
 
@@ -374,7 +373,7 @@ def fit(job: Job):
     train_collator = tdata.DynamicPaddingCollator(pad_id, job.task, cfg.data.pad_to_multiple_of)
     eval_collator = tdata.DynamicPaddingCollator(pad_id, job.task, cfg.data.pad_to_multiple_of)
     sampler = tdata.LengthGroupedBatchSampler(
-        [len(ids) for ids in job.shard.input_ids], cfg.train.batch_size, seed=cfg.train.seed,
+        job.shard.lengths, cfg.train.batch_size, seed=cfg.train.seed,
         group_by_length=cfg.data.group_by_length,
     )
     shard = job.shard
@@ -451,7 +450,7 @@ def finish(job: Job, trainer, output, eval_metrics: dict, seconds: float, throug
 
             try:  # row counts are facts about the inputs: params, not metrics
                 job.tracker.log_params(job.run_id, {
-                    "data.train_rows": len(job.train_rows), "data.rows_per_rank": len(job.shard),
+                    "data.train_rows": job.train_rows, "data.rows_per_rank": len(job.shard),
                     "data.eval_rows": len(job.eval_rows) if job.eval_rows is not None else 0})
             except MlflowException as exc:  # a resumed job with other limits: keep the first values
                 log.warning("sparktune train: row counts not logged (%s)", str(exc).splitlines()[0])
@@ -459,7 +458,7 @@ def finish(job: Job, trainer, output, eval_metrics: dict, seconds: float, throug
             run_id=job.run_id, model_uri=model_uri, model_dir=model_dir, output_dir=cfg.output_dir,
             checkpoint_dir=cfg.checkpoint_dir, task=job.task, table=cfg.data.table, location=cfg.data.location,
             version=int(cfg.data.version or 0), world_size=env.world_size, global_step=trainer.state.global_step,
-            rank_steps=[int(s) for s in steps], train_rows=len(job.train_rows), rows_per_rank=len(job.shard),
+            rank_steps=[int(s) for s in steps], train_rows=job.train_rows, rows_per_rank=len(job.shard),
             eval_rows=len(job.eval_rows) if job.eval_rows is not None else 0,
             train_loss=float(output.training_loss), losses=names.series("train/loss"),
             eval_metrics={k: float(v) for k, v in eval_metrics.items()
