@@ -21,21 +21,23 @@ from typing import Any
 from sparktune.errors import ConfigError, SparktuneError
 
 __all__ = [
-    "on_databricks",
-    "runtime_version",
+    "TASK_VALUE_KEYS",
+    "SecretEnv",
+    "check_tracking_uri_for_ranks",
+    "default_output_root",
+    "default_volume_path",
     "get_dbutils",
     "get_secret",
-    "SecretEnv",
-    "rank_env_for_mlflow",
     "is_databricks_tracking_uri",
-    "check_tracking_uri_for_ranks",
-    "default_volume_path",
-    "volume_from_env",
-    "default_output_root",
     "is_shared_path",
-    "require_shared_path",
+    "notebook_param",
+    "on_databricks",
     "publish_task_values",
-    "TASK_VALUE_KEYS",
+    "rank_env_for_mlflow",
+    "require_shared_path",
+    "runtime_version",
+    "task_values",
+    "volume_from_env",
 ]
 
 log = logging.getLogger("sparktune.databricks")
@@ -109,7 +111,7 @@ def get_secret(scope: str, key: str, env_var: str, *, environ: Mapping[str, str]
         else:
             try:
                 value = dbutils.secrets.get(scope=scope, key=key)
-            except Exception as exc:  # dbutils raises its own (py4j/IllegalArgument) errors
+            except Exception as exc:  # noqa: BLE001 (dbutils raises py4j/IllegalArgument errors)
                 tried.append(f"Databricks secret scope {scope!r} key {key!r} ({type(exc).__name__})")
             else:
                 log.debug("secret %s/%s read from the Databricks secret scope", scope, key)
@@ -151,7 +153,7 @@ def _databricks_creds() -> tuple[str, str]:
         return "", ""
     try:
         creds = get_databricks_host_creds("databricks")
-    except Exception:  # no context (not a notebook/job driver) or no credentials configured
+    except Exception:  # noqa: BLE001 (MlflowException, SDK ValueError: no context, no credentials)
         return "", ""
     return str(creds.host or ""), str(creds.token or "")
 
@@ -196,19 +198,19 @@ def check_tracking_uri_for_ranks(tracking_uri: str, *, local_mode: bool, key: st
         return
     path = "/" + match.group(2) if tracking_uri.startswith(("sqlite:////", "file:///")) else match.group(2)
     if not is_shared_path(path, local_mode=False):
-        raise ConfigError([
+        raise ConfigError([(
             f"{key}: {tracking_uri!r} is a file on the driver; training ranks on executors cannot log to it. "
             "Use the workspace's MLflow ('databricks') or a tracking server (http://...), "
             "or run with distributor.local_mode=true"
-        ])
+        )])
 
 
 def _check_uc_name(value: str, what: str) -> str:
     if not _UC_NAME.match(value or ""):
-        raise ConfigError([
+        raise ConfigError([(
             f"{what}: expected a Unity Catalog name (letters, digits, '_' or '-'; no '.', '/' or spaces), "
             f"found {value!r}"
-        ])
+        )])
     return value
 
 
@@ -278,12 +280,21 @@ def require_shared_path(path: str, key: str, *, local_mode: bool) -> str:
     """``path`` if ranks can share it, else a ConfigError naming ``key`` (checked before launching)."""
     if not is_shared_path(path, local_mode=local_mode):
         example = default_output_root() or "/Volumes/<catalog>/<schema>/<volume>/sparktune"
-        raise ConfigError([
+        raise ConfigError([(
             f"{key}: {path!r} is local to the driver, but training ranks run on executors "
             f"(distributor.local_mode=false) and cannot read or write it; use shared storage such as "
             f"{example}/..., /dbfs/..., s3://..., abfss://... or gs://..."
-        ])
+        )])
     return path
+
+
+def task_values(values: Mapping[str, Any], *, keys: tuple[str, ...] | None = None) -> dict[str, str]:
+    """The fields of a result a job task can publish: plain scalars (as strings), ``keys`` only
+    when given, never a credential-like key."""
+    return {
+        k: str(v) for k, v in values.items()
+        if (keys is None or k in keys) and isinstance(v, (str, int, float, bool)) and not _SECRET_KEY.search(k)
+    }
 
 
 def publish_task_values(values: Mapping[str, Any], *, keys: tuple[str, ...] | None = None,
@@ -296,10 +307,7 @@ def publish_task_values(values: Mapping[str, Any], *, keys: tuple[str, ...] | No
     what was published (the values a job would see).
     """
     env = os.environ if environ is None else environ
-    chosen = {
-        k: str(v) for k, v in values.items()
-        if (keys is None or k in keys) and isinstance(v, (str, int, float, bool)) and not _SECRET_KEY.search(k)
-    }
+    chosen = task_values(values, keys=keys)
     if not chosen or not on_databricks(env):
         return {}
     dbutils = get_dbutils()
@@ -309,3 +317,14 @@ def publish_task_values(values: Mapping[str, Any], *, keys: tuple[str, ...] | No
     for key, value in chosen.items():
         dbutils.jobs.taskValues.set(key=key, value=value)
     return chosen
+
+
+def notebook_param(name: str, default: str, *, environ: Mapping[str, str] | None = None) -> str:
+    """A notebook parameter: a text widget on Databricks (created with ``default``; job runs set it
+    with ``base_parameters``), else ``$SPARKTUNE_NB_<NAME>``, else ``default``."""
+    env = os.environ if environ is None else environ
+    dbutils = get_dbutils() if on_databricks(env) else None
+    if dbutils is not None:
+        dbutils.widgets.text(name, default)
+        return str(dbutils.widgets.get(name))
+    return env.get("SPARKTUNE_NB_" + re.sub(r"\W", "_", name).upper(), default)

@@ -19,7 +19,7 @@ import re
 from sparktune.errors import SparktuneError
 from sparktune.tables import parse_table_ref, read_table
 
-__all__ = ["create_review_view", "review_view_sql", "VIEW_COLUMNS"]
+__all__ = ["VIEW_COLUMNS", "create_review_view", "review_view_sql"]
 
 VIEW_COLUMNS = ("row_id", "split", "label", "text", "n_tokens", "truncated",
                 "prediction", "probabilities", "correct", "model_uri", "model_version")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import itertools
 import os
 import re
 
@@ -139,8 +140,10 @@ def test_top_level_keys_and_variables():
     bundle, _ = load_bundle()
     assert set(bundle) <= {"bundle", "include", "artifacts", "variables", "targets", "resources", "workspace"}
     declared = set(bundle["variables"])
-    text = "".join(open(p, encoding="utf-8").read() for p in
-                   [os.path.join(ROOT, "databricks.yml"), *glob.glob(os.path.join(ROOT, "resources", "*.yml"))])
+    text = ""
+    for path in [os.path.join(ROOT, "databricks.yml"), *glob.glob(os.path.join(ROOT, "resources", "*.yml"))]:
+        with open(path, encoding="utf-8") as handle:
+            text += handle.read()
     used = set(_VAR.findall(text))
     assert used <= declared, f"undeclared variables: {used - declared}"
     assert declared <= used, f"variables nothing uses: {declared - used}"
@@ -157,7 +160,8 @@ def test_gpu_job_cluster_and_wheel_library():
     job, job_file = _job()
     [cluster] = job["job_clusters"]
     new = cluster["new_cluster"]
-    assert new["spark_version"] == "${var.spark_version}" and "gpu-ml" in bundle["variables"]["spark_version"]["default"]
+    assert new["spark_version"] == "${var.spark_version}"
+    assert "gpu-ml" in bundle["variables"]["spark_version"]["default"]
     assert new["node_type_id"] == "${var.node_type_id}"
     assert new["num_workers"] == "${var.num_workers}"
     assert new["spark_conf"]["spark.executor.resource.gpu.amount"] == "${var.gpus_per_node}"
@@ -175,7 +179,7 @@ def test_gpu_job_cluster_and_wheel_library():
 def test_tasks_run_the_pipeline_in_order():
     tasks = _tasks()
     assert list(tasks) == list(PIPELINE)
-    for previous, task_key in zip(PIPELINE, PIPELINE[1:]):
+    for previous, task_key in itertools.pairwise(PIPELINE):
         assert [d["task_key"] for d in tasks[task_key]["depends_on"]] == [previous]
     assert "depends_on" not in tasks["ingest"]
 
@@ -227,7 +231,8 @@ def test_each_task_reads_what_the_previous_one_wrote():
     bundle, _ = load_bundle()
     volume = bundle["resources"]["volumes"]["sparktune_volume"]
     defaults = {k: v["default"] for k, v in bundle["variables"].items()}
-    assert overrides["output_dir"].startswith(f"/Volumes/{defaults['catalog']}/{defaults['schema']}/{defaults['volume']}/")
+    volume_root = f"/Volumes/{defaults['catalog']}/{defaults['schema']}/{defaults['volume']}/"
+    assert overrides["output_dir"].startswith(volume_root)
     assert volume["name"] == "${var.volume}" and volume["catalog_name"] == "${var.catalog}"
 
 
