@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import glob
 import itertools
+import json
 import os
 import re
 
@@ -101,9 +102,27 @@ def _resolve(value: str, variables: dict) -> str:
     return _DYNAMIC.sub(lambda m: _SAMPLE_DYNAMIC[m.group(1).strip()], value)
 
 
+def _raw_argv(task: dict) -> list:
+    """``sparktune`` argv a task runs, unresolved: a script task's parameters, or the run_stage
+    notebook's ``stage`` and ``args`` (a JSON list) widgets."""
+    if "spark_python_task" in task:
+        return [str(p) for p in task["spark_python_task"]["parameters"]]
+    widgets = task["notebook_task"]["base_parameters"]
+    assert set(widgets) == {"stage", "args"}, f"task {task['task_key']}: run_stage takes stage and args"
+    args = json.loads(widgets["args"])
+    assert isinstance(args, list) and all(isinstance(a, str) for a in args)
+    return [widgets["stage"], *args]
+
+
+def _task_file(task: dict) -> str:
+    if "spark_python_task" in task:
+        return task["spark_python_task"]["python_file"]
+    return task["notebook_task"]["notebook_path"]
+
+
 def _params(task_key: str) -> list:
     bundle, _ = load_bundle()
-    return [_resolve(str(p), bundle["variables"]) for p in _tasks()[task_key]["spark_python_task"]["parameters"]]
+    return [_resolve(p, bundle["variables"]) for p in _raw_argv(_tasks()[task_key])]
 
 
 def _flag(params: list, flag: str) -> str:
@@ -187,10 +206,13 @@ def test_tasks_run_the_pipeline_in_order():
 def test_every_task_file_exists():
     job, job_file = _job()
     for task in job["tasks"]:
-        python_file = task["spark_python_task"]["python_file"]
-        path = os.path.normpath(os.path.join(os.path.dirname(job_file), python_file))
-        assert os.path.isfile(path), f"task {task['task_key']}: {python_file} -> {path} does not exist"
-        assert path.startswith(ROOT + os.sep), f"task {task['task_key']}: {python_file} is outside the bundle"
+        relative = _task_file(task)
+        path = os.path.normpath(os.path.join(os.path.dirname(job_file), relative))
+        assert os.path.isfile(path), f"task {task['task_key']}: {relative} -> {path} does not exist"
+        assert path.startswith(ROOT + os.sep), f"task {task['task_key']}: {relative} is outside the bundle"
+        if "notebook_task" in task:  # deployed as a notebook only in Databricks source format
+            with open(path, encoding="utf-8") as handle:
+                assert handle.readline() == "# Databricks notebook source\n", path
     for key in PIPELINE:
         for param in _params(key):
             if param.startswith(ROOT):
@@ -221,6 +243,7 @@ def test_each_task_reads_what_the_previous_one_wrote():
     ingest, tokenize, train, evaluate, register = (_params(k) for k in PIPELINE)
     assert _flag(tokenize, "--input") == _flag(ingest, "--output")
     overrides = dict(p.split("=", 1) for p in train[3:])
+    assert train[1] == "--config"
     assert overrides["data.table"] == _flag(tokenize, "--output")
     assert _flag(evaluate, "--table") == _flag(tokenize, "--output")
     assert _flag(evaluate, "--model") == _SAMPLE_DYNAMIC["tasks.train.values.model_uri"]
@@ -245,20 +268,22 @@ def test_task_value_references_point_upstream_at_published_keys():
             name = frontier.pop()
             upstream.add(name)
             frontier += [d["task_key"] for d in tasks[name].get("depends_on", [])]
-        for param in task["spark_python_task"]["parameters"]:
-            for ref in _DYNAMIC.findall(str(param)):
+        for param in _raw_argv(task):
+            for ref in _DYNAMIC.findall(param):
                 parts = ref.strip().split(".")
                 if parts[0] != "tasks":
                     continue
                 assert parts[1] in upstream, f"task {key} reads {ref} from a task that is not upstream"
                 assert parts[2] == "values" and parts[3] in TASK_VALUE_KEYS, f"task {key}: {ref} is not published"
+                # Databricks documents dbutils.jobs.taskValues.set for notebooks only.
+                assert "notebook_task" in tasks[parts[1]], f"task {parts[1]} publishes values but is not a notebook"
 
 
 def test_serving_endpoint_serves_the_registered_model():
     bundle, _ = load_bundle("serve")
     [endpoint] = bundle["resources"]["model_serving_endpoints"].values()
     [entity] = endpoint["config"]["served_entities"]
-    register = _tasks()["register"]["spark_python_task"]["parameters"]
+    register = _raw_argv(_tasks()["register"])
     assert entity["entity_name"] == register[register.index("--name") + 1]
     assert entity["entity_version"] == "${var.model_version}"
     dev, _ = load_bundle("dev")

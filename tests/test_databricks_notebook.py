@@ -149,3 +149,30 @@ def test_notebook_runs_top_to_bottom_as_a_script(spark, tables, tmp_path, mlflow
     assert len(re.findall(r"train\s+\S.*\s+1\s*$", quarantine, flags=re.MULTILINE)) == len(BAD_ROWS), quarantine
     assert f"run {run.info.run_id} (imdb-minilm)" in text and "metric test/accuracy: 0.8125" in text
     assert os.path.getsize(tmp_path / "lengths.png") > 1000
+
+
+RUN_STAGE = os.path.join(ROOT, "notebooks", "run_stage.py")
+
+
+def test_run_stage_notebook_runs_a_stage_from_its_widgets(spark, tables, monkeypatch, capsys):
+    """The bundle's notebook task wrapper, run as a script: stage + JSON args -> `sparktune <stage> <args>`."""
+    monkeypatch.delenv("DATABRICKS_RUNTIME_VERSION", raising=False)
+    monkeypatch.setenv("SPARKTUNE_NB_STAGE", "stats")
+    monkeypatch.setenv("SPARKTUNE_NB_ARGS", f'["--table", "{tables["tokenized"]}"]')
+    runpy.run_path(RUN_STAGE, run_name="__main__")
+    out = capsys.readouterr().out
+    assert re.search(r"^train\s+200\s", out, flags=re.MULTILINE)
+    assert re.search(r"^test\s+100\s", out, flags=re.MULTILINE)
+
+
+def test_run_stage_notebook_fails_the_task_on_bad_input(monkeypatch, tmp_path):
+    from sparktune.errors import SparktuneError
+
+    monkeypatch.delenv("DATABRICKS_RUNTIME_VERSION", raising=False)
+    monkeypatch.setenv("SPARKTUNE_NB_STAGE", "stats")
+    monkeypatch.setenv("SPARKTUNE_NB_ARGS", "--table x")
+    with pytest.raises(SparktuneError, match="args: expected a JSON list"):
+        runpy.run_path(RUN_STAGE, run_name="__main__")
+    monkeypatch.setenv("SPARKTUNE_NB_ARGS", f'["--table", "{tmp_path / "missing"}"]')
+    with pytest.raises(SparktuneError, match="exited with status 2"):
+        runpy.run_path(RUN_STAGE, run_name="__main__")
