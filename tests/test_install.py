@@ -106,6 +106,7 @@ def test_installing_the_wheel_would_bring_no_runtime_package(wheel, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # a real pyspark (~450 MB) and sparktune's own requirements into a fresh venv
 def test_wheel_install_leaves_an_installed_pyspark_alone(wheel, tmp_path):
     """A real pyspark (Databricks Runtime 17's 4.0) in a fresh venv survives installing sparktune."""
     python = _venv(tmp_path / "venv")
