@@ -33,7 +33,9 @@ def _canon(name: str) -> str:
 
 
 def _run(cmd, **kwargs):
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, **kwargs)
+    # Nothing from this checkout may leak into the venv's imports (tests run with PYTHONPATH set).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, **kwargs)
     assert out.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
 
