@@ -1,14 +1,29 @@
 """sparktune: fine-tune language models where the data lives, in Spark and Delta Lake."""
 
+import os
+
 from setuptools import find_packages, setup
 
+# What `pip install sparktune` brings: only what a Databricks ML runtime does not provide, or
+# provides at any version sparktune works with (loose lower bounds). Spark, Delta, torch,
+# transformers and MLflow are the runtime's: requiring them here would make `%pip install`
+# replace the cluster's own builds with PyPI's.
+INSTALL_REQUIRES = [
+    "pyyaml>=5.4",
+    "numpy>=1.24",
+    "pandas>=1.5",
+    "pyarrow>=14",
+    # Training ranks read their shard without a JVM; no runtime ships delta-rs.
+    "deltalake>=1.0,<2",
+]
+
+# The stack on a machine without a Databricks runtime (a laptop, CI, a plain Spark cluster).
 # delta-spark's Python package and its Maven jars are versioned together and the jar is
 # built per Spark minor version: keep pyspark's range inside what delta-spark accepts and
 # pin delta-spark exactly, so `configure_spark_with_delta_pip` asks Maven for a jar that exists.
-INSTALL_REQUIRES = [
+LOCAL = [
     "pyspark[sql,ml]>=4.1,<4.2",
     "delta-spark==4.4.0",
-    "deltalake>=1.0,<2",
     "torch>=2.4,<2.16",
     "transformers>=5.0,<6",
     "tokenizers>=0.21",
@@ -16,25 +31,51 @@ INSTALL_REQUIRES = [
     "datasets>=3.0,<6",
     "mlflow>=3.1,<4",
     "scikit-learn>=1.4,<2",
-    "pandas>=2.1,<3",
-    "pyarrow>=15",
-    "numpy>=1.26",
     "peft>=0.15,<1",
     "gguf>=0.10",
-    "pyyaml>=6",
     "matplotlib>=3.8",
+    "openai>=1.40,<4",
+    # TODO(azure-openai): the offline o200k tokenizer package (ships the encoding, no download at
+    # run time) named by the Azure OpenAI work (issue 10); add it here with its version range.
 ]
+
+# What a Databricks ML runtime lacks that sparktune can use: `%pip install sparktune[databricks]`.
+DATABRICKS = [
+    "peft>=0.15,<1",
+    "gguf>=0.10",
+    "openai>=1.40,<4",
+]
+
+DEV = [
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    "requests>=2.31",
+    "hypothesis>=6.100",
+    "ruff>=0.6",
+    "mypy>=1.10",
+    # Databricks' published Asset Bundle resource models: the bundle's jobs, endpoint and volume
+    # are checked against them in tests/test_databricks_bundle.py.
+    "databricks-bundles>=1.0,<2",
+]
+
+
+def _long_description() -> str:
+    if os.path.exists("README.md"):
+        with open("README.md", encoding="utf-8") as handle:
+            return handle.read()
+    return ""
+
 
 setup(
     name="sparktune",
     version="0.1.0",
     description="Fine-tune language models on Spark and Delta Lake tables",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=_long_description(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["sparktune", "sparktune.*"]),
     package_data={"sparktune": ["ivysettings.xml"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "requests>=2.31"]},
+    extras_require={"local": LOCAL, "databricks": DATABRICKS, "dev": DEV},
     entry_points={"console_scripts": ["sparktune=sparktune.cli:main"]},
 )
