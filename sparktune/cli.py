@@ -109,6 +109,10 @@ def _emit(result: Any, as_json: bool) -> int:
     else:
         print(result.summary())
     sys.stdout.flush()
+    from sparktune.databricks import publish_task_values
+
+    # In a Databricks job the next task reads this one's run_id, model_uri, ... as task values.
+    publish_task_values(result.to_dict())
     return 0
 
 

@@ -43,9 +43,14 @@ def launch_once(plan: LaunchPlan, cfg: TrainConfig, tracker=None) -> TrainResult
     """One TorchDistributor launch of ``train``; returns rank 0's result."""
     from pyspark.ml.torch.distributor import TorchDistributor
 
+    from sparktune.databricks import rank_env_for_mlflow
+
     distributor = TorchDistributor(num_processes=plan.num_processes, local_mode=plan.local_mode,
                                    use_gpu=plan.use_gpu)
-    return distributor.run(_rank_main, cfg.to_dict(), dict(plan.env), tracker)
+    # Ranks on executors have neither the driver's environment nor a notebook's credentials: hand
+    # them what MLflow needs in memory, never through the plan (which is logged).
+    env = {**plan.env, **rank_env_for_mlflow(tracker.tracking_uri)} if tracker is not None else dict(plan.env)
+    return distributor.run(_rank_main, cfg.to_dict(), env, tracker)
 
 
 def _resolve_table(spark, cfg: TrainConfig, world_size: int) -> None:
