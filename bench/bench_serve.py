@@ -55,7 +55,7 @@ def main():
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(os.path.join(work, "server.log"), "w")
+    log = open(os.path.join(work, "server.log"), "w")  # noqa: SIM115  (open for the server's whole life)
     proc = subprocess.Popen([sys.executable, "-m", "sparktune.cli", "serve", "--model", model, "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -118,6 +118,8 @@ def score_spark(df, model: ResolvedModel, tracker=None, column: InputColumn | No
                                                 max(1, batch_size // 2))
                 yield pd.DataFrame({"loss_sum": loss_sum, "n_predicted": counts})
 
+    # Real types, not the strings `from __future__ import annotations` leaves: pandas_udf reads them.
+    run.__annotations__ = {"batches": Iterator[pd.Series], "return": Iterator[pd.DataFrame]}
     udf = F.pandas_udf(run, schema)  # type: ignore[call-overload]
     return df.withColumn("_out", udf(F.col(column.name)))
 

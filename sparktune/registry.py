@@ -134,7 +134,10 @@ def _create_version(client, name: str, logged, run_id: str, tags: dict):
             client.create_registered_model(name)
         except MlflowException:
             pass  # created meanwhile by another register
-    return client.create_model_version(name, source=f"models:/{logged.model_id}", run_id=run_id, tags=tags,
+    # The source is the logged model's own storage (its artifacts, unchanged) and model_id links
+    # the two: a models:/m-... source would make MLflow's local registry stores look the model
+    # up through the process's global tracking URI rather than this client's.
+    return client.create_model_version(name, source=logged.artifact_location, run_id=run_id, tags=tags,
                                        model_id=logged.model_id)
 
 

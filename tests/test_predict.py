@@ -1,6 +1,7 @@
 """Predict: unlabelled reviews scored in Spark (local[2]) by a model the executors fetch from its
 MLflow URI themselves, written as a predictions Delta table."""
 
+import glob
 import hashlib
 import os
 import tempfile
@@ -61,9 +62,13 @@ def test_predict_unlabelled_reviews_with_executors_fetching_the_model(spark, log
     assert set(frame["model_uri"]) == {uri}
 
     # The executors downloaded the model by URI into their own cache, not from a driver path.
-    key = hashlib.sha256(f"{tracker.tracking_uri}|{uri}".encode()).hexdigest()[:24]
-    assert _cache_root().startswith(tempfile.gettempdir()) or os.environ.get("SPARKTUNE_MODEL_CACHE")
-    assert os.path.isfile(os.path.join(_cache_root(), key, ".complete"))
+    source = resolve_model(uri, tracker).fetch_uri
+    assert source and source.startswith("file://")
+    key = hashlib.sha256(f"{tracker.tracking_uri}|{source}".encode()).hexdigest()[:24]
+    # Python workers get the executor's scratch space (blockmgr-*) as SPARK_LOCAL_DIRS; the driver has none.
+    assert "SPARK_LOCAL_DIRS" not in os.environ and _cache_root().startswith(tempfile.gettempdir())
+    found = glob.glob(os.path.join(tempfile.gettempdir(), "*", "sparktune-models", key, ".complete"))
+    assert found, "no executor cached the model under its SPARK_LOCAL_DIRS"
 
 
 def test_predict_cli(spark, logged, reviews, tmp_path, capsys):

@@ -57,7 +57,9 @@ def test_register_alias_promote_nan_holder_and_load(tracker, hf_dir, tmp_path):
     first = register_model(run1, "imdb-clf", tracker=tracker, alias="champion", promote_if_better="test/f1")
     assert first.promoted and first.version == "1" and first.source_model_uri == uri1
     v1 = client.get_model_version("imdb-clf", "1")
-    assert v1.source == uri1  # the logged artifact itself, not a converted copy
+    # The logged artifact itself, not a converted copy.
+    assert v1.tags["sparktune.model_uri"] == uri1
+    assert v1.source == client.get_logged_model(uri1.split("/")[-1]).artifact_location
     assert v1.tags["metric.test/f1"] == "0.6"
     assert v1.tags["data.data.train_table_version"] == "7"
     assert v1.tags["sparktune.run_id"] == run1
@@ -80,7 +82,8 @@ def test_register_alias_promote_nan_holder_and_load(tracker, hf_dir, tmp_path):
 
     resolved = resolve_model("models:/imdb-clf@champion", tracker, download_dir=str(tmp_path / "dl"))
     assert (resolved.run_id, resolved.model_version, resolved.registered_name) == (run2, again.version, "imdb-clf")
-    assert resolved.fetch_uri == f"models:/imdb-clf/{again.version}"  # pinned: the alias may move later
+    # Pinned to the version's storage: the alias may move while executors load the model.
+    assert resolved.fetch_uri == client.get_model_version_download_uri("imdb-clf", again.version)
     assert resolved.labels == ["neg", "pos"] and resolved.max_length == 128
     out = mlflow.pyfunc.load_model(resolved.local_dir).predict(pd.DataFrame({"text": ["A wonderful film", "Awful."]}))
     assert list(out.columns) == ["label", "prediction", "probabilities"]

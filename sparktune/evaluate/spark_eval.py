@@ -130,10 +130,9 @@ def _roc_auc(scored) -> float | None:
     groups = scored.select(F.col("label"), F.element_at("probabilities", 2).alias("p")).groupBy("p").agg(
         F.sum((F.col("label") == 1).cast("long")).alias("pos"), F.sum((F.col("label") == 0).cast("long")).alias("neg"))
     below = Window.orderBy("p").rowsBetween(Window.unboundedPreceding, -1)
-    row = groups.select(
-        F.sum(F.col("pos") * (F.coalesce(F.sum("neg").over(below), F.lit(0)) + F.col("neg") * 0.5)).alias("wins"),
-        F.sum("pos").alias("P"), F.sum("neg").alias("N"),
-    ).groupBy().agg(F.sum("wins"), F.sum("P"), F.sum("N")).first()
+    ranked = groups.withColumn("neg_below", F.coalesce(F.sum("neg").over(below), F.lit(0)))
+    row = ranked.agg(F.sum(F.col("pos") * (F.col("neg_below") + F.col("neg") * 0.5)), F.sum("pos"),
+                     F.sum("neg")).first()
     wins, pos, neg = row[0], row[1], row[2]
     if not pos or not neg:
         return None

@@ -55,7 +55,8 @@ class ResolvedModel:
     """The registry version (``models:/<name>/<version>``), else the logged model id."""
     registered_name: str | None = None
     fetch_uri: str | None = None
-    """An immutable MLflow URI executors download (None for a local folder)."""
+    """What executors download: the model's storage URI (or ``models:/name/N`` on Unity Catalog),
+    never an alias; None for a local folder."""
 
     @property
     def source(self) -> str:
@@ -91,8 +92,14 @@ def hf_dir_of(local_dir: str) -> str:
                          "save_pretrained wrote or at an MLflow model")
 
 
-def _registry_info(client, uri: str) -> tuple[str | None, str | None, str | None, str | None]:
-    """(run_id, version label, registered name, immutable fetch URI) behind an MLflow URI."""
+def _registry_info(tracker, uri: str) -> tuple[str | None, str | None, str | None, str]:
+    """(run_id, version label, registered name, immutable fetch URI) behind an MLflow URI.
+
+    The fetch URI is the model's storage location where that can be known, so a download needs
+    the artifact store only: MLflow resolves ``models:/`` URIs of a local registry through the
+    process's global registry URI, not an explicit one. Unity Catalog keeps ``models:/name/N``
+    (its repository takes the registry URI given)."""
+    client = tracker.client
     match = re.match(r"^runs:/([^/]+)/?", uri)
     if match:
         return match.group(1), None, None, uri
@@ -102,9 +109,13 @@ def _registry_info(client, uri: str) -> tuple[str | None, str | None, str | None
     name, alias, version = match.groups()
     if alias or version:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-        return mv.run_id, str(mv.version), name, f"models:/{name}/{mv.version}"
+        if str(tracker.registry_uri or "").startswith("databricks-uc"):
+            fetch = f"models:/{name}/{mv.version}"
+        else:
+            fetch = client.get_model_version_download_uri(name, str(mv.version))
+        return mv.run_id, str(mv.version), name, fetch
     logged = client.get_logged_model(name)
-    return logged.source_run_id, logged.model_id, None, uri
+    return logged.source_run_id, logged.model_id, None, logged.artifact_location
 
 
 def _download(uri: str, dst: str, tracker) -> str:
@@ -138,7 +149,7 @@ def resolve_model(uri: str, tracker=None, download_dir: str | None = None) -> Re
 
         tracker = tracker or Tracker()
         try:
-            run_id, version, name, fetch_uri = _registry_info(tracker.client, raw)
+            run_id, version, name, fetch_uri = _registry_info(tracker, raw)
         except MlflowException as exc:
             raise SparktuneError(f"model {raw!r}: {exc.message.splitlines()[0]} (tracking URI "
                                  f"{tracker.tracking_uri}); check the name, alias or version") from None
