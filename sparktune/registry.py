@@ -10,46 +10,48 @@ either way, and tagged with the decision.
 from __future__ import annotations
 
 import json
+import math
 import re
+from dataclasses import dataclass
 
 from sparktune.errors import SparktuneError
+from sparktune.results import StageResult
 
 __all__ = [
-    "register_model",
-    "find_run_model",
-    "run_lineage_tags",
-    "use_tracking_uri",
-    "metric_greater_is_better",
+    "RegisterResult",
     "add_cli",
+    "find_run_model",
+    "metric_greater_is_better",
+    "register_model",
+    "run_lineage_tags",
 ]
 
 # MLflow tag values are capped (5000 chars on most stores); longer ones are cut, never dropped.
 _MAX_TAG = 4900
 
 
-def use_tracking_uri(configured: str | None = None) -> str:
-    """Point MLflow at the store `sparktune train` uses (same rules), and return its URI."""
-    import os
+@dataclass
+class RegisterResult(StageResult):
+    """The version ``register`` created and what happened to the alias."""
 
-    import mlflow
+    name: str
+    version: str
+    model_uri: str
+    """``models:/<name>/<version>``."""
+    source_model_uri: str
+    """The logged model (``models:/m-...``) that was registered, as is."""
+    run_id: str
+    alias: str | None
+    promoted: bool
+    reason: str
+    previous_version: str | None = None
+    alias_uri: str | None = None
 
-    try:
-        from sparktune.train.tracking import resolve_tracking_uri
-    except ImportError:  # training not installed in this checkout: same order of precedence
-        def resolve_tracking_uri(configured=""):
-            if configured:
-                return configured
-            if os.environ.get("MLFLOW_TRACKING_URI"):
-                return os.environ["MLFLOW_TRACKING_URI"]
-            from sparktune.spark import sparktune_home
-
-            return "sqlite:///" + os.path.join(sparktune_home(), "mlflow.db")
-
-    uri = resolve_tracking_uri(configured or "")
-    mlflow.set_tracking_uri(uri)
-    if uri == "databricks" and not os.environ.get("MLFLOW_REGISTRY_URI"):
-        mlflow.set_registry_uri("databricks-uc")  # Unity Catalog names: catalog.schema.model
-    return uri
+    def summary(self) -> str:
+        lines = [f"registered {self.source_model_uri} as {self.name} version {self.version}", self.reason]
+        if self.alias_uri:
+            lines.append(f"load it with {self.alias_uri}")
+        return "\n".join(lines)
 
 
 def metric_greater_is_better(metric: str) -> bool:
@@ -105,64 +107,92 @@ def run_lineage_tags(run) -> dict:
     return tags
 
 
-def _metric_of(client, run_id: str, metric: str):
-    return client.get_run(run_id).data.metrics.get(metric)
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(float(value))
+
+
+def _decide(metric: str, candidate: float, current, higher: bool, holder_version: str, alias: str) -> tuple[bool, str]:
+    """Whether the candidate takes the alias. A holder without a usable value (missing or NaN:
+    NaN compares false with everything) never blocks a candidate that has one."""
+    if not _finite(current):
+        shown = "no" if current is None else f"a non-finite ({current})"
+        return True, f"version {holder_version} (current {alias}) has {shown} {metric}; promoted"
+    better = candidate > current if higher else candidate < current
+    if better:
+        return True, f"{metric} {candidate:.6g} beats {current:.6g} of version {holder_version}"
+    return False, (f"{metric} {candidate:.6g} does not beat {current:.6g} of version {holder_version}; "
+                   f"{alias!r} stays on version {holder_version}")
+
+
+def _create_version(client, name: str, logged, run_id: str, tags: dict):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name)
+        except MlflowException:
+            pass  # created meanwhile by another register
+    # The source is the logged model's own storage (its artifacts, unchanged) and model_id links
+    # the two: a models:/m-... source would make MLflow's local registry stores look the model
+    # up through the process's global tracking URI rather than this client's.
+    return client.create_model_version(name, source=logged.artifact_location, run_id=run_id, tags=tags,
+                                       model_id=logged.model_id)
 
 
 def register_model(
     run_id: str,
     name: str,
+    *,
+    tracker=None,
     alias: str | None = "champion",
     promote_if_better: str | None = None,
     greater_is_better: bool | None = None,
     model_name: str | None = None,
-) -> dict:
-    """Register the run's logged model as a new version of ``name``; set ``alias`` (maybe).
+) -> RegisterResult:
+    """Register the run's logged model, as is, as a new version of ``name``; set ``alias`` (maybe).
 
-    Returns ``{"name", "version", "model_uri", "alias", "promoted", "reason", ...}``; the alias
-    URI ``models:/<name>@<alias>`` loads the promoted version.
+    The alias URI ``models:/<name>@<alias>`` loads the promoted version.
     """
-    import mlflow
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
+    from sparktune.tracking import Tracker
+
+    tracker = tracker or Tracker()
+    client = tracker.client
     try:
         run = client.get_run(run_id)
     except MlflowException:
         raise SparktuneError(
-            f"--run-id {run_id}: no such run in the MLflow store {mlflow.get_tracking_uri()}; "
-            "use the run id `sparktune train` printed, and the same MLFLOW_TRACKING_URI"
+            f"--run-id {run_id}: no such run in the MLflow store {tracker.tracking_uri}; "
+            "use the run id `sparktune train` printed, and the same --tracking-uri"
         ) from None
     candidate_value = None
     if promote_if_better:
         candidate_value = run.data.metrics.get(promote_if_better)
         if candidate_value is None:
             raise SparktuneError(
-                f"--promote-if-better {promote_if_better}: run {run_id} has no such metric; "
-                f"it has {sorted(run.data.metrics) or 'no metrics'} (run `sparktune evaluate --model runs:/{run_id}/model` to add test metrics)"
+                f"--promote-if-better {promote_if_better}: run {run_id} has no such metric; it has "
+                f"{sorted(run.data.metrics) or 'no metrics'} (run `sparktune evaluate --model runs:/{run_id}/model` "
+                "to add test metrics)"
             )
+        if not _finite(candidate_value):
+            raise SparktuneError(f"--promote-if-better {promote_if_better}: run {run_id} has {candidate_value}, "
+                                 "not a number to compare; evaluate the model again")
     logged = find_run_model(client, run_id, model_name)
-    model_uri = f"models:/{logged.model_id}"
+    source = f"models:/{logged.model_id}"
     tags = run_lineage_tags(run)
-    tags["sparktune.model_uri"] = model_uri
+    tags["sparktune.model_uri"] = source
     try:
-        version = mlflow.register_model(model_uri, name, tags=tags)
+        version = _create_version(client, name, logged, run_id, tags)
     except MlflowException as exc:
-        raise SparktuneError(f"could not register {model_uri} as {name!r}: {exc.message.splitlines()[0]}") from None
-
-    result = {
-        "name": name,
-        "version": str(version.version),
-        "model_uri": f"models:/{name}/{version.version}",
-        "source_model_uri": model_uri,
-        "run_id": run_id,
-        "alias": alias,
-        "promoted": False,
-        "reason": "",
-    }
+        raise SparktuneError(f"could not register {source} as {name!r}: {exc.message.splitlines()[0]}") from None
+    number = str(version.version)
+    result = RegisterResult(name=name, version=number, model_uri=f"models:/{name}/{number}", source_model_uri=source,
+                            run_id=run_id, alias=alias, promoted=False, reason="")
     if not alias:
-        result["reason"] = "no alias requested"
+        result.reason = "no alias requested"
         return result
 
     promote, reason = True, f"alias {alias!r} set"
@@ -172,51 +202,34 @@ def register_model(
             holder = client.get_model_version_by_alias(name, alias)
         except MlflowException:
             holder = None
-        if holder is not None and str(holder.version) != str(version.version):
-            current = _metric_of(client, holder.run_id, promote_if_better) if holder.run_id else None
-            if current is None:
-                reason = f"version {holder.version} (current {alias}) has no {promote_if_better}; promoted"
-            elif (candidate_value > current) if higher else (candidate_value < current):
-                reason = f"{promote_if_better} {candidate_value:.6g} beats {current:.6g} of version {holder.version}"
-            else:
-                promote = False
-                reason = (f"{promote_if_better} {candidate_value:.6g} does not beat {current:.6g} of version "
-                          f"{holder.version}; {alias!r} stays on version {holder.version}")
-            result["previous_version"] = str(holder.version)
+        if holder is not None and str(holder.version) != number:
+            current = client.get_run(holder.run_id).data.metrics.get(promote_if_better) if holder.run_id else None
+            promote, reason = _decide(promote_if_better, float(candidate_value), current, higher,
+                                      str(holder.version), alias)
+            result.previous_version = str(holder.version)
         else:
             reason = f"no current {alias!r}; promoted with {promote_if_better} {candidate_value:.6g}"
     if promote:
-        client.set_registered_model_alias(name, alias, version.version)
-    client.set_model_version_tag(name, version.version, "sparktune.promoted", str(promote).lower())
-    client.set_model_version_tag(name, version.version, "sparktune.promotion_reason", _short(reason))
-    result.update(promoted=promote, reason=reason)
-    if promote:
-        result["alias_uri"] = f"models:/{name}@{alias}"
+        client.set_registered_model_alias(name, alias, number)
+        result.alias_uri = f"models:/{name}@{alias}"
+    client.set_model_version_tag(name, number, "sparktune.promoted", str(promote).lower())
+    client.set_model_version_tag(name, number, "sparktune.promotion_reason", _short(reason))
+    result.promoted, result.reason = promote, reason
     return result
 
 
-def _run(args) -> int:
-    use_tracking_uri(args.tracking_uri)
-    result = register_model(
-        args.run_id,
-        args.name,
-        alias=args.alias or None,
-        promote_if_better=args.promote_if_better,
-        greater_is_better={"higher": True, "lower": False}.get(args.better),
-        model_name=args.model_name,
-    )
-    if args.json:
-        print(json.dumps(result, sort_keys=True))
-    else:
-        print(f"registered {result['source_model_uri']} as {result['name']} version {result['version']}")
-        print(result["reason"])
-        if result.get("alias_uri"):
-            print(f"load it with {result['alias_uri']}")
-    return 0
+def _run(args, ctx) -> RegisterResult:
+    return register_model(args.run_id, args.name, tracker=ctx.tracker(), alias=args.alias or None,
+                          promote_if_better=args.promote_if_better,
+                          greater_is_better={"higher": True, "lower": False}.get(args.better),
+                          model_name=args.model_name)
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser(
+    from sparktune.cli import stage_parser
+
+    p = stage_parser(
+        subparsers,
         "register",
         help="register a training run's model in the MLflow Model Registry and set an alias",
         description="Register the model a run logged, tag it with the run's metrics and data versions, set an alias.",
@@ -227,6 +240,4 @@ def add_cli(subparsers) -> None:
     p.add_argument("--promote-if-better", metavar="METRIC", help="move the alias only if the run's METRIC beats the alias holder's")
     p.add_argument("--better", choices=["higher", "lower"], help="direction of METRIC (default: lower for loss/perplexity, else higher)")
     p.add_argument("--model-name", help="name the model was logged under in the run, if it logged several")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: as `sparktune train`)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=_run)

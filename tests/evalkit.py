@@ -1,9 +1,11 @@
-"""Builders shared by test_evaluate, test_registry and test_serve: small real models and tables."""
+"""Builders shared by test_evaluate, test_registry, test_serve and test_predict: small real models,
+tables, and one tiny real training run whose registered model the serving tests use as is."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -60,7 +62,14 @@ def tokenized_frame(sample_dir: str, tokenizer_path: str, max_length: int = 128,
 
 
 def write_tokenized_table(spark, frame: pd.DataFrame, path: str) -> str:
-    from pyspark.sql.types import ArrayType, BooleanType, IntegerType, StringType, StructField, StructType
+    from pyspark.sql.types import (
+        ArrayType,
+        BooleanType,
+        IntegerType,
+        StringType,
+        StructField,
+        StructType,
+    )
 
     from sparktune.tables import write_table
 
@@ -104,3 +113,45 @@ def mlflow_store(base, experiment: str):
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@dataclass
+class TrainedModel:
+    """What a real `sparktune train` run left behind, registered by `sparktune register`."""
+
+    tracking_uri: str
+    run_id: str
+    model_uri: str
+    """The logged model (models:/m-...), as training printed it."""
+    registered_uri: str
+    """models:/<name>@champion, as register set it."""
+    table: str
+    """The tokenized table it was trained on (train and test splits)."""
+
+
+def train_tiny_classifier(spark, base, minilm_path: str, name: str = "imdb-clf") -> TrainedModel:
+    """Two optimizer steps of MiniLM on 16 reviews, in one TorchDistributor process (the real
+    training path: it logs the model through sparktune.train.modelio), then registered."""
+    from test_train_support import write_tokenized_table as write_delta_rs_table
+
+    from sparktune.registry import register_model
+    from sparktune.tracking import Tracker
+    from sparktune.train.distribute import run_training
+
+    uri = f"sqlite:///{base}/mlflow.db"
+    tracker = Tracker(uri, "model-tests")
+    tracker.experiment_id()  # artifacts beside the database, not ./mlruns
+    table = write_delta_rs_table(base / "tokens", minilm_path, n_train=16, n_test=24, max_length=64)
+    cfg = {
+        "output_dir": str(base / "out"),
+        "model": {"name": minilm_path, "task": "classification", "num_labels": 2,
+                  "label_names": ["negative", "positive"]},
+        "data": {"table": table, "eval_split": ""},
+        "train": {"batch_size": 8, "max_steps": 2, "logging_steps": 1, "learning_rate": 1e-4},
+        "checkpoint": {"strategy": "no"},
+        "mlflow": {"tracking_uri": uri, "experiment": "model-tests", "system_metrics": False},
+        "distributor": {"num_processes": 1, "local_mode": True, "max_restarts": 0},
+    }
+    result = run_training(cfg, spark)
+    registered = register_model(result["run_id"], name, tracker=tracker, alias="champion")
+    return TrainedModel(uri, result["run_id"], result["model_uri"], registered.alias_uri or "", table)

@@ -1,18 +1,24 @@
-"""Register: a real MLflow store, models logged the way training logs them (transformers
-flavor) and as sparktune's pyfunc; aliases, lineage tags, promote-if-better, load by alias."""
+"""Register: a real MLflow store reached only through a Tracker, models logged the way training
+logs them (sparktune.train.modelio.log_model); aliases, lineage tags, promote-if-better, NaN
+holders, load by alias."""
 
+import math
 
 import pandas as pd
 import pytest
+from evalkit import build_classifier
 
-from evalkit import build_classifier, mlflow_store
 from sparktune.errors import SparktuneError
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    with mlflow_store(tmp_path_factory.mktemp("mlflow_reg"), "registry-test") as uri:
-        yield uri
+def tracker(tmp_path_factory):
+    from sparktune.tracking import Tracker
+
+    base = tmp_path_factory.mktemp("mlflow_reg")
+    tracker = Tracker(f"sqlite:///{base}/mlflow.db", "registry-test")
+    tracker.experiment_id()
+    return tracker
 
 
 @pytest.fixture(scope="module")
@@ -20,80 +26,84 @@ def hf_dir(tmp_path_factory, minilm_path):
     return build_classifier(minilm_path, str(tmp_path_factory.mktemp("clf")))
 
 
-def _training_run(hf_dir, f1, flavor, tmp_path):
-    """A run shaped like `sparktune train`'s: params with data versions, a Delta input, a model."""
-    import mlflow
+def _training_run(tracker, hf_dir, f1, tmp_path):
+    """A run shaped like `sparktune train`'s: params with data versions, test/f1, the model."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    with mlflow.start_run() as run:
-        mlflow.log_params({"data.train_table": "/data/imdb_tokens", "data.train_table_version": "7", "lr": "5e-5"})
-        mlflow.log_metric("test_f1", f1)
-        if flavor == "transformers":
-            from sparktune.train.modelio import log_model
+    from sparktune.train.modelio import log_model
 
-            model = AutoModelForSequenceClassification.from_pretrained(hf_dir)
-            uri = log_model(model, AutoTokenizer.from_pretrained(hf_dir), task="classification",
-                            save_dir=str(tmp_path / f"save_{run.info.run_id}"))
-        else:
-            from sparktune.pyfunc_model import log_pyfunc_model
-
-            uri = log_pyfunc_model(hf_dir)
-    return run.info.run_id, uri
+    run_id = tracker.start_run("train")
+    tracker.log_params(run_id, {"data.train_table": "/data/imdb_tokens", "data.train_table_version": "7",
+                                "lr": "5e-5"})
+    tracker.log_metrics(run_id, {"test/f1": f1})
+    model = AutoModelForSequenceClassification.from_pretrained(hf_dir)
+    uri = log_model(model, AutoTokenizer.from_pretrained(hf_dir), task="classification",
+                    save_dir=str(tmp_path / f"save_{run_id}"), tracker=tracker, run_id=run_id,
+                    label_names=["neg", "pos"], max_length=128)
+    tracker.end_run(run_id)
+    return run_id, uri
 
 
-def test_register_alias_promote_and_load(store, hf_dir, tmp_path):
+def test_register_alias_promote_nan_holder_and_load(tracker, hf_dir, tmp_path):
     import mlflow
     import numpy as np
-    from mlflow.tracking import MlflowClient
 
-    from sparktune.inference import resolve_model
+    from sparktune.model.resolve import resolve_model
     from sparktune.registry import register_model
-    from sparktune.serve import prepare_serving_model
 
-    client = MlflowClient()
-    run1, _ = _training_run(hf_dir, 0.60, "transformers", tmp_path)
-    first = register_model(run1, "imdb-clf", alias="champion", promote_if_better="test_f1")
-    assert first["promoted"] and first["version"] == "1"
+    global_uri = mlflow.get_tracking_uri()
+    client = tracker.client
+    run1, uri1 = _training_run(tracker, hf_dir, 0.60, tmp_path)
+    first = register_model(run1, "imdb-clf", tracker=tracker, alias="champion", promote_if_better="test/f1")
+    assert first.promoted and first.version == "1" and first.source_model_uri == uri1
     v1 = client.get_model_version("imdb-clf", "1")
-    assert v1.tags["metric.test_f1"] == "0.6"
+    # The logged artifact itself, not a converted copy.
+    assert v1.tags["sparktune.model_uri"] == uri1
+    assert v1.source == client.get_logged_model(uri1.split("/")[-1]).artifact_location
+    assert v1.tags["metric.test/f1"] == "0.6"
     assert v1.tags["data.data.train_table_version"] == "7"
     assert v1.tags["sparktune.run_id"] == run1
 
-    run2, _ = _training_run(hf_dir, 0.50, "pyfunc", tmp_path)
-    worse = register_model(run2, "imdb-clf", alias="champion", promote_if_better="test_f1")
-    assert worse["version"] == "2" and not worse["promoted"]
+    run2, _ = _training_run(tracker, hf_dir, 0.50, tmp_path)
+    worse = register_model(run2, "imdb-clf", tracker=tracker, alias="champion", promote_if_better="test/f1")
+    assert worse.version == "2" and not worse.promoted and worse.alias_uri is None
     assert str(client.get_model_version_by_alias("imdb-clf", "champion").version) == "1"
     assert client.get_model_version("imdb-clf", "2").tags["sparktune.promoted"] == "false"
 
-    run3, _ = _training_run(hf_dir, 0.70, "pyfunc", tmp_path)
-    better = register_model(run3, "imdb-clf", alias="champion", promote_if_better="test_f1")
-    assert better["promoted"] and better["previous_version"] == "1"
-    assert str(client.get_model_version_by_alias("imdb-clf", "champion").version) == "3"
+    # A NaN on the alias holder (a diverged evaluation) must not block every later promotion.
+    client.log_metric(run1, "test/f1", float("nan"))
+    assert math.isnan(client.get_run(run1).data.metrics["test/f1"])
+    again = register_model(run2, "imdb-clf", tracker=tracker, alias="champion", promote_if_better="test/f1")
+    assert again.promoted and again.previous_version == "1" and "non-finite" in again.reason
+    assert str(client.get_model_version_by_alias("imdb-clf", "champion").version) == again.version
 
-    # Load by alias: MLflow's loader, and sparktune's resolver (what evaluate and serve use).
-    loaded = mlflow.pyfunc.load_model("models:/imdb-clf@champion")
-    out = loaded.predict(pd.DataFrame({"text": ["A wonderful film", "Awful."]}))
+    # Sparktune never moved MLflow's global tracking URI.
+    assert mlflow.get_tracking_uri() == global_uri
+
+    resolved = resolve_model("models:/imdb-clf@champion", tracker, download_dir=str(tmp_path / "dl"))
+    assert (resolved.run_id, resolved.model_version, resolved.registered_name) == (run2, again.version, "imdb-clf")
+    # Pinned to the version's storage: the alias may move while executors load the model.
+    assert resolved.fetch_uri == client.get_model_version_download_uri("imdb-clf", again.version)
+    assert resolved.labels == ["neg", "pos"] and resolved.max_length == 128
+    out = mlflow.pyfunc.load_model(resolved.local_dir).predict(pd.DataFrame({"text": ["A wonderful film", "Awful."]}))
     assert list(out.columns) == ["label", "prediction", "probabilities"]
+    assert set(out["label"]) <= {"neg", "pos"}
     np.testing.assert_allclose([sum(p) for p in out["probabilities"]], 1.0, rtol=1e-6)
-    resolved = resolve_model("models:/imdb-clf@champion", download_dir=str(tmp_path / "dl"))
-    assert (resolved.run_id, resolved.model_version, resolved.flavor) == (run3, "3", "sparktune-pyfunc")
-
-    # The transformers-flavor version serves all class probabilities once converted.
-    v1_dir = prepare_serving_model("models:/imdb-clf/1", str(tmp_path / "serve_v1"))
-    v1_out = mlflow.pyfunc.load_model(v1_dir).predict(pd.DataFrame({"text": ["A wonderful film"]}))
-    np.testing.assert_allclose(v1_out["probabilities"][0], out["probabilities"][0], atol=1e-5)
 
 
-def test_register_explains_bad_input(store, hf_dir, tmp_path):
-    import mlflow
-
+def test_register_explains_bad_input(tracker):
+    from sparktune.cli import main
     from sparktune.registry import register_model
 
     with pytest.raises(SparktuneError, match="no such run"):
-        register_model("0" * 32, "imdb-clf")
-    with mlflow.start_run() as empty:
-        mlflow.log_metric("test_f1", 0.9)
+        register_model("0" * 32, "imdb-clf", tracker=tracker)
+    empty = tracker.start_run("no model")
+    tracker.log_metrics(empty, {"test/f1": 0.9})
     with pytest.raises(SparktuneError, match="no logged model"):
-        register_model(empty.info.run_id, "imdb-clf")
+        register_model(empty, "imdb-clf", tracker=tracker)
     with pytest.raises(SparktuneError, match="has no such metric"):
-        register_model(empty.info.run_id, "imdb-clf", promote_if_better="test_accuracy")
+        register_model(empty, "imdb-clf", tracker=tracker, promote_if_better="test/accuracy")
+    tracker.client.log_metric(empty, "test/loss", float("nan"))
+    with pytest.raises(SparktuneError, match="not a number to compare"):
+        register_model(empty, "imdb-clf", tracker=tracker, promote_if_better="test/loss")
+    assert main(["register", "--run-id", "0" * 32, "--name", "x", "--tracking-uri", tracker.tracking_uri]) == 2

@@ -1,4 +1,6 @@
-"""Serve: the real `sparktune serve` process on a free loopback port, real HTTP requests."""
+"""Serve: the model exactly as a real `sparktune train` run logged it and `sparktune register`
+registered it, behind the real `sparktune serve` process on a free loopback port, over real
+HTTP; `mlflow models serve` on the exported folder answers the same."""
 
 import json
 import os
@@ -9,10 +11,13 @@ import time
 
 import pytest
 import requests
-
-from evalkit import build_classifier
+from evalkit import train_tiny_classifier
 
 MAX_BODY_MB = 1
+MAX_ROWS = 200
+REQUEST_TIMEOUT = 2
+BODY_TIMEOUT = 2
+TEXTS = ["What a wonderful, moving film.", "Dull, predictable and far too long."]
 
 
 def _free_port() -> int:
@@ -22,39 +27,27 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, minilm_path):
-    from sparktune.pyfunc_model import save_pyfunc_model
-
-    base = tmp_path_factory.mktemp("serve")
-    hf = build_classifier(minilm_path, str(base / "hf"))
-    return save_pyfunc_model(hf, str(base / "mlflow_model"))
+def trained(spark, tmp_path_factory, minilm_path):
+    return train_tiny_classifier(spark, tmp_path_factory.mktemp("serve_train"), minilm_path)
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
-    env = dict(os.environ, SPARKTUNE_TORCH_THREADS="1")
+def _start(cmd, log_path, env, url, what):
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sparktune.cli", "serve", "--model", model_dir, "--port", str(port),
-             "--max-body-mb", str(MAX_BODY_MB)],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    started = time.monotonic()
+    while time.monotonic() - started < 240:
         if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
             if requests.get(url + "/ping", timeout=2).status_code == 200:
-                break
+                return proc, time.monotonic() - started
         except requests.ConnectionError:
             time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not answer /ping in 180 s:\n{log_path.read_text()[-3000:]}")
-    yield url
+    proc.kill()
+    pytest.fail(f"{what} did not answer /ping in 240 s:\n{log_path.read_text()[-3000:]}")
+
+
+def _stop(proc):
     proc.terminate()
     try:
         proc.wait(timeout=20)
@@ -63,13 +56,27 @@ def server(model_dir, tmp_path_factory):
         proc.wait()
 
 
-def _post(url, body, content_type="application/json"):
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
+    env = dict(os.environ, SPARKTUNE_TORCH_THREADS="1")
+    cmd = [sys.executable, "-m", "sparktune.cli", "serve", "--model", trained.registered_uri, "--tracking-uri",
+           trained.tracking_uri, "--port", str(port), "--max-body-mb", str(MAX_BODY_MB), "--max-rows", str(MAX_ROWS),
+           "--request-timeout", str(REQUEST_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT)]
+    proc, _ = _start(cmd, log_path, env, url, "sparktune serve")
+    yield url, proc.pid
+    _stop(proc)
+
+
+def _post(url, body, content_type="application/json", timeout=60):
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return requests.post(url + "/invocations", data=data, headers={"Content-Type": content_type}, timeout=60)
+    return requests.post(url + "/invocations", data=data, headers={"Content-Type": content_type}, timeout=timeout)
 
 
 def _assert_serves(url, expected=None):
-    r = _post(url, {"inputs": ["What a wonderful, moving film."]})
+    r = _post(url, {"inputs": [TEXTS[0]]})
     assert r.status_code == 200, r.text
     pred = r.json()["predictions"][0]
     if expected is not None:
@@ -77,23 +84,31 @@ def _assert_serves(url, expected=None):
     return pred
 
 
-def test_routes_and_formats(server, model_dir):
+def test_serves_the_registered_artifact_with_every_probability(server, trained):
     import mlflow
     import numpy as np
     import pandas as pd
 
-    assert requests.get(server + "/ping", timeout=5).status_code == 200
-    assert requests.get(server + "/health", timeout=5).status_code == 200
-    texts = ["What a wonderful, moving film.", "Dull, predictable and far too long."]
-    local = mlflow.pyfunc.load_model(model_dir).predict(pd.DataFrame({"text": texts}))
+    url, _ = server
+    assert requests.get(url + "/ping", timeout=5).status_code == 200
+    assert requests.get(url + "/health", timeout=5).status_code == 200
+    # The registered version is the logged model itself, not a copy converted on the way.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(trained.tracking_uri)
+    version = client.get_model_version_by_alias("imdb-clf", "champion")
+    logged = client.get_logged_model(trained.model_uri.split("/")[-1])
+    assert version.source == logged.artifact_location and version.run_id == trained.run_id
+    mlflow.set_tracking_uri(trained.tracking_uri)
+    local = mlflow.pyfunc.load_model(trained.registered_uri).predict(pd.DataFrame({"text": TEXTS}))
     payloads = [
-        {"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}},
-        {"dataframe_records": [{"text": t} for t in texts]},
-        {"inputs": texts},
-        {"inputs": {"text": texts}},
+        {"dataframe_split": {"columns": ["text"], "data": [[t] for t in TEXTS]}},
+        {"dataframe_records": [{"text": t} for t in TEXTS]},
+        {"inputs": TEXTS},
+        {"inputs": {"text": TEXTS}},
     ]
     for payload in payloads:
-        r = _post(server, payload)
+        r = _post(url, payload)
         assert r.status_code == 200, (payload, r.text)
         preds = r.json()["predictions"]
         assert len(preds) == 2
@@ -104,56 +119,131 @@ def test_routes_and_formats(server, model_dir):
             np.testing.assert_allclose(pred["probabilities"], row["probabilities"], atol=1e-6)
 
 
+PRIVATE = "my private review 8812731"
+
+
 @pytest.mark.parametrize(
     "body, content_type, status, says",
     [
-        (b"this is not json", "application/json", 400, "valid JSON"),
-        ({"reviews": ["good"]}, "application/json", 400, "exactly one of the input fields"),
+        (b"this is not json " + PRIVATE.encode(), "application/json", 400, "valid JSON"),
+        (b'{"inputs": ["' + PRIVATE.encode() + b'"', "application/json", 400, "valid JSON"),
+        ({"reviews": [PRIVATE]}, "application/json", 400, "exactly one of the input fields"),
         ({"dataframe_records": []}, "application/json", 400, "missing inputs ['text']"),
         ({"inputs": []}, "application/json", 400, "no rows to score"),
-        ({"dataframe_records": [{"review": "good"}]}, "application/json", 400, "missing inputs ['text']"),
-        ({"inputs": [5, 6]}, "application/json", 400, "expected the review text as a string, found int"),
+        ({"dataframe_records": [{"review": PRIVATE}]}, "application/json", 400, "missing inputs ['text']"),
+        ({"inputs": [5, 6]}, "application/json", 400, "expected the text as a string, found int"),
         ({"dataframe_split": {"columns": ["text"], "data": [[1.5]]}}, "application/json", 400, "found float"),
         ({"dataframe_records": [{"text": None}]}, "application/json", 400, "found NoneType"),
-        ([1, 2], "application/json", 400, "Received a list"),
+        ([PRIVATE, 2], "application/json", 400, "Received a list"),
         (b"hello", "text/plain", 415, "only supports"),
-        (b'{"inputs": ["' + b"a" * (MAX_BODY_MB * 1024 * 1024 + 10) + b'"]}', "application/json", 413, "over this server's limit"),
+        ({"inputs": ["good"] * (MAX_ROWS + 1)}, "application/json", 413, f"limit of {MAX_ROWS} rows"),
+        (b'{"inputs": ["' + b"a" * (MAX_BODY_MB * 1024 * 1024 + 10) + b'"]}', "application/json", 413,
+         "over this server's limit"),
     ],
-    ids=["not-json", "wrong-field", "empty-records", "empty-inputs", "wrong-column", "ints", "float",
-         "null", "top-level-list", "wrong-content-type", "huge-body"],
+    ids=["not-json", "truncated-json", "wrong-field", "empty-records", "empty-inputs", "wrong-column", "ints",
+         "float", "null", "top-level-list", "wrong-content-type", "too-many-rows", "huge-body"],
 )
-def test_malformed_payloads_get_4xx_and_server_survives(server, body, content_type, status, says):
-    before = _assert_serves(server)
-    r = _post(server, body, content_type)
+def test_malformed_payloads_get_clean_4xx_and_server_survives(server, body, content_type, status, says):
+    url, _ = server
+    before = _assert_serves(url)
+    r = _post(url, body, content_type)
     assert r.status_code == status, r.text[:500]
     assert says in r.text
-    _assert_serves(server, expected=before)
+    # No stack trace, and nothing of the request echoed back (MLflow's app does both).
+    assert "Traceback" not in r.text and "stack_trace" not in r.text and 'File "' not in r.text
+    assert PRIVATE not in r.text and "this is not json" not in r.text
+    _assert_serves(url, expected=before)
 
 
 def test_huge_chunked_body_is_refused(server):
+    url, _ = server
+
     def chunks():
         yield b'{"inputs": ["'
         for _ in range(MAX_BODY_MB * 4):
             yield b"a" * (256 * 1024)
         yield b'"]}'
 
-    r = requests.post(server + "/invocations", data=chunks(), headers={"Content-Type": "application/json"}, timeout=60)
+    r = requests.post(url + "/invocations", data=chunks(), headers={"Content-Type": "application/json"}, timeout=60)
     assert r.status_code == 413
-    _assert_serves(server)
+    _assert_serves(url)
 
 
-def test_export_model_has_what_serving_platforms_need(model_dir, tmp_path):
+def test_stalled_upload_gets_408_and_cannot_hold_the_server(server):
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=BODY_TIMEOUT + 10) as sock:
+        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"inputs\": [\"slow")
+        started = time.monotonic()
+        answer = sock.recv(4096).decode(errors="replace")  # then the client sends nothing more
+        waited = time.monotonic() - started
+    assert answer.startswith("HTTP/1.1 408"), answer[:200]
+    assert BODY_TIMEOUT - 0.5 < waited < BODY_TIMEOUT + 5
+    assert "slow" not in answer.split("\r\n\r\n", 1)[1]
+    _assert_serves(url)
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_request_past_its_time_limit_gets_504_and_its_work_stops(server):
+    url, pid = server
+    long_text = " ".join(["The film was a long, slow meditation on memory and loss, beautifully shot."] * 10)
+    started = time.monotonic()
+    r = _post(url, {"inputs": [long_text] * MAX_ROWS}, timeout=120)  # ~minutes of work on one thread
+    assert r.status_code == 504, r.text[:300]
+    assert "stopped" in r.json()["message"]
+    assert time.monotonic() - started < REQUEST_TIMEOUT + 5
+    time.sleep(1.5)  # the layer running at the deadline finishes
+    cpu_before = _cpu_seconds(pid)
+    time.sleep(2.0)
+    busy = _cpu_seconds(pid) - cpu_before
+    assert busy < 0.5, f"the server kept computing the abandoned request: {busy:.2f} CPU s in 2 s"
+    _assert_serves(url)
+
+
+def test_mlflow_models_serve_on_the_export_answers_the_same(server, trained, tmp_path):
+    """The exported folder is the registered artifact; MLflow's own server, in an environment
+    where sparktune cannot be imported, gives the same answers as `sparktune serve`."""
     import yaml
 
     from sparktune.errors import SparktuneError
     from sparktune.serve import export_model
+    from sparktune.tracking import Tracker
 
-    out = export_model(model_dir, str(tmp_path / "export"))
-    mlmodel = yaml.safe_load(open(os.path.join(out, "MLmodel")))
-    assert "python_function" in mlmodel["flavors"]
-    assert "text" in mlmodel["signature"]["inputs"] and "probabilities" in mlmodel["signature"]["outputs"]
-    reqs = open(os.path.join(out, "requirements.txt")).read()
-    assert "mlflow==" in reqs and "torch==" in reqs and "transformers==" in reqs
-    assert os.path.exists(os.path.join(out, "serving_input_example.json"))
+    url, _ = server
+    out = str(tmp_path / "export")
+    export_model(trained.registered_uri, out, Tracker(trained.tracking_uri))
+    with open(os.path.join(out, "MLmodel")) as handle:
+        mlmodel = yaml.safe_load(handle)
+    assert mlmodel["model_id"] == trained.model_uri.split("/")[-1]
+    assert mlmodel["metadata"]["task"] == "classification"
+    assert mlmodel["metadata"]["labels"] == ["negative", "positive"]
+    assert "probabilities" in mlmodel["signature"]["outputs"]
+    with open(os.path.join(out, "requirements.txt")) as handle:
+        reqs = handle.read()
+    assert "mlflow==" in reqs and "torch==" in reqs and "transformers==" in reqs and "+cu" not in reqs
+    assert os.path.exists(os.path.join(out, "code", "sparktune_hf.py"))
     with pytest.raises(SparktuneError, match="not empty"):
-        export_model(model_dir, out)
+        export_model(out, out)
+
+    blocker = tmp_path / "no_sparktune" / "sparktune"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('sparktune must not be needed to serve the model')\n")
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(blocker.parent), SPARKTUNE_TORCH_THREADS="1")
+    proc, startup = _start([sys.executable, "-m", "mlflow", "models", "serve", "-m", out, "--env-manager", "local",
+                            "--host", "127.0.0.1", "-p", str(port)], tmp_path / "mlflow_serve.log", env,
+                           f"http://127.0.0.1:{port}", "mlflow models serve")
+    try:
+        theirs = _post(f"http://127.0.0.1:{port}", {"inputs": TEXTS})
+        ours = _post(url, {"inputs": TEXTS})
+        assert theirs.status_code == ours.status_code == 200, theirs.text[:300]
+        assert theirs.json() == ours.json()
+    finally:
+        _stop(proc)
+    print(f"mlflow models serve answered /ping after {startup:.1f} s")

@@ -1,41 +1,15 @@
-"""Saving the trained model and logging it to MLflow with the transformers flavor.
+"""Saving the trained model and logging it to MLflow as sparktune's one model artifact.
 
-``log_model`` is the one place a trained model becomes an MLflow model; evaluate, register and
-serve load what it returns (``models:/<model id>``) with ``mlflow.pyfunc.load_model`` or
-``mlflow.transformers.load_model``.
+``log_model`` is the one place a trained model becomes an MLflow model: the sparktune pyfunc
+(``sparktune.model.pyfunc``) that ``sparktune register`` registers, ``sparktune serve`` serves,
+``sparktune export-model`` copies and ``sparktune evaluate`` / ``predict`` score in Spark.
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["log_model", "save_model", "PIPELINE_TASKS", "default_input_example"]
-
-# sparktune task -> transformers pipeline task (what the pyfunc flavor calls at predict time).
-PIPELINE_TASKS = {"classification": "text-classification", "causal-lm": "text-generation"}
-
-
-def default_input_example(task: str):
-    if task == "classification":
-        return ["A wonderful, moving film with a great cast.", "Dull and far too long."]
-    return ["Once upon a time"]
-
-
-def _pip_requirements() -> list:
-    """Pinned requirements of the serving environment.
-
-    Given explicitly because MLflow's default list adds torchvision (absent here, unused by
-    text models) and its inference step reloads the model in a subprocess, which is slow.
-    """
-    from importlib.metadata import PackageNotFoundError, version
-
-    reqs = []
-    for package in ("transformers", "torch", "accelerate", "tokenizers", "safetensors"):
-        try:
-            reqs.append(f"{package}=={version(package)}")
-        except PackageNotFoundError:
-            continue
-    return reqs
+__all__ = ["log_model", "save_model"]
 
 
 def save_model(model, tokenizer, save_dir: str) -> str:
@@ -46,29 +20,24 @@ def save_model(model, tokenizer, save_dir: str) -> str:
     return save_dir
 
 
-def log_model(model, tokenizer, *, task: str, save_dir: str, name: str = "model",
-              input_example=None, registered_model_name: str | None = None) -> str:
-    """Save ``model`` + ``tokenizer`` to ``save_dir`` and log them to the active MLflow run.
+def log_model(model, tokenizer, *, task, save_dir: str, tracker=None, run_id: str | None = None,
+              label_names=None, max_length: int | None = None) -> str:
+    """Save ``model`` + ``tokenizer`` to ``save_dir`` and log the sparktune pyfunc around them.
 
-    ``task`` is sparktune's (``classification`` or ``causal-lm``). The input example (a list of
-    strings; a default per task when None) gives the model its signature. Returns the model
-    URI (``models:/m-...``) that ``mlflow.pyfunc.load_model`` accepts.
+    ``task`` is a ``sparktune.tasks.Task`` (or its spelling). With ``tracker`` and ``run_id``
+    the model goes into that run (``tracker.active``); else into MLflow's active run.
+    ``label_names`` (class names in class-id order) are written into the model's ``id2label``
+    so every reader agrees; ``max_length`` is the length training used, the bound inference
+    truncates to. Returns the model URI (``models:/m-...``).
     """
-    import mlflow
+    from sparktune.model import artifact
+    from sparktune.tasks import Task
 
-    if task not in PIPELINE_TASKS:
-        raise ValueError(f"task must be one of {sorted(PIPELINE_TASKS)}, got {task!r}")
+    task = Task.parse(task, "model.task")
+    if label_names and task is Task.CLASSIFICATION:
+        names = [str(x) for x in label_names]
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {name: i for i, name in enumerate(names)}
     save_model(model, tokenizer, save_dir)
-    example = input_example if input_example is not None else default_input_example(task)
-    info = mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tokenizer},
-        name=name,
-        task=PIPELINE_TASKS[task],
-        input_example=example,
-        registered_model_name=registered_model_name,
-        pip_requirements=_pip_requirements(),
-        # Bounded generation keeps the signature check (and serving defaults) inside small
-        # models' context windows.
-        model_config={"max_new_tokens": 16} if task == "causal-lm" else None,
-    )
-    return info.model_uri
+    return artifact.log_model(save_dir, task, tracker=tracker, run_id=run_id, label_names=label_names,
+                              max_length=max_length)

@@ -1,0 +1,364 @@
+"""``sparktune evaluate`` and ``sparktune predict``: batch inference in Spark, metrics, MLflow, Delta.
+
+``evaluate_model`` scores a labelled split and returns an ``EvaluateResult``; metrics are
+aggregated in Spark (a confusion matrix, an exact ROC AUC by score groups, loss sums), so no
+row reaches the driver. ``predict_table`` scores unlabelled text and writes a predictions table
+(``PredictResult``). Both load the model on the executors from its MLflow URI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from sparktune.errors import SparktuneError
+from sparktune.evaluate.metrics import (
+    class_names,
+    compute_lm_metrics,
+    confusion_matrix_png,
+    format_metrics,
+    metrics_from_confusion,
+)
+from sparktune.results import StageResult
+from sparktune.tasks import TOKENIZED, Task
+from sparktune.tracking import metric_key
+
+__all__ = [
+    "PREDICTIONS_COLUMNS",
+    "PREDICT_COLUMNS",
+    "EvaluateResult",
+    "PredictResult",
+    "add_cli",
+    "evaluate_model",
+    "log_evaluation",
+    "predict_table",
+]
+
+PREDICTIONS_COLUMNS = ["row_id", "label", "prediction", "predicted_label", "probabilities", "model_uri",
+                       "model_version"]
+"""Columns of the table ``evaluate --predictions`` writes (classifiers)."""
+PREDICT_COLUMNS = ["row_id", "text_sha256", "prediction", "predicted_label", "probabilities", "model_uri",
+                   "model_version"]
+"""Columns of the table ``sparktune predict`` writes for a classifier (``row_id`` null when the input has none)."""
+
+
+@dataclass
+class EvaluateResult(StageResult):
+    """What ``sparktune evaluate`` measured, on which rows, with which model."""
+
+    model_uri: str
+    model_version: str
+    task: Task
+    table: str
+    table_version: int
+    split: str | None
+    rows: int
+    """Rows scored (a field, never an MLflow metric)."""
+    metrics: dict = field(default_factory=dict)
+    """accuracy, precision, recall, f1 (macro), roc_auc; or eval_loss, perplexity."""
+    per_class: dict = field(default_factory=dict)
+    labels: list = field(default_factory=list)
+    confusion_matrix: list = field(default_factory=list)
+    n_tokens: int = 0
+    limit: int | None = None
+    predictions_table: str | None = None
+    predictions_version: int | None = None
+    run_id: str | None = None
+
+    def summary(self) -> str:
+        lines = [f"model  {self.model_uri}" + (f" (version {self.model_version})" if self.model_version else ""),
+                 f"table  {self.table} (version {self.table_version}, split {self.split or 'all rows'})",
+                 format_metrics(self.metrics, self.per_class, self.labels, self.confusion_matrix, self.rows,
+                                self.n_tokens)]
+        if self.predictions_table:
+            lines.append(f"\npredictions written to {self.predictions_table} (version {self.predictions_version})")
+        if self.run_id:
+            lines.append(f"logged to MLflow run {self.run_id}")
+        return "\n".join(lines)
+
+
+@dataclass
+class PredictResult(StageResult):
+    model_uri: str
+    model_version: str
+    task: Task
+    table: str
+    table_version: int
+    output: str
+    output_version: int
+    rows: int
+
+    def summary(self) -> str:
+        return (f"scored {self.rows} rows of {self.table} (version {self.table_version}) with {self.model_uri}\n"
+                f"predictions written to {self.output} (version {self.output_version})")
+
+
+def _select_rows(df, table: str, split: str | None, limit: int | None, labelled: bool):
+    from pyspark.sql import functions as F
+
+    if split:
+        if TOKENIZED.split not in df.columns:
+            raise SparktuneError(f"--split {split}: table {table} has no `split` column (columns: {df.columns}); "
+                                 "pass --split '' to score every row")
+        found = sorted(r[0] for r in df.select(TOKENIZED.split).distinct().collect() if r[0] is not None)
+        if split not in found:
+            raise SparktuneError(f"--split {split}: table {table} has splits {found}; pick one of them")
+        df = df.where(F.col(TOKENIZED.split) == split)
+    if labelled:
+        if TOKENIZED.label not in df.columns:
+            raise SparktuneError(f"table {table} has no `label` column (columns: {df.columns}); "
+                                 "a classifier is scored against labels")
+        df = df.where(F.col(TOKENIZED.label) >= 0)  # -1 marks unlabelled rows
+    if limit:
+        # Ordered, so two evaluations with the same --limit score the same rows (promote-if-better
+        # compares models on them).
+        if TOKENIZED.row_id not in df.columns:
+            raise SparktuneError(f"--limit needs a `row_id` column to pick the same rows every time; table {table} "
+                                 f"has {df.columns}")
+        df = df.orderBy(TOKENIZED.row_id).limit(int(limit))
+    return df
+
+
+def _roc_auc(scored) -> float | None:
+    """Exact ROC AUC of the positive class (id 1) in Spark: positives count the negatives scored
+    below them, ties count half (scikit-learn's value)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    groups = scored.select(F.col("label"), F.element_at("probabilities", 2).alias("p")).groupBy("p").agg(
+        F.sum((F.col("label") == 1).cast("long")).alias("pos"), F.sum((F.col("label") == 0).cast("long")).alias("neg"))
+    below = Window.orderBy("p").rowsBetween(Window.unboundedPreceding, -1)
+    ranked = groups.withColumn("neg_below", F.coalesce(F.sum("neg").over(below), F.lit(0)))
+    row = ranked.agg(F.sum(F.col("pos") * (F.col("neg_below") + F.col("neg") * 0.5)), F.sum("pos"),
+                     F.sum("neg")).first()
+    wins, pos, neg = row[0], row[1], row[2]
+    if not pos or not neg:
+        return None
+    return float(wins) / (float(pos) * float(neg))
+
+
+def _confusion(scored, n_classes: int) -> list[list[int]]:
+    cells = scored.groupBy("label", "prediction").count().collect()  # at most classes^2 rows
+    n = max([n_classes] + [max(int(r["label"]), int(r["prediction"])) + 1 for r in cells])
+    matrix = [[0] * n for _ in range(n)]
+    for r in cells:
+        matrix[int(r["label"])][int(r["prediction"])] = int(r["count"])
+    return matrix
+
+
+def log_evaluation(tracker, run_id: str, result: EvaluateResult) -> None:
+    """Metrics as ``<split>/<name>`` (per class ``<split>/<name>/<class>``); table, version and
+    row count as tags; the full report and the confusion matrix as artifacts."""
+    prefix = result.split or "eval"
+    metrics = {metric_key(prefix, k): v for k, v in result.metrics.items()}
+    for name, row in result.per_class.items():
+        for key in ("precision", "recall", "f1"):
+            metrics[metric_key(prefix, f"{key}/{name}")] = row[key]
+    tracker.log_metrics(run_id, metrics)
+    tracker.set_tags(run_id, {
+        f"sparktune.{prefix}.table": result.table,
+        f"sparktune.{prefix}.table_version": result.table_version,
+        f"sparktune.{prefix}.rows": result.rows,
+        f"sparktune.{prefix}.limit": result.limit or "",
+        f"sparktune.{prefix}.model_uri": result.model_uri,
+    })
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, f"{prefix}_metrics.json")
+        with open(report, "w", encoding="utf-8") as handle:
+            json.dump(result.to_dict(), handle, indent=2)
+        tracker.log_artifact(run_id, report, "evaluation")
+        if result.confusion_matrix:
+            png = confusion_matrix_png(result.confusion_matrix, result.labels,
+                                       os.path.join(tmp, f"{prefix}_confusion_matrix.png"),
+                                       title=f"{prefix}: confusion matrix")
+            tracker.log_artifact(run_id, png, "evaluation")
+
+
+def _evaluation_run(tracker, resolved, table: str) -> str:
+    tags = {"sparktune.stage": "evaluate", "sparktune.model_uri": resolved.uri, "sparktune.table": table}
+    experiment = None
+    if resolved.run_id and tracker.run_exists(resolved.run_id):
+        tags["sparktune.source_run_id"] = resolved.run_id
+        experiment = tracker.client.get_experiment(tracker.get_run(resolved.run_id).info.experiment_id).name
+    if resolved.model_version:
+        tags["sparktune.model_version"] = resolved.model_version
+    return tracker.start_run(f"evaluate {os.path.basename(resolved.uri.rstrip('/'))}", tags, experiment=experiment)
+
+
+def evaluate_model(spark, model, table: str, *, tracker=None, split: str | None = "test",
+                   predictions_table: str | None = None, batch_size: int = 32, log_to_mlflow: bool = True,
+                   run_id: str | None = None, limit: int | None = None) -> EvaluateResult:
+    """Score ``model`` (a URI, folder or ``ResolvedModel``) on ``table``'s ``split`` rows in Spark.
+
+    Metrics go to ``run_id`` when given, else to the training run of a ``runs:/`` URI, else to a
+    new run linked to the model's run.
+    """
+    from pyspark.sql import functions as F
+
+    from sparktune.inference import input_column, score_spark
+    from sparktune.model.resolve import ResolvedModel, resolve_model
+    from sparktune.tables import read_table, table_version, write_table
+    from sparktune.tracking import Tracker
+
+    tracker = tracker or Tracker()
+    resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, tracker)
+    df = read_table(spark, table, what="evaluation table")
+    source_version = table_version(spark, table)
+    is_classifier = resolved.task is Task.CLASSIFICATION
+    df = _select_rows(df, table, split, limit, labelled=is_classifier)
+    scored = score_spark(df, resolved, tracker, input_column(df), batch_size=batch_size)
+    base = {"model_uri": resolved.uri, "model_version": resolved.version_label, "task": resolved.task,
+            "table": table, "table_version": source_version, "split": split or None, "limit": limit}
+    if is_classifier:
+        if predictions_table and TOKENIZED.row_id not in df.columns:
+            raise SparktuneError(f"--predictions needs a `row_id` column to identify rows; table {table} has "
+                                 f"{df.columns}")
+        names = F.array(*[F.lit(n) for n in resolved.labels]) if resolved.labels else None
+        out = scored.select(
+            (F.col("row_id").cast("string") if "row_id" in df.columns else F.lit(None).cast("string")).alias("row_id"),
+            F.col("label").cast("int").alias("label"),
+            F.col("_out.prediction").alias("prediction"),
+            (F.element_at(names, F.col("_out.prediction") + 1) if names is not None
+             else F.col("_out.prediction").cast("string")).alias("predicted_label"),
+            F.col("_out.probabilities").alias("probabilities"),
+            F.lit(resolved.uri).alias("model_uri"),
+            F.lit(resolved.version_label).cast("string").alias("model_version"),
+        )
+        cached = None
+        if predictions_table:
+            # Write once, then read the table back: inference runs once and the metrics
+            # describe exactly the rows that were stored.
+            version = write_table(out, predictions_table, properties={
+                "sparktune.model_uri": resolved.uri, "sparktune.source_table": table,
+                "sparktune.source_version": source_version, "sparktune.split": split or ""},
+                user_metadata={"stage": "evaluate", "model_uri": resolved.uri, "source_table": table,
+                               "source_version": source_version})
+            base.update(predictions_table=predictions_table, predictions_version=version)
+            out = read_table(spark, predictions_table)
+        else:
+            cached = out = out.persist()  # scored once, aggregated twice
+        try:
+            confusion = _confusion(out, len(resolved.labels))
+            computed = metrics_from_confusion(confusion, resolved.labels)
+            auc = _roc_auc(out) if len(confusion) == 2 else None
+        finally:
+            if cached is not None:
+                cached.unpersist()
+        metrics = {k: computed[k] for k in ("accuracy", "precision", "recall", "f1")}
+        if auc is not None:
+            metrics["roc_auc"] = auc
+        result = EvaluateResult(rows=computed["n"], metrics=metrics, per_class=computed["per_class"],
+                                labels=class_names(len(confusion), resolved.labels), confusion_matrix=confusion,
+                                **base)
+    else:
+        row = scored.select(F.sum("_out.loss_sum").alias("loss"), F.sum("_out.n_predicted").alias("tokens"),
+                            F.count(F.lit(1)).alias("rows")).first()
+        lm = compute_lm_metrics(row["loss"] or 0.0, int(row["tokens"] or 0), int(row["rows"] or 0))
+        result = EvaluateResult(rows=lm["n"], n_tokens=lm["n_tokens"],
+                                metrics={"eval_loss": lm["eval_loss"], "perplexity": lm["perplexity"]}, **base)
+
+    if log_to_mlflow:
+        created = False
+        if run_id is None and resolved.uri.startswith("runs:/") and resolved.run_id:
+            run_id = resolved.run_id
+        if run_id is None:
+            run_id, created = _evaluation_run(tracker, resolved, table), True
+        log_evaluation(tracker, run_id, result)
+        if created:
+            tracker.end_run(run_id)
+        result.run_id = run_id
+    return result
+
+
+def _text_hash(column):
+    from pyspark.sql import functions as F
+
+    return F.sha2(F.coalesce(column.cast("string"), F.lit("")), 256)
+
+
+def predict_table(spark, model, table: str, output: str, *, tracker=None, text_column: str | None = None,
+                  batch_size: int = 32) -> PredictResult:
+    """Score every row of ``table`` (unlabelled text or a tokenized table) and write ``output``."""
+    from pyspark.sql import functions as F
+
+    from sparktune.inference import input_column, score_spark
+    from sparktune.model.resolve import ResolvedModel, resolve_model
+    from sparktune.tables import read_table, table_version, write_table
+    from sparktune.tracking import Tracker
+
+    tracker = tracker or Tracker()
+    resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, tracker)
+    df = read_table(spark, table, what="input table")
+    source_version = table_version(spark, table)
+    column = input_column(df, text_column)
+    scored = score_spark(df, resolved, tracker, column, batch_size=batch_size)
+    row_id = (F.col(TOKENIZED.row_id).cast("string") if TOKENIZED.row_id in df.columns
+              else F.lit(None).cast("string")).alias("row_id")
+    digest = _text_hash(F.col(column.name)) if column.is_text else F.lit(None).cast("string")
+    common = [row_id, digest.alias("text_sha256")]
+    tail = [F.lit(resolved.uri).alias("model_uri"), F.lit(resolved.version_label).cast("string").alias("model_version")]
+    if resolved.task is Task.CLASSIFICATION:
+        names = F.array(*[F.lit(n) for n in resolved.labels]) if resolved.labels else None
+        out = scored.select(*common, F.col("_out.prediction").alias("prediction"),
+                            (F.element_at(names, F.col("_out.prediction") + 1) if names is not None
+                             else F.col("_out.prediction").cast("string")).alias("predicted_label"),
+                            F.col("_out.probabilities").alias("probabilities"), *tail)
+    else:
+        out = scored.select(*common, (F.col("_out.loss_sum") / F.greatest(F.col("_out.n_predicted"), F.lit(1)))
+                            .alias("loss"), F.col("_out.n_predicted").alias("n_tokens"), *tail)
+    version = write_table(out, output, properties={
+        "sparktune.model_uri": resolved.uri, "sparktune.model_version": resolved.version_label,
+        "sparktune.source_table": table, "sparktune.source_version": source_version},
+        user_metadata={"stage": "predict", "model_uri": resolved.uri, "source_table": table,
+                       "source_version": source_version})
+    rows = read_table(spark, output).count()
+    return PredictResult(resolved.uri, resolved.version_label, resolved.task, table, source_version, output,
+                         version, rows)
+
+
+# CLI -------------------------------------------------------------------------------------------
+
+def _evaluate_cli(args, ctx) -> EvaluateResult:
+    return evaluate_model(ctx.spark(), args.model, args.table, tracker=ctx.tracker("sparktune-evaluate"),
+                          split=args.split or None, predictions_table=args.predictions, batch_size=args.batch_size,
+                          log_to_mlflow=not args.no_mlflow, run_id=args.run_id, limit=args.limit)
+
+
+def _predict_cli(args, ctx) -> PredictResult:
+    return predict_table(ctx.spark(), args.model, args.table, args.output, tracker=ctx.tracker(),
+                         text_column=args.text_column, batch_size=args.batch_size)
+
+
+_MODEL_HELP = "models:/<name>@<alias>, models:/<name>/<version>, models:/m-<id>, runs:/<run_id>/model or a folder"
+
+
+def add_cli(subparsers) -> None:
+    from sparktune.cli import stage_parser
+
+    p = stage_parser(subparsers, "evaluate",
+                     help="score a model on a Delta table: accuracy/P/R/F1 (or perplexity), MLflow, predictions table",
+                     description="Run the model over a tokenized (or raw `text`) Delta table in Spark and report "
+                                 "metrics.")
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
+    p.add_argument("--table", required=True, help="Delta table (path or name) with input_ids or text, and label")
+    p.add_argument("--split", default="test", help="value of the `split` column to score (default test; '' for all)")
+    p.add_argument("--predictions", metavar="TABLE", help="write a predictions Delta table here")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="score the first N rows by row_id (the same rows every time)")
+    p.add_argument("--run-id", default=None,
+                   help="MLflow run to log to (default: the training run of a runs:/ URI, else a new run)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=_evaluate_cli)
+
+    q = stage_parser(subparsers, "predict", help="score unlabelled text with a model and write a predictions table",
+                     description="Batch inference in Spark: every row of --table, predictions to --output.")
+    q.add_argument("--model", required=True, help=_MODEL_HELP)
+    q.add_argument("--table", required=True, help="Delta table (path or name) with a text column or input_ids")
+    q.add_argument("--output", required=True, help="Delta table (path or name) to write the predictions to")
+    q.add_argument("--text-column", default=None, help="column holding the text (default: input_ids, else text)")
+    q.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
+    q.set_defaults(func=_predict_cli)
+

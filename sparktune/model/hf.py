@@ -1,0 +1,318 @@
+"""The one inference core: loading a fine-tuned transformers model and running it over token ids.
+
+Everything that turns a ``save_pretrained`` folder into numbers lives here, once:
+
+* ``load(path, task)``: tokenizer + model (cached per process), with the pad-id fallback
+  (``pad_id``), class names from ``id2label`` (``label_names``) and the one max-length rule
+  (``max_length``);
+* ``pad_batch``: right-padding of unpadded id lists into ``input_ids`` + ``attention_mask``
+  (the training collator can call it too);
+* ``classify``: class probabilities; ``lm_losses``: per-row causal-LM losses;
+  ``generate``: bounded generation;
+* ``pip_requirements``: what a serving environment installs (local build tags such as torch's
+  ``+cu132`` stripped: public indexes do not serve them).
+
+This file is shipped inside every MLflow model sparktune logs (as ``code/sparktune_hf.py``)
+so a server needs only mlflow, torch and transformers: it imports nothing from sparktune.
+Loops check a per-request deadline (``DEADLINE``, a context variable) between batches, so a
+request the server has given up on stops computing.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import time
+from dataclasses import dataclass
+
+__all__ = [
+    "CAUSAL_LM",
+    "CLASSIFICATION",
+    "DEADLINE",
+    "DeadlineExceeded",
+    "Loaded",
+    "check_deadline",
+    "classify",
+    "device_for",
+    "encode",
+    "generate",
+    "label_names",
+    "lm_losses",
+    "load",
+    "max_length",
+    "pad_batch",
+    "pad_id",
+    "pip_requirements",
+    "read_config",
+    "task_of_config",
+]
+
+# Same values as sparktune.tasks.Task (a str enum, so Task members compare equal to these).
+CLASSIFICATION = "classification"
+CAUSAL_LM = "causal-lm"
+
+# Fallback when neither the tokenizer nor the config bounds the input length.
+_DEFAULT_MAX_LENGTH = 512
+
+DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("sparktune_deadline", default=None)
+"""``time.monotonic()`` past which the current request's work stops (None: no deadline)."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """The request's deadline passed; the remaining batches were not computed."""
+
+
+def check_deadline() -> None:
+    deadline = DEADLINE.get()
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded("the request ran past its time limit; its remaining batches were dropped")
+
+
+def pip_requirements(packages=("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy",
+                               "pandas")) -> list[str]:
+    """Exact versions of the serving environment, without local build tags (``2.5.0+cu121`` -> ``2.5.0``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for name in packages:
+        try:
+            reqs.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+def read_config(path: str) -> dict:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def task_of_config(config: dict) -> str | None:
+    """``classification`` / ``causal-lm`` from a config.json's architectures, else None."""
+    archs = config.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return CLASSIFICATION
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return CAUSAL_LM
+    return None
+
+
+def _get(config, key, default=None):
+    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
+
+def label_names(config) -> list[str]:
+    """Class names in class-id order from ``id2label`` (keys may be ints or strings)."""
+    id2label = _get(config, "id2label") or {}
+    n = len(id2label) or int(_get(config, "num_labels", 2) or 2)
+    return [str(id2label.get(i, id2label.get(str(i), i))) for i in range(n)]
+
+
+def pad_id(tokenizer, config=None) -> int:
+    """The id used for padding. GPT-2 style tokenizers have none; any id works because the
+    attention mask hides padded positions, so fall back to the config's, then EOS, then 0."""
+    for candidate in (getattr(tokenizer, "pad_token_id", None), _get(config, "pad_token_id") if config else None,
+                      getattr(tokenizer, "eos_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def max_length(tokenizer, config, configured: int | None = None) -> int:
+    """The one max-length rule: the smallest of the configured length (what training used), the
+    tokenizer's ``model_max_length`` (unless it is transformers' "unbounded" sentinel) and the
+    model's position embeddings."""
+    bounds = []
+    if configured:
+        bounds.append(int(configured))
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit and limit < 1_000_000:
+        bounds.append(int(limit))
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        positions = _get(config, key)
+        if positions:
+            bounds.append(int(positions))
+            break
+    return min(bounds) if bounds else _DEFAULT_MAX_LENGTH
+
+
+def device_for(preferred: str | None = None) -> str:
+    """``cuda`` where a GPU is visible (executors and servers that have one), else ``cpu``."""
+    if preferred:
+        return preferred
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Loaded:
+    """A model ready for inference, with what every caller needs beside it."""
+
+    tokenizer: object
+    model: object
+    task: str
+    labels: list
+    pad_id: int
+    max_length: int
+    device: str
+
+
+_CACHE: dict = {}
+
+
+def load(path: str, task: str | None = None, configured_max_length: int | None = None,
+         device: str | None = None, threads: int | None = None) -> Loaded:
+    """Tokenizer and model from a ``save_pretrained`` folder, once per (path, task, device) per process."""
+    config = read_config(path)
+    task = str(task or task_of_config(config) or "")
+    if task not in (CLASSIFICATION, CAUSAL_LM):
+        raise ValueError(f"{path}: expected a sequence classifier or a causal LM, found architectures "
+                         f"{config.get('architectures') or 'none'}")
+    device = device_for(device)
+    key = (os.path.abspath(path), task, device, configured_max_length)
+    if key in _CACHE:
+        return _CACHE[key]
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    auto = AutoModelForSequenceClassification if task == CLASSIFICATION else AutoModelForCausalLM
+    model = auto.from_pretrained(path).eval().to(device)
+    _stop_between_layers(model)
+    loaded = Loaded(
+        tokenizer=tokenizer,
+        model=model,
+        task=task,
+        labels=label_names(model.config) if task == CLASSIFICATION else [],
+        pad_id=pad_id(tokenizer, model.config),
+        max_length=max_length(tokenizer, model.config, configured_max_length),
+        device=device,
+    )
+    _CACHE[key] = loaded
+    return loaded
+
+
+def _stop_between_layers(model) -> None:
+    """Check the deadline before every transformer layer too: one batch of long rows can take
+    seconds, and a request the server gave up on should stop within a layer, not a batch."""
+    import torch
+
+    def hook(module, args):
+        check_deadline()
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList):
+            for layer in module:
+                layer.register_forward_pre_hook(hook)
+
+
+def encode(tokenizer, texts, max_len: int) -> list[list[int]]:
+    """Token ids of ``texts``, truncated to ``max_len``, unpadded."""
+    return tokenizer([str(t) for t in texts], truncation=True, max_length=int(max_len))["input_ids"]
+
+
+def pad_batch(seqs, pad: int, pad_to_multiple_of: int | None = None, min_width: int = 1):
+    """Right-pad unpadded id lists: ``(input_ids, attention_mask)`` as int64 tensors."""
+    import numpy as np
+    import torch
+
+    width = max([min_width] + [len(s) for s in seqs])
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    ids = np.full((len(seqs), width), int(pad), dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for row, seq in enumerate(seqs):
+        n = len(seq)
+        if n:
+            ids[row, :n] = np.asarray(seq, dtype=np.int64)
+            mask[row, :n] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def _length_order(token_lists) -> list[int]:
+    # Sorting by length before batching pads each batch to similar lengths (on IMDB this
+    # halves the work compared to arrival order); outputs go back to input order.
+    return sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+
+
+def classify(model, token_lists, pad: int, batch_size: int = 32):
+    """Class probabilities (float64 array, rows x classes, input order) for unpadded id lists."""
+    import numpy as np
+    import torch
+
+    n = len(token_lists)
+    probs = np.zeros((n, int(model.config.num_labels)), dtype=np.float64)
+    order = _length_order(token_lists)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            check_deadline()
+            idx = order[start:start + batch_size]
+            ids, mask = pad_batch([token_lists[i] for i in idx], pad)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            probs[idx] = torch.softmax(logits, dim=-1).double().cpu().numpy()
+    return probs
+
+
+def lm_losses(model, token_lists, pad: int, batch_size: int = 16):
+    """Per row: (sum of next-token cross-entropy, number of predicted tokens); rows of < 2 tokens get (0, 0)."""
+    import numpy as np
+    import torch
+
+    n = len(token_lists)
+    loss_sum = np.zeros(n, dtype=np.float64)
+    counts = np.zeros(n, dtype=np.int64)
+    order = [i for i in _length_order(token_lists) if len(token_lists[i]) > 1]
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            check_deadline()
+            idx = order[start:start + batch_size]
+            ids, mask = pad_batch([token_lists[i] for i in idx], pad)
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
+            ).view(len(idx), ids.size(1) - 1)
+            target = mask[:, 1:].float()
+            loss_sum[idx] = (nll * target).sum(dim=1).double().cpu().numpy()
+            counts[idx] = target.sum(dim=1).long().cpu().numpy()
+    return loss_sum, counts
+
+
+def generate(loaded: Loaded, texts, max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy continuations (new text only) of ``texts``, at most ``max_new_tokens`` tokens each;
+    the prompt is cut from the left so prompt + continuation fit the model's length."""
+    import torch
+
+    model, tok = loaded.model, loaded.tokenizer
+    budget = max(1, loaded.max_length - int(max_new_tokens))
+    prompts = [ids[-budget:] if ids else [loaded.pad_id] for ids in
+               tok([str(t) for t in texts], truncation=False)["input_ids"]]
+    out: list[str] = [""] * len(prompts)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            check_deadline()
+            chunk = prompts[start:start + batch_size]
+            width = max(len(p) for p in chunk)
+            # Left padding: generation continues from the last real token of every row.
+            ids = torch.full((len(chunk), width), loaded.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, p in enumerate(chunk):
+                ids[row, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+                mask[row, width - len(p):] = 1
+            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                       max_new_tokens=int(max_new_tokens), do_sample=False,
+                                       pad_token_id=loaded.pad_id)
+            for row in range(len(chunk)):
+                out[start + row] = tok.decode(generated[row, width:], skip_special_tokens=True)
+    return out

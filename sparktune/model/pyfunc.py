@@ -1,0 +1,115 @@
+"""The MLflow pyfunc that sparktune logs, registers, serves, exports and scores in Spark.
+
+One artifact for every use. Per input text it answers:
+
+* classifier: ``label`` (class name), ``prediction`` (class id) and ``probabilities`` (every
+  class, in class-id order). The transformers flavor's pyfunc returns only the top label,
+  which is why sparktune does not log that flavor.
+* causal LM: ``generated_text`` (greedy, at most ``max_new_tokens`` new tokens: a request
+  param, capped by the model's own bound), ``loss`` (mean next-token cross-entropy of the
+  text) and ``n_tokens`` (tokens it was computed on).
+
+This file is logged as *model from code* (MLflow copies it into the model) together with the
+inference core (``sparktune/model/hf.py``, copied as ``code/sparktune_hf.py``), so a server
+(``mlflow models serve``, Databricks Model Serving, Azure ML) needs mlflow, torch and
+transformers, but not sparktune. Keep its imports to those.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+try:  # inside a logged model: the core shipped beside this file (code/ is on sys.path)
+    import sparktune_hf as hf  # type: ignore[import-not-found]
+except ImportError:  # inside sparktune
+    from sparktune.model import hf
+
+__all__ = ["HF_ARTIFACT", "TEXT_COLUMN", "SparktuneModel", "texts_from_input"]
+
+HF_ARTIFACT = "hf_model"
+TEXT_COLUMN = "text"
+
+
+def _bad_input(message: str) -> MlflowException:
+    # INVALID_PARAMETER_VALUE maps to HTTP 400 in the scoring server: the client's fault.
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def texts_from_input(model_input) -> list[str]:
+    """What the scoring server hands over (a DataFrame, a dict of columns, a list, a str) as texts."""
+    if isinstance(model_input, pd.DataFrame):
+        if TEXT_COLUMN in model_input.columns:
+            values = model_input[TEXT_COLUMN].tolist()
+        elif len(model_input.columns) == 1:
+            values = model_input.iloc[:, 0].tolist()
+        else:
+            raise _bad_input(
+                f"expected a column named {TEXT_COLUMN!r} with the text, found columns "
+                f"{list(map(str, model_input.columns))}; send e.g. "
+                '{"dataframe_split": {"columns": ["text"], "data": [["A great film"]]}}'
+            )
+    elif isinstance(model_input, dict):
+        if TEXT_COLUMN not in model_input:
+            raise _bad_input(f"expected the key {TEXT_COLUMN!r}, found keys {sorted(map(str, model_input))}")
+        values = model_input[TEXT_COLUMN]
+        values = [values] if isinstance(values, str) else list(values)
+    elif isinstance(model_input, str):
+        values = [model_input]
+    elif isinstance(model_input, (list, tuple, np.ndarray, pd.Series)):
+        values = list(model_input)
+    else:
+        raise _bad_input(f"expected text (a string or a list of strings), found {type(model_input).__name__}")
+    if not values:
+        raise _bad_input("no rows to score: send at least one text")
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise _bad_input(f"row {i}: expected the text as a string, found {type(value).__name__}")
+    return values
+
+
+class SparktuneModel(mlflow.pyfunc.PythonModel):
+    """Loads the save_pretrained folder once per process (on the GPU if there is one); predicts in batches."""
+
+    DEADLINE = hf.DEADLINE
+    """The context variable the server sets to stop a request's work between batches."""
+
+    def load_context(self, context):
+        cfg = dict(context.model_config or {})
+        threads = os.environ.get("SPARKTUNE_TORCH_THREADS")
+        self.core = hf.load(context.artifacts[HF_ARTIFACT], cfg.get("task"), cfg.get("max_length"),
+                            threads=int(threads) if threads else None)
+        self.batch_size = int(cfg.get("batch_size") or 32)
+        self.max_new_tokens = int(cfg.get("max_new_tokens") or 0)
+        self.labels = list(cfg.get("labels") or self.core.labels)
+
+    def predict(self, context, model_input, params=None):
+        texts = texts_from_input(model_input)
+        core = self.core
+        ids = hf.encode(core.tokenizer, texts, core.max_length)
+        if core.task == hf.CLASSIFICATION:
+            probs = hf.classify(core.model, ids, core.pad_id, self.batch_size)
+            preds = probs.argmax(axis=1)
+            return pd.DataFrame({
+                "label": [self.labels[p] for p in preds],
+                "prediction": preds.astype(np.int64),
+                "probabilities": [row.tolist() for row in probs],
+            })
+        wanted = (params or {}).get("max_new_tokens")
+        new_tokens = self.max_new_tokens if wanted is None else max(0, min(int(wanted), self.max_new_tokens))
+        loss_sum, counts = hf.lm_losses(core.model, ids, core.pad_id, max(1, self.batch_size // 2))
+        loss = np.where(counts > 0, loss_sum / np.maximum(counts, 1), np.nan)
+        generated = hf.generate(core, texts, new_tokens) if new_tokens > 0 else [""] * len(texts)
+        return pd.DataFrame({"generated_text": generated, "loss": loss.astype(np.float64),
+                             "n_tokens": counts.astype(np.int64)})
+
+
+# Logged as model-from-code: MLflow imports this file under a generated module name and takes
+# the model that set_model registers. Importing it as sparktune.model.pyfunc must not do that.
+if __name__ not in ("sparktune.model.pyfunc", "__main__"):
+    mlflow.models.set_model(SparktuneModel())
