@@ -18,12 +18,19 @@ import argparse
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sparktune.config import load_config, raise_if, require
 from sparktune.results import StageResult
 from sparktune.tasks import Task
 from sparktune.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from sparktune.evaluate import EvaluateResult
+    from sparktune.ingest import IngestResult
+    from sparktune.registry import RegisterResult
+    from sparktune.tokenize import TokenizeResult
+    from sparktune.train.result import TrainResult
 
 __all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "load_pipeline_config", "DEFAULT_PIPELINE_CONFIG"]
 
@@ -227,20 +234,20 @@ def _merge(base: dict, extra: dict) -> dict:
 class PipelineResult(StageResult):
     """What each stage produced, and how long it took (seconds, wall clock)."""
 
-    ingest: Any = None
-    tokenize: Any = None
-    train: Any = None
-    evaluate: Any = None
-    register: Any = None
+    ingest: IngestResult | None = None
+    tokenize: TokenizeResult | None = None
+    train: TrainResult | None = None
+    evaluate: EvaluateResult | None = None
+    register: RegisterResult | None = None
     seconds: dict = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:
-        return _field(self.train, "run_id")
+        return self.train.run_id if self.train is not None else ""
 
     @property
     def model_uri(self) -> str:
-        return _field(self.train, "model_uri")
+        return self.train.model_uri if self.train is not None else ""
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "run_id": self.run_id, "model_uri": self.model_uri}
@@ -256,25 +263,11 @@ class PipelineResult(StageResult):
         return "\n".join(lines)
 
 
-def _field(result: Any, name: str) -> str:
-    if result is None:
-        return ""
-    if isinstance(result, dict):
-        return str(result.get(name, ""))
-    return str(getattr(result, name, ""))
-
-
-def _summary(result: Any) -> str:
-    if hasattr(result, "summary"):
-        return result.summary()
-    from sparktune.train.cli import format_summary
-
-    return format_summary(result)
 
 
 def run_pipeline(cfg: PipelineConfig, spark=None, tracker=None, say=print) -> PipelineResult:
     """Run every stage in order with one SparkSession and one MLflow tracker."""
-    from sparktune.evaluate import evaluate_model, format_metrics
+    from sparktune.evaluate import evaluate_model
     from sparktune.ingest import ingest
     from sparktune.spark import get_spark
     from sparktune.tokenize import tokenize_table
@@ -311,15 +304,15 @@ def run_pipeline(cfg: PipelineConfig, spark=None, tracker=None, say=print) -> Pi
 
     say(f"[3/5] train {cfg.train.model.name} on {cfg.train.data.table}")
     result.train = run_training(cfg.train, spark=spark, tracker=tracker)
-    say(_summary(result.train))
+    say(result.train.summary())
     lap("train")
 
     ev = cfg.evaluate
     say(f"[4/5] evaluate {result.model_uri} on split {ev.split!r}")
-    result.evaluate = evaluate_model(spark, result.model_uri, tok.output, split=ev.split,
+    result.evaluate = evaluate_model(spark, result.model_uri, tok.output, tracker=tracker, split=ev.split,
                                      predictions_table=ev.predictions_table or None, batch_size=ev.batch_size,
-                                     mlflow_run_id=result.run_id, limit=ev.limit)
-    say(result.evaluate.summary() if hasattr(result.evaluate, "summary") else format_metrics(result.evaluate))
+                                     run_id=result.run_id, limit=ev.limit)
+    say(result.evaluate.summary())
     lap("evaluate")
 
     reg = cfg.register
@@ -327,9 +320,9 @@ def run_pipeline(cfg: PipelineConfig, spark=None, tracker=None, say=print) -> Pi
         from sparktune.registry import register_model
 
         say(f"[5/5] register run {result.run_id} as {reg.name}@{reg.alias}")
-        result.register = register_model(result.run_id, reg.name, alias=reg.alias,
+        result.register = register_model(result.run_id, reg.name, tracker=tracker, alias=reg.alias,
                                          promote_if_better=reg.promote_if_better or None)
-        say(f"registered {reg.name} version {_field(result.register, 'version')}")
+        say(result.register.summary())
         say(f"serve it with: sparktune serve --model models:/{reg.name}@{reg.alias}")
     else:
         say("[5/5] register: skipped (register.name is empty)")

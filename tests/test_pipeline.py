@@ -63,7 +63,7 @@ def test_pipeline_runs_every_stage(spark, tmp_path, imdb_sample_path, mlflow_uri
     client = mlflow.MlflowClient(mlflow_uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    accuracy = run.data.metrics["test_accuracy"]
+    accuracy = run.data.metrics["test/accuracy"]
     assert accuracy == pytest.approx((predictions["prediction"] == predictions["label"]).mean())
     version = client.get_model_version_by_alias("pipeline-test-model", "champion")
     assert version.run_id == run_id
