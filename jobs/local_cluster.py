@@ -8,7 +8,8 @@
 running (their pids and logs in ``--dir``); ``stop`` ends every process it started. The test
 suite starts the same cluster through ``start_cluster`` (the ``spark_cluster`` fixture).
 
-Every process listens on 127.0.0.1 only, on free ports. Each worker gets one work dir of its
+Every process listens on loopback only, on free ports: the master on 127.0.0.1, worker i on
+127.0.0.(2+i), so that each worker is a host of its own to Spark. Each worker gets one work dir of its
 own and, unless ``--no-hide`` is given, runs in a private mount namespace (``unshare -m``)
 with an empty tmpfs over ``/tmp`` (and over any other folder passed with ``--hide``): the
 driver's temporary files are invisible to its executors, as they would be on another
@@ -31,7 +32,7 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["LocalCluster", "spark_home", "start_cluster"]
+__all__ = ["ConnectServer", "LocalCluster", "spark_home", "start_cluster", "start_connect_server"]
 
 STATE_FILE = "cluster.json"
 
@@ -43,9 +44,9 @@ def spark_home() -> str:
     return os.environ.get("SPARK_HOME") or os.path.dirname(os.path.abspath(pyspark.__file__))
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -75,7 +76,7 @@ class LocalCluster:
         """Pids still running in the cluster's process groups (empty once stopped)."""
         left = []
         for pgid in self.pids:
-            out = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout
+            out = subprocess.run(["pgrep", "-g", str(pgid)], check=False, capture_output=True, text=True).stdout
             left += [int(p) for p in out.split()]
         return left
 
@@ -170,12 +171,16 @@ def start_cluster(work_dir: str, *, workers: int = 2, cores: int = 1, memory: st
         for i in range(workers):
             worker_dir = os.path.join(work_dir, f"worker-{i}")
             os.makedirs(worker_dir, exist_ok=True)
-            argv = [spark_class, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
-                    "--port", str(_free_port()), "--webui-port", str(_free_port()), "--cores", str(cores),
+            # Each worker is its own host (127.0.0.2, 127.0.0.3, ...: all loopback), so executors fetch
+            # shuffle blocks over the network as on separate machines, not from each other's disk.
+            host = f"127.0.0.{2 + i}"
+            argv = [spark_class, "org.apache.spark.deploy.worker.Worker", "--host", host,
+                    "--port", str(_free_port(host)), "--webui-port", str(_free_port(host)), "--cores", str(cores),
                     "--memory", memory, "--work-dir", worker_dir, cluster.master_url]
             if hidden:
                 argv = _hiding_prefix(hidden) + argv
-            launch(argv, os.path.join(work_dir, f"worker-{i}.log"), {"SPARK_WORKER_DIR": worker_dir})
+            launch(argv, os.path.join(work_dir, f"worker-{i}.log"),
+                   {"SPARK_WORKER_DIR": worker_dir, "SPARK_LOCAL_IP": host, "SPARK_LOCAL_HOSTNAME": host})
         _wait(lambda: cluster.alive_workers() >= workers, f"{workers} workers", os.path.join(work_dir, "worker-0.log"),
               timeout)
     except BaseException:
@@ -183,6 +188,80 @@ def start_cluster(work_dir: str, *, workers: int = 2, cores: int = 1, memory: st
         raise
     cluster.save()
     return cluster
+
+
+@dataclass
+class ConnectServer:
+    """A Spark Connect server (``SparkConnectServer`` under spark-submit) with Delta; ``stop()`` ends it."""
+
+    url: str
+    """``sc://127.0.0.1:PORT``: what ``SparkSession.builder.remote`` / ``SPARK_REMOTE`` take."""
+    log: str
+    pid: int
+
+    def remaining(self) -> list:
+        out = subprocess.run(["pgrep", "-g", str(self.pid)], check=False, capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + timeout
+            while self.remaining() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not self.remaining():
+                return
+
+
+def start_connect_server(work_dir: str, *, master: str = "local[2]", env: dict | None = None,
+                         conf: dict | None = None, timeout: float = 180.0) -> ConnectServer:
+    """Start a Spark Connect server on a free loopback port, with Delta's jars, extension and catalog.
+
+    The server is the driver: its ``master`` may be ``local[N]`` or a cluster's ``spark://`` URL.
+    """
+    from sparktune.spark import DELTA_CATALOG, DELTA_EXTENSION, delta_submit_args
+
+    work_dir = os.path.abspath(work_dir)
+    os.makedirs(work_dir, exist_ok=True)
+    port = _free_port()
+    settings = {
+        "spark.connect.grpc.binding.address": "127.0.0.1",
+        "spark.connect.grpc.binding.port": str(port),
+        "spark.sql.extensions": DELTA_EXTENSION,
+        "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
+        "spark.sql.warehouse.dir": os.path.join(work_dir, "warehouse"),
+        "spark.ui.enabled": "false",
+        "spark.sql.shuffle.partitions": "4",
+        "spark.databricks.delta.snapshotPartitions": "2",
+        **(conf or {}),
+    }
+    argv = [os.path.join(spark_home(), "bin", "spark-submit"), "--master", master,
+            "--class", "org.apache.spark.sql.connect.service.SparkConnectServer", *delta_submit_args()]
+    for key, value in settings.items():
+        argv += ["--conf", f"{key}={value}"]
+    argv.append("spark-internal")
+    log = os.path.join(work_dir, "connect-server.log")
+    with open(log, "w", encoding="utf-8") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=work_dir,
+                                env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", **(env or {})},
+                                start_new_session=True)
+    server = ConnectServer(url=f"sc://127.0.0.1:{port}", log=log, pid=proc.pid)
+
+    def listening() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"Spark Connect server exited with {proc.returncode}; see {log}")
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+
+    try:
+        _wait(listening, "the Spark Connect server", log, timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def main(argv=None) -> int:

@@ -215,7 +215,8 @@ def _submitted_session(app_name: str, settings: dict, conf: dict):
     from pyspark import SparkConf, SparkContext
     from pyspark.sql import SparkSession
 
-    submitted = SparkConf()  # loads what spark-submit passed (--master, --conf, --jars, ...)
+    SparkContext._ensure_initialized()  # connects to spark-submit's JVM, so SparkConf loads its settings
+    submitted = SparkConf()  # what spark-submit passed: --master, --conf, --jars, ...
     builder = SparkSession.builder
     if not submitted.contains("spark.app.name"):
         builder = builder.appName(app_name)

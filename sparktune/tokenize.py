@@ -274,7 +274,7 @@ def _task_count(df) -> int:
     """
     from pyspark.sql import functions as F
 
-    last = df.select(F.max(F.spark_partition_id()).alias("last")).first()["last"]
+    last = df.select(F.spark_partition_id().alias("p")).agg(F.max("p").alias("last")).first()["last"]
     return 0 if last is None else int(last) + 1
 
 
