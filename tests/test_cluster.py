@@ -63,8 +63,9 @@ def test_spark_submit_runs_a_stage_on_the_cluster_and_says_when_delta_jars_are_m
     missing = _spark_submit(cluster_env, "local[1]", [stage, "ingest", "--source", imdb_sample_path,
                                                       "--output", os.path.join(cluster_shared, "nojars")],
                             cluster_shared, delta=False)
-    assert missing.returncode == 2, missing.stderr[-3000:]
-    assert "Delta Lake's jars are not on the classpath" in missing.stderr and "--packages io.delta:" in missing.stderr
+    said = missing.stdout + missing.stderr  # spark-submit's PythonRunner merges the script's stderr into stdout
+    assert missing.returncode == 2, said[-3000:]
+    assert "Delta Lake's jars are not on the classpath" in said and "--packages io.delta:" in said
     assert not os.path.exists(os.path.join(cluster_shared, "nojars"))
 
     # The master comes from spark-submit's --master: SPARKTUNE_SPARK_MASTER points nowhere here.
