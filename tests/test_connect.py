@@ -10,6 +10,7 @@ import os
 
 import pytest
 from deltalake import DeltaTable
+from pyspark.errors import PySparkAttributeError
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_ingest_tokenize_stats_and_sql_over_spark_connect(connect_spark, connect
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=PySparkAttributeError, reason=(
     "sparktune/inference.py (owned by the inference engineer) still calls spark.sparkContext.defaultParallelism "
     "and df.rdd.getNumPartitions(), which Spark Connect does not have; flip this once they are gone"))
 def test_evaluate_over_spark_connect(connect_spark, connect_tables, minilm_path, tmp_path):
