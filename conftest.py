@@ -69,3 +69,67 @@ def mlflow_uri(tmp_path):
     """A fresh local MLflow store (SQLite backend, artifacts on disk) for one test."""
     db = tmp_path / "mlflow.db"
     return f"sqlite:///{db}"
+
+
+def _hidden_from_workers(tmp_path_factory) -> list:
+    """The driver's temp folders outside /tmp (/tmp itself is always hidden from the workers)."""
+    import tempfile
+
+    hidden = []
+    for path in (str(tmp_path_factory.getbasetemp()), tempfile.gettempdir()):
+        path = os.path.realpath(path)
+        if path != "/tmp" and not path.startswith("/tmp/") and path not in hidden:
+            hidden.append(path)
+    return hidden
+
+
+@pytest.fixture(scope="session")
+def spark_cluster(tmp_path_factory):
+    """A Spark standalone master and two 1-core workers (jobs/local_cluster.py), for the whole run.
+
+    Workers run in private mount namespaces with an empty /tmp (and pytest's basetemp): the
+    driver's temp folders do not exist for executors. ``spark_cluster.shared_dir`` (under
+    /var/tmp) is the shared storage both sides see. Opt-in: only tests that request it pay
+    for the JVM starts. Teardown stops every process and checks none is left.
+    """
+    import shutil
+    import uuid
+
+    from jobs.local_cluster import start_cluster
+
+    work_dir = os.path.join("/var/tmp", f"sparktune-cluster-{uuid.uuid4().hex[:8]}")
+    pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    cluster = start_cluster(work_dir, workers=2, cores=1, memory="2g", hide=_hidden_from_workers(tmp_path_factory),
+                            env={"PYTHONPATH": pythonpath, "PYSPARK_PYTHON": sys.executable})
+    yield cluster
+    cluster.stop()
+    left = cluster.remaining()
+    if os.environ.get("SPARKTUNE_KEEP_CLUSTER_DIR") is None:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    assert not left, f"cluster processes still running after stop: {left}"
+
+
+@pytest.fixture
+def cluster_env(spark_cluster, tmp_path):
+    """Environment for a driver process (python or spark-submit) that runs on ``spark_cluster``."""
+    env = dict(os.environ)
+    env.update({
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "SPARKTUNE_SPARK_MASTER": spark_cluster.master_url,
+        "SPARKTUNE_HOME": str(tmp_path / "driver_home"),  # the driver's own disk: workers cannot see it
+        "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p),
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+    })
+    env.pop("SPARK_REMOTE", None)
+    return env
+
+
+@pytest.fixture
+def cluster_shared(spark_cluster, request):
+    """A fresh folder on the cluster's shared storage for one test."""
+    import re
+
+    path = os.path.join(spark_cluster.shared_dir, re.sub(r"\W+", "_", request.node.name)[:80])
+    os.makedirs(path, exist_ok=True)
+    return path

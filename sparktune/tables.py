@@ -73,6 +73,16 @@ def parse_table_ref(ref) -> TableRef:
 def table_exists(spark, ref) -> bool:
     ref = parse_table_ref(ref)
     if ref.is_path:
+        from sparktune.spark import is_connect
+
+        if is_connect(spark):
+            # delta-spark's DeltaTable over Connect needs the Delta Connect server plugin; SQL needs only Delta.
+            from pyspark.errors import AnalysisException
+
+            try:
+                return spark.sql(f"DESCRIBE DETAIL {ref.sql}").first()["format"] == "delta"
+            except AnalysisException:
+                return False
         from delta.tables import DeltaTable
 
         return DeltaTable.isDeltaTable(spark, ref.path)

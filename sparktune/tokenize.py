@@ -36,7 +36,7 @@ from sparktune.tables import (
 )
 from sparktune.tasks import PROPERTY_PREFIX, TOKENIZED, Task
 
-__all__ = ["TokenizeResult", "tokenize_table", "tokenizer_fingerprint", "TOKENIZED_SCHEMA", "PROPERTY_PREFIX"]
+__all__ = ["PROPERTY_PREFIX", "TOKENIZED_SCHEMA", "TokenizeResult", "tokenize_table", "tokenizer_fingerprint"]
 
 TOKENIZED_SCHEMA = TOKENIZED.schema
 TOKENIZED_COLUMNS = TOKENIZED.columns
@@ -250,12 +250,9 @@ def tokenize_table(
     raw = raw.select("row_id", "split", F.col("label").cast("int").alias("label"), "text")
     # A small raw table can be a single file, i.e. a single task: spread it so every core
     # tokenizes. Only then: the shuffle costs more than the imbalance of a few big tasks.
-    try:
-        cores = spark.sparkContext.defaultParallelism
-        if raw.rdd.getNumPartitions() < cores:
-            raw = raw.repartition(cores)
-    except Exception:  # Spark Connect (Databricks shared clusters) has no RDD API: leave it to AQE
-        pass
+    cores = _task_count(spark.range(0, 1 << 16))
+    if _task_count(raw) < cores:
+        raw = raw.repartition(cores)
     add_special = task is Task.CLASSIFICATION
     # Packed documents are not truncated: packing cuts the joined stream into blocks instead.
     truncate_at = 0 if pack else max_length
@@ -270,6 +267,18 @@ def tokenize_table(
     properties[PROPERTY_PREFIX + "sparktune_version"] = __version__
     version = write_table(tokenized, output_ref, properties=properties, user_metadata=provenance)
     return TokenizeResult(output_ref, version, False, provenance)
+
+
+def _task_count(df) -> int:
+    """How many tasks Spark runs ``df`` in, by a small job that reads no column.
+
+    DataFrame API only (``rdd.getNumPartitions`` does not exist on Spark Connect). For a range
+    without a partition count this is the session's default parallelism: its total cores.
+    """
+    from pyspark.sql import functions as F
+
+    last = df.select(F.spark_partition_id().alias("p")).agg(F.max("p").alias("last")).first()["last"]
+    return 0 if last is None else int(last) + 1
 
 
 def add_cli(subparsers) -> None:
