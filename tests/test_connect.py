@@ -10,7 +10,6 @@ import os
 
 import pytest
 from deltalake import DeltaTable
-from pyspark.errors import PySparkAttributeError
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +72,6 @@ def test_ingest_tokenize_stats_and_sql_over_spark_connect(connect_spark, connect
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(strict=True, raises=PySparkAttributeError, reason=(
-    "sparktune/inference.py (owned by the inference engineer) still calls spark.sparkContext.defaultParallelism "
-    "and df.rdd.getNumPartitions(), which Spark Connect does not have; flip this once they are gone"))
 def test_evaluate_over_spark_connect(connect_spark, connect_tables, minilm_path, tmp_path):
     from evalkit import build_classifier
 
@@ -84,7 +80,7 @@ def test_evaluate_over_spark_connect(connect_spark, connect_tables, minilm_path,
     _, _, _, tokens = connect_tables
     model = build_classifier(minilm_path, str(tmp_path / "clf"))
     predictions = str(tmp_path / "predictions")
-    metrics = evaluate_model(connect_spark, model, tokens, split="test", predictions_table=predictions,
-                             log_to_mlflow=False, limit=20)
-    assert metrics["n"] == 20
+    result = evaluate_model(connect_spark, model, tokens, split="test", predictions_table=predictions,
+                            log_to_mlflow=False, limit=20)
+    assert result.rows == 20 and 0 <= result.metrics["accuracy"] <= 1
     assert len(DeltaTable(predictions).to_pandas()) == 20

@@ -121,7 +121,16 @@ def run_training(cfg, spark=None, tracker=None, plan: LaunchPlan | None = None) 
     if plan is None:
         plan = build_launch_plan(cfg, **spark_facts(spark))
     _resolve_table(spark, cfg, plan.num_processes)
-    from sparktune.staging import stage_job_data
+    from sparktune.staging import default_staging_dir, stage_job_data
+
+    if not plan.local_mode:
+        # Ranks on executors write checkpoints and read shards that the driver reads and writes:
+        # find out now, not after the first checkpoint, whether they see the same folders.
+        from sparktune.spark import check_shared_path
+
+        check_shared_path(spark, cfg.output_dir, "output_dir")
+        check_shared_path(spark, cfg.checkpoint_dir, "checkpoint.dir")
+        check_shared_path(spark, cfg.data.staging_dir or default_staging_dir(cfg.output_dir), "data.staging_dir")
 
     # Spark deals the rows into one shard per rank (and checks their labels) before any rank
     # starts; each rank then reads only its own shard.
