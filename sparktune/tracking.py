@@ -184,6 +184,10 @@ class Tracker:
         """
         import mlflow
 
+        current = mlflow.active_run()
+        if current is not None and current.info.run_id == run_id:
+            yield  # already active here (training keeps its run active for transformers' callback)
+            return
         previous = mlflow.get_tracking_uri()
         mlflow.set_tracking_uri(self.tracking_uri)
         if self.registry_uri:
