@@ -98,6 +98,11 @@ _TRIM_JAVA = r"(?U)^" + _BLANK_CLASS + r"+|" + _BLANK_CLASS + r"+$"
 _SAFE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _COLUMN_ARG = re.compile(r"^[\w .-]+$")
 _OUTPUT_COLUMNS = ("row_id", "split", "text", "label")
+# Names the raw/quarantine tables or the intermediate frames use: a source column by one of
+# these names (any case) is not stored as an extra column.
+_RESERVED = frozenset(
+    {"row_id", "split", "text", "label", "source_file", "reason", "reason_kind", "record", "source", "ingested_at"}
+)
 # Longest piece of a bad value quoted back in a reason.
 _QUOTE_CHARS = 100
 
@@ -424,13 +429,16 @@ class _Loaded:
 
 
 def _keep_extras(names: Iterable[str], used: Iterable[str]) -> tuple[list, list]:
-    taken = {n.lower() for n in _OUTPUT_COLUMNS} | {n.lower() for n in used} | {"source_file"}
+    """(extra columns to store, source columns left out); ``used`` are the text/label/split columns."""
+    used_lower = {n.lower() for n in used}
+    taken = set(_RESERVED) | used_lower
     keep, dropped = [], []
     for name in names:
-        if _SAFE_NAME.match(name) and name.lower() not in taken:
+        lower = name.lower()
+        if _SAFE_NAME.match(name) and not name.startswith("_") and lower not in taken:
             keep.append(name)
-            taken.add(name.lower())
-        elif name.lower() not in {n.lower() for n in (*used, *_OUTPUT_COLUMNS, "source_file")}:
+            taken.add(lower)
+        elif lower not in used_lower and lower not in (*_OUTPUT_COLUMNS, "source_file"):
             dropped.append(name)
     return keep, dropped
 
