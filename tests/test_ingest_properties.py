@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from sparktune.errors import SparktuneError
 from sparktune.ingest import ingest, is_blank
 
-CI_EXAMPLES = 12
+CI_EXAMPLES = 10
 SLOW_EXAMPLES = 150
 _counter = itertools.count()
 
