@@ -15,6 +15,7 @@ import csv
 import io
 import itertools
 import json
+import os
 
 import pytest
 from deltalake import DeltaTable
@@ -24,8 +25,9 @@ from hypothesis import strategies as st
 from sparktune.errors import SparktuneError
 from sparktune.ingest import ingest, is_blank
 
-CI_EXAMPLES = 10
-SLOW_EXAMPLES = 150
+# Each example is one real ingest (two Delta commits): a few seconds on an idle 2-core machine.
+CI_EXAMPLES = int(os.environ.get("SPARKTUNE_PROPERTY_EXAMPLES", "10"))
+SLOW_EXAMPLES = int(os.environ.get("SPARKTUNE_PROPERTY_EXAMPLES_SLOW", "150"))
 _counter = itertools.count()
 
 texts = st.one_of(

@@ -123,4 +123,4 @@ def test_sigkill_mid_write_leaves_the_previous_version_and_a_rerun_completes(spa
 def _data_files(table):
     if not os.path.isdir(table):
         return []
-    return [f for f in os.listdir(table) if f.endswith(".parquet") or f.endswith(".parquet.crc")]
+    return [f for f in os.listdir(table) if f.endswith((".parquet", ".parquet.crc"))]
