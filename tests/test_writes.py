@@ -53,16 +53,23 @@ def test_two_processes_writing_the_same_tables_never_mix(spark, tmp_path):
     sources = {tag: _corpus(tmp_path / f"{tag}.jsonl", tag, 400) for tag in ("A", "B")}
     ingest(spark, _corpus(tmp_path / "seed.jsonl", "S", 40), out)  # version 0 exists: both replace it
     go = tmp_path / "go"
+    # Output to files, not pipes: a child blocked on a full pipe would never finish.
+    logs = {tag: (open(tmp_path / f"{tag}.out", "w+"), open(tmp_path / f"{tag}.err", "w+")) for tag in sources}
     procs = {
         tag: subprocess.Popen(
             [sys.executable, "-c", _RACER, str(go), "ingest", "--source", src, "--output", out, "--master", "local[1]"],
-            env=_env(tmp_path / f"home_{tag}"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=_env(tmp_path / f"home_{tag}"), stdout=logs[tag][0], stderr=logs[tag][1],
         )
         for tag, src in sources.items()
     }
     time.sleep(25)  # both JVMs up (they wait for the go file)
     go.write_text("go")
-    results = {tag: (p.wait(timeout=600), *p.communicate()) for tag, p in procs.items()}
+    results = {}
+    for tag, proc in procs.items():
+        rc = proc.wait(timeout=1200)
+        results[tag] = (rc, *((tmp_path / f"{tag}.{kind}").read_text() for kind in ("out", "err")))
+        for handle in logs[tag]:
+            handle.close()
     for tag, (rc, stdout, stderr) in results.items():
         assert rc in (0, 2), (tag, stderr[-3000:])
         if rc == 2:  # refused, with a message, not a traceback
