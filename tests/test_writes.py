@@ -54,7 +54,7 @@ def test_two_processes_writing_the_same_tables_never_mix(spark, tmp_path):
     ingest(spark, _corpus(tmp_path / "seed.jsonl", "S", 40), out)  # version 0 exists: both replace it
     go = tmp_path / "go"
     # Output to files, not pipes: a child blocked on a full pipe would never finish.
-    logs = {tag: (open(tmp_path / f"{tag}.out", "w+"), open(tmp_path / f"{tag}.err", "w+")) for tag in sources}
+    logs = {tag: (open(tmp_path / f"{tag}.out", "w+"), open(tmp_path / f"{tag}.err", "w+")) for tag in sources}  # noqa: SIM115
     procs = {
         tag: subprocess.Popen(
             [sys.executable, "-c", _RACER, str(go), "ingest", "--source", src, "--output", out, "--master", "local[1]"],
