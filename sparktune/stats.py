@@ -49,20 +49,25 @@ def table_stats(spark, ref) -> dict:
     labels = df.groupBy("split", "label").count().orderBy("split", "label").collect()
     stats: dict[str, Any] = {"table": str(ref), "rows": 0, "splits": {}}
     for row in per_split:
-        stats["splits"][row["split"]] = {
+        stats["splits"][_split_name(row["split"])] = {
             "rows": row["rows"],
             "labels": {},
-            "mean_tokens": round(float(row["mean_tokens"]), 2),
-            "median_tokens": int(row["median_tokens"]),
-            "p95_tokens": int(row["p95_tokens"]),
-            "max_tokens": int(row["max_tokens"]),
-            "truncation_rate": round(float(row["truncation_rate"]), 4),
-            "total_tokens": int(row["total_tokens"]),
+            "mean_tokens": round(float(row["mean_tokens"] or 0), 2),
+            "median_tokens": int(row["median_tokens"] or 0),
+            "p95_tokens": int(row["p95_tokens"] or 0),
+            "max_tokens": int(row["max_tokens"] or 0),
+            "truncation_rate": round(float(row["truncation_rate"] or 0), 4),
+            "total_tokens": int(row["total_tokens"] or 0),
         }
         stats["rows"] += row["rows"]
     for row in labels:
-        stats["splits"][row["split"]]["labels"][str(row["label"])] = row["count"]
+        stats["splits"][_split_name(row["split"])]["labels"][str(row["label"])] = row["count"]
     return stats
+
+
+def _split_name(split) -> str:
+    # A table not written by sparktune may hold null splits: shown, not a crash.
+    return "<null>" if split is None else str(split)
 
 
 def format_stats(stats: dict) -> str:
@@ -89,11 +94,12 @@ def plot_token_lengths(spark, ref, path: str, bins: int = HISTOGRAM_BINS) -> dic
     top = df.agg(F.max("n_tokens")).collect()[0][0] or 1
     width = max(1, -(-int(top) // bins))
     counts = (
-        df.groupBy("split", F.floor(F.col("n_tokens") / width).alias("bin")).count().orderBy("split", "bin").collect()
+        df.where(F.col("n_tokens").isNotNull())
+        .groupBy("split", F.floor(F.col("n_tokens") / width).alias("bin")).count().orderBy("split", "bin").collect()
     )
     series: dict = {}
     for row in counts:
-        series.setdefault(row["split"], {})[int(row["bin"])] = row["count"]
+        series.setdefault(_split_name(row["split"]), {})[int(row["bin"])] = row["count"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for split, by_bin in series.items():
         n_bins = max(by_bin) + 1

@@ -14,13 +14,15 @@ from sparktune.errors import SparktuneError
 
 __all__ = [
     "TableRef",
+    "last_commit",
     "parse_table_ref",
     "read_table",
-    "write_table",
     "table_exists",
-    "table_version",
-    "table_properties",
+    "table_id",
     "table_location",
+    "table_properties",
+    "table_version",
+    "write_table",
 ]
 
 _NAME = re.compile(r"^`?[A-Za-z_][\w]*`?(\.`?[A-Za-z_][\w]*`?){0,2}$")
@@ -104,26 +106,51 @@ def read_table(spark, ref, version: int | None = None, what: str = "input table"
     return spark.sql(f"SELECT * FROM {ref.sql} VERSION AS OF {int(version)}")
 
 
+# Delta's optimistic concurrency: another writer committed first and this commit was refused.
+_CONCURRENT_ERRORS = (
+    "ConcurrentAppendException", "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException",
+    "MetadataChangedException", "ProtocolChangedException", "ConcurrentTransactionException",
+    "ConcurrentWriteException", "DELTA_CONCURRENT", "DELTA_METADATA_CHANGED", "DELTA_PROTOCOL_CHANGED",
+    "TABLE_OR_VIEW_ALREADY_EXISTS", "DELTA_TABLE_ALREADY_EXISTS",
+)
+
+
 def write_table(df, ref, properties: dict | None = None, user_metadata: dict | None = None) -> int:
     """Replace the table's content with ``df`` in one Delta commit; returns the new version.
 
     ``CREATE OR REPLACE TABLE ... AS SELECT`` keeps the table's history (every run is a new
-    version that time travel can read) and sets the properties in the same commit.
+    version that time travel can read) and sets the properties in the same commit. The
+    commit is all or nothing: a writer killed before it leaves the previous version (its
+    orphan data files are never referenced, and VACUUM removes them). When another writer
+    commits to the same table first, Delta refuses this commit (the second writer never
+    mixes its files into the winner's version) and a SparktuneError says so. Property values
+    and user metadata are redacted of credentials.
     """
+    from sparktune.redact import redact, redact_mapping
+
     ref = parse_table_ref(ref)
     spark = df.sparkSession
     view = f"_sparktune_write_{abs(hash((ref.raw, id(df))))}"
     df.createOrReplaceTempView(view)
     props = ""
     if properties:
-        pairs = ", ".join(f"'{_sql_str(k)}' = '{_sql_str(v)}'" for k, v in properties.items())
+        pairs = ", ".join(f"'{_sql_str(k)}' = '{_sql_str(redact(str(v)))}'" for k, v in properties.items())
         props = f" TBLPROPERTIES ({pairs})"
     meta_key = "spark.databricks.delta.commitInfo.userMetadata"
     previous = spark.conf.get(meta_key, None)
     try:
         if user_metadata is not None:
-            spark.conf.set(meta_key, json.dumps(user_metadata, sort_keys=True))
+            spark.conf.set(meta_key, json.dumps(redact_mapping(dict(user_metadata)), sort_keys=True))
         spark.sql(f"CREATE OR REPLACE TABLE {ref.sql} USING DELTA{props} AS SELECT * FROM {view}")
+    except Exception as exc:
+        text = f"{type(exc).__name__}: {exc}"
+        if any(marker in text for marker in _CONCURRENT_ERRORS):
+            raise SparktuneError(
+                f"{redact(ref.raw)}: another writer committed to this table while this run was writing, and Delta "
+                f"refused this run's commit ({redact(text.splitlines()[0])[:300]}). Nothing of this run was committed "
+                "to it; the table holds the other run's complete version. Rerun when the other writer is done."
+            ) from None
+        raise
     finally:
         if previous is None:
             spark.conf.unset(meta_key)
@@ -131,6 +158,21 @@ def write_table(df, ref, properties: dict | None = None, user_metadata: dict | N
             spark.conf.set(meta_key, previous)
         spark.catalog.dropTempView(view)
     return table_version(spark, ref)
+
+
+def table_id(spark, ref) -> str:
+    """The Delta table's id: a new one each time the table is created anew (dropped, deleted)."""
+    ref = parse_table_ref(ref)
+    _require_exists(spark, ref, "table")
+    return str(spark.sql(f"DESCRIBE DETAIL {ref.sql}").collect()[0]["id"])
+
+
+def last_commit(spark, ref) -> dict:
+    """``version``, ``operation`` and ``userMetadata`` of the table's latest commit."""
+    ref = parse_table_ref(ref)
+    _require_exists(spark, ref, "table")
+    row = spark.sql(f"DESCRIBE HISTORY {ref.sql} LIMIT 1").collect()[0]
+    return {"version": int(row["version"]), "operation": row["operation"], "userMetadata": row["userMetadata"]}
 
 
 def _sql_str(value) -> str:

@@ -10,8 +10,16 @@ Output columns: ``row_id``, ``split``, ``label``, ``input_ids`` (array<int>), ``
 each partition may be shorter, so no token is dropped.
 
 The table's properties record what made it (``sparktune.tokenizer``, ``.tokenizer_fingerprint``,
-``.max_length``, ``.task``, ``.pack``, ``.block_size``, ``.source``, ``.source_version``).
-Re-running with the same inputs is a no-op; any change rebuilds the table as a new version.
+``.max_length``, ``.task``, ``.pack``, ``.block_size``, ``.source``, ``.source_version``,
+``.source_table_id``, ``.sparktune_version``). Re-running with the same inputs is a no-op;
+any change rebuilds the table as a new version. "The same inputs" means all of these
+properties match *and* the output's latest commit is the one tokenize wrote with them:
+
+- the source's Delta table id, not only its location and version: a source dropped (or
+  deleted) and ingested again restarts at version 0 with different data, but a new id;
+- the output's own history: any later commit to the output by something else (a DELETE,
+  an append, a replace) means its content is no longer what tokenize wrote;
+- the sparktune version, since tokenize's output may change between releases.
 
 Tokenizers without a pad token (GPT-2) need nothing here; training sets ``pad = eos``.
 """
@@ -24,11 +32,14 @@ import os
 from dataclasses import dataclass
 
 from sparktune.errors import ConfigError, SparktuneError
+from sparktune.redact import redact, redact_mapping
 from sparktune.results import StageResult
 from sparktune.tables import (
+    last_commit,
     parse_table_ref,
     read_table,
     table_exists,
+    table_id,
     table_location,
     table_properties,
     table_version,
@@ -36,7 +47,15 @@ from sparktune.tables import (
 )
 from sparktune.tasks import PROPERTY_PREFIX, TOKENIZED, Task
 
-__all__ = ["PROPERTY_PREFIX", "TOKENIZED_SCHEMA", "TokenizeResult", "tokenize_table", "tokenizer_fingerprint"]
+__all__ = [
+    "PROPERTY_PREFIX",
+    "TOKENIZED_SCHEMA",
+    "LabelCheck",
+    "TokenizeResult",
+    "check_labels",
+    "tokenize_table",
+    "tokenizer_fingerprint",
+]
 
 TOKENIZED_SCHEMA = TOKENIZED.schema
 TOKENIZED_COLUMNS = TOKENIZED.columns
@@ -186,6 +205,105 @@ def _pack_partition(block_size: int, separator: int | None):
     return pack
 
 
+def _up_to_date(spark, output_ref, properties: dict, provenance: dict) -> bool:
+    """True when the output was written by tokenize from exactly these inputs and not changed since."""
+    import json
+
+    if not table_exists(spark, output_ref):
+        return False
+    existing = table_properties(spark, output_ref)
+    if any(existing.get(k) != v for k, v in properties.items()):
+        return False
+    # The properties survive a DELETE/UPDATE/append by someone else; the latest commit does not.
+    commit = last_commit(spark, output_ref)
+    try:
+        written = json.loads(commit["userMetadata"] or "null")
+    except ValueError:
+        return False
+    return written == redact_mapping(provenance)
+
+
+@dataclass
+class LabelCheck:
+    """Label counts of a table at a version, per split and label."""
+
+    rows: int
+    counts: dict  # {(split, label): rows}
+    problems: list
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_labels(
+    location: str,
+    version: int | None,
+    num_labels: int,
+    splits: list | None = None,
+    allow_unlabelled: bool = False,
+    storage_options: dict | None = None,
+    raise_on_error: bool = True,
+) -> LabelCheck:
+    """Check that every label of a tokenized (or raw) table is in ``0..num_labels-1``.
+
+    For training to call before it launches ranks: a label outside the model's classes is
+    an IndexError on CPU and a device-side assert on GPU, and no retry can fix it. Reads the
+    ``split`` and ``label`` columns of the Delta table at ``location`` (a path or URI; for a
+    catalog name pass ``sparktune.tables.table_location``) at ``version`` with deltalake, in
+    Arrow batches: no Spark, and only the per-(split, label) counts are kept in memory.
+    ``splits`` limits the check to those splits (e.g. the train and eval splits);
+    ``allow_unlabelled`` accepts -1 (unlabelled rows). Raises SparktuneError naming the bad
+    labels, their splits and counts, unless ``raise_on_error`` is false.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
+
+    table = DeltaTable(location, version=version, storage_options=storage_options)
+    dataset = table.to_pyarrow_dataset()
+    missing = {"split", "label"} - set(dataset.schema.names)
+    if missing:
+        raise SparktuneError(f"{redact(location)}: the table has no {', '.join(sorted(missing))} column; "
+                             "expected a table written by `sparktune tokenize` or `sparktune ingest`")
+    counts: dict = {}
+    rows = 0
+    for batch in dataset.to_batches(columns=["split", "label"]):
+        if splits is not None:
+            batch = batch.filter(pc.is_in(batch.column("split"), value_set=_string_array(splits)))
+        if batch.num_rows == 0:
+            continue
+        grouped = pa.Table.from_batches([batch]).group_by(["split", "label"], use_threads=False)
+        for group in grouped.aggregate([([], "count_all")]).to_pylist():
+            key = (group["split"], group["label"])
+            counts[key] = counts.get(key, 0) + group["count_all"]
+        rows += batch.num_rows
+    low = -1 if allow_unlabelled else 0
+    problems = []
+    for (split, label), count in sorted(counts.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+        if label is None or split is None or not low <= label < num_labels:
+            problems.append(f"split {split!r}: {count:,} rows with label {label!r}")
+    at = f" at version {version}" if version is not None else ""
+    if splits is not None and rows == 0:
+        problems.append(f"no rows in the splits {', '.join(map(repr, splits))}")
+    result = LabelCheck(rows, counts, problems)
+    if problems and raise_on_error:
+        expected = f"{'-1 (unlabelled) or ' if allow_unlabelled else ''}0..{num_labels - 1}"
+        raise SparktuneError(
+            f"{redact(location)}{at}: labels must be {expected} for a model with num_labels={num_labels}; found "
+            + "; ".join(problems[:20])
+            + ". Fix num_labels in the training config, or re-ingest with --num-labels so that such rows are "
+            "quarantined."
+        )
+    return result
+
+
+def _string_array(values):
+    import pyarrow as pa
+
+    return pa.array([str(v) for v in values], type=pa.string())
+
+
 def tokenize_table(
     spark,
     input_ref: str,
@@ -225,20 +343,20 @@ def tokenize_table(
     source_version = table_version(spark, input_ref)
     provenance = {
         "stage": "tokenize",
-        "tokenizer": tokenizer,
+        "tokenizer": redact(tokenizer),
         "tokenizer_fingerprint": tokenizer_fingerprint(driver_tokenizer),
         "max_length": str(max_length),
         "task": task.value,
         "pack": str(bool(pack)).lower(),
         "block_size": str(block_size or ""),
-        "source": table_location(spark, input_ref),
+        "source": redact(table_location(spark, input_ref)),
         "source_version": str(source_version),
+        "source_table_id": table_id(spark, input_ref),
+        "sparktune_version": __version__,
     }
     properties = {PROPERTY_PREFIX + k: v for k, v in provenance.items()}
-    if not force and table_exists(spark, output_ref):
-        existing = table_properties(spark, output_ref)
-        if all(existing.get(k) == v for k, v in properties.items()):
-            return TokenizeResult(output_ref, table_version(spark, output_ref), True, provenance)
+    if not force and _up_to_date(spark, output_ref, properties, provenance):
+        return TokenizeResult(output_ref, table_version(spark, output_ref), True, provenance)
 
     raw = read_table(spark, input_ref, version=source_version, what="--input")
     missing = {"row_id", "split", "label", "text"} - set(raw.columns)
@@ -264,7 +382,6 @@ def tokenize_table(
             .sortWithinPartitions("split", "row_id")
             .mapInPandas(_pack_partition(block_size or max_length, separator), TOKENIZED_SCHEMA)
         )
-    properties[PROPERTY_PREFIX + "sparktune_version"] = __version__
     version = write_table(tokenized, output_ref, properties=properties, user_metadata=provenance)
     return TokenizeResult(output_ref, version, False, provenance)
 
