@@ -22,7 +22,7 @@ INSTALL_REQUIRES = [
 # built per Spark minor version: keep pyspark's range inside what delta-spark accepts and
 # pin delta-spark exactly, so `configure_spark_with_delta_pip` asks Maven for a jar that exists.
 LOCAL = [
-    "pyspark[sql,ml]>=4.1,<4.2",
+    "pyspark[sql,ml,connect]>=4.1,<4.2",
     "delta-spark==4.4.0",
     "torch>=2.4,<2.16",
     "transformers>=5.0,<6",
