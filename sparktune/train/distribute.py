@@ -100,6 +100,17 @@ def _failure_message(cfg: TrainConfig, attempts: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _place_outputs_on_volume(cfg: TrainConfig) -> None:
+    """On Databricks with a job Volume, a relative output_dir lands on that Volume: a driver-local
+    ``./out`` is neither shared with the ranks nor kept after the cluster stops."""
+    from sparktune.databricks import default_output_root
+
+    root = default_output_root()
+    if root and not os.path.isabs(cfg.output_dir) and "://" not in cfg.output_dir:
+        cfg.output_dir = os.path.join(root, "runs", os.path.normpath(cfg.output_dir))
+        log.warning("sparktune train: output_dir is %s (the job's Volume)", cfg.output_dir)
+
+
 def run_training(cfg, spark=None, tracker=None, plan: LaunchPlan | None = None) -> TrainResult:
     """Driver side of a training job on Spark; returns the ``TrainResult`` of the successful launch.
 
@@ -118,6 +129,7 @@ def run_training(cfg, spark=None, tracker=None, plan: LaunchPlan | None = None) 
         from sparktune.spark import get_spark
 
         spark = get_spark()
+    _place_outputs_on_volume(cfg)
     if plan is None:
         plan = build_launch_plan(cfg, **spark_facts(spark))
     _resolve_table(spark, cfg, plan.num_processes)
