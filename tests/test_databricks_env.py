@@ -209,3 +209,22 @@ def test_notebook_param_reads_the_environment_off_databricks(clean_env):
     # On Databricks without dbutils (not a notebook) the environment still answers.
     clean_env.setenv("DATABRICKS_RUNTIME_VERSION", "17.3")
     assert dbx.notebook_param("tokenized_table", "x") == "main.sparktune.imdb_tokenized"
+
+
+def test_training_outputs_land_on_the_job_volume_on_databricks(monkeypatch):
+    from sparktune.train.config import load_train_config
+    from sparktune.train.distribute import _place_outputs_on_volume
+
+    def cfg(output_dir):
+        return load_train_config(None, ["model.name=x", "data.table=/t", f"output_dir={output_dir}"])
+
+    relative, absolute = cfg("./out/run1"), cfg("/dbfs/runs/run1")
+    _place_outputs_on_volume(relative)  # not on Databricks: left alone
+    assert relative.output_dir == "./out/run1"
+    monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "17.3")
+    monkeypatch.setenv("SPARKTUNE_VOLUME", "main.sparktune.files")
+    _place_outputs_on_volume(relative)
+    _place_outputs_on_volume(absolute)
+    assert relative.output_dir == "/Volumes/main/sparktune/files/sparktune/runs/out/run1"
+    assert relative.checkpoint_dir.startswith("/Volumes/main/sparktune/files/")
+    assert absolute.output_dir == "/dbfs/runs/run1"
