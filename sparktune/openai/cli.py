@@ -49,11 +49,11 @@ def _validation_args(p) -> None:
                    help=f"USD per 1M training tokens for the cost estimate (default {DEFAULT_PRICE_PER_MILLION:g}; check your price list)")
 
 
-def _tracking_args(p) -> None:
+def _experiment(args) -> str:
     from sparktune.openai.tracking import DEFAULT_EXPERIMENT
 
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: as `sparktune train`)")
-    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=f"MLflow experiment (default {DEFAULT_EXPERIMENT}, the open model's)")
+    # Beside the open model's runs by default, so both are compared in one experiment.
+    return args.experiment or DEFAULT_EXPERIMENT
 
 
 def _service_args(p) -> None:
@@ -79,9 +79,14 @@ def _validate(args, train: str, validation: str | None):
                           price_per_million=args.price_per_million)
 
 
+def _spark(args):
+    from sparktune.spark import get_spark
+
+    return get_spark(master=args.master, remote=args.remote)
+
+
 def _run_export(args) -> int:
     from sparktune.openai.export import ExportSpec, export_chat_jsonl
-    from sparktune.spark import get_spark
 
     spec = ExportSpec(
         table=args.table, output=args.output, train_split=args.train_split, validation_split=args.validation_split,
@@ -89,7 +94,7 @@ def _run_export(args) -> int:
         seed=args.seed, template=_template(args),
     )
     spec.check()
-    result = export_chat_jsonl(get_spark(master=args.master), spec, force=args.force)
+    result = export_chat_jsonl(_spark(args), spec, force=args.force)
     print(result.summary())
     if not args.no_validate:
         report = _validate(args, result.train_path, result.validation_path)
@@ -114,7 +119,7 @@ def _credentials(args):
 def _run_log(args, creds):
     from sparktune.openai.tracking import RunLog
 
-    return RunLog(args.tracking_uri, args.experiment, secrets=creds.secrets())
+    return RunLog(args.tracking_uri, _experiment(args), secrets=creds.secrets())
 
 
 def _run_submit(args) -> int:
@@ -195,7 +200,6 @@ def _run_deploy(args) -> int:
 def _run_score(args) -> int:
     from sparktune.openai.export import PromptTemplate, read_manifest
     from sparktune.openai.score import ScoreSpec, comparison_table, score_model
-    from sparktune.spark import get_spark
 
     creds = _credentials(args)
     template = _template(args)
@@ -214,7 +218,7 @@ def _run_score(args) -> int:
     )
     spec.check()
     log = None if args.no_mlflow else _run_log(args, creds)
-    result = score_model(get_spark(master=args.master), creds, spec, log, run_id=args.run_id or record.get("run_id"),
+    result = score_model(_spark(args), creds, spec, log, run_id=args.run_id or record.get("run_id"),
                          job_id=record.get("job_id"))
     from sparktune.evaluate import format_metrics
 
@@ -238,6 +242,8 @@ def _run_score(args) -> int:
 
 
 def add_cli(subparsers) -> None:
+    from sparktune.cli import stage_parser
+
     parser = subparsers.add_parser(
         "openai", help="fine-tune a hosted model (Azure OpenAI / OpenAI) from the same tables and score it",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -245,7 +251,7 @@ def add_cli(subparsers) -> None:
     sub = parser.add_subparsers(dest="openai_command", metavar="STEP")
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
-    p = sub.add_parser("export", help="raw Delta table -> chat JSONL (train + validation), then validate")
+    p = stage_parser(sub, "export", help="raw Delta table -> chat JSONL (train + validation), then validate")
     p.add_argument("--table", required=True, help="raw TABLE (row_id, split, text, label)")
     p.add_argument("--output", required=True, help="folder for train.jsonl, validation.jsonl and manifest.json")
     p.add_argument("--train-split", default="train", help="split whose rows become training examples (default train)")
@@ -256,20 +262,18 @@ def add_cli(subparsers) -> None:
     p.add_argument("--seed", type=int, default=42, help="seed of the shuffle and the held-out choice (default 42)")
     p.add_argument("--force", action="store_true", help="rewrite even when the files are up to date")
     p.add_argument("--no-validate", action="store_true", help="skip the validation summary")
-    p.add_argument("--master", help="Spark master for a local session (default: local[*])")
     _template_args(p)
     _validation_args(p)
     p.set_defaults(func=_run_export)
 
-    p = sub.add_parser("validate", help="check chat JSONL and count tokens offline: examples, tokens, cost")
+    p = stage_parser(sub, "validate", help="check chat JSONL and count tokens offline: examples, tokens, cost")
     p.add_argument("--data", help="an export folder (train.jsonl + validation.jsonl)")
     p.add_argument("--train", help="a training JSONL file (instead of --data)")
     p.add_argument("--validation", help="a validation JSONL file (with --train)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
     _validation_args(p)
     p.set_defaults(func=_run_validate)
 
-    p = sub.add_parser("submit", help="validate, upload the files and create the fine-tuning job (--wait: follow it)")
+    p = stage_parser(sub, "submit", help="validate, upload the files and create the fine-tuning job (--wait: follow it)")
     p.add_argument("--data", required=True, help="the export folder")
     _validation_args(p)
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the service chooses)")
@@ -278,18 +282,16 @@ def add_cli(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None, help="the job's seed, for reproducible runs")
     p.add_argument("--wait", action="store_true", help="follow the job until it ends")
     _service_args(p)
-    _tracking_args(p)
     p.set_defaults(func=_run_submit)
 
-    p = sub.add_parser("follow", help="print a job's status and events until it ends; log its metrics to MLflow")
+    p = stage_parser(sub, "follow", help="print a job's status and events until it ends; log its metrics to MLflow")
     p.add_argument("--job", help="fine-tuning job id (default: the one in --data's job.json)")
     p.add_argument("--data", help="the export folder `submit` wrote job.json into")
     p.add_argument("--run-id", help="MLflow run of the job (default: found by the job id)")
     _service_args(p)
-    _tracking_args(p)
     p.set_defaults(func=_run_follow)
 
-    p = sub.add_parser("deploy", help="create an Azure OpenAI deployment of the fine-tuned model and wait for it")
+    p = stage_parser(sub, "deploy", help="create an Azure OpenAI deployment of the fine-tuned model and wait for it")
     p.add_argument("--name", required=True, help="deployment name (what score's --deployment takes)")
     p.add_argument("--model", help="fine-tuned model name (default: from --data's job.json)")
     p.add_argument("--data", help="the export folder `follow` recorded the model in")
@@ -298,7 +300,7 @@ def add_cli(subparsers) -> None:
     _service_args(p)
     p.set_defaults(func=_run_deploy)
 
-    p = sub.add_parser("score", help="score the deployment on a table's test rows: metrics, predictions table, MLflow")
+    p = stage_parser(sub, "score", help="score the deployment on a table's test rows: metrics, predictions table, MLflow")
     p.add_argument("--table", required=True, help="raw TABLE with row_id, split, text, label")
     p.add_argument("--deployment", required=True, help="Azure deployment name (on OpenAI: the fine-tuned model name)")
     p.add_argument("--data", help="the export folder: score with its prompt template, log into its job's MLflow run")
@@ -313,7 +315,5 @@ def add_cli(subparsers) -> None:
     p.add_argument("--compare", action="append", metavar="RUN_ID", help="print this run's metrics beside (repeatable)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--secret-scope", help="on Databricks: read missing AZURE_OPENAI_* values from this secret scope")
-    p.add_argument("--master", help="Spark master for a local session (default: local[*])")
     _template_args(p)
-    _tracking_args(p)
     p.set_defaults(func=_run_score)
