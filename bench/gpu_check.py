@@ -234,7 +234,8 @@ def main(argv=None) -> int:
     parser.add_argument("--block", type=int, default=0, help="tokens per block (default 1024; 64 smoke)")
     parser.add_argument("--compile", choices=("both", "on", "off"), default="", help="default both (off smoke)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense bf16 peak, if unknown")
-    parser.add_argument("--tokenizer", default="", help="GPT-2 tokenizer folder (default: shared/models/gpt2-tokenizer)")
+    parser.add_argument("--tokenizer", default="", help="GPT-2 tokenizer folder (default: "
+                                                        "shared/models/gpt2-tokenizer)")
     parser.add_argument("--imdb", default=None, help="IMDB Parquet folder (default: shared/data/imdb; '' synthetic)")
     parser.add_argument("--work", default="", help="scratch folder (default: a temp folder)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line last")

@@ -181,7 +181,8 @@ def default_quarantine_ref(output: str) -> str:
 def detect_source(source: str, fmt: str = "auto") -> tuple[str, str]:
     """Return ``(kind, location)``: kind is aclimdb, split-files, file, folder, delta, hf or table."""
     if fmt not in ("auto", "parquet", "csv", "json", "aclimdb", "hf", "table", "delta"):
-        raise SparktuneError(f"--format {fmt!r} is not known: use auto, parquet, csv, json, aclimdb, delta, hf or table")
+        raise SparktuneError(f"--format {fmt!r} is not known: use auto, parquet, csv, json, aclimdb, delta, hf or "
+                             "table")
     if source.startswith("hf:") or fmt == "hf":
         return "hf", source.removeprefix("hf:")
     if fmt == "table":
@@ -504,7 +505,8 @@ def _json_frame(spark, files: list, text_column: str, label_column: str, default
     problems = []
     for arg, column in (("--text-column", text_column), ("--label-column", label_column)):
         if objects_seen and column not in keys:
-            problems.append(f"no JSON record has the key {column!r} (found keys: {', '.join(map(redact, sorted(keys)[:50]))}); "
+            problems.append(f"no JSON record has the key {column!r} (found keys: "
+                            f"{', '.join(map(redact, sorted(keys)[:50]))}); "
                             f"pass {arg}")
     if problems:
         raise SparktuneError("; ".join(problems))
@@ -566,7 +568,8 @@ def _csv_frame(spark, files: list, text_column: str, label_column: str, default_
         problems = []
         for arg, column in (("--text-column", text_column), ("--label-column", label_column)):
             if column not in names:
-                problems.append(f"the CSV header has no column {column!r} (found: {', '.join(map(redact, names))}); pass {arg}")
+                problems.append(f"the CSV header has no column {column!r} (found: {', '.join(map(redact, names))}); "
+                                f"pass {arg}")
         if problems:
             raise SparktuneError("; ".join(problems))
     whole = spark.read.text(files, wholetext=True).select(F.col("_metadata.file_path").alias("source_file"), "value")
@@ -601,7 +604,8 @@ def _files_frame(spark, files: list, fmt: str, text_column, label_column, defaul
         df = spark.read.option("mergeSchema", "true").parquet(*files)
     except Exception as exc:  # AnalysisException: the files' schemas conflict
         raise SparktuneError(
-            f"the Parquet files cannot be read as one table ({type(exc).__name__}: {redact(str(exc).splitlines()[0])[:300]}); "
+            f"the Parquet files cannot be read as one table ({type(exc).__name__}: "
+            f"{redact(str(exc).splitlines()[0])[:300]}); "
             "give files with compatible column types"
         ) from None
     df = df.withColumn("source_file", F.col("_metadata.file_path"))
@@ -886,7 +890,8 @@ def ingest(
         raise SparktuneError(f"--num-labels must be at least 1, found {num_labels}")
     for arg, column in (("--text-column", text_column), ("--label-column", label_column)):
         if not _COLUMN_ARG.match(column or ""):
-            raise SparktuneError(f"{arg} {column!r}: expected a column name of letters, digits, '_', '-', '.' or spaces")
+            raise SparktuneError(f"{arg} {column!r}: expected a column name of letters, digits, '_', '-', '.' or "
+                                 "spaces")
     output_ref = parse_table_ref(output)
     quarantine = quarantine or default_quarantine_ref(output)
     quarantine_ref = parse_table_ref(quarantine)
@@ -992,10 +997,12 @@ def add_cli(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--source", required=True, help="file, folder, aclImdb/ folder, Delta path, hf:NAME or table name")
+    parser.add_argument("--source", required=True, help="file, folder, aclImdb/ folder, Delta path, hf:NAME or table "
+                                                        "name")
     parser.add_argument("--output", required=True, help="raw TABLE (a path or a catalog name)")
     parser.add_argument("--quarantine", help="TABLE for rejected rows (default: OUTPUT_quarantine)")
-    parser.add_argument("--format", default="auto", dest="fmt", help="auto (default), parquet, csv, json, aclimdb, delta, hf, table")
+    parser.add_argument("--format", default="auto", dest="fmt", help="auto (default), parquet, csv, json, aclimdb, "
+                                                                     "delta, hf, table")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--split", help="split name for sources without one (default: the file name, else 'train')")

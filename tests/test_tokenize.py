@@ -121,7 +121,8 @@ def test_stats_sql_and_plot_for_analysts(spark, raw_table, gpt2_tokenizer_path, 
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert sum(drawn["series"]["test"].values()) == 100
 
-    by_label = run_sql(spark, f"SELECT label, count(*) AS n FROM delta.`{out}` WHERE split = 'train' GROUP BY label ORDER BY label")
+    by_label = run_sql(spark, f"SELECT label, count(*) AS n FROM delta.`{out}` WHERE split = 'train' GROUP BY label "
+                              "ORDER BY label")
     assert by_label.to_dict("records") == [{"label": 0, "n": 100}, {"label": 1, "n": 100}]
     with pytest.raises(SparktuneError, match="query failed"):
         run_sql(spark, "SELEC nothing")

@@ -138,7 +138,8 @@ def credentials_from_env(secret_scope: str | None = None, environ=None) -> Crede
     where = f" (environment or secret scope {secret_scope!r})" if secret_scope else " (environment)"
     if endpoint:
         if not endpoint.startswith(("https://", "http://")):
-            raise SparktuneError(f"AZURE_OPENAI_ENDPOINT must be a URL like https://NAME.openai.azure.com; found {endpoint!r}")
+            raise SparktuneError("AZURE_OPENAI_ENDPOINT must be a URL like https://NAME.openai.azure.com; found "
+                                 f"{endpoint!r}")
         key, token = get("AZURE_OPENAI_API_KEY"), get("AZURE_OPENAI_AD_TOKEN")
         if not key and not token:
             raise SparktuneError(
@@ -211,7 +212,8 @@ def upload_file(client, path: str, poll_interval: float = 2.0, timeout: float = 
     current = uploaded
     while current.status not in ("processed", "error", "deleted"):
         if time.monotonic() > deadline:
-            raise SparktuneError(f"file {uploaded.id} ({path}) still {current.status!r} after {timeout:.0f} s; try again later")
+            raise SparktuneError(f"file {uploaded.id} ({path}) still {current.status!r} after {timeout:.0f} s; try "
+                                 "again later")
         time.sleep(poll_interval)
         current = client.files.retrieve(uploaded.id)
     if current.status != "processed":

@@ -54,7 +54,8 @@ def management_from_env(environ=None) -> ManagementTarget:
                                         ("AZURE_OPENAI_RESOURCE", account)) if not (value or "").strip()]
     if missing:
         raise SparktuneError(
-            f"deploy needs {', '.join(missing)} in the environment: the Azure subscription id, the resource group and the "
+            f"deploy needs {', '.join(missing)} in the environment: the Azure subscription id, the resource group and "
+            "the "
             "Azure OpenAI resource (account) name that holds the fine-tuned model"
         )
     token = (env.get("AZURE_MANAGEMENT_TOKEN") or "").strip()
@@ -84,7 +85,8 @@ class DeploymentSpec:
         if not self.name or len(self.name) > 64:
             raise SparktuneError(f"--name must be 1 to 64 characters; found {self.name!r}")
         if not self.model:
-            raise SparktuneError("--model is empty: give the fine-tuned model name that `sparktune openai follow` printed")
+            raise SparktuneError("--model is empty: give the fine-tuned model name that `sparktune openai follow` "
+                                 "printed")
         if self.capacity < 1:
             raise SparktuneError(f"--capacity must be a positive number of capacity units; found {self.capacity}")
 
@@ -137,9 +139,11 @@ def deploy_model(target: ManagementTarget, spec: DeploymentSpec, poll_interval: 
             if state == "Succeeded":
                 return resource
             if state in ("Failed", "Canceled"):
-                raise SparktuneError(f"deployment {spec.name!r} of {spec.model} ended {state}; see the resource's activity log in the Azure portal")
+                raise SparktuneError(f"deployment {spec.name!r} of {spec.model} ended {state}; see the resource's "
+                                     "activity log in the Azure portal")
             if time.monotonic() - start > timeout:
-                raise SparktuneError(f"deployment {spec.name!r} still {state} after {timeout:.0f} s; run deploy again to keep waiting")
+                raise SparktuneError(f"deployment {spec.name!r} still {state} after {timeout:.0f} s; run deploy again "
+                                     "to keep waiting")
             time.sleep(poll_interval)
             response = _request(http, "GET", url, target.token, max_retries)
             if response.status_code != 200:

@@ -58,9 +58,11 @@ class ScoreSpec:
     def check(self) -> None:
         self.template.check()
         if not self.model:
-            raise SparktuneError("--deployment is empty: name the Azure deployment (or, on OpenAI, the fine-tuned model) to score")
+            raise SparktuneError("--deployment is empty: name the Azure deployment (or, on OpenAI, the fine-tuned "
+                                 "model) to score")
         if self.concurrency < 1 or self.partitions < 1:
-            raise SparktuneError(f"--concurrency and --partitions must be >= 1; found {self.concurrency} and {self.partitions}")
+            raise SparktuneError(f"--concurrency and --partitions must be >= 1; found {self.concurrency} and "
+                                 f"{self.partitions}")
         if self.limit < 0:
             raise SparktuneError(f"--limit must be 0 (all rows) or a positive row count; found {self.limit}")
 
@@ -144,7 +146,8 @@ def _preflight(creds, spec: ScoreSpec) -> int:
         raise SparktuneError(f"--deployment {spec.model!r} was not found by the service ({_scrub(exc, creds)}); "
                              "deploy it first (`sparktune openai deploy`) or check the name") from exc
     except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-        raise SparktuneError(f"the service refused the credentials ({_scrub(exc, creds)}); check AZURE_OPENAI_API_KEY / "
+        raise SparktuneError(f"the service refused the credentials ({_scrub(exc, creds)}); check AZURE_OPENAI_API_KEY "
+                             "/ "
                              "AZURE_OPENAI_AD_TOKEN and the endpoint") from exc
     except openai.APIError as exc:
         raise SparktuneError(f"a test request to {spec.model!r} failed: {_scrub(exc, creds)}") from exc
@@ -172,7 +175,8 @@ def score_model(spark, creds, spec: ScoreSpec, log=None, run_id: str | None = No
     df = read_table(spark, spec.table, version=version, what="--table")
     missing = [c for c in ("row_id", "text", "label") + (("split",) if spec.split else ()) if c not in df.columns]
     if missing:
-        raise SparktuneError(f"--table {spec.table}: missing column(s) {missing} (columns: {df.columns}); score a raw table from `sparktune ingest`")
+        raise SparktuneError(f"--table {spec.table}: missing column(s) {missing} (columns: {df.columns}); score a raw "
+                             "table from `sparktune ingest`")
     if spec.split:
         df = df.where(F.col("split") == spec.split)
     df = df.where(F.col("label") >= 0).select("row_id", "text", "label")
@@ -203,7 +207,8 @@ def score_model(spark, creds, spec: ScoreSpec, log=None, run_id: str | None = No
         F.sum("retries").alias("retries"),
     ).collect()[0]
     if not counts["n"]:
-        raise SparktuneError(f"no labelled rows in {spec.table} split {spec.split!r}; pick a split with labels (e.g. test)")
+        raise SparktuneError(f"no labelled rows in {spec.table} split {spec.split!r}; pick a split with labels (e.g. "
+                             "test)")
     if counts["errors"] == counts["n"]:
         first = out.where(F.col("error").isNotNull()).select("error").first()["error"]
         raise SparktuneError(f"every request failed; the first error: {first}")
