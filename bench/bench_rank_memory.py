@@ -5,8 +5,8 @@ no Spark), dealt into ``--world`` shard files, and then a *fresh process* plays 
 imports torch (as a rank does), reads its shard (``sparktune.train.data.read_shard``: Parquet
 row groups into a memory-mapped flat cache), builds the length-grouping sampler over all its
 rows and collates ``--steps`` batches of ``--batch-size`` rows. Its peak RSS
-(``VmHWM`` in ``/proc/self/status``; ``ru_maxrss`` would include the parent's peak) is what is compared: same batch size, same
-steps, only the corpus differs. Target: growth <= 10% from 100k to 2M rows.
+(``VmHWM`` in ``/proc/self/status``; ``ru_maxrss`` would include the parent's peak) is what is
+compared: same batch size, same steps, only the corpus differs. Target: growth <= 10% from 100k to 2M rows.
 
 Shards are written by ``sparktune.staging.stage_training_data`` (Spark, ``local[2]``) for sizes
 up to ``--spark-max-rows``, and above it by ``--direct`` dealing in numpy with the same layout

@@ -207,7 +207,9 @@ def detect_source(source: str, fmt: str = "auto") -> tuple[str, str]:
 
 
 def _is_aclimdb(path: str) -> bool:
-    return any(os.path.isdir(os.path.join(path, split, label)) for split in ("train", "test") for label in ("pos", "neg"))
+    return any(
+        os.path.isdir(os.path.join(path, split, label)) for split in ("train", "test") for label in ("pos", "neg")
+    )
 
 
 def _visible(name: str) -> bool:
@@ -389,7 +391,9 @@ def _count_delta(location: str, version: int) -> int:
 
     actions = pa.table(actions) if not isinstance(actions, pa.Table) else actions
     names = actions.column_names
-    has_dv = "deletionVector.storageType" in names and actions.column("deletionVector.storageType").null_count < len(actions)
+    has_dv = "deletionVector.storageType" in names and actions.column("deletionVector.storageType").null_count < len(
+        actions
+    )
     if "num_records" in names and actions.column("num_records").null_count == 0 and not has_dv:
         return int(sum(actions.column("num_records").to_pylist()))
     return table.to_pyarrow_dataset().count_rows()
@@ -499,7 +503,11 @@ def _json_frame(spark, files: list, text_column: str, label_column: str, default
     parsed = lines.select("value", "source_file", F.expr("try_parse_json(value)").alias("_v"))
     parsed = parsed.withColumn("_vtype", F.expr("schema_of_variant(_v)"))
     keys = [
-        r["k"] for r in lines.select(F.explode(F.expr("json_object_keys(value)")).alias("k")).distinct().limit(10_000).collect()
+        r["k"]
+        for r in lines.select(F.explode(F.expr("json_object_keys(value)")).alias("k"))
+        .distinct()
+        .limit(10_000)
+        .collect()
     ]
     objects_seen = bool(keys) or parsed.where(F.col("_vtype").startswith("OBJECT")).limit(1).count() > 0
     problems = []
@@ -523,13 +531,19 @@ def _json_frame(spark, files: list, text_column: str, label_column: str, default
 
     def not_scalar(name):
         t = vtype(name)
-        return F.when(t.isNull() | ~(t.startswith("OBJECT") | t.startswith("ARRAY")), F.lit(None).cast("string")).otherwise(t)
+        return F.when(
+            t.isNull() | ~(t.startswith("OBJECT") | t.startswith("ARRAY")), F.lit(None).cast("string")
+        ).otherwise(t)
 
     problem = (
         F.when(F.col("value").rlike(_BLANK_JAVA), F.lit(Reason.BLANK_RECORD.value))
         .when(F.col("_v").isNull(), F.lit(f"{Reason.UNPARSEABLE.value}: the line is not valid JSON"))
-        .when(~F.coalesce(F.col("_vtype").startswith("OBJECT"), F.lit(False)),
-              F.concat(F.lit(f"{Reason.UNPARSEABLE.value}: the line is a JSON "), F.col("_vtype"), F.lit(", not an object")))
+        .when(
+            ~F.coalesce(F.col("_vtype").startswith("OBJECT"), F.lit(False)),
+            F.concat(
+                F.lit(f"{Reason.UNPARSEABLE.value}: the line is a JSON "), F.col("_vtype"), F.lit(", not an object")
+            ),
+        )
     )
     has_split = "split" in keys
     columns = [
@@ -697,8 +711,15 @@ def _load(spark, kind: str, location: str, fmt: str, split: str | None, text_col
         reader = spark.read.format("delta")
         if version is not None:
             reader = reader.option("versionAsOf", version)
-        df = reader.load(path) if kind == "delta" else (
-            spark.sql(f"SELECT * FROM {parse_table_ref(location).sql}" + (f" VERSION AS OF {version}" if version is not None else ""))
+        df = (
+            reader.load(path)
+            if kind == "delta"
+            else (
+                spark.sql(
+                    f"SELECT * FROM {parse_table_ref(location).sql}"
+                    + (f" VERSION AS OF {version}" if version is not None else "")
+                )
+            )
         )
         if records is None:
             records = df.count()
@@ -914,12 +935,19 @@ def ingest(
             F.coalesce(F.col("reason").isNull() & F.col("row_id").isNotNull() & (F.row_number().over(first) > 1),
                        F.lit(False)),
         )
-        tagged = tagged.withColumn(
-            "reason", F.when(F.col("_duplicate"), F.concat(F.lit(Reason.DUPLICATE.value + " of row_id "), F.col("row_id")))
-            .otherwise(F.col("reason"))
-        ).withColumn(
-            "reason_kind", F.when(F.col("_duplicate"), F.lit(Reason.DUPLICATE.value)).otherwise(F.col("reason_kind"))
-        ).drop("_duplicate")
+        tagged = (
+            tagged.withColumn(
+                "reason",
+                F.when(
+                    F.col("_duplicate"), F.concat(F.lit(Reason.DUPLICATE.value + " of row_id "), F.col("row_id"))
+                ).otherwise(F.col("reason")),
+            )
+            .withColumn(
+                "reason_kind",
+                F.when(F.col("_duplicate"), F.lit(Reason.DUPLICATE.value)).otherwise(F.col("reason_kind")),
+            )
+            .drop("_duplicate")
+        )
         tagged = tagged.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             counts = {r["reason_kind"]: r["count"] for r in tagged.groupBy("reason_kind").count().collect()}
@@ -945,8 +973,16 @@ def ingest(
             }
             extras = [c for c in loaded.extras if c in tagged.columns]
             raw = tagged.where(F.col("reason").isNull()).select(
-                "row_id", "split", "text", "label", *extras,
-                *([redact_column(F.col("source_file")).alias("source_file")] if "source_file" in tagged.columns else []),
+                "row_id",
+                "split",
+                "text",
+                "label",
+                *extras,
+                *(
+                    [redact_column(F.col("source_file")).alias("source_file")]
+                    if "source_file" in tagged.columns
+                    else []
+                ),
             )
             rejected = tagged.where(F.col("reason").isNotNull()).select(
                 "reason", "record", "split", F.lit(source_shown).alias("source"),
@@ -966,7 +1002,10 @@ def ingest(
         else:
             spark.conf.set("spark.sql.mapKeyDedupPolicy", previous)
 
-    written = (_committed_rows(spark, output_ref, output_version), _committed_rows(spark, quarantine_ref, quarantine_version))
+    written = (
+        _committed_rows(spark, output_ref, output_version),
+        _committed_rows(spark, quarantine_ref, quarantine_version),
+    )
     if None not in written and written != (raw_rows, quarantined_rows):
         raise SparktuneError(
             f"the commits wrote {written[0]:,} raw and {written[1]:,} quarantined rows, but {raw_rows:,} and "

@@ -218,8 +218,15 @@ def _run_score(args) -> int:
         template = PromptTemplate(t["system"], t["user"], tuple(t["label_names"]))  # score with the prompt it learnt
         record = _job_record(args) if os.path.isfile(os.path.join(args.data, "job.json")) else {}
     spec = ScoreSpec(
-        table=args.table, model=args.deployment, split=args.split, limit=args.limit, predictions=args.predictions,
-        concurrency=args.concurrency, partitions=args.partitions, max_retries=args.max_retries, max_tokens=args.max_tokens,
+        table=args.table,
+        model=args.deployment,
+        split=args.split,
+        limit=args.limit,
+        predictions=args.predictions,
+        concurrency=args.concurrency,
+        partitions=args.partitions,
+        max_retries=args.max_retries,
+        max_tokens=args.max_tokens,
         template=template,
     )
     spec.check()
@@ -234,7 +241,10 @@ def _run_score(args) -> int:
     print(f"\nunparsed answers {result.unparsed}  (counted wrong)   failed requests {result.errors}   retries "
           f"{result.retries}")
     for example in result.examples:
-        print(f"  row {example['row_id']}: answer {example['answer']!r}" + (f", error {example['error']}" if example["error"] else ""))
+        print(
+            f"  row {example['row_id']}: answer {example['answer']!r}"
+            + (f", error {example['error']}" if example["error"] else "")
+        )
     if result.predictions_table:
         print(f"predictions written to {result.predictions_table} (version {result.predictions_version})")
     if log is not None and result.run_id:

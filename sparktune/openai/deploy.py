@@ -70,7 +70,9 @@ def management_from_env(environ=None) -> ManagementTarget:
             ) from exc
         token = DefaultAzureCredential().get_token("https://management.azure.com/.default").token
     endpoint = (env.get("AZURE_MANAGEMENT_ENDPOINT") or "https://management.azure.com").rstrip("/")
-    return ManagementTarget(endpoint, env["AZURE_SUBSCRIPTION_ID"].strip(), env["AZURE_RESOURCE_GROUP"].strip(), account, token)
+    return ManagementTarget(
+        endpoint, env["AZURE_SUBSCRIPTION_ID"].strip(), env["AZURE_RESOURCE_GROUP"].strip(), account, token
+    )
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,9 @@ def _chat_lines(df, template: PromptTemplate):
     messages = []
     if template.system:
         messages.append(F.struct(F.lit("system").alias("role"), F.lit(template.system).alias("content")))
-    messages.append(F.struct(F.lit("user").alias("role"), F.concat(F.lit(before), F.col("text"), F.lit(after)).alias("content")))
+    messages.append(
+        F.struct(F.lit("user").alias("role"), F.concat(F.lit(before), F.col("text"), F.lit(after)).alias("content"))
+    )
     messages.append(F.struct(F.lit("assistant").alias("role"), answer.alias("content")))
     return df.select(F.to_json(F.struct(F.array(*messages).alias("messages"))).alias("value"), "_key")
 
@@ -248,11 +250,15 @@ def export_chat_jsonl(spark, spec: ExportSpec, force: bool = False) -> ExportRes
         validation_pool = labelled.where(F.col("split") == spec.validation_split)
     else:
         # A seeded hash bucket, not randomSplit: the same row lands on the same side every run.
-        bucket = F.pmod(F.xxhash64(F.lit(int(spec.seed) + 1), F.col("row_id")), F.lit(1_000_000)) < int(spec.validation_fraction * 1_000_000)
+        bucket = F.pmod(F.xxhash64(F.lit(int(spec.seed) + 1), F.col("row_id")), F.lit(1_000_000)) < int(
+            spec.validation_fraction * 1_000_000
+        )
         train_pool = labelled.where(in_train_split & ~bucket)
         validation_pool = labelled.where(in_train_split & bucket)
     train_df = train_pool.orderBy("_key").limit(spec.limit) if spec.limit else train_pool
-    validation_df = validation_pool.orderBy("_key").limit(spec.validation_limit) if spec.validation_limit else validation_pool
+    validation_df = (
+        validation_pool.orderBy("_key").limit(spec.validation_limit) if spec.validation_limit else validation_pool
+    )
 
     os.makedirs(output, exist_ok=True)
     if os.path.exists(manifest_path):
@@ -284,5 +290,6 @@ def export_chat_jsonl(spark, spec: ExportSpec, force: bool = False) -> ExportRes
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=2, sort_keys=True)
     os.replace(tmp, manifest_path)
-    return ExportResult(output, train_path, validation_path, manifest_path, spec.table, version, train_rows, validation_rows, False)
-
+    return ExportResult(
+        output, train_path, validation_path, manifest_path, spec.table, version, train_rows, validation_rows, False
+    )

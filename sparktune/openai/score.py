@@ -37,7 +37,9 @@ def parse_answer(answer: str | None, label_names) -> int:
     for i, name in enumerate(names):
         if text == " ".join(_WORD.findall(name)):
             return i
-    mentioned = [i for i, name in enumerate(names) if re.search(rf"\b{re.escape(' '.join(_WORD.findall(name)))}\b", text)]
+    mentioned = [
+        i for i, name in enumerate(names) if re.search(rf"\b{re.escape(' '.join(_WORD.findall(name)))}\b", text)
+    ]
     return mentioned[0] if len(mentioned) == 1 else -1
 
 
@@ -139,7 +141,10 @@ def _preflight(creds, spec: ScoreSpec) -> int:
     client = creds.client(max_retries=spec.max_retries, timeout=spec.request_timeout)
     try:
         raw = client.chat.completions.with_raw_response.create(
-            model=spec.model, messages=spec.template.messages("A short test review."), temperature=0, max_tokens=spec.max_tokens
+            model=spec.model,
+            messages=spec.template.messages("A short test review."),
+            temperature=0,
+            max_tokens=spec.max_tokens,
         )
         raw.parse()
     except openai.NotFoundError as exc:
@@ -163,7 +168,10 @@ def _scrub(exc, creds) -> str:
 
 def score_model(spark, creds, spec: ScoreSpec, log=None, run_id: str | None = None, job_id: str | None = None,
                 say=print) -> ScoreResult:
-    """Score ``spec.model`` on ``spec.table``'s ``spec.split`` rows; log to ``run_id`` (or the job's run, or a new one)."""
+    """Score ``spec.model`` on ``spec.table``'s ``spec.split`` rows; log to ``run_id``
+
+    (or the job's run, or a new one).
+    """
     from pyspark.sql import functions as F
 
     from sparktune.evaluate import compute_metrics
@@ -192,10 +200,20 @@ def score_model(spark, creds, spec: ScoreSpec, log=None, run_id: str | None = No
     predictions_version = None
     if spec.predictions:
         predictions_version = write_table(
-            scored, spec.predictions,
-            properties={"sparktune.model": spec.model, "sparktune.source_table": spec.table,
-                        "sparktune.source_version": version, "sparktune.split": spec.split or ""},
-            user_metadata={"stage": "openai-score", "model": spec.model, "source_table": spec.table, "source_version": version},
+            scored,
+            spec.predictions,
+            properties={
+                "sparktune.model": spec.model,
+                "sparktune.source_table": spec.table,
+                "sparktune.source_version": version,
+                "sparktune.split": spec.split or "",
+            },
+            user_metadata={
+                "stage": "openai-score",
+                "model": spec.model,
+                "source_table": spec.table,
+                "source_version": version,
+            },
         )
         out = read_table(spark, spec.predictions, version=predictions_version)
     else:
@@ -241,8 +259,20 @@ def score_model(spark, creds, spec: ScoreSpec, log=None, run_id: str | None = No
         })
         log.log_json(run_id, dict(metrics, unparsed=counts["unparsed"], errors=counts["errors"], examples=examples),
                      f"{split}_metrics.json", folder="evaluation")
-    return ScoreResult(spec.model, spec.table, version, split, metrics, int(counts["unparsed"] or 0), int(counts["errors"] or 0),
-                       retries + int(counts["retries"] or 0), spec.predictions, predictions_version, run_id, examples)
+    return ScoreResult(
+        spec.model,
+        spec.table,
+        version,
+        split,
+        metrics,
+        int(counts["unparsed"] or 0),
+        int(counts["errors"] or 0),
+        retries + int(counts["retries"] or 0),
+        spec.predictions,
+        predictions_version,
+        run_id,
+        examples,
+    )
 
 
 _COMPARED = ("n", "accuracy", "precision", "recall", "f1")

@@ -288,7 +288,11 @@ def _check_example(obj) -> list:
         content = message.get("content")
         if "content" not in message:
             problems.append(f"{where}: no `content`")
-        elif role == Role.ASSISTANT.value and content is None and (message.get("tool_calls") or message.get("function_call")):
+        elif (
+            role == Role.ASSISTANT.value
+            and content is None
+            and (message.get("tool_calls") or message.get("function_call"))
+        ):
             pass  # an assistant turn that only calls a tool
         elif not isinstance(content, str):
             problems.append(f"{where}: `content` must be a string, found {type(content).__name__}")
@@ -330,9 +334,13 @@ def _validate_file(path: str, encoding, limit: int, what: str) -> FileReport:
             messages = obj["messages"]
             n = count_chat_tokens(messages, encoding)
             report.tokens.append(n)
-            report.assistant_tokens.append(sum(
-                len(encoding.encode(m.get("content") or "", disallowed_special=())) for m in messages if m.get("role") == "assistant"
-            ))
+            report.assistant_tokens.append(
+                sum(
+                    len(encoding.encode(m.get("content") or "", disallowed_special=()))
+                    for m in messages
+                    if m.get("role") == "assistant"
+                )
+            )
             if n > limit:
                 report.over_limit.append(line_no)
     if report.examples == 0 and not report.errors:
@@ -358,7 +366,9 @@ def validate_files(
         raise SparktuneError(f"--price-per-million must be >= 0; found {price_per_million}")
     encoding = load_encoding(limits.encoding)
     train = _validate_file(train_path, encoding, limits.max_example_tokens, "training")
-    validation = _validate_file(validation_path, encoding, limits.max_example_tokens, "validation") if validation_path else None
+    validation = (
+        _validate_file(validation_path, encoding, limits.max_example_tokens, "validation") if validation_path else None
+    )
     report = ValidationReport(
         base_model=base_model,
         encoding=limits.encoding,
