@@ -77,6 +77,7 @@ def main(argv=None) -> int:
 
             client = mlflow.MlflowClient(mlflow_uri)
             experiment = client.get_experiment_by_name("cluster-bench")
+            assert experiment is not None, "the training run created no cluster-bench experiment"
             run = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])[0]
             train_metrics = [k for k in run.data.metrics if k.startswith("train/") or k in ("loss", "train_loss")]
             first = min(m.timestamp for k in train_metrics for m in client.get_metric_history(run.info.run_id, k)

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -50,8 +51,8 @@ PEAK_BF16 = (
     ("L4", 121e12),
 )
 
-GPT2_SMALL = {"model_type": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768}
-GPT2_TINY = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64}
+GPT2_SMALL: dict[str, Any] = {"model_type": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768}
+GPT2_TINY: dict[str, Any] = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64}
 
 
 def _shared_candidates(*parts: str) -> list:

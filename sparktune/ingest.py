@@ -60,6 +60,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import cast
 
 from sparktune.errors import SparktuneError
 from sparktune.redact import redact, redact_column
@@ -173,7 +174,7 @@ class IngestResult(StageResult):
 
 def default_quarantine_ref(output: str) -> str:
     ref = parse_table_ref(output)
-    if ref.is_path:
+    if ref.name is None:  # a path
         return output.rstrip("/") + "_quarantine"
     return ref.name + "_quarantine"
 
@@ -329,7 +330,7 @@ def _parse_csv_file(path: str, text: str) -> Iterator[dict]:
             row["_problem"] = f"{Reason.UNPARSEABLE.value}: {problem}"
         elif not header:
             row["_problem"] = f"{Reason.UNPARSEABLE.value}: the file's first record (its header) is empty or malformed"
-        elif fields == []:
+        elif not fields:  # [] (None comes only with a problem, handled above)
             row["_problem"] = Reason.BLANK_RECORD.value
         elif len(fields) > len(header):
             row["_problem"] = (
@@ -685,7 +686,8 @@ def _load(spark, kind: str, location: str, fmt: str, split: str | None, text_col
             for f in files:
                 by_format.setdefault(_file_format(f, fmt), []).append(f)
             groups = [(fs, f, split or "train") for f, fs in by_format.items()]
-        frames, keeps, dropped, counts = [], [], [], {}
+        frames, keeps, dropped = [], [], []
+        counts: dict[str, list] = {}
         for files, file_fmt, default_split in groups:
             frame, keep, drop = _files_frame(spark, files, file_fmt, text_column, label_column, default_split)
             frames.append(frame)
@@ -726,7 +728,8 @@ def _load(spark, kind: str, location: str, fmt: str, split: str | None, text_col
         frame, keep, dropped = _typed(df, text_column, label_column, split or "train")
         pinned = {"sparktune.source_version": str(version) if version is not None else ""}
         try:
-            pinned["sparktune.source_table_id"] = DeltaTable(path).metadata().id
+            # deltalake types Metadata.id as int; it is the table id string (a UUID)
+            pinned["sparktune.source_table_id"] = cast(str, DeltaTable(path).metadata().id)
         except Exception:  # see above
             pass
         return _Loaded(frame, SourceCount(records, method), keep, dropped, pinned)
@@ -867,7 +870,7 @@ def _check_targets(spark, output: TableRef, quarantine: TableRef, kind: str, loc
             raise SparktuneError(f"{what} {redact(ref.raw)!r} is the --source table: write to another table")
         if kind == "table" and not ref.is_path and ref.name == location:
             raise SparktuneError(f"{what} {redact(ref.raw)!r} is the --source table: write to another table")
-        if ref.is_path and "://" not in ref.path and not ref.path.startswith("dbfs:"):
+        if ref.path is not None and "://" not in ref.path and not ref.path.startswith("dbfs:"):
             if os.path.isfile(ref.path):
                 raise SparktuneError(f"{what} {redact(ref.raw)!r} is a file, not a Delta table folder")
             if (os.path.isdir(ref.path) and os.listdir(ref.path)
@@ -876,7 +879,7 @@ def _check_targets(spark, output: TableRef, quarantine: TableRef, kind: str, loc
                     f"{what} {redact(ref.raw)!r} is a folder that holds files but no Delta table; "
                     "refusing to replace it: give a new or a Delta table path"
                 )
-        if not ref.is_path and "." in ref.name:
+        if ref.name is not None and "." in ref.name:
             schema = ref.name.rsplit(".", 1)[0].replace("`", "")
             if not spark.catalog.databaseExists(schema):
                 raise SparktuneError(f"{what} {ref.raw!r}: the schema {schema!r} does not exist; create it first")

@@ -203,6 +203,7 @@ def register_model(
         except MlflowException:
             holder = None
         if holder is not None and str(holder.version) != number:
+            assert candidate_value is not None  # read (and checked) above when promote_if_better is set
             current = client.get_run(holder.run_id).data.metrics.get(promote_if_better) if holder.run_id else None
             promote, reason = _decide(promote_if_better, float(candidate_value), current, higher,
                                       str(holder.version), alias)

@@ -225,7 +225,9 @@ def _submitted_session(app_name: str, settings: dict, conf: dict):
         if key in conf or not submitted.contains(key):
             builder = builder.config(key, value)
     builder = builder.enableHiveSupport()
-    loadable = SparkContext._jvm.org.apache.spark.util.Utils.classIsLoadable
+    jvm = SparkContext._jvm
+    assert jvm is not None  # _ensure_initialized() above connected to the JVM
+    loadable = jvm.org.apache.spark.util.Utils.classIsLoadable
     extension = submitted.get("spark.sql.extensions", DELTA_EXTENSION) or ""
     if DELTA_EXTENSION in extension and not loadable(DELTA_EXTENSION):
         raise SparktuneError(

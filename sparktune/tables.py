@@ -43,8 +43,9 @@ class TableRef:
 
     @property
     def sql(self) -> str:
-        if self.is_path:
+        if self.path is not None:
             return "delta.`" + self.path.replace("`", "``") + "`"
+        assert self.name is not None  # parse_table_ref sets a path or a name
         return self.name
 
     def __str__(self) -> str:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from sparktune.errors import SparktuneError
 
@@ -107,7 +108,7 @@ class Credentials:
 
 def _secret_scope_reader(scope: str) -> Callable[[str], str]:
     try:
-        from databricks.sdk.runtime import dbutils  # type: ignore[import-not-found]
+        from databricks.sdk.runtime import dbutils
     except Exception as exc:
         raise SparktuneError(
             f"--secret-scope {scope}: Databricks secrets are only readable on a Databricks cluster or with "
@@ -258,7 +259,9 @@ def submit_job(creds: Credentials, data_dir: str, spec: JobSpec, log, report, po
     validation_id = (
         upload_file(client, report.validation.path, poll_interval, file_timeout, say) if report.validation else None
     )
-    kwargs = {"model": spec.base_model, "training_file": train_id, "hyperparameters": spec.hyperparameters()}
+    kwargs: dict[str, Any] = {
+        "model": spec.base_model, "training_file": train_id, "hyperparameters": spec.hyperparameters()
+    }
     if validation_id:
         kwargs["validation_file"] = validation_id
     if spec.suffix:

@@ -61,7 +61,7 @@ def management_from_env(environ=None) -> ManagementTarget:
     token = (env.get("AZURE_MANAGEMENT_TOKEN") or "").strip()
     if not token:
         try:
-            from azure.identity import DefaultAzureCredential  # type: ignore[import-not-found]
+            from azure.identity import DefaultAzureCredential
         except ImportError as exc:
             raise SparktuneError(
                 "deploy needs an Azure Resource Manager token: set AZURE_MANAGEMENT_TOKEN "

@@ -229,7 +229,7 @@ def export_chat_jsonl(spark, spec: ExportSpec, force: bool = False) -> ExportRes
     validation_path = os.path.join(output, VALIDATION_FILE)
     manifest_path = os.path.join(output, MANIFEST_FILE)
     manifest = read_manifest(output)
-    if not force and _is_current(output, manifest, spec.table, version, settings):
+    if not force and manifest is not None and _is_current(output, manifest, spec.table, version, settings):
         return ExportResult(output, train_path, validation_path, manifest_path, spec.table, version,
                             manifest["files"]["train"]["rows"], manifest["files"]["validation"]["rows"], True)
 

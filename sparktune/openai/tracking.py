@@ -29,10 +29,10 @@ class RunLog:
         self.experiment = experiment
         self._secrets = [s for s in secrets if s]
         try:  # the shared Tracker, where this checkout has it: same store, same experiment rules
-            from sparktune.tracking import Tracker  # type: ignore[import-not-found]
+            from sparktune.tracking import Tracker
         except ImportError:
-            Tracker = None
-        if Tracker is not None:
+            pass
+        else:
             tracker = Tracker(tracking_uri or None, experiment)
             self.tracking_uri, self.client = str(tracker.tracking_uri), tracker.client
             self.experiment_id = tracker.experiment_id()
