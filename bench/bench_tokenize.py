@@ -79,7 +79,8 @@ def main():
 
     print(f"corpus: {rows:,} rows from {args.source}; tokenizer {args.tokenizer}, max_length {args.max_length}")
     print(f"raw fast tokenizer, 1 thread:  {baseline:10,.0f} rows/s  ({len(texts):,} rows)")
-    print(f"sparktune tokenize, {args.master}: {spark_rows_per_s:10,.0f} rows/s  ({rows:,} rows in {spark_s:.1f} s, Delta read+write included)")
+    print(f"sparktune tokenize, {args.master}: {spark_rows_per_s:10,.0f} rows/s  ({rows:,} rows in {spark_s:.1f} s, "
+          "Delta read+write included)")
     print(f"  same, no Delta write (noop sink): {noop_rows_per_s:10,.0f} rows/s")
     print(f"ratio: {spark_rows_per_s / baseline:.2f}x (without the write: {noop_rows_per_s / baseline:.2f}x)")
     spark.stop()

@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     for batches in arms.values():
         _run(model, optimizer, batches, args.warmup, 0)
     totals = {name: [0, 0.0] for name in arms}
-    for r in range(args.rounds):
+    for _ in range(args.rounds):
         for name, batches in arms.items():
             samples, seconds = _run(model, optimizer, batches, len(batches), 0)
             totals[name][0] += samples

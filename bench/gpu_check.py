@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -50,8 +51,8 @@ PEAK_BF16 = (
     ("L4", 121e12),
 )
 
-GPT2_SMALL = {"model_type": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768}
-GPT2_TINY = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64}
+GPT2_SMALL: dict[str, Any] = {"model_type": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768}
+GPT2_TINY: dict[str, Any] = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64}
 
 
 def _shared_candidates(*parts: str) -> list:
@@ -234,7 +235,8 @@ def main(argv=None) -> int:
     parser.add_argument("--block", type=int, default=0, help="tokens per block (default 1024; 64 smoke)")
     parser.add_argument("--compile", choices=("both", "on", "off"), default="", help="default both (off smoke)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense bf16 peak, if unknown")
-    parser.add_argument("--tokenizer", default="", help="GPT-2 tokenizer folder (default: shared/models/gpt2-tokenizer)")
+    parser.add_argument("--tokenizer", default="", help="GPT-2 tokenizer folder (default: "
+                                                        "shared/models/gpt2-tokenizer)")
     parser.add_argument("--imdb", default=None, help="IMDB Parquet folder (default: shared/data/imdb; '' synthetic)")
     parser.add_argument("--work", default="", help="scratch folder (default: a temp folder)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line last")

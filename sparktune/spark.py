@@ -196,7 +196,8 @@ def _connect_session(remote: str, conf: dict | None):
     from pyspark.sql import SparkSession
 
     if not remote.startswith("sc://"):
-        raise SparktuneError(f"SPARK_REMOTE / remote: expected a Spark Connect URL like sc://host:15002, found {remote!r}")
+        raise SparktuneError("SPARK_REMOTE / remote: expected a Spark Connect URL like sc://host:15002, found "
+                             f"{remote!r}")
     try:
         import grpc  # noqa: F401  (pyspark[connect]'s client needs it; say so before pyspark's ImportError)
     except ImportError:
@@ -224,7 +225,9 @@ def _submitted_session(app_name: str, settings: dict, conf: dict):
         if key in conf or not submitted.contains(key):
             builder = builder.config(key, value)
     builder = builder.enableHiveSupport()
-    loadable = SparkContext._jvm.org.apache.spark.util.Utils.classIsLoadable
+    jvm = SparkContext._jvm
+    assert jvm is not None  # _ensure_initialized() above connected to the JVM
+    loadable = jvm.org.apache.spark.util.Utils.classIsLoadable
     extension = submitted.get("spark.sql.extensions", DELTA_EXTENSION) or ""
     if DELTA_EXTENSION in extension and not loadable(DELTA_EXTENSION):
         raise SparktuneError(
@@ -263,7 +266,8 @@ def check_shared_path(spark, path: str, what: str, *, tasks: int = 8) -> None:
         with open(marker, "w", encoding="utf-8") as handle:
             handle.write(token)
     except OSError as exc:
-        raise SparktuneError(f"{what}: cannot write to {local} from the driver ({exc}); choose a writable shared folder") from None
+        raise SparktuneError(f"{what}: cannot write to {local} from the driver ({exc}); choose a writable shared "
+                             "folder") from None
     try:
         seen = (
             spark.range(0, tasks, 1, tasks)

@@ -43,8 +43,9 @@ class TableRef:
 
     @property
     def sql(self) -> str:
-        if self.is_path:
+        if self.path is not None:
             return "delta.`" + self.path.replace("`", "``") + "`"
+        assert self.name is not None  # parse_table_ref sets a path or a name
         return self.name
 
     def __str__(self) -> str:
@@ -59,7 +60,8 @@ def parse_table_ref(ref) -> TableRef:
         return ref
     raw = str(ref or "").strip()
     if not raw:
-        raise SparktuneError("a TABLE is empty: give a Delta table path (e.g. ./data/raw) or a table name (e.g. main.imdb.raw)")
+        raise SparktuneError("a TABLE is empty: give a Delta table path (e.g. ./data/raw) or a table name (e.g. "
+                             "main.imdb.raw)")
     if _URI.match(raw):
         return TableRef(raw, raw, None)
     if "/" in raw or raw.startswith((".", "~")) or os.sep in raw:
@@ -94,7 +96,8 @@ def table_exists(spark, ref) -> bool:
 def _require_exists(spark, ref: TableRef, what: str) -> None:
     if not table_exists(spark, ref):
         kind = "Delta table at path" if ref.is_path else "table named"
-        raise SparktuneError(f"{what}: no {kind} {ref.raw!r}; create it first (e.g. with `sparktune ingest`) or check the name")
+        raise SparktuneError(f"{what}: no {kind} {ref.raw!r}; create it first (e.g. with `sparktune ingest`) or check "
+                             "the name")
 
 
 def read_table(spark, ref, version: int | None = None, what: str = "input table"):

@@ -74,7 +74,8 @@ class TokenizeResult(StageResult):
 
     def summary(self) -> str:
         if self.skipped:
-            return f"{self.output} is up to date (Delta version {self.version}): same tokenizer, max length, task and source version; nothing to do"
+            return (f"{self.output} is up to date (Delta version {self.version}): same tokenizer, max length, task and "
+                    "source version; nothing to do")
         return f"tokenized -> {self.output} (Delta version {self.version})"
 
 

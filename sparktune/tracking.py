@@ -189,7 +189,7 @@ class Tracker:
             yield  # already active here (training keeps its run active for transformers' callback)
             return
         previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_tracking_uri(str(self.tracking_uri))
         if self.registry_uri:
             mlflow.set_registry_uri(self.registry_uri)
         try:

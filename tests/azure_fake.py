@@ -38,13 +38,24 @@ _POSITIVE = {"great", "excellent", "wonderful", "loved", "love", "best", "beauti
              "enjoyed", "favorite", "superb", "fun", "good", "masterpiece", "moving", "recommend"}
 _NEGATIVE = {"bad", "worst", "awful", "terrible", "boring", "waste", "poor", "horrible", "stupid", "dull", "worse",
              "disappointing", "disappointed", "lame", "mess", "annoying", "predictable", "nothing", "unfortunately"}
-_MGMT = re.compile(r"^/subscriptions/([^/]+)/resourceGroups/([^/]+)/providers/Microsoft\.CognitiveServices/accounts/([^/]+)/deployments/([^/]+)$")
+_MGMT = re.compile(
+    r"^/subscriptions/([^/]+)/resourceGroups/([^/]+)/providers/Microsoft\.CognitiveServices/accounts/([^/]+)/deployments/([^/]+)$"
+)
 
 
 class FakeAzureOpenAI:
-    def __init__(self, api_key: str, management_token: str, ad_token: str = "", stage_s: float = 0.3,
-                 slow_s: float = 30.0, file_processing_s: float = 0.2, deploy_s: float = 0.3, chat_delay_s: float = 0.02,
-                 steps: int = 12):
+    def __init__(
+        self,
+        api_key: str,
+        management_token: str,
+        ad_token: str = "",
+        stage_s: float = 0.3,
+        slow_s: float = 30.0,
+        file_processing_s: float = 0.2,
+        deploy_s: float = 0.3,
+        chat_delay_s: float = 0.02,
+        steps: int = 12,
+    ):
         self.api_key, self.management_token, self.ad_token = api_key, management_token, ad_token
         self.stage_s, self.slow_s, self.file_processing_s, self.deploy_s = stage_s, slow_s, file_processing_s, deploy_s
         self.chat_delay_s, self.steps = chat_delay_s, steps
@@ -118,8 +129,15 @@ class FakeAzureOpenAI:
         run_s = self.slow_s if "slow" in job["suffix"] else 2 * s
         for step in range(1, self.steps + 1):
             data = job["metrics"][step - 1]
-            out.append((2 * s + run_s * step / (self.steps + 1), "running", f"Step {step}/{self.steps}: training loss={data['train_loss']:.4f}",
-                        "metrics", data))
+            out.append(
+                (
+                    2 * s + run_s * step / (self.steps + 1),
+                    "running",
+                    f"Step {step}/{self.steps}: training loss={data['train_loss']:.4f}",
+                    "metrics",
+                    data,
+                )
+            )
         out.append((2 * s + run_s, "succeeded", "The job has successfully completed", "message", None))
         return out
 
@@ -151,28 +169,42 @@ class FakeAzureOpenAI:
         events = []
         for i, (offset, _status, message, kind, data) in enumerate(self._job_timeline(job)):
             if offset <= elapsed:
-                events.append({"id": f"ftevent-{job_id[6:]}-{i:04d}", "object": "fine_tuning.job.event",
-                               "created_at": int(job["t0"] + offset), "level": "error" if "failed" in message else "info",
-                               "message": message, "type": kind, "data": data or {}})
+                events.append(
+                    {
+                        "id": f"ftevent-{job_id[6:]}-{i:04d}",
+                        "object": "fine_tuning.job.event",
+                        "created_at": int(job["t0"] + offset),
+                        "level": "error" if "failed" in message else "info",
+                        "message": message,
+                        "type": kind,
+                        "data": data or {},
+                    }
+                )
         return list(reversed(events))  # newest first, as the service lists them
 
     def _results_file(self, job_id: str) -> str:
         job = self.jobs[job_id]
         if job.get("results_file"):
             return job["results_file"]
-        lines = ["step,train_loss,train_mean_token_accuracy,valid_loss,valid_mean_token_accuracy,full_valid_loss,full_valid_mean_token_accuracy"]
+        lines = [
+            "step,train_loss,train_mean_token_accuracy,valid_loss,valid_mean_token_accuracy,full_valid_loss,full_valid_mean_token_accuracy"
+        ]
         for m in job["metrics"]:
             full = m["step"] == self.steps
-            lines.append(f"{m['step']},{m['train_loss']:.5f},{m['train_mean_token_accuracy']:.5f},{m['valid_loss']:.5f},"
-                         f"{m['valid_mean_token_accuracy']:.5f},{format(m['valid_loss'] * 0.98, '.5f') if full else ''},"
-                         f"{format(m['valid_mean_token_accuracy'], '.5f') if full else ''}")
+            lines.append(
+                f"{m['step']},{m['train_loss']:.5f},{m['train_mean_token_accuracy']:.5f},{m['valid_loss']:.5f},"
+                f"{m['valid_mean_token_accuracy']:.5f},{format(m['valid_loss'] * 0.98, '.5f') if full else ''},"
+                f"{format(m['valid_mean_token_accuracy'], '.5f') if full else ''}"
+            )
         # Azure serves the results CSV base64-encoded.
         content = base64.b64encode(("\n".join(lines) + "\n").encode())
         file_id = self._add_file("results.csv", "fine-tune-results", content)
         job["results_file"] = file_id
         return file_id
 
-    def _add_file(self, filename: str, purpose: str, content: bytes, final_status: str = "processed", details: str = "") -> str:
+    def _add_file(
+        self, filename: str, purpose: str, content: bytes, final_status: str = "processed", details: str = ""
+    ) -> str:
         file_id = "file-" + uuid.uuid4().hex
         self.files[file_id] = {"id": file_id, "object": "file", "bytes": len(content), "created_at": int(time.time()),
                                "filename": filename, "purpose": purpose, "content": content, "t0": time.time(),
@@ -186,7 +218,10 @@ class FakeAzureOpenAI:
         return view
 
     def deployment_ready(self, name: str) -> bool:
-        return any(k[3] == name and self.deployment_view(k)["properties"]["provisioningState"] == "Succeeded" for k in self.deployments)
+        return any(
+            k[3] == name and self.deployment_view(k)["properties"]["provisioningState"] == "Succeeded"
+            for k in self.deployments
+        )
 
     def answer(self, text: str) -> str:
         words = re.findall(r"[a-z]+", text.lower())
@@ -251,17 +286,46 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.server_state
         route = f"mgmt.{method.lower()}"
         if self.headers.get("Authorization") != f"Bearer {fake.management_token}":
-            return self._send(401, {"error": {"code": "AuthenticationFailed", "message": "Authentication failed. The 'Authorization' header is missing or invalid."}}, route)
+            return self._send(
+                401,
+                {
+                    "error": {
+                        "code": "AuthenticationFailed",
+                        "message": "Authentication failed. The 'Authorization' header is missing or invalid.",
+                    }
+                },
+                route,
+            )
         if "api-version" not in query:
-            return self._send(400, {"error": {"code": "MissingApiVersionParameter", "message": "The api-version query parameter (?api-version=) is required for all requests."}}, route)
+            return self._send(
+                400,
+                {
+                    "error": {
+                        "code": "MissingApiVersionParameter",
+                        "message": "The api-version query parameter (?api-version=) is required for all requests.",
+                    }
+                },
+                route,
+            )
         injected = fake._take_injection(route)
         if injected:
             status, retry_after = injected
-            return self._send(status, {"error": {"code": "TooManyRequests" if status == 429 else "InternalServerError", "message": "injected"}},
-                              route, {"Retry-After": retry_after} if retry_after else None)
+            return self._send(
+                status,
+                {
+                    "error": {
+                        "code": "TooManyRequests" if status == 429 else "InternalServerError",
+                        "message": "injected",
+                    }
+                },
+                route,
+                {"Retry-After": retry_after} if retry_after else None,
+            )
         if method == "GET":
             if key not in fake.deployments:
-                return self._send(404, {"error": {"code": "DeploymentNotFound", "message": f"Deployment {key[3]} not found."}}, route)
+                return self._send(
+                    404, {"error": {"code": "DeploymentNotFound", "message": f"Deployment {key[3]} not found."}}, route
+                )
             return self._send(200, fake.deployment_view(key), route)
         if method != "PUT":
             return self._send(405, _err("405", "method not allowed"), route)
@@ -270,17 +334,41 @@ class _Handler(BaseHTTPRequestHandler):
             sku, model = spec["sku"], spec["properties"]["model"]
             assert model["format"] == "OpenAI" and model["name"] and int(sku["capacity"]) >= 1 and sku["name"]
         except (ValueError, KeyError, TypeError, AssertionError):
-            return self._send(400, {"error": {"code": "InvalidRequestContent", "message": "The request content was invalid: expected sku {name, capacity} and properties.model {format, name, version}."}}, route)
+            return self._send(
+                400,
+                {
+                    "error": {
+                        "code": "InvalidRequestContent",
+                        "message": "The request content was invalid: expected sku {name, capacity} and "
+                                   "properties.model {format, name, version}.",
+                    }
+                },
+                route,
+            )
         known = {j["fine_tuned_model"] for j_id, j in fake.jobs.items() if fake.job_view(j_id)["status"] == "succeeded"}
         if model["name"] not in known:
-            return self._send(400, {"error": {"code": "DeploymentModelNotSupported", "message": f"The model '{model['name']}' is not supported or not found in this resource."}}, route)
+            return self._send(
+                400,
+                {
+                    "error": {
+                        "code": "DeploymentModelNotSupported",
+                        "message": f"The model '{model['name']}' is not supported or not found in this resource.",
+                    }
+                },
+                route,
+            )
         sub, rg, acct, name = key
         resource = {
-            "id": f"/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.CognitiveServices/accounts/{acct}/deployments/{name}",
-            "type": "Microsoft.CognitiveServices/accounts/deployments", "name": name,
+            "id": f"/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.CognitiveServices/accounts/{acct}"
+                  f"/deployments/{name}",
+            "type": "Microsoft.CognitiveServices/accounts/deployments",
+            "name": name,
             "sku": {"name": sku["name"], "capacity": int(sku["capacity"])},
-            "properties": {"model": {"format": "OpenAI", "name": model["name"], "version": str(model.get("version", "1"))},
-                           "provisioningState": "Creating", "rateLimits": [{"key": "request", "renewalPeriod": 10, "count": int(sku["capacity"])}]},
+            "properties": {
+                "model": {"format": "OpenAI", "name": model["name"], "version": str(model.get("version", "1"))},
+                "provisioningState": "Creating",
+                "rateLimits": [{"key": "request", "renewalPeriod": 10, "count": int(sku["capacity"])}],
+            },
             "systemData": {"createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         }
         existed = key in fake.deployments
@@ -293,8 +381,15 @@ class _Handler(BaseHTTPRequestHandler):
         auth_ok = self.headers.get("api-key") == fake.api_key or (
             fake.ad_token and self.headers.get("Authorization") == f"Bearer {fake.ad_token}")
         if not auth_ok:
-            return self._send(401, _err("401", "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide "
-                                        "a valid key for an active subscription and use a correct regional API endpoint for your resource."), "auth")
+            return self._send(
+                401,
+                _err(
+                    "401",
+                    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide "
+                    "a valid key for an active subscription and use a correct regional API endpoint for your resource.",
+                ),
+                "auth",
+            )
         if "api-version" not in query:
             return self._send(404, _err("404", "Resource not found"), "no-api-version")
         parts = path.strip("/").split("/")
@@ -324,7 +419,11 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 fields[name] = part.get_content().strip()
         if content is None or fields.get("purpose") != "fine-tune":
-            return self._send(400, _err("invalidPayload", "Expected a multipart form with purpose=fine-tune and a file."), "files.create")
+            return self._send(
+                400,
+                _err("invalidPayload", "Expected a multipart form with purpose=fine-tune and a file."),
+                "files.create",
+            )
         final, details = "processed", ""
         for i, line in enumerate(content.splitlines(), 1):
             try:
@@ -341,28 +440,49 @@ class _Handler(BaseHTTPRequestHandler):
             injected = fake._take_injection("jobs.create")
             if injected:
                 status, retry_after = injected
-                return self._send(status, _err(str(status), "Rate limit is exceeded. Try again in 1 seconds."), "jobs.create",
-                                  {"Retry-After": retry_after} if retry_after else None)
+                return self._send(
+                    status,
+                    _err(str(status), "Rate limit is exceeded. Try again in 1 seconds."),
+                    "jobs.create",
+                    {"Retry-After": retry_after} if retry_after else None,
+                )
             spec = json.loads(body or b"{}")
             for key in ("training_file", "validation_file"):
                 fid = spec.get(key)
                 if key == "training_file" and not fid:
                     return self._send(400, _err("invalidPayload", "training_file is required."), "jobs.create")
                 if fid and (fid not in fake.files or fake.file_view(fid)["status"] != "processed"):
-                    return self._send(400, _err("invalidPayload", f"The file '{fid}' is not processed or does not exist."), "jobs.create")
+                    return self._send(
+                        400,
+                        _err("invalidPayload", f"The file '{fid}' is not processed or does not exist."),
+                        "jobs.create",
+                    )
             hp = dict(spec.get("hyperparameters") or {})
             hp = {"n_epochs": hp.get("n_epochs", 3), "batch_size": hp.get("batch_size", 1),
                   "learning_rate_multiplier": hp.get("learning_rate_multiplier", 1.0)}
             job_hex = uuid.uuid4().hex
             job_id = "ftjob-" + job_hex
             suffix = spec.get("suffix") or ""
-            metrics = [{"step": k, "train_loss": 1.5 / k, "train_mean_token_accuracy": min(1.0, 0.5 + k / (2 * fake.steps)),
-                        "valid_loss": 1.6 / k, "valid_mean_token_accuracy": min(1.0, 0.45 + k / (2 * fake.steps))}
-                       for k in range(1, fake.steps + 1)]
+            metrics = [
+                {
+                    "step": k,
+                    "train_loss": 1.5 / k,
+                    "train_mean_token_accuracy": min(1.0, 0.5 + k / (2 * fake.steps)),
+                    "valid_loss": 1.6 / k,
+                    "valid_mean_token_accuracy": min(1.0, 0.45 + k / (2 * fake.steps)),
+                }
+                for k in range(1, fake.steps + 1)
+            ]
             fake.jobs[job_id] = {
-                "t0": time.time(), "model": spec["model"], "training_file": spec["training_file"],
-                "validation_file": spec.get("validation_file"), "hyperparameters": hp, "seed": spec.get("seed") or 1234,
-                "suffix": suffix, "metrics": metrics, "trained_tokens": fake.files[spec["training_file"]]["bytes"] // 4 * hp["n_epochs"],
+                "t0": time.time(),
+                "model": spec["model"],
+                "training_file": spec["training_file"],
+                "validation_file": spec.get("validation_file"),
+                "hyperparameters": hp,
+                "seed": spec.get("seed") or 1234,
+                "suffix": suffix,
+                "metrics": metrics,
+                "trained_tokens": fake.files[spec["training_file"]]["bytes"] // 4 * hp["n_epochs"],
                 "fine_tuned_model": f"{spec['model']}.ft-{job_hex}" + (f"-{suffix}" if suffix else ""),
             }
             return self._send(201, fake.job_view(job_id), "jobs.create")
@@ -374,30 +494,61 @@ class _Handler(BaseHTTPRequestHandler):
         if rest[1:] == ["events"] and method == "GET":
             events = fake.job_events(job_id)
             limit = int(query.get("limit", ["20"])[0])
-            return self._send(200, {"object": "list", "data": events[:limit], "has_more": len(events) > limit}, "jobs.events")
+            return self._send(
+                200, {"object": "list", "data": events[:limit], "has_more": len(events) > limit}, "jobs.events"
+            )
         if rest[1:] == ["checkpoints"] and method == "GET":
             view = fake.job_view(job_id)
             data = []
             if view["status"] == "succeeded":
                 for m in fake.jobs[job_id]["metrics"][-3:]:
-                    data.append({"id": f"ftckpt-{uuid.uuid4().hex[:24]}", "object": "fine_tuning.job.checkpoint",
-                                 "created_at": view["finished_at"], "fine_tuning_job_id": job_id, "step_number": m["step"],
-                                 "fine_tuned_model_checkpoint": f"{view['fine_tuned_model']}:ckpt-step-{m['step']}",
-                                 "metrics": {"step": m["step"], "train_loss": m["train_loss"], "valid_loss": m["valid_loss"]}})
-            return self._send(200, {"object": "list", "data": list(reversed(data)), "has_more": False}, "jobs.checkpoints")
+                    data.append(
+                        {
+                            "id": f"ftckpt-{uuid.uuid4().hex[:24]}",
+                            "object": "fine_tuning.job.checkpoint",
+                            "created_at": view["finished_at"],
+                            "fine_tuning_job_id": job_id,
+                            "step_number": m["step"],
+                            "fine_tuned_model_checkpoint": f"{view['fine_tuned_model']}:ckpt-step-{m['step']}",
+                            "metrics": {
+                                "step": m["step"],
+                                "train_loss": m["train_loss"],
+                                "valid_loss": m["valid_loss"],
+                            },
+                        }
+                    )
+            return self._send(
+                200, {"object": "list", "data": list(reversed(data)), "has_more": False}, "jobs.checkpoints"
+            )
         self._send(404, _err("404", "Resource not found"), "unknown")
 
     def _chat(self, deployment: str, body: bytes) -> None:
         fake = self.server_state
         if not fake.deployment_ready(deployment):
-            return self._send(404, _err("DeploymentNotFound", "The API deployment for this resource does not exist. If you created the "
-                                        "deployment within the last 5 minutes, please wait a moment and try again."), "chat")
+            return self._send(
+                404,
+                _err(
+                    "DeploymentNotFound",
+                    "The API deployment for this resource does not exist. If you created the "
+                    "deployment within the last 5 minutes, please wait a moment and try again.",
+                ),
+                "chat",
+            )
         injected = fake._take_injection("chat")
         if injected:
             status, retry_after = injected
-            message = ("Requests to the ChatCompletions_Create Operation have exceeded token rate limit of your current pricing tier. "
-                       "Please retry after 1 second.") if status == 429 else "The server had an error while processing your request."
-            return self._send(status, _err(str(status), message), "chat", {"Retry-After": retry_after} if retry_after else None)
+            message = (
+                (
+                    "Requests to the ChatCompletions_Create Operation have exceeded token rate limit of your current "
+                    "pricing tier. "
+                    "Please retry after 1 second."
+                )
+                if status == 429
+                else "The server had an error while processing your request."
+            )
+            return self._send(
+                status, _err(str(status), message), "chat", {"Retry-After": retry_after} if retry_after else None
+            )
         request = json.loads(body)
         with fake._lock:
             fake._in_flight += 1
@@ -409,10 +560,27 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             with fake._lock:
                 fake._in_flight -= 1
-        self._send(200, {
-            "id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": "chat.completion", "created": int(time.time()),
-            "model": deployment, "system_fingerprint": "fp_fake",
-            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                         "message": {"role": "assistant", "content": answer, "refusal": None}}],
-            "usage": {"prompt_tokens": len(user) // 4 + 30, "completion_tokens": 1, "total_tokens": len(user) // 4 + 31},
-        }, "chat")
+        self._send(
+            200,
+            {
+                "id": "chatcmpl-" + uuid.uuid4().hex[:24],
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": deployment,
+                "system_fingerprint": "fp_fake",
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "logprobs": None,
+                        "message": {"role": "assistant", "content": answer, "refusal": None},
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": len(user) // 4 + 30,
+                    "completion_tokens": 1,
+                    "total_tokens": len(user) // 4 + 31,
+                },
+            },
+            "chat",
+        )

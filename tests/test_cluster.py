@@ -33,8 +33,20 @@ def test_driver_session_on_the_cluster_runs_the_data_stages_and_executors_cannot
         spark_cluster, cluster_env, cluster_shared, imdb_sample_path, tmp_path):
     driver_tmp = str(tmp_path / "driver_tmp")
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "cluster_driver.py"), imdb_sample_path, cluster_shared, driver_tmp],
-        env=cluster_env, cwd=cluster_shared, capture_output=True, text=True, timeout=850, check=False)
+        [
+            sys.executable,
+            os.path.join(ROOT, "tests", "cluster_driver.py"),
+            imdb_sample_path,
+            cluster_shared,
+            driver_tmp,
+        ],
+        env=cluster_env,
+        cwd=cluster_shared,
+        capture_output=True,
+        text=True,
+        timeout=850,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
 

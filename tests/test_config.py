@@ -30,7 +30,8 @@ class Job:
     task: Literal["classification", "causal-lm"] = "classification"
     fp16: bool = False
     tags: list[str] = field(default_factory=list)
-    note: Optional[str] = None
+    # typing.Optional on purpose: covers the loader's typing.Union branch (X | None is types.UnionType)
+    note: Optional[str] = None  # noqa: UP045
     optim: Optim = field(default_factory=Optim)
 
 

@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from gpu_check import gpt2_flops_per_token, peak_flops
+from gpu_check import gpt2_flops_per_token, peak_flops  # noqa: E402 -- bench/ is put on sys.path just above
 
 
 def test_flops_and_peaks():

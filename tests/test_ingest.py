@@ -21,7 +21,9 @@ def _check_accounting(result, spark, tmp_path=None):
     assert result.input_rows == result.raw_rows + result.quarantined_rows
     raw = spark.read.format("delta").load(result.output) if "/" in result.output else spark.table(result.output)
     quarantine = (
-        spark.read.format("delta").load(result.quarantine) if "/" in result.quarantine else spark.table(result.quarantine)
+        spark.read.format("delta").load(result.quarantine)
+        if "/" in result.quarantine
+        else spark.table(result.quarantine)
     )
     assert raw.count() == result.raw_rows
     assert quarantine.count() == result.quarantined_rows

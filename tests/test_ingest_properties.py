@@ -41,7 +41,8 @@ json_values = st.recursive(
     max_leaves=6,
 )
 labels = st.one_of(
-    st.integers(-3, 3), st.sampled_from([1.0, 0.0, 1.5, 99999999999, 10**30, "1", " 0\t", "pos", "NaN", "1.0", "", None]),
+    st.integers(-3, 3),
+    st.sampled_from([1.0, 0.0, 1.5, 99999999999, 10**30, "1", " 0\t", "pos", "NaN", "1.0", "", None]),
     json_values,
 )
 splits = st.one_of(st.sampled_from(["train", "test", "unsupervised", " train\u3000", "", None, 3]), st.text(max_size=8))
@@ -127,7 +128,11 @@ def test_jsonl_any_content_is_accounted_for_long(spark, tmp_path_factory, lines)
 
 
 csv_rows = st.lists(
-    st.lists(st.one_of(texts, st.sampled_from(["0", "1", "1.0", "pos", " 1 ", "", "7", "train", "test"])), min_size=0, max_size=4),
+    st.lists(
+        st.one_of(texts, st.sampled_from(["0", "1", "1.0", "pos", " 1 ", "", "7", "train", "test"])),
+        min_size=0,
+        max_size=4,
+    ),
     max_size=8,
 )
 

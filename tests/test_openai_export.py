@@ -30,7 +30,11 @@ def test_export_writes_labelled_chat_files_once_and_skips_when_up_to_date(spark,
     spec = ExportSpec(table=raw_table, output=str(out), limit=120, validation_fraction=0.2, seed=7)
     result = export_chat_jsonl(spark, spec)
     assert not result.up_to_date
-    assert sorted(os.listdir(out)) == ["manifest.json", "train.jsonl", "validation.jsonl"]  # one piece each, no staging left
+    assert sorted(os.listdir(out)) == [
+        "manifest.json",
+        "train.jsonl",
+        "validation.jsonl",
+    ]  # one piece each, no staging left
 
     rows = DeltaTable(raw_table).to_pandas()
     label_of = {r.text: r.label for r in rows.itertuples() if r.split == "train"}
@@ -59,8 +63,14 @@ def test_export_writes_labelled_chat_files_once_and_skips_when_up_to_date(spark,
     assert _lines(again.train_path) == train  # same seed, same rows, same order
 
     # A changed template rewrites the files.
-    custom = ExportSpec(table=raw_table, output=str(out), limit=120, validation_fraction=0.2, seed=7,
-                        template=PromptTemplate(system="", user="Is this review good or bad? {text}", label_names=("bad", "good")))
+    custom = ExportSpec(
+        table=raw_table,
+        output=str(out),
+        limit=120,
+        validation_fraction=0.2,
+        seed=7,
+        template=PromptTemplate(system="", user="Is this review good or bad? {text}", label_names=("bad", "good")),
+    )
     changed = export_chat_jsonl(spark, custom)
     assert not changed.up_to_date
     first = _lines(changed.train_path)[0]["messages"]
@@ -83,14 +93,20 @@ def test_export_follows_a_new_table_version_and_a_named_validation_split(spark, 
 
 def test_export_rejects_bad_settings(spark, raw_table, tmp_path):
     with pytest.raises(SparktuneError, match=r"\{text\} exactly once"):
-        export_chat_jsonl(spark, ExportSpec(table=raw_table, output=str(tmp_path), template=PromptTemplate(user="no slot")))
+        export_chat_jsonl(
+            spark, ExportSpec(table=raw_table, output=str(tmp_path), template=PromptTemplate(user="no slot"))
+        )
     with pytest.raises(SparktuneError, match="no labelled rows"):
         export_chat_jsonl(spark, ExportSpec(table=raw_table, output=str(tmp_path / "x"), train_split="nope"))
 
 
 def test_validation_counts_tokens_exactly_offline(spark, raw_table, tmp_path):
-    result = export_chat_jsonl(spark, ExportSpec(table=raw_table, output=str(tmp_path / "ft"), limit=100, validation_fraction=0.2,
-                                                validation_limit=20))
+    result = export_chat_jsonl(
+        spark,
+        ExportSpec(
+            table=raw_table, output=str(tmp_path / "ft"), limit=100, validation_fraction=0.2, validation_limit=20
+        ),
+    )
     report = validate_files(result.train_path, result.validation_path, epochs=2, price_per_million=3.0)
     encoding = load_encoding("o200k_base")
     assert encoding.encode("Hello, world!") == [13225, 11, 2375, 0]  # o200k_base's published ids
@@ -124,10 +140,16 @@ def test_broken_files_name_file_line_and_problem(tmp_path, capsys):
         "{not json",  # 11
         json.dumps({"messages": []}),  # 12
         json.dumps({"messages": [{"content": "hi"}, {"role": "assistant", "content": "positive"}]}),  # 13
-        json.dumps({"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "positive"}]}),  # 14
-        json.dumps({"messages": [{"role": "user", "content": "   "}, {"role": "assistant", "content": "positive"}]}),  # 15
+        json.dumps(
+            {"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "positive"}]}
+        ),  # 14
+        json.dumps(
+            {"messages": [{"role": "user", "content": "   "}, {"role": "assistant", "content": "positive"}]}
+        ),  # 15
         json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),  # 16
-        json.dumps({"messages": [{"role": "user", "content": "x", "mood": 1}, {"role": "assistant", "content": "negative"}]}),  # 17
+        json.dumps(
+            {"messages": [{"role": "user", "content": "x", "mood": 1}, {"role": "assistant", "content": "negative"}]}
+        ),  # 17
         "",  # 18
         "[1, 2]",  # 19
         json.dumps({"prompt": "old format", "completion": "positive"}),  # 20
@@ -154,7 +176,9 @@ def test_too_few_examples_and_over_long_examples(tmp_path):
         validate_files(few, None)
     with pytest.raises(SparktuneError, match="file not found"):
         validate_files(str(tmp_path / "missing.jsonl"), None)
-    long_example = json.dumps({"messages": [{"role": "user", "content": "word " * 9000}, {"role": "assistant", "content": "negative"}]})
+    long_example = json.dumps(
+        {"messages": [{"role": "user", "content": "word " * 9000}, {"role": "assistant", "content": "negative"}]}
+    )
     path = _write(tmp_path / "long.jsonl", [GOOD] * 10 + [long_example])
     report = validate_files(path, None, base_model="gpt-4-0613")  # cl100k_base, 8,192 tokens per example
     assert report.encoding == "cl100k_base" and report.train.over_limit == [11]
@@ -165,11 +189,46 @@ def test_too_few_examples_and_over_long_examples(tmp_path):
 
 def test_cli_export_prints_the_validation_summary(spark, raw_table, tmp_path, capsys):
     out = tmp_path / "ft"
-    assert main(["openai", "export", "--table", raw_table, "--output", str(out), "--limit", "60", "--validation-limit", "15",
-                 "--epochs", "2", "--price-per-million", "3.3"]) == 0
+    assert (
+        main(
+            [
+                "openai",
+                "export",
+                "--table",
+                raw_table,
+                "--output",
+                str(out),
+                "--limit",
+                "60",
+                "--validation-limit",
+                "15",
+                "--epochs",
+                "2",
+                "--price-per-million",
+                "3.3",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "training:" in text and "60 examples" in text
     assert "billed training tokens" in text and "at 3.3 USD per 1M training tokens" in text
-    assert main(["openai", "export", "--table", raw_table, "--output", str(out), "--limit", "60", "--validation-limit", "15",
-                 "--no-validate"]) == 0
+    assert (
+        main(
+            [
+                "openai",
+                "export",
+                "--table",
+                raw_table,
+                "--output",
+                str(out),
+                "--limit",
+                "60",
+                "--validation-limit",
+                "15",
+                "--no-validate",
+            ]
+        )
+        == 0
+    )
     assert "up to date" in capsys.readouterr().out

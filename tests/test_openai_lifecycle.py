@@ -100,7 +100,9 @@ def test_full_life_cycle(spark, fake, workspace, azure_env, store, tmp_path, cap
         record = json.load(handle)
     assert record["job_id"] == job_id and record["fine_tuned_model"].startswith("gpt-4o-mini-2024-07-18.ft-")
     job = fake.jobs[job_id]
-    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.5} and job["seed"] == 7
+    assert (
+        job["hyperparameters"] == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.5} and job["seed"] == 7
+    )
 
     client = MlflowClient(mlflow_uri)
     run = client.get_run(run_id)
@@ -114,12 +116,19 @@ def test_full_life_cycle(spark, fake, workspace, azure_env, store, tmp_path, cap
     assert client.get_metric_history(run_id, "train/loss")[-1].step == 12
     assert "validation/full_loss" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run_id, "openai")}
-    assert {"openai/job.json", "openai/checkpoints.json", "openai/validation_report.json", "openai/export_manifest.json"} <= artifacts
+    assert {
+        "openai/job.json",
+        "openai/checkpoints.json",
+        "openai/validation_report.json",
+        "openai/export_manifest.json",
+    } <= artifacts
     assert fake.count("jobs.checkpoints", 200) == 1
 
     # deploy through the management route (one 429 first), then wait until it succeeded
     fake.inject("mgmt.put", 429, times=1, retry_after="1")
-    assert main(["openai", "deploy", "--data", data, "--name", "imdb-ft", "--capacity", "2", "--poll-interval", POLL]) == 0
+    assert (
+        main(["openai", "deploy", "--data", data, "--name", "imdb-ft", "--capacity", "2", "--poll-interval", POLL]) == 0
+    )
     out = capfd.readouterr()
     assert "deployment imdb-ft of gpt-4o-mini-2024-07-18.ft-" in out.out and "succeeded" in out.out
     (key,) = [k for k in fake.deployments if k[3] == "imdb-ft"]
@@ -130,15 +139,40 @@ def test_full_life_cycle(spark, fake, workspace, azure_env, store, tmp_path, cap
     # the open model's run in the same experiment, as `sparktune evaluate` logs it
     exp = client.get_experiment_by_name("imdb-compare")
     open_run = client.create_run(exp.experiment_id, run_name="MiniLM (open)").info.run_id
-    for name, value in {"test_n": 100, "test_accuracy": 0.81, "test_precision": 0.8, "test_recall": 0.82, "test_f1": 0.805}.items():
+    for name, value in {
+        "test_n": 100,
+        "test_accuracy": 0.81,
+        "test_precision": 0.8,
+        "test_recall": 0.82,
+        "test_f1": 0.805,
+    }.items():
         client.log_metric(open_run, name, value)
 
     # score: 2 Spark tasks x 2 threads, two 429s and a 500 on the way
     fake.inject("chat", 429, times=2, retry_after="1")
     fake.inject("chat", 500, times=1)
     predictions = str(root / "predictions")
-    rc = main(["openai", "score", "--table", raw, "--deployment", "imdb-ft", "--data", data, "--predictions", predictions,
-               "--concurrency", "4", "--partitions", "2", "--compare", open_run] + tracking)
+    rc = main(
+        [
+            "openai",
+            "score",
+            "--table",
+            raw,
+            "--deployment",
+            "imdb-ft",
+            "--data",
+            data,
+            "--predictions",
+            predictions,
+            "--concurrency",
+            "4",
+            "--partitions",
+            "2",
+            "--compare",
+            open_run,
+        ]
+        + tracking
+    )
     out = capfd.readouterr()
     assert rc == 0, out.err
     table = DeltaTable(predictions).to_pandas()
@@ -192,9 +226,27 @@ def test_slow_job_follow_times_out_and_can_be_followed_again(fake, workspace, az
     _, _, data = workspace
     mlflow_uri, _ = store
     data = _copy(data, tmp_path / "ft")
-    assert main(["openai", "submit", "--data", data, "--suffix", "slow", "--tracking-uri", mlflow_uri, "--poll-interval", POLL]) == 0
+    assert (
+        main(
+            [
+                "openai",
+                "submit",
+                "--data",
+                data,
+                "--suffix",
+                "slow",
+                "--tracking-uri",
+                mlflow_uri,
+                "--poll-interval",
+                POLL,
+            ]
+        )
+        == 0
+    )
     capfd.readouterr()
-    rc = main(["openai", "follow", "--data", data, "--poll-interval", "0.2", "--timeout", "1.5", "--tracking-uri", mlflow_uri])
+    rc = main(
+        ["openai", "follow", "--data", data, "--poll-interval", "0.2", "--timeout", "1.5", "--tracking-uri", mlflow_uri]
+    )
     out = capfd.readouterr()
     assert rc == 2
     with open(os.path.join(data, "job.json")) as handle:
@@ -237,12 +289,24 @@ def test_result_file_and_answer_parsing():
     import base64
 
     csv_text = "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n1,0.9,0.5,1.0,0.4\n2,0.5,0.7,,\n"
-    expected = [(1, {"train/loss": 0.9, "train/token_accuracy": 0.5, "validation/loss": 1.0, "validation/token_accuracy": 0.4}),
-                (2, {"train/loss": 0.5, "train/token_accuracy": 0.7})]
+    expected = [
+        (1, {"train/loss": 0.9, "train/token_accuracy": 0.5, "validation/loss": 1.0, "validation/token_accuracy": 0.4}),
+        (2, {"train/loss": 0.5, "train/token_accuracy": 0.7}),
+    ]
     assert parse_result_file(csv_text) == expected
     assert parse_result_file(base64.b64encode(csv_text.encode())) == expected  # Azure's encoding
     names = ["negative", "positive"]
-    assert [parse_answer(a, names) for a in ["positive", "Negative.", "The sentiment is positive", "positive or negative",
-                                             "I cannot tell.", "", None]] == [1, 0, 1, -1, -1, -1, -1]
+    assert [
+        parse_answer(a, names)
+        for a in [
+            "positive",
+            "Negative.",
+            "The sentiment is positive",
+            "positive or negative",
+            "I cannot tell.",
+            "",
+            None,
+        ]
+    ] == [1, 0, 1, -1, -1, -1, -1]
     with pytest.raises(SparktuneError, match="AZURE_OPENAI_ENDPOINT must be a URL"):
         credentials_from_env(environ={"AZURE_OPENAI_ENDPOINT": "myresource", "AZURE_OPENAI_API_KEY": "k"})

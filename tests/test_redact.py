@@ -16,13 +16,20 @@ SECRETS = {
     "userinfo": ("https://alice:PlantedPassw0rd@mlflow.example.com/api", "PlantedPassw0rd"),
     "userinfo_s3": ("s3a://AKIAPLANTED0000KEY1:wJalrXUtnFEMI/K7MDENG/PlantedAws@bucket/x", "wJalrXUtnFEMI/K7MDENG"),
     "token_only_userinfo": ("https://ghp_PlantedGithubToken0123456789@github.com/org/repo", "PlantedGithubToken"),
-    "sas": ("https://acct.blob.core.windows.net/c/f.jsonl?sv=2022-11-02&ss=b&sp=r&sig=Planted%2BSasSig%3D", "Planted%2BSasSig"),
-    "amz": ("https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIAPLANTED0000KEY2%2F20240101&X-Amz-Signature=planted0abc9",
-            "planted0abc9"),
+    "sas": (
+        "https://acct.blob.core.windows.net/c/f.jsonl?sv=2022-11-02&ss=b&sp=r&sig=Planted%2BSasSig%3D",
+        "Planted%2BSasSig",
+    ),
+    "amz": (
+        "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIAPLANTED0000KEY2%2F20240101&X-Amz-Signature=planted0abc9",
+        "planted0abc9",
+    ),
     "token_param": ("https://host/data?token=PlantedQueryToken&page=2", "PlantedQueryToken"),
     "key_param": ("https://host/data?key=PlantedQueryKey", "PlantedQueryKey"),
-    "account_key": ("DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=PlantedAccountKey+/==;EndpointSuffix=x",
-                    "PlantedAccountKey"),
+    "account_key": (
+        "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=PlantedAccountKey+/==;EndpointSuffix=x",
+        "PlantedAccountKey",
+    ),
     "openai": ("key is sk-proj-PlantedOpenAiKey0123456789", "PlantedOpenAiKey"),
     "databricks": ("dapi0123456789abcdef0123456789abcdef-2", "dapi0123456789abcdef"),
     "aws_id": ("AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPLE"),
@@ -97,7 +104,9 @@ def test_planted_secrets_reach_no_output(tmp_path, gpt2_tokenizer_path):
     source_dir = tmp_path / "hf_PlantedPathToken0123456789" / "sk-PlantedPathOpenAi0123456789"
     source_dir.mkdir(parents=True)
     source = source_dir / "reviews.jsonl"
-    source.write_text("\n".join(json.dumps({"text": f"review {i}", "label": i % 3}) for i in range(12)) + "\nnot json\n")
+    source.write_text(
+        "\n".join(json.dumps({"text": f"review {i}", "label": i % 3}) for i in range(12)) + "\nnot json\n"
+    )
     missing = "s3a://AKIAPLANTEDMISSING1:PlantedMissingSecret@bucket/data.jsonl"
     home = tmp_path / "home"
     env = dict(os.environ, **planted, SPARKTUNE_HOME=str(home), PYTHONPATH=ROOT)

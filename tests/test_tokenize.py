@@ -89,13 +89,16 @@ def test_packed_causal_lm_blocks(spark, raw_table, gpt2_tokenizer_path, tmp_path
     packed = DeltaTable(out).to_pandas()
     assert packed["row_id"].is_unique
     assert (packed["n_tokens"] <= 256).all() and (packed["n_tokens"] == 256).mean() > 0.9
-    unpacked = tokenize_table(spark, raw_table, str(tmp_path / "plain"), gpt2_tokenizer_path, max_length=100_000, task="causal-lm")
+    unpacked = tokenize_table(
+        spark, raw_table, str(tmp_path / "plain"), gpt2_tokenizer_path, max_length=100_000, task="causal-lm"
+    )
     plain = DeltaTable(unpacked.output).to_pandas()
     # Packing drops nothing: every document's tokens plus one EOS separator each.
     for split in ("train", "test"):
-        assert packed.loc[packed.split == split, "n_tokens"].sum() == plain.loc[plain.split == split, "n_tokens"].sum() + (
-            plain.split == split
-        ).sum()
+        assert (
+            packed.loc[packed.split == split, "n_tokens"].sum()
+            == plain.loc[plain.split == split, "n_tokens"].sum() + (plain.split == split).sum()
+        )
 
 
 def test_bad_task_options_are_reported_together(spark, raw_table, gpt2_tokenizer_path, tmp_path):
@@ -121,7 +124,8 @@ def test_stats_sql_and_plot_for_analysts(spark, raw_table, gpt2_tokenizer_path, 
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert sum(drawn["series"]["test"].values()) == 100
 
-    by_label = run_sql(spark, f"SELECT label, count(*) AS n FROM delta.`{out}` WHERE split = 'train' GROUP BY label ORDER BY label")
+    by_label = run_sql(spark, f"SELECT label, count(*) AS n FROM delta.`{out}` WHERE split = 'train' GROUP BY label "
+                              "ORDER BY label")
     assert by_label.to_dict("records") == [{"label": 0, "n": 100}, {"label": 1, "n": 100}]
     with pytest.raises(SparktuneError, match="query failed"):
         run_sql(spark, "SELEC nothing")

@@ -17,7 +17,9 @@ def _jsonl(path, texts):
     return str(path)
 
 
-def test_recreated_source_outside_change_and_new_version_each_rebuild(spark, gpt2_tokenizer_path, tmp_path, monkeypatch):
+def test_recreated_source_outside_change_and_new_version_each_rebuild(
+    spark, gpt2_tokenizer_path, tmp_path, monkeypatch
+):
     raw = str(tmp_path / "raw")
     tokens = str(tmp_path / "tokens")
     ingest(spark, _jsonl(tmp_path / "a.jsonl", ["first corpus one", "first corpus two"]), raw)

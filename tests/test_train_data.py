@@ -38,7 +38,9 @@ def test_read_shard_streams_row_groups_into_memory_mapped_buffers(tmp_path):
                       has_labels=True)
     assert isinstance(rows.ids, np.memmap) and rows.ids.dtype == np.int32 and len(rows) == 280
     expected = table.column("input_ids").to_pylist() + more.column("input_ids").to_pylist()
-    assert [rows.row(i).tolist() for i in (0, 39, 40, 249, 250, 279)] == [expected[i] for i in (0, 39, 40, 249, 250, 279)]
+    assert [rows.row(i).tolist() for i in (0, 39, 40, 249, 250, 279)] == [
+        expected[i] for i in (0, 39, 40, 249, 250, 279)
+    ]
     assert rows.lengths.tolist() == [len(x) for x in expected]
     assert rows.labels.tolist() == table.column("label").to_pylist() + more.column("label").to_pylist()
     again = read_shard([], cache_dir=str(tmp_path / "cache"), has_labels=True)  # reused: files not reread

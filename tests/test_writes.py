@@ -45,7 +45,9 @@ def _corpus(path, tag, rows, bad_every=4, text_size=40):
 
 
 def _tags(frame, column):
-    return {value.split(" ")[0] if column == "text" else json.loads(value)["text"].split(" ")[0] for value in frame[column]}
+    return {
+        value.split(" ")[0] if column == "text" else json.loads(value)["text"].split(" ")[0] for value in frame[column]
+    }
 
 
 def test_two_processes_writing_the_same_tables_never_mix(spark, tmp_path):
@@ -70,7 +72,7 @@ def test_two_processes_writing_the_same_tables_never_mix(spark, tmp_path):
         results[tag] = (rc, *((tmp_path / f"{tag}.{kind}").read_text() for kind in ("out", "err")))
         for handle in logs[tag]:
             handle.close()
-    for tag, (rc, stdout, stderr) in results.items():
+    for tag, (rc, _stdout, stderr) in results.items():
         assert rc in (0, 2), (tag, stderr[-3000:])
         if rc == 2:  # refused, with a message, not a traceback
             assert "another writer committed" in stderr and "Traceback" not in stderr, stderr[-3000:]

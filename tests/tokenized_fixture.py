@@ -17,7 +17,9 @@ def tokenized_arrow(n_train: int, n_test: int = 0, *, seed: int = 0, min_len: in
     lengths = rng.integers(min_len, max_len, n).astype(np.int32)
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(rng.integers(0, vocab, int(offsets[-1]), dtype=np.int32)))
+    ids = pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(rng.integers(0, vocab, int(offsets[-1]), dtype=np.int32))
+    )
     return pa.table({
         "row_id": pa.array([f"r{i:07d}" for i in range(n)]),
         "split": pa.array(["train"] * n_train + ["test"] * n_test),

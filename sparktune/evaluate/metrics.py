@@ -85,7 +85,12 @@ def compute_lm_metrics(loss_sum: float, n_tokens: int, n_rows: int) -> dict:
     if n_tokens <= 0:
         raise SparktuneError("no tokens to score: every row of the split has fewer than 2 tokens")
     loss = float(loss_sum) / int(n_tokens)
-    return {"n": int(n_rows), "n_tokens": int(n_tokens), "eval_loss": loss, "perplexity": float(math.exp(min(loss, 700)))}
+    return {
+        "n": int(n_rows),
+        "n_tokens": int(n_tokens),
+        "eval_loss": loss,
+        "perplexity": float(math.exp(min(loss, 700))),
+    }
 
 
 def confusion_matrix_png(matrix, labels, path: str, title: str = "Confusion matrix") -> str:

@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
+from typing import Any
 
 from sparktune.errors import SparktuneError
 from sparktune.evaluate.metrics import (
@@ -209,7 +210,7 @@ def evaluate_model(spark, model, table: str, *, tracker=None, split: str | None 
     is_classifier = resolved.task is Task.CLASSIFICATION
     df = _select_rows(df, table, split, limit, labelled=is_classifier)
     scored = score_spark(df, resolved, tracker, input_column(df), batch_size=batch_size)
-    base = {"model_uri": resolved.uri, "model_version": resolved.version_label, "task": resolved.task,
+    base: dict[str, Any] = {"model_uri": resolved.uri, "model_version": resolved.version_label, "task": resolved.task,
             "table": table, "table_version": source_version, "split": split or None, "limit": limit}
     if is_classifier:
         if predictions_table and TOKENIZED.row_id not in df.columns:

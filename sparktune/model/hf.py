@@ -25,6 +25,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "CAUSAL_LM",
@@ -150,8 +151,8 @@ def device_for(preferred: str | None = None) -> str:
 class Loaded:
     """A model ready for inference, with what every caller needs beside it."""
 
-    tokenizer: object
-    model: object
+    tokenizer: Any
+    model: Any
     task: str
     labels: list
     pad_id: int

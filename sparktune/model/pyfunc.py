@@ -24,9 +24,10 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel  # the class itself: mypy sees mlflow.pyfunc as mlflow's LazyLoader
 
 try:  # inside a logged model: the core shipped beside this file (code/ is on sys.path)
-    import sparktune_hf as hf  # type: ignore[import-not-found]
+    import sparktune_hf as hf
 except ImportError:  # inside sparktune
     from sparktune.model import hf
 
@@ -73,7 +74,7 @@ def texts_from_input(model_input) -> list[str]:
     return values
 
 
-class SparktuneModel(mlflow.pyfunc.PythonModel):
+class SparktuneModel(PythonModel):
     """Loads the save_pretrained folder once per process (on the GPU if there is one); predicts in batches."""
 
     DEADLINE = hf.DEADLINE

@@ -28,7 +28,8 @@ def _template_args(p) -> None:
     from sparktune.openai.export import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_TEMPLATE
 
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system message ('' for none)")
-    p.add_argument("--user-template", default=DEFAULT_USER_TEMPLATE, help="user message; {text} is replaced by the review")
+    p.add_argument("--user-template", default=DEFAULT_USER_TEMPLATE, help="user message; {text} is replaced by the "
+                                                                          "review")
     p.add_argument("--label-names", default="negative,positive", help="answers for labels 0,1,... (comma-separated)")
 
 
@@ -43,10 +44,13 @@ def _validation_args(p) -> None:
     from sparktune.openai.client import DEFAULT_BASE_MODEL
     from sparktune.openai.validate import DEFAULT_PRICE_PER_MILLION
 
-    p.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help=f"base model to fine-tune (default {DEFAULT_BASE_MODEL})")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the service chooses from the example count)")
+    p.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="base model to fine-tune (default "
+                                                                    f"{DEFAULT_BASE_MODEL})")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the service chooses from the "
+                                                            "example count)")
     p.add_argument("--price-per-million", type=float, default=DEFAULT_PRICE_PER_MILLION,
-                   help=f"USD per 1M training tokens for the cost estimate (default {DEFAULT_PRICE_PER_MILLION:g}; check your price list)")
+                   help=f"USD per 1M training tokens for the cost estimate (default {DEFAULT_PRICE_PER_MILLION:g}; "
+                        "check your price list)")
 
 
 def _experiment(args) -> str:
@@ -59,7 +63,8 @@ def _experiment(args) -> str:
 def _service_args(p) -> None:
     p.add_argument("--secret-scope", help="on Databricks: read missing AZURE_OPENAI_* values from this secret scope")
     p.add_argument("--poll-interval", type=float, default=10.0, help="seconds between status checks (default 10)")
-    p.add_argument("--timeout", type=float, default=0.0, help="stop waiting after this many seconds (default 0: no limit)")
+    p.add_argument("--timeout", type=float, default=0.0, help="stop waiting after this many seconds (default 0: no "
+                                                              "limit)")
 
 
 def _files(args) -> tuple[str, str | None]:
@@ -185,15 +190,18 @@ def _run_deploy(args) -> int:
     creds = _credentials(args)
     model = args.model or _job_record(args).get("fine_tuned_model")
     if not model:
-        raise SparktuneError("give --model (the fine-tuned model name) or --data DIR after `sparktune openai follow` recorded it")
+        raise SparktuneError("give --model (the fine-tuned model name) or --data DIR after `sparktune openai follow` "
+                             "recorded it")
     if creds.provider == Provider.OPENAI:
-        print(f"OpenAI serves fine-tuned models by name: score {model} directly (sparktune openai score --deployment {model})")
+        print(f"OpenAI serves fine-tuned models by name: score {model} directly (sparktune openai score --deployment "
+              f"{model})")
         return 0
     target = management_from_env()
     spec = DeploymentSpec(args.name, model, args.sku, args.capacity)
     resource = deploy_model(target, spec, poll_interval=args.poll_interval, timeout=args.timeout or 3600.0)
     print(f"deployment {resource.get('name', args.name)} of {model} succeeded "
-          f"(sku {resource.get('sku', {}).get('name', args.sku)}, capacity {resource.get('sku', {}).get('capacity', args.capacity)})")
+          f"(sku {resource.get('sku', {}).get('name', args.sku)}, capacity "
+          f"{resource.get('sku', {}).get('capacity', args.capacity)})")
     return 0
 
 
@@ -207,13 +215,21 @@ def _run_score(args) -> int:
     if args.data:
         manifest = read_manifest(args.data)
         if manifest is None:
-            raise SparktuneError(f"--data {args.data}: no manifest.json there; give the folder `sparktune openai export` wrote")
+            raise SparktuneError(f"--data {args.data}: no manifest.json there; give the folder `sparktune openai "
+                                 "export` wrote")
         t = manifest["settings"]["template"]
         template = PromptTemplate(t["system"], t["user"], tuple(t["label_names"]))  # score with the prompt it learnt
         record = _job_record(args) if os.path.isfile(os.path.join(args.data, "job.json")) else {}
     spec = ScoreSpec(
-        table=args.table, model=args.deployment, split=args.split, limit=args.limit, predictions=args.predictions,
-        concurrency=args.concurrency, partitions=args.partitions, max_retries=args.max_retries, max_tokens=args.max_tokens,
+        table=args.table,
+        model=args.deployment,
+        split=args.split,
+        limit=args.limit,
+        predictions=args.predictions,
+        concurrency=args.concurrency,
+        partitions=args.partitions,
+        max_retries=args.max_retries,
+        max_tokens=args.max_tokens,
         template=template,
     )
     spec.check()
@@ -225,9 +241,13 @@ def _run_score(args) -> int:
     print(f"model  {result.model}")
     print(f"table  {result.table} (version {result.table_version}, split {result.split})")
     print(format_metrics(result.metrics))
-    print(f"\nunparsed answers {result.unparsed}  (counted wrong)   failed requests {result.errors}   retries {result.retries}")
+    print(f"\nunparsed answers {result.unparsed}  (counted wrong)   failed requests {result.errors}   retries "
+          f"{result.retries}")
     for example in result.examples:
-        print(f"  row {example['row_id']}: answer {example['answer']!r}" + (f", error {example['error']}" if example["error"] else ""))
+        print(
+            f"  row {example['row_id']}: answer {example['answer']!r}"
+            + (f", error {example['error']}" if example["error"] else "")
+        )
     if result.predictions_table:
         print(f"predictions written to {result.predictions_table} (version {result.predictions_version})")
     if log is not None and result.run_id:
@@ -255,10 +275,13 @@ def add_cli(subparsers) -> None:
     p.add_argument("--table", required=True, help="raw TABLE (row_id, split, text, label)")
     p.add_argument("--output", required=True, help="folder for train.jsonl, validation.jsonl and manifest.json")
     p.add_argument("--train-split", default="train", help="split whose rows become training examples (default train)")
-    p.add_argument("--validation-split", default="", help="split for validation (default: carve --validation-fraction of the training split)")
-    p.add_argument("--validation-fraction", type=float, default=0.1, help="share of the training split held out (default 0.1)")
+    p.add_argument("--validation-split", default="", help="split for validation (default: carve --validation-fraction "
+                                                          "of the training split)")
+    p.add_argument("--validation-fraction", type=float, default=0.1, help="share of the training split held out "
+                                                                          "(default 0.1)")
     p.add_argument("--limit", type=int, default=0, help="at most this many training examples (default 0: all)")
-    p.add_argument("--validation-limit", type=int, default=0, help="at most this many validation examples (default 0: all)")
+    p.add_argument("--validation-limit", type=int, default=0, help="at most this many validation examples (default 0: "
+                                                                   "all)")
     p.add_argument("--seed", type=int, default=42, help="seed of the shuffle and the held-out choice (default 42)")
     p.add_argument("--force", action="store_true", help="rewrite even when the files are up to date")
     p.add_argument("--no-validate", action="store_true", help="skip the validation summary")
@@ -295,7 +318,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--name", required=True, help="deployment name (what score's --deployment takes)")
     p.add_argument("--model", help="fine-tuned model name (default: from --data's job.json)")
     p.add_argument("--data", help="the export folder `follow` recorded the model in")
-    p.add_argument("--sku", default="standard", help="deployment SKU: standard, globalstandard, developer ... (default standard)")
+    p.add_argument("--sku", default="standard", help="deployment SKU: standard, globalstandard, developer ... (default "
+                                                     "standard)")
     p.add_argument("--capacity", type=int, default=1, help="capacity units (thousands of tokens per minute; default 1)")
     _service_args(p)
     p.set_defaults(func=_run_deploy)
@@ -309,7 +333,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--predictions", metavar="TABLE", help="write the predictions Delta table here")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at most, in total (default 8)")
     p.add_argument("--partitions", type=int, default=2, help="Spark tasks sharing them (default 2)")
-    p.add_argument("--max-retries", type=int, default=6, help="retries per request on 429/5xx, with backoff (default 6)")
+    p.add_argument("--max-retries", type=int, default=6, help="retries per request on 429/5xx, with backoff (default "
+                                                              "6)")
     p.add_argument("--max-tokens", type=int, default=5, help="longest answer (default 5 tokens)")
     p.add_argument("--run-id", help="MLflow run to log to (default: the job's run from --data, else a new run)")
     p.add_argument("--compare", action="append", metavar="RUN_ID", help="print this run's metrics beside (repeatable)")

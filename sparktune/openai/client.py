@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from sparktune.errors import SparktuneError
 
@@ -107,7 +108,7 @@ class Credentials:
 
 def _secret_scope_reader(scope: str) -> Callable[[str], str]:
     try:
-        from databricks.sdk.runtime import dbutils  # type: ignore[import-not-found]
+        from databricks.sdk.runtime import dbutils
     except Exception as exc:
         raise SparktuneError(
             f"--secret-scope {scope}: Databricks secrets are only readable on a Databricks cluster or with "
@@ -138,7 +139,8 @@ def credentials_from_env(secret_scope: str | None = None, environ=None) -> Crede
     where = f" (environment or secret scope {secret_scope!r})" if secret_scope else " (environment)"
     if endpoint:
         if not endpoint.startswith(("https://", "http://")):
-            raise SparktuneError(f"AZURE_OPENAI_ENDPOINT must be a URL like https://NAME.openai.azure.com; found {endpoint!r}")
+            raise SparktuneError("AZURE_OPENAI_ENDPOINT must be a URL like https://NAME.openai.azure.com; found "
+                                 f"{endpoint!r}")
         key, token = get("AZURE_OPENAI_API_KEY"), get("AZURE_OPENAI_AD_TOKEN")
         if not key and not token:
             raise SparktuneError(
@@ -146,7 +148,9 @@ def credentials_from_env(secret_scope: str | None = None, environ=None) -> Crede
                 "set the resource's key (Azure portal: Keys and Endpoint) or an Entra ID token "
                 "(az account get-access-token --resource https://cognitiveservices.azure.com)"
             )
-        return Credentials(Provider.AZURE, endpoint.rstrip("/"), get("OPENAI_API_VERSION") or DEFAULT_API_VERSION, key, token)
+        return Credentials(
+            Provider.AZURE, endpoint.rstrip("/"), get("OPENAI_API_VERSION") or DEFAULT_API_VERSION, key, token
+        )
     key = get("OPENAI_API_KEY")
     if key:
         return Credentials(Provider.OPENAI, get("OPENAI_BASE_URL"), "", key, "")
@@ -178,7 +182,11 @@ class JobSpec:
             raise SparktuneError(f"--suffix is at most 40 characters; found {len(self.suffix)}")
 
     def hyperparameters(self) -> dict:
-        out = {"n_epochs": self.epochs, "batch_size": self.batch_size, "learning_rate_multiplier": self.learning_rate_multiplier}
+        out = {
+            "n_epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "learning_rate_multiplier": self.learning_rate_multiplier,
+        }
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -211,7 +219,8 @@ def upload_file(client, path: str, poll_interval: float = 2.0, timeout: float = 
     current = uploaded
     while current.status not in ("processed", "error", "deleted"):
         if time.monotonic() > deadline:
-            raise SparktuneError(f"file {uploaded.id} ({path}) still {current.status!r} after {timeout:.0f} s; try again later")
+            raise SparktuneError(f"file {uploaded.id} ({path}) still {current.status!r} after {timeout:.0f} s; try "
+                                 "again later")
         time.sleep(poll_interval)
         current = client.files.retrieve(uploaded.id)
     if current.status != "processed":
@@ -247,8 +256,12 @@ def submit_job(creds: Credentials, data_dir: str, spec: JobSpec, log, report, po
     client = creds.client()
     say(f"service: {creds.describe()}")
     train_id = upload_file(client, report.train.path, poll_interval, file_timeout, say)
-    validation_id = upload_file(client, report.validation.path, poll_interval, file_timeout, say) if report.validation else None
-    kwargs = {"model": spec.base_model, "training_file": train_id, "hyperparameters": spec.hyperparameters()}
+    validation_id = (
+        upload_file(client, report.validation.path, poll_interval, file_timeout, say) if report.validation else None
+    )
+    kwargs: dict[str, Any] = {
+        "model": spec.base_model, "training_file": train_id, "hyperparameters": spec.hyperparameters()
+    }
     if validation_id:
         kwargs["validation_file"] = validation_id
     if spec.suffix:
@@ -271,27 +284,32 @@ def submit_job(creds: Credentials, data_dir: str, spec: JobSpec, log, report, po
             "sparktune.openai.status": job.status,
         },
     )
-    log.log_params(run_id, {
-        "base_model": spec.base_model,
-        "epochs": spec.epochs if spec.epochs is not None else "auto",
-        "batch_size": spec.batch_size if spec.batch_size is not None else "auto",
-        "learning_rate_multiplier": spec.learning_rate_multiplier if spec.learning_rate_multiplier is not None else "auto",
-        "suffix": spec.suffix,
-        "seed": spec.seed,
-        "provider": creds.provider.value,
-        "endpoint": creds.endpoint or "api.openai.com",
-        "api_version": creds.api_version,
-        "source_table": source.get("table"),
-        "source_version": source.get("version"),
-        "train_examples": report.train.examples,
-        "validation_examples": report.validation.examples if report.validation else 0,
-        "train_tokens": report.train.total_tokens,
-        "estimated_billed_tokens": report.billed_training_tokens,
-        "estimated_cost_usd": round(report.estimated_cost, 4),
-        "job_id": job.id,
-        "training_file_id": train_id,
-        "validation_file_id": validation_id,
-    })
+    log.log_params(
+        run_id,
+        {
+            "base_model": spec.base_model,
+            "epochs": spec.epochs if spec.epochs is not None else "auto",
+            "batch_size": spec.batch_size if spec.batch_size is not None else "auto",
+            "learning_rate_multiplier": spec.learning_rate_multiplier
+            if spec.learning_rate_multiplier is not None
+            else "auto",
+            "suffix": spec.suffix,
+            "seed": spec.seed,
+            "provider": creds.provider.value,
+            "endpoint": creds.endpoint or "api.openai.com",
+            "api_version": creds.api_version,
+            "source_table": source.get("table"),
+            "source_version": source.get("version"),
+            "train_examples": report.train.examples,
+            "validation_examples": report.validation.examples if report.validation else 0,
+            "train_tokens": report.train.total_tokens,
+            "estimated_billed_tokens": report.billed_training_tokens,
+            "estimated_cost_usd": round(report.estimated_cost, 4),
+            "job_id": job.id,
+            "training_file_id": train_id,
+            "validation_file_id": validation_id,
+        },
+    )
     log.log_json(run_id, report.to_dict(), "validation_report.json")
     if manifest:
         log.log_json(run_id, manifest, "export_manifest.json")

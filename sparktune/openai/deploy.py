@@ -54,13 +54,14 @@ def management_from_env(environ=None) -> ManagementTarget:
                                         ("AZURE_OPENAI_RESOURCE", account)) if not (value or "").strip()]
     if missing:
         raise SparktuneError(
-            f"deploy needs {', '.join(missing)} in the environment: the Azure subscription id, the resource group and the "
+            f"deploy needs {', '.join(missing)} in the environment: the Azure subscription id, the resource group and "
+            "the "
             "Azure OpenAI resource (account) name that holds the fine-tuned model"
         )
     token = (env.get("AZURE_MANAGEMENT_TOKEN") or "").strip()
     if not token:
         try:
-            from azure.identity import DefaultAzureCredential  # type: ignore[import-not-found]
+            from azure.identity import DefaultAzureCredential
         except ImportError as exc:
             raise SparktuneError(
                 "deploy needs an Azure Resource Manager token: set AZURE_MANAGEMENT_TOKEN "
@@ -69,7 +70,9 @@ def management_from_env(environ=None) -> ManagementTarget:
             ) from exc
         token = DefaultAzureCredential().get_token("https://management.azure.com/.default").token
     endpoint = (env.get("AZURE_MANAGEMENT_ENDPOINT") or "https://management.azure.com").rstrip("/")
-    return ManagementTarget(endpoint, env["AZURE_SUBSCRIPTION_ID"].strip(), env["AZURE_RESOURCE_GROUP"].strip(), account, token)
+    return ManagementTarget(
+        endpoint, env["AZURE_SUBSCRIPTION_ID"].strip(), env["AZURE_RESOURCE_GROUP"].strip(), account, token
+    )
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,8 @@ class DeploymentSpec:
         if not self.name or len(self.name) > 64:
             raise SparktuneError(f"--name must be 1 to 64 characters; found {self.name!r}")
         if not self.model:
-            raise SparktuneError("--model is empty: give the fine-tuned model name that `sparktune openai follow` printed")
+            raise SparktuneError("--model is empty: give the fine-tuned model name that `sparktune openai follow` "
+                                 "printed")
         if self.capacity < 1:
             raise SparktuneError(f"--capacity must be a positive number of capacity units; found {self.capacity}")
 
@@ -137,9 +141,11 @@ def deploy_model(target: ManagementTarget, spec: DeploymentSpec, poll_interval: 
             if state == "Succeeded":
                 return resource
             if state in ("Failed", "Canceled"):
-                raise SparktuneError(f"deployment {spec.name!r} of {spec.model} ended {state}; see the resource's activity log in the Azure portal")
+                raise SparktuneError(f"deployment {spec.name!r} of {spec.model} ended {state}; see the resource's "
+                                     "activity log in the Azure portal")
             if time.monotonic() - start > timeout:
-                raise SparktuneError(f"deployment {spec.name!r} still {state} after {timeout:.0f} s; run deploy again to keep waiting")
+                raise SparktuneError(f"deployment {spec.name!r} still {state} after {timeout:.0f} s; run deploy again "
+                                     "to keep waiting")
             time.sleep(poll_interval)
             response = _request(http, "GET", url, target.token, max_retries)
             if response.status_code != 200:

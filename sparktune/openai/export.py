@@ -64,7 +64,8 @@ class PromptTemplate:
         names = [str(n).strip() for n in self.label_names]
         if len(names) < 2 or any(not n for n in names) or len({n.lower() for n in names}) != len(names):
             raise SparktuneError(
-                f"--label-names needs two or more distinct, non-empty names (label i gets name i); found {list(self.label_names)}"
+                "--label-names needs two or more distinct, non-empty names (label i gets name i); found "
+                f"{list(self.label_names)}"
             )
 
     def user_parts(self) -> tuple[str, str]:
@@ -98,10 +99,12 @@ class ExportSpec:
     def check(self) -> None:
         self.template.check()
         if not self.train_split:
-            raise SparktuneError("--train-split is empty: name the split whose rows become training examples (e.g. train)")
+            raise SparktuneError("--train-split is empty: name the split whose rows become training examples (e.g. "
+                                 "train)")
         if not self.validation_split and not 0.0 < self.validation_fraction < 1.0:
             raise SparktuneError(
-                f"--validation-fraction must be between 0 and 1 (exclusive) when no --validation-split is given; found {self.validation_fraction}"
+                "--validation-fraction must be between 0 and 1 (exclusive) when no --validation-split is given; found "
+                f"{self.validation_fraction}"
             )
         for flag, value in (("--limit", self.limit), ("--validation-limit", self.validation_limit)):
             if value < 0:
@@ -181,7 +184,9 @@ def _chat_lines(df, template: PromptTemplate):
     messages = []
     if template.system:
         messages.append(F.struct(F.lit("system").alias("role"), F.lit(template.system).alias("content")))
-    messages.append(F.struct(F.lit("user").alias("role"), F.concat(F.lit(before), F.col("text"), F.lit(after)).alias("content")))
+    messages.append(
+        F.struct(F.lit("user").alias("role"), F.concat(F.lit(before), F.col("text"), F.lit(after)).alias("content"))
+    )
     messages.append(F.struct(F.lit("assistant").alias("role"), answer.alias("content")))
     return df.select(F.to_json(F.struct(F.array(*messages).alias("messages"))).alias("value"), "_key")
 
@@ -214,7 +219,8 @@ def export_chat_jsonl(spark, spec: ExportSpec, force: bool = False) -> ExportRes
     output = os.path.abspath(os.path.expanduser(spec.output))
     if "://" in spec.output:
         raise SparktuneError(
-            f"--output {spec.output!r}: the JSONL files are uploaded from this machine, so give a local or mounted folder "
+            f"--output {spec.output!r}: the JSONL files are uploaded from this machine, so give a local or mounted "
+            "folder "
             "(on Databricks a Unity Catalog volume such as /Volumes/main/default/openai)"
         )
     version = table_version(spark, spec.table)
@@ -223,7 +229,7 @@ def export_chat_jsonl(spark, spec: ExportSpec, force: bool = False) -> ExportRes
     validation_path = os.path.join(output, VALIDATION_FILE)
     manifest_path = os.path.join(output, MANIFEST_FILE)
     manifest = read_manifest(output)
-    if not force and _is_current(output, manifest, spec.table, version, settings):
+    if not force and manifest is not None and _is_current(output, manifest, spec.table, version, settings):
         return ExportResult(output, train_path, validation_path, manifest_path, spec.table, version,
                             manifest["files"]["train"]["rows"], manifest["files"]["validation"]["rows"], True)
 
@@ -231,7 +237,8 @@ def export_chat_jsonl(spark, spec: ExportSpec, force: bool = False) -> ExportRes
     missing = [c for c in ("row_id", "split", "text", "label") if c not in df.columns]
     if missing:
         raise SparktuneError(
-            f"--table {spec.table}: a raw table needs row_id, split, text and label; missing {missing} (columns: {df.columns}). "
+            f"--table {spec.table}: a raw table needs row_id, split, text and label; missing {missing} (columns: "
+            f"{df.columns}). "
             "Create it with `sparktune ingest`."
         )
     n_labels = len(spec.template.label_names)
@@ -243,11 +250,15 @@ def export_chat_jsonl(spark, spec: ExportSpec, force: bool = False) -> ExportRes
         validation_pool = labelled.where(F.col("split") == spec.validation_split)
     else:
         # A seeded hash bucket, not randomSplit: the same row lands on the same side every run.
-        bucket = F.pmod(F.xxhash64(F.lit(int(spec.seed) + 1), F.col("row_id")), F.lit(1_000_000)) < int(spec.validation_fraction * 1_000_000)
+        bucket = F.pmod(F.xxhash64(F.lit(int(spec.seed) + 1), F.col("row_id")), F.lit(1_000_000)) < int(
+            spec.validation_fraction * 1_000_000
+        )
         train_pool = labelled.where(in_train_split & ~bucket)
         validation_pool = labelled.where(in_train_split & bucket)
     train_df = train_pool.orderBy("_key").limit(spec.limit) if spec.limit else train_pool
-    validation_df = validation_pool.orderBy("_key").limit(spec.validation_limit) if spec.validation_limit else validation_pool
+    validation_df = (
+        validation_pool.orderBy("_key").limit(spec.validation_limit) if spec.validation_limit else validation_pool
+    )
 
     os.makedirs(output, exist_ok=True)
     if os.path.exists(manifest_path):
@@ -257,11 +268,13 @@ def export_chat_jsonl(spark, spec: ExportSpec, force: bool = False) -> ExportRes
     if train_rows == 0:
         found = [r["split"] for r in df.select("split").distinct().collect()]
         raise SparktuneError(
-            f"--train-split {spec.train_split!r}: no labelled rows in {spec.table} (version {version}); its splits are {sorted(map(str, found))}"
+            f"--train-split {spec.train_split!r}: no labelled rows in {spec.table} (version {version}); its splits are "
+            f"{sorted(map(str, found))}"
         )
     if validation_rows == 0:
         raise SparktuneError(
-            f"no validation rows: --validation-split {spec.validation_split!r} / --validation-fraction {spec.validation_fraction} "
+            f"no validation rows: --validation-split {spec.validation_split!r} / --validation-fraction "
+            f"{spec.validation_fraction} "
             f"selected nothing in {spec.table}; name a split that has labelled rows or raise the fraction"
         )
     manifest = {
@@ -277,5 +290,6 @@ def export_chat_jsonl(spark, spec: ExportSpec, force: bool = False) -> ExportRes
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=2, sort_keys=True)
     os.replace(tmp, manifest_path)
-    return ExportResult(output, train_path, validation_path, manifest_path, spec.table, version, train_rows, validation_rows, False)
-
+    return ExportResult(
+        output, train_path, validation_path, manifest_path, spec.table, version, train_rows, validation_rows, False
+    )

@@ -37,7 +37,9 @@ def parse_answer(answer: str | None, label_names) -> int:
     for i, name in enumerate(names):
         if text == " ".join(_WORD.findall(name)):
             return i
-    mentioned = [i for i, name in enumerate(names) if re.search(rf"\b{re.escape(' '.join(_WORD.findall(name)))}\b", text)]
+    mentioned = [
+        i for i, name in enumerate(names) if re.search(rf"\b{re.escape(' '.join(_WORD.findall(name)))}\b", text)
+    ]
     return mentioned[0] if len(mentioned) == 1 else -1
 
 
@@ -58,9 +60,11 @@ class ScoreSpec:
     def check(self) -> None:
         self.template.check()
         if not self.model:
-            raise SparktuneError("--deployment is empty: name the Azure deployment (or, on OpenAI, the fine-tuned model) to score")
+            raise SparktuneError("--deployment is empty: name the Azure deployment (or, on OpenAI, the fine-tuned "
+                                 "model) to score")
         if self.concurrency < 1 or self.partitions < 1:
-            raise SparktuneError(f"--concurrency and --partitions must be >= 1; found {self.concurrency} and {self.partitions}")
+            raise SparktuneError(f"--concurrency and --partitions must be >= 1; found {self.concurrency} and "
+                                 f"{self.partitions}")
         if self.limit < 0:
             raise SparktuneError(f"--limit must be 0 (all rows) or a positive row count; found {self.limit}")
 
@@ -137,14 +141,18 @@ def _preflight(creds, spec: ScoreSpec) -> int:
     client = creds.client(max_retries=spec.max_retries, timeout=spec.request_timeout)
     try:
         raw = client.chat.completions.with_raw_response.create(
-            model=spec.model, messages=spec.template.messages("A short test review."), temperature=0, max_tokens=spec.max_tokens
+            model=spec.model,
+            messages=spec.template.messages("A short test review."),
+            temperature=0,
+            max_tokens=spec.max_tokens,
         )
         raw.parse()
     except openai.NotFoundError as exc:
         raise SparktuneError(f"--deployment {spec.model!r} was not found by the service ({_scrub(exc, creds)}); "
                              "deploy it first (`sparktune openai deploy`) or check the name") from exc
     except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-        raise SparktuneError(f"the service refused the credentials ({_scrub(exc, creds)}); check AZURE_OPENAI_API_KEY / "
+        raise SparktuneError(f"the service refused the credentials ({_scrub(exc, creds)}); check AZURE_OPENAI_API_KEY "
+                             "/ "
                              "AZURE_OPENAI_AD_TOKEN and the endpoint") from exc
     except openai.APIError as exc:
         raise SparktuneError(f"a test request to {spec.model!r} failed: {_scrub(exc, creds)}") from exc
@@ -160,7 +168,10 @@ def _scrub(exc, creds) -> str:
 
 def score_model(spark, creds, spec: ScoreSpec, log=None, run_id: str | None = None, job_id: str | None = None,
                 say=print) -> ScoreResult:
-    """Score ``spec.model`` on ``spec.table``'s ``spec.split`` rows; log to ``run_id`` (or the job's run, or a new one)."""
+    """Score ``spec.model`` on ``spec.table``'s ``spec.split`` rows; log to ``run_id``
+
+    (or the job's run, or a new one).
+    """
     from pyspark.sql import functions as F
 
     from sparktune.evaluate import compute_metrics
@@ -172,7 +183,8 @@ def score_model(spark, creds, spec: ScoreSpec, log=None, run_id: str | None = No
     df = read_table(spark, spec.table, version=version, what="--table")
     missing = [c for c in ("row_id", "text", "label") + (("split",) if spec.split else ()) if c not in df.columns]
     if missing:
-        raise SparktuneError(f"--table {spec.table}: missing column(s) {missing} (columns: {df.columns}); score a raw table from `sparktune ingest`")
+        raise SparktuneError(f"--table {spec.table}: missing column(s) {missing} (columns: {df.columns}); score a raw "
+                             "table from `sparktune ingest`")
     if spec.split:
         df = df.where(F.col("split") == spec.split)
     df = df.where(F.col("label") >= 0).select("row_id", "text", "label")
@@ -188,10 +200,20 @@ def score_model(spark, creds, spec: ScoreSpec, log=None, run_id: str | None = No
     predictions_version = None
     if spec.predictions:
         predictions_version = write_table(
-            scored, spec.predictions,
-            properties={"sparktune.model": spec.model, "sparktune.source_table": spec.table,
-                        "sparktune.source_version": version, "sparktune.split": spec.split or ""},
-            user_metadata={"stage": "openai-score", "model": spec.model, "source_table": spec.table, "source_version": version},
+            scored,
+            spec.predictions,
+            properties={
+                "sparktune.model": spec.model,
+                "sparktune.source_table": spec.table,
+                "sparktune.source_version": version,
+                "sparktune.split": spec.split or "",
+            },
+            user_metadata={
+                "stage": "openai-score",
+                "model": spec.model,
+                "source_table": spec.table,
+                "source_version": version,
+            },
         )
         out = read_table(spark, spec.predictions, version=predictions_version)
     else:
@@ -203,7 +225,8 @@ def score_model(spark, creds, spec: ScoreSpec, log=None, run_id: str | None = No
         F.sum("retries").alias("retries"),
     ).collect()[0]
     if not counts["n"]:
-        raise SparktuneError(f"no labelled rows in {spec.table} split {spec.split!r}; pick a split with labels (e.g. test)")
+        raise SparktuneError(f"no labelled rows in {spec.table} split {spec.split!r}; pick a split with labels (e.g. "
+                             "test)")
     if counts["errors"] == counts["n"]:
         first = out.where(F.col("error").isNotNull()).select("error").first()["error"]
         raise SparktuneError(f"every request failed; the first error: {first}")
@@ -236,8 +259,20 @@ def score_model(spark, creds, spec: ScoreSpec, log=None, run_id: str | None = No
         })
         log.log_json(run_id, dict(metrics, unparsed=counts["unparsed"], errors=counts["errors"], examples=examples),
                      f"{split}_metrics.json", folder="evaluation")
-    return ScoreResult(spec.model, spec.table, version, split, metrics, int(counts["unparsed"] or 0), int(counts["errors"] or 0),
-                       retries + int(counts["retries"] or 0), spec.predictions, predictions_version, run_id, examples)
+    return ScoreResult(
+        spec.model,
+        spec.table,
+        version,
+        split,
+        metrics,
+        int(counts["unparsed"] or 0),
+        int(counts["errors"] or 0),
+        retries + int(counts["retries"] or 0),
+        spec.predictions,
+        predictions_version,
+        run_id,
+        examples,
+    )
 
 
 _COMPARED = ("n", "accuracy", "precision", "recall", "f1")

@@ -29,10 +29,10 @@ class RunLog:
         self.experiment = experiment
         self._secrets = [s for s in secrets if s]
         try:  # the shared Tracker, where this checkout has it: same store, same experiment rules
-            from sparktune.tracking import Tracker  # type: ignore[import-not-found]
+            from sparktune.tracking import Tracker
         except ImportError:
-            Tracker = None
-        if Tracker is not None:
+            pass
+        else:
             tracker = Tracker(tracking_uri or None, experiment)
             self.tracking_uri, self.client = str(tracker.tracking_uri), tracker.client
             self.experiment_id = tracker.experiment_id()
@@ -48,7 +48,9 @@ class RunLog:
             self.experiment_id = found.experiment_id
         else:
             try:
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=self._artifact_location())
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=self._artifact_location()
+                )
             except Exception:
                 found = self.client.get_experiment_by_name(experiment)  # created concurrently
                 if found is None:
@@ -60,7 +62,9 @@ class RunLog:
         if not self.tracking_uri.startswith("sqlite:///"):
             return None
         root = os.path.join(os.path.dirname(os.path.abspath(self.tracking_uri[len("sqlite:///"):])), "mlartifacts")
-        return "file://" + os.path.join(root, re.sub(r"[^A-Za-z0-9_.-]+", "_", self.experiment).strip("_") or "experiment")
+        return "file://" + os.path.join(
+            root, re.sub(r"[^A-Za-z0-9_.-]+", "_", self.experiment).strip("_") or "experiment"
+        )
 
     def scrub(self, text) -> str:
         text = "" if text is None else str(text)
@@ -109,7 +113,9 @@ class RunLog:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, int(step)) for step, values in rows for k, v in values.items() if v is not None]
+        batch = [
+            Metric(k, float(v), now, int(step)) for step, values in rows for k, v in values.items() if v is not None
+        ]
         for start in range(0, len(batch), 900):
             self.client.log_batch(run_id, metrics=batch[start:start + 900])
 

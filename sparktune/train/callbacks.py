@@ -128,7 +128,7 @@ class FsyncCallback(TrainerCallback):
 def plugin_callbacks(cfg, env: DistEnv, environ=None) -> list:
     """Callbacks named in ``$SPARKTUNE_TRAIN_CALLBACKS`` (``module:callable``, comma-separated)."""
     spec = (os.environ if environ is None else environ).get(PLUGINS_ENV, "")
-    found = []
+    found: list = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         module_name, _, attr = item.partition(":")
         try:

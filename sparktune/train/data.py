@@ -31,6 +31,7 @@ import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +85,7 @@ class FlatRows:
     """int32 token ids of every row, back to back (may be a read-only memory map)."""
     labels: np.ndarray | None = None
     """int32 label per row (classification), else None."""
-    row_ids: object = None
+    row_ids: Any = None
     """The rows' ``row_id`` values (an Arrow string array) when read from the table, else None."""
 
     def __len__(self) -> int:

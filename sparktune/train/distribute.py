@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import cast
 
 from sparktune.errors import ConfigError, SparktuneError
 from sparktune.train.config import TrainConfig, train_config_from_dict
@@ -50,7 +51,8 @@ def launch_once(plan: LaunchPlan, cfg: TrainConfig, tracker=None) -> TrainResult
     # Ranks on executors have neither the driver's environment nor a notebook's credentials: hand
     # them what MLflow needs in memory, never through the plan (which is logged).
     env = {**plan.env, **rank_env_for_mlflow(tracker.tracking_uri)} if tracker is not None else dict(plan.env)
-    return distributor.run(_rank_main, cfg.to_dict(), env, tracker)
+    # run() is typed Optional[Any]: it returns rank 0's return value, which _rank_main makes a TrainResult
+    return cast(TrainResult, distributor.run(_rank_main, cfg.to_dict(), env, tracker))
 
 
 def _resolve_table(spark, cfg: TrainConfig, world_size: int) -> None:
@@ -62,7 +64,7 @@ def _resolve_table(spark, cfg: TrainConfig, world_size: int) -> None:
 
     if not cfg.data.location:
         ref = parse_table_ref(cfg.data.table)
-        cfg.data.location = ref.path if ref.is_path else table_location(spark, ref)
+        cfg.data.location = ref.path if ref.path is not None else table_location(spark, ref)
     prepare_resume(cfg, world_size, table_identity(cfg.data.location))
     info = table_info(cfg.data.location, cfg.data.version)
     cfg.data.version = info["version"]

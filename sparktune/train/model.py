@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sparktune.errors import SparktuneError
 from sparktune.models import resolve_pretrained
 from sparktune.tasks import TOKENIZED, Task
@@ -32,7 +34,7 @@ def load_tokenizer(cfg: TrainConfig, table_props: dict):
     source = cfg.model.tokenizer or table_props.get(TOKENIZED.prop_tokenizer) or cfg.model.name
     key = "model.tokenizer" if cfg.model.tokenizer else "model.name"
     path = resolve_pretrained(source, key)
-    kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code}
     if cfg.model.gguf_file and source == cfg.model.name:
         kwargs["gguf_file"] = cfg.model.gguf_file
     try:

@@ -46,7 +46,7 @@ def resolve_data(cfg: TrainConfig) -> TrainConfig:
     from sparktune.tables import parse_table_ref
 
     ref = parse_table_ref(cfg.data.table)
-    if not ref.is_path:
+    if ref.path is None:
         raise SparktuneError(
             f"data.table: {cfg.data.table!r} is a catalog name, which only Spark can resolve; launch with "
             "`sparktune train` (it resolves the name) or set data.location to the table's folder"
@@ -275,9 +275,10 @@ def training_arguments(job: Job):
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        eval_strategy=t.eval_strategy if job.eval_rows is not None else "no",
+        # validated strategies are "no", "steps" or "epoch" (a YAML False was read back as "no")
+        eval_strategy=str(t.eval_strategy) if job.eval_rows is not None else "no",
         eval_steps=t.eval_steps,
-        save_strategy=cfg.checkpoint.strategy,
+        save_strategy=str(cfg.checkpoint.strategy),
         save_steps=cfg.checkpoint.steps,
         save_total_limit=cfg.checkpoint.keep,
         # MLflowCallback is added by hand (callbacks.py says why its place in the list matters).

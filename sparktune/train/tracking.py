@@ -30,9 +30,9 @@ def log_delta_input(tracker, run_id: str, *, location: str, version: int, name: 
     ``sample`` is a small pandas frame of the rows (MLflow records its schema); the digest names
     the table, version and context, so the same input logged again is the same dataset.
     """
-    import mlflow
     import pandas as pd
     from mlflow.data.delta_dataset_source import DeltaDatasetSource
+    from mlflow.data.pandas_dataset import from_pandas
 
     source = None
     if table_name:
@@ -44,7 +44,7 @@ def log_delta_input(tracker, run_id: str, *, location: str, version: int, name: 
         source = DeltaDatasetSource(path=location, delta_table_version=version)
     frame = sample if sample is not None else pd.DataFrame()
     digest = hashlib.sha256(f"{location}@{version}:{context}".encode()).hexdigest()[:16]
-    dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest,
+    dataset = from_pandas(frame, source=source, name=name, digest=digest,
                                       targets=targets if targets and targets in frame.columns else None)
     from mlflow.tracking.fluent import _create_dataset_input
 
