@@ -296,7 +296,8 @@ def add_cli(subparsers) -> None:
     _validation_args(p)
     p.set_defaults(func=_run_validate)
 
-    p = stage_parser(sub, "submit", help="validate, upload the files and create the fine-tuning job (--wait: follow it)")
+    p = stage_parser(sub, "submit",
+                     help="validate, upload the files and create the fine-tuning job (--wait: follow it)")
     p.add_argument("--data", required=True, help="the export folder")
     _validation_args(p)
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the service chooses)")
@@ -324,7 +325,8 @@ def add_cli(subparsers) -> None:
     _service_args(p)
     p.set_defaults(func=_run_deploy)
 
-    p = stage_parser(sub, "score", help="score the deployment on a table's test rows: metrics, predictions table, MLflow")
+    p = stage_parser(sub, "score",
+                     help="score the deployment on a table's test rows: metrics, predictions table, MLflow")
     p.add_argument("--table", required=True, help="raw TABLE with row_id, split, text, label")
     p.add_argument("--deployment", required=True, help="Azure deployment name (on OpenAI: the fine-tuned model name)")
     p.add_argument("--data", help="the export folder: score with its prompt template, log into its job's MLflow run")
