@@ -13,8 +13,10 @@ imports (torch, pyspark) load only when that stage runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Everything a stage prints goes to stderr, so that with --json stdout holds one JSON object:
+    Python's prints, and at the descriptor level what child processes (torchrun) write."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no real stdout descriptor (an embedding host): Python's prints only
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def _emit(result: Any, as_json: bool) -> int:
     if isinstance(result, int) or result is None:
         return int(result or 0)
@@ -123,9 +145,12 @@ def main(argv=None) -> int:
     if not func:
         parser.print_help()
         return 2
+    as_json = getattr(args, "json", False)
     try:
         if len(inspect.signature(func).parameters) >= 2:
-            return _emit(func(args, Context(args)), getattr(args, "json", False))
+            with _stdout_to_stderr() if as_json else contextlib.nullcontext():
+                result = func(args, Context(args))
+            return _emit(result, as_json)
         return int(func(args) or 0)
     except SparktuneError as exc:
         print(f"sparktune {args.command}: error: {exc}", file=sys.stderr)

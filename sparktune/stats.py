@@ -155,12 +155,8 @@ class SqlResult(StageResult):
         with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 80):
             return self.rows.to_string(index=False) if len(self.rows) else "(no rows)"
 
-    def to_json(self) -> str:
-        # JSON lines, one per row: what jq and pandas.read_json(lines=True) read.
-        return self.rows.to_json(orient="records", lines=True, default_handler=str).rstrip("\n")
-
     def to_dict(self) -> dict:
-        return {"rows": json.loads("[" + ",".join(self.to_json().splitlines()) + "]")}
+        return {"rows": json.loads(self.rows.to_json(orient="records", default_handler=str))}
 
 
 def add_cli(subparsers) -> None:

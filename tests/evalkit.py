@@ -153,5 +153,5 @@ def train_tiny_classifier(spark, base, minilm_path: str, name: str = "imdb-clf")
         "distributor": {"num_processes": 1, "local_mode": True, "max_restarts": 0},
     }
     result = run_training(cfg, spark)
-    registered = register_model(result["run_id"], name, tracker=tracker, alias="champion")
-    return TrainedModel(uri, result["run_id"], result["model_uri"], registered.alias_uri or "", table)
+    registered = register_model(result.run_id, name, tracker=tracker, alias="champion")
+    return TrainedModel(uri, result.run_id, result.model_uri, registered.alias_uri or "", table)

@@ -3,6 +3,7 @@
 import json
 import os
 
+import pandas as pd
 import pytest
 import yaml
 from deltalake import DeltaTable
@@ -69,7 +70,9 @@ def test_pipeline_runs_every_stage(spark, tmp_path, imdb_sample_path, mlflow_uri
     assert version.run_id == run_id
     assert version.tags["data.training"] == f"{tmp_path / 'tokens'}@0"  # the Delta version it trained on
     model = mlflow.pyfunc.load_model("models:/pipeline-test-model@champion")
-    assert len(model.predict(["A wonderful film.", "Dull and far too long."])) == 2
+    answers = model.predict(pd.DataFrame({"text": ["A wonderful film.", "Dull and far too long."]}))
+    assert len(answers) == 2 and set(answers["label"]) <= {"negative", "positive"}
+    assert all(len(p) == 2 and abs(sum(p) - 1) < 1e-6 for p in answers["probabilities"])
 
 
 def test_pipeline_config_problems_surface_before_any_stage_runs(tmp_path, capsys):

@@ -135,6 +135,6 @@ def test_stats_sql_and_plot_for_analysts(spark, raw_table, gpt2_tokenizer_path, 
     printed = json.loads(capsys.readouterr().out)
     assert printed["splits"]["test"]["rows"] == 100
     assert main(["sql", f"SELECT count(*) AS n FROM delta.`{out}` WHERE truncated", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["n"] == int(frame["truncated"].sum())
+    assert json.loads(capsys.readouterr().out)["rows"] == [{"n": int(frame["truncated"].sum())}]
     assert main(["stats", "--table", str(tmp_path / "missing")]) == 2
     assert "no Delta table" in capsys.readouterr().err

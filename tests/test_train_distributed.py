@@ -2,6 +2,7 @@
 
 import os
 
+import pandas as pd
 import pytest
 from test_train_support import nest as _nest
 from test_train_support import tiny_gpt2_overrides, write_tokenized_table
@@ -160,5 +161,6 @@ def test_executor_mode_minilm_classification_from_tokenize_table(spark, tmp_path
     assert client.get_metric_history(run.info.run_id, "eval/f1")  # the same metrics code as `sparktune evaluate`
     mlflow.set_tracking_uri(mlflow_uri)  # the driver leaves MLflow's global URI alone: a reader names its store
     model = mlflow.pyfunc.load_model(result.model_uri)
-    predictions = model.predict(["A touching, beautifully acted film.", "Boring and badly written."])
-    assert len(predictions) == 2
+    predictions = model.predict(pd.DataFrame({"text": ["A touching, beautifully acted film.",
+                                                       "Boring and badly written."]}))
+    assert len(predictions) == 2 and set(predictions["label"]) <= {"negative", "positive"}

@@ -78,16 +78,18 @@ def _bad_labels(split, row_id, label):
 @pytest.mark.timeout(400)
 def test_multiline_config_error_in_ranks_reaches_the_user_whole(spark, tmp_path, gpt2_tokenizer_path, mlflow_uri,
                                                                  caplog):
-    """Two gloo ranks find problems only the rows and the built model show; nothing is relaunched."""
+    """Two gloo ranks find problems only the built model shows (its vocabulary against both splits'
+    token ids: bad labels are already refused on the driver when Spark stages the shards); the
+    user gets every line and nothing is relaunched."""
     from sparktune.errors import ConfigError
     from sparktune.train.config import load_train_config
     from sparktune.train.distribute import run_training
     from sparktune.train.failures import read_failures
 
     table = write_tokenized_table(tmp_path / "tok", gpt2_tokenizer_path, task="classification", n_train=12, n_test=2,
-                                  max_length=16, relabel=_bad_labels)
+                                  max_length=16)
     overrides = tiny_gpt2_overrides(tmp_path, table, mlflow_uri, **{
-        "model.task": "classification", "model.num_labels": 2, "data.eval_split": "",
+        "model.task": "classification", "model.num_labels": 2, "data.eval_split": "test",
         "model.config_overrides": {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2,
                                    "n_positions": 32, "vocab_size": 1000},
         "distributor.max_restarts": 2, "mlflow.log_model": False})
@@ -96,8 +98,8 @@ def test_multiline_config_error_in_ranks_reaches_the_user_whole(spark, tmp_path,
         run_training(cfg, spark)
     lines = str(info.value).splitlines()
     assert lines[0] == "2 configuration problem(s) in training ranks 0, 1 of 2:", lines
-    assert lines[1].startswith("  - model.num_labels: is 2, but split 'train' of ") and "[3]" in lines[1]
-    assert lines[2].startswith("  - model.name: the model has 1000 token embeddings"), lines
+    assert lines[1].startswith("  - model.name: the model has 1000 token embeddings, but split 'train'"), lines
+    assert lines[2].startswith("  - model.name: the model has 1000 token embeddings, but split 'test'"), lines
     assert not [r for r in caplog.records if "relaunching" in r.getMessage()]  # a user error is not retried
     assert {r.rank for r in read_failures(cfg.checkpoint_dir)} == {0, 1}
 
@@ -105,6 +107,22 @@ def test_multiline_config_error_in_ranks_reaches_the_user_whole(spark, tmp_path,
 
     run = mlflow.MlflowClient(mlflow_uri).get_run(cfg.mlflow.run_id)
     assert run.info.status == "FAILED"
+
+
+def test_bad_labels_are_refused_on_the_driver_before_any_rank_starts(spark, tmp_path, gpt2_tokenizer_path,
+                                                                      mlflow_uri):
+    from sparktune.errors import SparktuneError
+    from sparktune.train.config import load_train_config
+    from sparktune.train.distribute import run_training
+    from sparktune.train.failures import read_failures
+
+    table = write_tokenized_table(tmp_path / "tok", gpt2_tokenizer_path, task="classification", n_train=12, n_test=2,
+                                  max_length=16, relabel=_bad_labels)
+    cfg = load_train_config(data=nest(tiny_gpt2_overrides(tmp_path, table, mlflow_uri, **{
+        "model.task": "classification", "model.num_labels": 2, "data.eval_split": "", "mlflow.log_model": False})))
+    with pytest.raises(SparktuneError, match=r"model\.num_labels: .* labels from 0 to 3"):
+        run_training(cfg, spark)
+    assert not read_failures(cfg.checkpoint_dir)  # no rank ran
 
 
 @pytest.mark.timeout(400)

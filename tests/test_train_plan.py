@@ -192,11 +192,22 @@ def test_collator_pads_to_batch_max_and_masks_causal_labels():
 def test_latest_complete_checkpoint_skips_partial_ones(tmp_path):
     from sparktune.train.train import latest_complete_checkpoint
 
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
     def make(step, files):
+        # Files as Trainer writes them: checkpoints are verified, not just listed.
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
         for name in files:
-            (folder / name).write_text("x")
+            if name.endswith(".safetensors"):
+                save_file({"w": torch.zeros(2)}, str(folder / name))
+            elif name == "trainer_state.json":
+                (folder / name).write_text(json.dumps({"global_step": step}))
+            else:
+                torch.save({"step": step}, str(folder / name))
 
     full = ["model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state_0.pth",
             "rng_state_1.pth"]

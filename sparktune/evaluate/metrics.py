@@ -25,19 +25,24 @@ def class_names(n_classes: int, label_names=None) -> list[str]:
     return [str(label_names[i]) if label_names and i < len(label_names) else str(i) for i in range(n_classes)]
 
 
-def metrics_from_confusion(matrix, label_names=None) -> dict:
+def metrics_from_confusion(matrix, label_names=None, unanswered=None) -> dict:
     """Accuracy, macro and per-class precision/recall/F1 from a confusion matrix (rows: true,
-    columns: predicted), with scikit-learn's conventions (zero_division=0, macro over all classes)."""
+    columns: predicted), with scikit-learn's conventions (zero_division=0, macro over all classes).
+
+    ``unanswered``: per true class, rows that got no valid prediction (a hosted model's
+    unparseable answer); they count as wrong: in the support and the total, never a hit.
+    """
     import numpy as np
 
     cm = np.asarray(matrix, dtype=np.int64)
-    total = int(cm.sum())
+    missed = np.zeros(cm.shape[0], dtype=np.int64) if unanswered is None else np.asarray(unanswered, dtype=np.int64)
+    total = int(cm.sum() + missed.sum())
     if total == 0:
         raise SparktuneError("no labelled rows to score: the split is empty or every label is -1 (unlabelled)")
     names = class_names(cm.shape[0], label_names)
     tp = np.diag(cm).astype(np.float64)
     predicted = cm.sum(axis=0).astype(np.float64)
-    support = cm.sum(axis=1)
+    support = cm.sum(axis=1) + missed
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
     recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
     denom = precision + recall
@@ -55,6 +60,7 @@ def metrics_from_confusion(matrix, label_names=None) -> dict:
         },
         "labels": names,
         "confusion_matrix": cm.tolist(),
+        **({"unanswered": int(missed.sum())} if missed.any() else {}),
     }
 
 
@@ -72,8 +78,14 @@ def compute_metrics(labels, predictions, probabilities=None, label_names=None) -
                              "pass one of each per row")
     if len(y_true) == 0:
         raise SparktuneError("no labelled rows to score: the split is empty or every label is -1 (unlabelled)")
-    n_classes = max(len(label_names or ()), int(y_true.max()) + 1, int(y_pred.max()) + 1)
-    metrics = metrics_from_confusion(confusion_matrix(y_true, y_pred, labels=list(range(n_classes))), label_names)
+    # A prediction below 0 is no answer (e.g. an unparseable reply): a wrong row, not a class.
+    answered = y_pred >= 0
+    n_classes = max(len(label_names or ()), int(y_true.max()) + 1,
+                    int(y_pred[answered].max()) + 1 if answered.any() else 0)
+    matrix = confusion_matrix(y_true[answered], y_pred[answered], labels=list(range(n_classes))) if answered.any() \
+        else np.zeros((n_classes, n_classes), dtype=np.int64)
+    unanswered = np.bincount(y_true[~answered], minlength=n_classes)
+    metrics = metrics_from_confusion(matrix, label_names, unanswered=unanswered)
     if probabilities is not None and n_classes == 2 and len(set(y_true.tolist())) == 2:
         probs = np.asarray([list(row) for row in probabilities], dtype=np.float64)
         metrics["roc_auc"] = float(roc_auc_score(y_true, probs[:, 1]))

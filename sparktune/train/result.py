@@ -55,6 +55,9 @@ class TrainResult(StageResult):
     def last_loss(self) -> float | None:
         return self.losses[-1] if self.losses else None
 
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "first_loss": self.first_loss, "last_loss": self.last_loss}
+
     def metric(self, name: str) -> float | None:
         """An end-of-training eval metric by bare name (``accuracy``) or full name (``eval/accuracy``)."""
         return self.eval_metrics.get(name if "/" in name else f"eval/{name}")
