@@ -28,6 +28,7 @@ __all__ = [
     "default_volume_path",
     "get_dbutils",
     "get_secret",
+    "hub_token_env",
     "is_databricks_tracking_uri",
     "is_shared_path",
     "notebook_param",
@@ -46,6 +47,8 @@ RUNTIME_ENV = "DATABRICKS_RUNTIME_VERSION"
 HOST_ENV = "DATABRICKS_HOST"
 TOKEN_ENV = "DATABRICKS_TOKEN"
 VOLUME_ENV = "SPARKTUNE_VOLUME"
+# Where the Hugging Face token lives in a Databricks secret scope (`databricks secrets put-secret sparktune hf-token`).
+HUB_TOKEN_SCOPE, HUB_TOKEN_KEY = "sparktune", "hf-token"
 """``catalog.schema.volume``: the Unity Catalog Volume sparktune writes outputs under on Databricks."""
 
 # Keys whose values are credentials: masked wherever sparktune shows a mapping.
@@ -127,6 +130,14 @@ def get_secret(scope: str, key: str, env_var: str, *, environ: Mapping[str, str]
         f"{env_var}: secret not found; looked in " + ", then ".join(tried) + ". "
         f"Set ${env_var}, or on Databricks run `databricks secrets put-secret {scope} {key}`"
     ])
+
+
+def hub_token_env(environ: Mapping[str, str] | None = None) -> SecretEnv:
+    """``HF_TOKEN`` for processes that load gated or private hub models: from the secret scope
+    ``sparktune``/``hf-token`` on Databricks, else the environment; empty when neither has one.
+    Handed to training ranks in memory, like the MLflow credentials."""
+    token = get_secret(HUB_TOKEN_SCOPE, HUB_TOKEN_KEY, "HF_TOKEN", environ=environ, required=False)
+    return SecretEnv({"HF_TOKEN": token} if token else {})
 
 
 class SecretEnv(dict):

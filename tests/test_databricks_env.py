@@ -228,3 +228,12 @@ def test_training_outputs_land_on_the_job_volume_on_databricks(monkeypatch):
     assert relative.output_dir == "/Volumes/main/sparktune/files/sparktune/runs/out/run1"
     assert relative.checkpoint_dir.startswith("/Volumes/main/sparktune/files/")
     assert absolute.output_dir == "/dbfs/runs/run1"
+
+
+def test_hub_token_reaches_ranks_only_in_memory_and_never_prints():
+    from sparktune.databricks import hub_token_env
+
+    assert hub_token_env({}) == {}
+    env = hub_token_env({"HF_TOKEN": "hf_plantedSecretValue123"})
+    assert env["HF_TOKEN"] == "hf_plantedSecretValue123"
+    assert "hf_plantedSecretValue123" not in repr(env) and "hf_plantedSecretValue123" not in str(env)

@@ -44,13 +44,14 @@ def launch_once(plan: LaunchPlan, cfg: TrainConfig, tracker=None) -> TrainResult
     """One TorchDistributor launch of ``train``; returns rank 0's result."""
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    from sparktune.databricks import rank_env_for_mlflow
+    from sparktune.databricks import hub_token_env, rank_env_for_mlflow
 
     distributor = TorchDistributor(num_processes=plan.num_processes, local_mode=plan.local_mode,
                                    use_gpu=plan.use_gpu)
     # Ranks on executors have neither the driver's environment nor a notebook's credentials: hand
     # them what MLflow needs in memory, never through the plan (which is logged).
     env = {**plan.env, **rank_env_for_mlflow(tracker.tracking_uri)} if tracker is not None else dict(plan.env)
+    env.update(hub_token_env())
     # run() is typed Optional[Any]: it returns rank 0's return value, which _rank_main makes a TrainResult
     return cast(TrainResult, distributor.run(_rank_main, cfg.to_dict(), env, tracker))
 
