@@ -240,7 +240,8 @@ def _run_score(args) -> int:
 
     print(f"model  {result.model}")
     print(f"table  {result.table} (version {result.table_version}, split {result.split})")
-    print(format_metrics(result.metrics))
+    m = result.metrics
+    print(format_metrics(m, m.get("per_class"), m.get("labels"), m.get("confusion_matrix"), rows=m.get("n", 0)))
     print(f"\nunparsed answers {result.unparsed}  (counted wrong)   failed requests {result.errors}   retries "
           f"{result.retries}")
     for example in result.examples:
