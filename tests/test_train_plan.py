@@ -190,12 +190,12 @@ def test_collator_pads_to_batch_max_and_masks_causal_labels():
 
 
 def test_latest_complete_checkpoint_skips_partial_ones(tmp_path):
-    from sparktune.train.train import latest_complete_checkpoint
-
     import json
 
     import torch
     from safetensors.torch import save_file
+
+    from sparktune.train.train import latest_complete_checkpoint
 
     def make(step, files):
         # Files as Trainer writes them: checkpoints are verified, not just listed.
