@@ -32,6 +32,7 @@ __all__ = [
     "parse_overrides",
     "config_to_dict",
     "flatten_config",
+    "deep_merge",
     "require",
     "raise_if",
 ]
@@ -79,11 +80,11 @@ def parse_overrides(overrides) -> dict:
     return nested
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
+def deep_merge(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -108,8 +109,8 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides=(), data: 
             raise ConfigError([f"{path}: expected a mapping of keys at the top level, found {type(loaded).__name__}"])
         raw = loaded
     if data:
-        raw = _deep_merge(raw, data)
-    raw = _deep_merge(raw, parse_overrides(overrides))
+        raw = deep_merge(raw, data)
+    raw = deep_merge(raw, parse_overrides(overrides))
     problems: list[str] = []
     cfg = _build(cls, raw, "", problems)
     if problems:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sparktune.config import load_config, raise_if, require
+from sparktune.config import deep_merge, load_config, raise_if, require
 from sparktune.results import StageResult
 from sparktune.tasks import Task
 from sparktune.train.config import TrainConfig
@@ -213,21 +213,11 @@ def load_pipeline_config(path: str | None, overrides=()) -> PipelineConfig:
     tokenized = ((parsed.get("tokenize") or {}).get("output") or (raw.get("tokenize") or {}).get("output")
                  or TokenizeSection.output)
     defaults = {"train": {"data": {"table": tokenized}}}
-    cfg = load_config(PipelineConfig, None, overrides, data=_merge(defaults, raw))
+    cfg = load_config(PipelineConfig, None, overrides, data=deep_merge(defaults, raw))
     problems = model_problems(cfg)
     if problems:
         raise ConfigError(problems, path)
     return cfg
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 @dataclass
