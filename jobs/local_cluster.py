@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 __all__ = ["ConnectServer", "LocalCluster", "spark_home", "start_cluster", "start_connect_server"]
 
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATE_FILE = "cluster.json"
 
 
@@ -107,12 +108,28 @@ class LocalCluster:
             return cls(**json.load(handle))
 
 
-def _hiding_prefix(hidden: list) -> list:
-    """argv prefix that runs a command in a private mount namespace with tmpfs over ``hidden``."""
-    mounts = " && ".join(f"mount -t tmpfs -o size=4g tmpfs {shlex.quote(p)}" for p in hidden)
+def _hiding_prefix(hidden: list, keep: list, stash: str) -> list:
+    """argv prefix that runs a command in a private mount namespace with tmpfs over ``hidden``.
+
+    ``keep``: folders inside a hidden one that the worker must still see at the same path (the
+    project's checkout, as a real cluster has the code deployed on every node); they are
+    bind-mounted aside under ``stash`` first, then back on top of the tmpfs.
+    """
+    steps = []
+    for i, path in enumerate(keep):
+        aside = os.path.join(stash, str(i))
+        steps.append(f"mkdir -p {shlex.quote(aside)} && mount --bind {shlex.quote(path)} {shlex.quote(aside)}")
+    steps += [f"mount -t tmpfs -o size=4g tmpfs {shlex.quote(p)}" for p in hidden]
+    for i, path in enumerate(keep):
+        aside = os.path.join(stash, str(i))
+        steps.append(f"mkdir -p {shlex.quote(path)} && mount --bind {shlex.quote(aside)} {shlex.quote(path)}")
     # Root has CAP_SYS_ADMIN; anyone else needs a user namespace mapped to root (-r).
     flags = ["-m", "--propagation", "private"] if os.geteuid() == 0 else ["-r", "-m", "--propagation", "private"]
-    return ["unshare", *flags, "sh", "-c", f'{mounts} && exec "$0" "$@"']
+    return ["unshare", *flags, "sh", "-c", " && ".join(steps) + ' && exec "$0" "$@"']
+
+
+def _inside(path: str, folders: list) -> bool:
+    return any(path == f or path.startswith(f.rstrip("/") + "/") for f in folders)
 
 
 def _wait(predicate, what: str, log: str, timeout: float) -> None:
@@ -178,7 +195,9 @@ def start_cluster(work_dir: str, *, workers: int = 2, cores: int = 1, memory: st
                     "--port", str(_free_port(host)), "--webui-port", str(_free_port(host)), "--cores", str(cores),
                     "--memory", memory, "--work-dir", worker_dir, cluster.master_url]
             if hidden:
-                argv = _hiding_prefix(hidden) + argv
+                # The checkout stays visible when it lies in a hidden folder (a clone under /tmp).
+                keep = [p for p in (PROJECT_ROOT,) if _inside(p, hidden)]
+                argv = _hiding_prefix(hidden, keep, os.path.join(worker_dir, "keep")) + argv
             launch(argv, os.path.join(work_dir, f"worker-{i}.log"),
                    {"SPARK_WORKER_DIR": worker_dir, "SPARK_LOCAL_IP": host, "SPARK_LOCAL_HOSTNAME": host})
         _wait(lambda: cluster.alive_workers() >= workers, f"{workers} workers", os.path.join(work_dir, "worker-0.log"),
