@@ -27,6 +27,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sparktune.redact import redact
+
 __all__ = [
     "Tracker",
     "resolve_tracking_uri",
@@ -79,11 +81,7 @@ def _redact_value(key: str, value: Any) -> str:
     text = "" if value is None else str(value)
     if _SECRET_KEY.search(key):
         return "***"
-    try:  # credentials inside values (URL userinfo, SAS tokens, key patterns)
-        from sparktune.redact import redact
-    except ImportError:
-        return text
-    return redact(text)
+    return redact(text)  # credentials inside values (URL userinfo, SAS tokens, key patterns)
 
 
 def clean_params(params: Mapping[str, Any]) -> dict[str, str]:
