@@ -10,13 +10,16 @@ written as a tokenized Delta table. The Spark run is timed from reading the tabl
 last prediction (write.format("noop")), model loading included, as `sparktune evaluate` runs it;
 with --repeat 2 the second Spark run shows the steady state (Python workers reused, model cached).
 The baseline runs the same batched forward pass in this process with torch's default threads
-(all cores), model loading included.
+(all cores), model loading included. A second baseline runs it in a fresh Python process
+(interpreter start, torch/transformers imports, model load, forward): what the cold Spark
+run's Python workers pay too, so cold is compared like for like.
 """
 
 import argparse
 import glob
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -85,6 +88,18 @@ def main():
     predict_local(ids, resolved, batch_size=args.batch_size)
     local_s = time.perf_counter() - t0
     spark.stop()
+
+    ids_file = os.path.join(work, "ids.json")
+    with open(ids_file, "w", encoding="utf-8") as handle:
+        json.dump(ids, handle)
+    fresh = ("import json, sys; from sparktune.inference import predict_local; "
+             "from sparktune.model.resolve import resolve_model; "
+             f"predict_local(json.load(open({ids_file!r})), resolve_model({resolved.hf_dir!r}), "
+             f"batch_size={args.batch_size})")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", fresh], check=True, env=env, stdout=subprocess.DEVNULL)
+    fresh_s = time.perf_counter() - t0
     print(json.dumps({
         "rows": args.rows, "tokens": tokens, "max_length": args.max_length, "batch_size": args.batch_size,
         "master": args.master, "cpu_count": os.cpu_count(),
@@ -93,6 +108,9 @@ def main():
         "single_process_s": round(local_s, 2), "single_process_rows_per_s": round(args.rows / local_s, 1),
         "spark_vs_single": round(local_s / spark_s, 3),
         "steady_spark_vs_single": round(local_s / min(spark_runs), 3),
+        "fresh_process_s": round(fresh_s, 2),
+        "cold_spark_vs_fresh_process": round(fresh_s / spark_s, 3),
+        "load_avg": os.getloadavg()[0],
         "data": [os.path.relpath(f, os.path.dirname(ROOT)) for f in sources],
     }))
 
