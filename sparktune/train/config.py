@@ -135,8 +135,11 @@ class TrainArgsConfig:
     """Batches per optimizer step."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
-    bf16: bool = False
-    """bfloat16 mixed precision (needs a GPU that supports it; ignored on CPU)."""
+    bf16: bool | Literal["auto"] = "auto"
+    """bfloat16 mixed precision (torch autocast; the weights and optimizer stay fp32). ``auto``: on
+    where bf16 matmuls are faster than fp32: a GPU that supports bf16, or a CPU with AMX (AVX512-BF16
+    alone is slower than fp32, see BENCHMARKS.md); ``true``: on (an error on a GPU without bf16;
+    works on any CPU, slowly without AMX); ``false``: fp32. The choice is logged as ``train.precision``."""
     fp16: bool = False
     """float16 mixed precision (GPU only; ignored on CPU)."""
     gradient_checkpointing: bool = False
@@ -169,7 +172,8 @@ class TrainArgsConfig:
                 f"must be >= 1, got {self.gradient_accumulation_steps}")
         require(problems, self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         require(problems, self.logging_steps >= 1, "logging_steps", f"must be >= 1, got {self.logging_steps}")
-        require(problems, not (self.bf16 and self.fp16), "bf16", "bf16 and fp16 are both on: pick one")
+        require(problems, not (self.bf16 is True and self.fp16), "bf16",
+                "bf16 and fp16 are both on: pick one (bf16 is auto by default: set train.bf16=false with fp16)")
         require(problems, self.eval_strategy != "steps" or (self.eval_steps or 0) >= 1, "eval_steps",
                 "eval_strategy is steps: set eval_steps to a positive number")
         require(problems, self.num_threads is None or self.num_threads >= 1, "num_threads",
