@@ -2,12 +2,13 @@
 
 One process, the same reviews, the same seed, the same model (MiniLM with a 2-class head):
 
-* training: Hugging Face ``Trainer`` with sparktune's batching (``LengthGroupedBatchSampler`` +
-  ``DynamicPaddingCollator``), ``use_cpu=True``, once with ``bf16=False`` (fp32) and once with
-  ``bf16=True`` (torch autocast to bfloat16; weights and AdamW stay fp32), as ``train.bf16``
-  does. samples/s is timed per step; the training steps are cut into 3 equal windows (the first
-  step left out: warm-up) and the median window is reported. Then each trained model's
-  accuracy on the same held-out reviews, scored in fp32 (so only training precision differs).
+* training: two copies of the model (same initialisation) trained on the same batches of
+  sparktune's batching (``LengthGroupedBatchSampler`` + ``DynamicPaddingCollator``) in
+  alternating steps: fp32, and bf16 autocast as ``Trainer(bf16=True, use_cpu=True)`` runs it
+  (weights, gradients and fused AdamW stay fp32). Alternating step by step keeps both arms under
+  the same machine load; the speed-up is the median over steps of the paired step-time ratio
+  (the first step, oneDNN's kernel creation, left out). Then each trained model's accuracy on
+  the same held-out reviews, scored in fp32 (so only training precision differs).
 * batch inference: ``sparktune.model.hf.classify`` over the held-out reviews with the fp32
   model's weights in fp32 and cast to bf16 (``hf.load(bf16=...)``), alternating, ``--repeat``
   rounds, median rows/s; the bf16 arm's agreement with fp32 predictions and its accuracy.
@@ -49,77 +50,53 @@ def _reviews(data_dir: str, split: str, n: int, seed: int = 0) -> list:
     return list(zip(frame["text"].astype(str), frame["label"].astype(int)))
 
 
-class _StepTimes:
-    """A TrainerCallback recording when each optimizer step ends and its batch size."""
-
-    def __init__(self):
-        from transformers import TrainerCallback
-
-        outer = self
-        self.stamps: list[float] = []
-
-        class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                outer.stamps.append(time.perf_counter())
-
-            def on_train_begin(self, args, state, control, **kwargs):
-                outer.stamps.append(time.perf_counter())
-
-        self.callback = Callback()
-
-
-def _median_window_rate(stamps: list[float], batch_sizes: list[int], windows: int = 3) -> tuple[float, list]:
-    """samples/s of ``windows`` equal runs of steps after the first; returns (median, all)."""
-    # stamps[0] is train begin, stamps[k] the end of step k; step 1 carries the warm-up.
-    steps = list(range(2, len(stamps)))
-    if len(steps) < windows:
-        windows = max(1, len(steps))
-    size = max(1, len(steps) // windows)
-    rates = []
-    for w in range(windows):
-        chunk = steps[w * size:(w + 1) * size] if w < windows - 1 else steps[w * size:]
-        if not chunk:
-            continue
-        seconds = stamps[chunk[-1]] - stamps[chunk[0] - 1]
-        samples = sum(batch_sizes[k - 1] for k in chunk)
-        rates.append(samples / seconds)
-    return statistics.median(rates), rates
-
-
-def train_arm(path, train_ids, train_labels, batch_size, bf16: bool, seed: int, lr: float, out_dir: str,
-              pad_id: int = 0):
-    """Train one arm; returns (model, step-window samples/s median, windows, seconds)."""
+def train_paired(path, train_ids, train_labels, batch_size: int, seed: int, lr: float, pad_id: int) -> dict:
+    """Two copies of the model (same init) trained on the same batches in alternating steps:
+    fp32, and bf16 autocast as ``Trainer(bf16=True, use_cpu=True)`` runs it (accelerate wraps the
+    forward in ``torch.autocast("cpu", torch.bfloat16)``; weights, gradients and AdamW stay fp32).
+    Alternating step by step puts both arms under the same machine load, which on a shared
+    2-core box drifts by 2x within minutes; the per-step time ratios are paired."""
     import torch
-    from torch.utils.data import DataLoader
-    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments, set_seed
+    from transformers import AutoModelForSequenceClassification, set_seed
 
     from sparktune.train.data import DynamicPaddingCollator, LengthGroupedBatchSampler
 
     set_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    features = [{"input_ids": ids, "labels": y} for ids, y in zip(train_ids, train_labels)]
-    sampler = LengthGroupedBatchSampler([len(i) for i in train_ids], batch_size, seed=seed)
-    batch_sizes = [len(b) for b in sampler]
+    models = {"fp32": AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)}
+    models["bf16"] = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    models["bf16"].load_state_dict(models["fp32"].state_dict())  # the same random head
+    # Fused AdamW, as Trainer's default (adamw_torch_fused) with torch >= 2.8.
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=lr, fused=True) for k, m in models.items()}
     collator = DynamicPaddingCollator(pad_id, "classification")
-
-    class BenchTrainer(Trainer):
-        def get_train_dataloader(self):
-            return DataLoader(features, batch_sampler=sampler, collate_fn=collator)
-
-    times = _StepTimes()
-    args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=batch_size, num_train_epochs=1,
-                             learning_rate=lr, bf16=bf16, use_cpu=True, report_to="none", save_strategy="no",
-                             logging_strategy="no", disable_tqdm=True, seed=seed, dataloader_num_workers=0,
-                             remove_unused_columns=False, log_level="error")
-    trainer = BenchTrainer(model=model, args=args, train_dataset=features, data_collator=collator,
-                           callbacks=[times.callback])
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
-    median, windows = _median_window_rate(times.stamps, batch_sizes)
-    model = trainer.model.float().eval()
-    assert next(model.parameters()).dtype == torch.float32
-    return model, median, windows, seconds
+    features = [{"input_ids": ids, "labels": y} for ids, y in zip(train_ids, train_labels)]
+    batches = [collator([features[i] for i in b])
+               for b in LengthGroupedBatchSampler([len(i) for i in train_ids], batch_size, seed=seed)]
+    steps = len(batches)
+    times: dict = {k: [] for k in models}
+    for k, batch in enumerate(batches):
+        # Linear decay as Trainer's default scheduler, without warmup.
+        for opt in optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = lr * (1 - k / steps)
+        for name in (("fp32", "bf16") if k % 2 == 0 else ("bf16", "fp32")):
+            model, opt = models[name], optimizers[name]
+            model.train()
+            started = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=(name == "bf16")):
+                loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times[name].append(time.perf_counter() - started)
+    sizes = [len(b["labels"]) for b in batches]
+    timed = range(1, steps) if steps > 1 else range(steps)  # step 0 carries oneDNN's kernel creation
+    out: dict = {"steps": steps, "models": {k: m.float().eval() for k, m in models.items()}}
+    for name in models:
+        out[f"{name}_samples_per_s"] = sum(sizes[i] for i in timed) / sum(times[name][i] for i in timed)
+        out[f"{name}_seconds"] = sum(times[name])
+    out["step_ratios"] = [times["fp32"][i] / times["bf16"][i] for i in timed]
+    return out
 
 
 def _save(model, tok, folder: str) -> str:
@@ -175,19 +152,18 @@ def main(argv=None) -> int:
         "native_bf16": hf.native_bf16("cpu"), "auto_resolves_to": "bf16" if hf.resolve_bf16("auto") else "fp32",
     }
     with tempfile.TemporaryDirectory() as tmp:
+        trained = train_paired(path, train_ids, [y for _, y in train], args.batch_size, args.seed, args.lr,
+                               tok.pad_token_id)
         folders = {}
-        for name, bf16 in (("fp32", False), ("bf16", True)):
-            model, median, windows, seconds = train_arm(path, train_ids, [y for _, y in train], args.batch_size,
-                                                        bf16, args.seed, args.lr, os.path.join(tmp, f"ck_{name}"),
-                                                        tok.pad_token_id)
+        for name, model in trained["models"].items():
             probs = hf.classify(model, test_ids, tok.pad_token_id, 32)
-            result[f"train_{name}_samples_per_s"] = round(median, 3)
-            result[f"train_{name}_windows"] = [round(r, 3) for r in windows]
-            result[f"train_{name}_seconds"] = round(seconds, 1)
+            result[f"train_{name}_samples_per_s"] = round(trained[f"{name}_samples_per_s"], 3)
+            result[f"train_{name}_seconds"] = round(trained[f"{name}_seconds"], 1)
             result[f"train_{name}_accuracy"] = round(float((probs.argmax(1) == test_labels).mean()), 4)
             folders[name] = _save(model, tok, os.path.join(tmp, f"model_{name}"))
-            del model
-        result["train_speedup_bf16"] = round(result["train_bf16_samples_per_s"] / result["train_fp32_samples_per_s"], 3)
+        result["train_steps"] = trained["steps"]
+        result["train_speedup_bf16"] = round(statistics.median(trained["step_ratios"]), 3)
+        result["train_speedup_bf16_note"] = "median over steps of fp32 step time / bf16 step time (paired)"
         result["train_accuracy_delta_points"] = round(
             100 * (result["train_bf16_accuracy"] - result["train_fp32_accuracy"]), 2)
 
@@ -215,8 +191,9 @@ def main(argv=None) -> int:
             result[f"inference_{name}_rounds"] = [round(r, 2) for r in rates[name]]
             result[f"request_{name}_p50_ms"] = round(1000 * statistics.median(latencies[name]), 1)
             result[f"inference_{name}_accuracy"] = round(float((preds[name] == test_labels).mean()), 4)
-        result["inference_speedup_bf16"] = round(result["inference_bf16_rows_per_s"]
-                                                 / result["inference_fp32_rows_per_s"], 3)
+        # Paired per round (the arms alternate within a round): robust to load drifting between rounds.
+        result["inference_speedup_bf16"] = round(statistics.median(
+            b / f for b, f in zip(rates["bf16"], rates["fp32"])), 3)
         result["request_p50_ratio_bf16"] = round(result["request_bf16_p50_ms"] / result["request_fp32_p50_ms"], 3)
         result["inference_bf16_agreement"] = round(float((preds["bf16"] == preds["fp32"]).mean()), 4)
     print(json.dumps(result, indent=2))

@@ -114,3 +114,15 @@ def test_bench_train_efficiency_quick(tmp_path):
     for arm in report["arms"]:
         assert arm["model_gflops"] > 0 and 0 < arm["share_of_fp32_peak"]
         assert 0.99 < sum(arm["phases_share"].values()) < 1.01 and arm["trainer_step_s"] is None
+
+
+# pipeline summary ----------------------------------------------------------------------------------
+def test_pipeline_summary_splits_fixed_overhead_from_work():
+    from sparktune.pipeline import PipelineResult
+
+    result = PipelineResult(seconds={"ingest": 10.0, "tokenize": 20.0, "train": 60.0, "evaluate": 5.0, "register": 1.0},
+                            overhead={"spark_start": 3.0, "mlflow_setup": 1.0, "train_setup": 20.0})
+    assert result.setup_seconds == 4.0
+    text = result.summary()
+    assert "setup" in text and "total         100.0" in text
+    assert "fixed overhead 24.0 s (24.0%: spark_start 3.0, mlflow_setup 1.0, train_setup 20.0); work 76.0 s" in text
