@@ -2,7 +2,7 @@
 
 All arms run in this script on the same machine and corpus, for each tokenizer given:
 
-* ``raw``: the Rust tokenizer's ``encode_batch`` on one thread (``RAYON_NUM_THREADS=1``), no
+* ``raw``: the Rust tokenizer on one thread (``RAYON_NUM_THREADS=1``, ``encode_batch_fast`` as the stage calls it), no
   Spark, batches of 1,000, on ``--baseline-rows`` reviews;
 * ``seed``: the seed recipe, ``datasets.Dataset.map(tokenize, batched=True,
   padding="max_length", truncation=True, num_proc=2)`` on ``--seed-rows`` reviews; its padded
