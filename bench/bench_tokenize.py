@@ -194,7 +194,19 @@ def run_tokenizer(spark, args, tokenizer, raw, rows, texts, workdir, sampler) ->
     if noop_rates:
         result["noop_rows_per_s"] = round(med(noop_rates), 1)
         result["noop_vs_raw"] = round(med(noop_rates) / med(raw_rates), 3)
+    # Paired per run (the arms of one run are minutes apart, runs may be far apart): the ratio
+    # to trust when other jobs share the machine.
+    result["spark_vs_raw_paired"] = round(med([s / r for s, r in zip(spark_rates["default"], raw_rates)]), 3)
+    # CPU accounting, nearly independent of other jobs' load: rows per CPU-second of the stage
+    # (JVM + Python workers) against the one-thread tokenizer's rows per second (one CPU).
+    cpu_rates = [rows / (s["jvm_cpu_s"] + s["python_workers_cpu_s"]) for s in shares
+                 if s["jvm_cpu_s"] + s["python_workers_cpu_s"] > 0]
+    if cpu_rates:
+        result["spark_rows_per_cpu_s"] = round(med(cpu_rates), 1)
+        result["spark_cpu_efficiency_vs_raw"] = round(med(cpu_rates) / med(raw_rates), 3)
+        result["jvm_share_of_cpu"] = round(med([s["jvm_share_of_cpu"] for s in shares]), 3)
     if seed_rates:
+        result["spark_vs_seed_paired"] = round(med([s / r for s, r in zip(spark_rates["default"], seed_rates)]), 3)
         result["seed_rows_per_s"] = round(med(seed_rates), 1)
         result["seed_runs"] = [round(r, 1) for r in seed_rates]
         result["spark_vs_seed"] = round(med(spark_rates["default"]) / med(seed_rates), 3)
