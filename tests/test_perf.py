@@ -126,3 +126,28 @@ def test_pipeline_summary_splits_fixed_overhead_from_work():
     text = result.summary()
     assert "setup" in text and "total         100.0" in text
     assert "fixed overhead 24.0 s (24.0%: spark_start 3.0, mlflow_setup 1.0, train_setup 20.0); work 76.0 s" in text
+
+
+# attention dropout: the largest loss of a CPU training step -----------------------------------------
+def test_attention_dropout_key_reaches_the_model(minilm_path):
+    from transformers import AutoTokenizer
+
+    from sparktune.errors import ConfigError
+    from sparktune.tasks import Task
+    from sparktune.train.config import load_train_config
+    from sparktune.train.model import build_model
+
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    base = ["output_dir=/o", "data.table=/t", f"model.name={minilm_path}"]
+    default = build_model(load_train_config(None, base), Task.CLASSIFICATION, tok)
+    assert default.config.attention_probs_dropout_prob == 0.1  # the model's own when the key is empty
+    model = build_model(load_train_config(None, base + ["model.attention_dropout=0"]), Task.CLASSIFICATION, tok)
+    assert model.config.attention_probs_dropout_prob == 0.0
+    attention = model.bert.encoder.layer[0].attention.self
+    assert attention.dropout.p == 0.0 and model.bert.encoder.layer[0].output.dropout.p == 0.1  # hidden dropout kept
+    gpt2 = build_model(load_train_config(None, base + ["model.attention_dropout=0", "model.task=causal-lm",
+                                                      "model.config_overrides={model_type: gpt2, n_layer: 1, "
+                                                      "n_embd: 32, n_head: 2}"]), Task.CAUSAL_LM, tok)
+    assert gpt2.config.attn_pdrop == 0.0 and gpt2.config.resid_pdrop == 0.1
+    with pytest.raises(ConfigError, match="model.attention_dropout"):
+        load_train_config(None, base + ["model.attention_dropout=1.5"])

@@ -55,6 +55,11 @@ class ModelConfig:
     """Allow model code from the model folder/hub; off unless you trust the source."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights' dtype when loading; mixed precision is ``train.bf16``/``train.fp16``."""
+    attention_dropout: float | None = None
+    """Dropout on the attention probabilities; empty: the model's own (MiniLM/BERT: 0.1). On CPU,
+    0 lets torch's SDPA use its fused attention kernel instead of drawing a random mask over every
+    (batch, head, token, token): the largest single loss in a MiniLM training step on the dev box
+    (dropout's RNG ~25-30% of the step; 0 measured ~1.5x faster per step, BENCHMARKS.md issue 12)."""
     config_overrides: dict = field(default_factory=dict)
     """Build a fresh, randomly initialised model from ``name``'s config with these changes
     (e.g. ``{n_layer: 2, n_embd: 64}``) instead of loading weights; for tests and smoke runs."""
@@ -66,6 +71,8 @@ class ModelConfig:
         require(problems, self.num_labels >= 1, "num_labels", f"must be >= 1, got {self.num_labels}")
         require(problems, not self.label_names or len(self.label_names) == self.num_labels, "label_names",
                 f"has {len(self.label_names)} names for num_labels={self.num_labels}; give one name per class")
+        require(problems, self.attention_dropout is None or 0 <= self.attention_dropout < 1, "attention_dropout",
+                f"must be in [0, 1) or empty, got {self.attention_dropout}")
         require(problems, not (self.gguf_file and self.config_overrides), "gguf_file",
                 "cannot be combined with model.config_overrides (a GGUF file brings its weights); drop one")
         raise_if(problems)
