@@ -15,7 +15,9 @@ In one run, on the same reviews (MiniLM with a 2-class head, sparktune's batchin
    width^2 x hidden per row) / step time, summed over ranks; share of the fp32 peak at the same
    threads. Then: one gloo all-reduce of all gradients timed alone (its cost if not overlapped),
    the same steps through Hugging Face ``Trainer`` (its overhead over the bare loop), and a
-   ``torch.profiler`` table of one step's top operators on rank 0.
+   ``torch.profiler`` table of one step's top operators on rank 0;
+3. **dropout A/B**: the profile's top operator is dropout's ``bernoulli_`` over the attention
+   probabilities; paired steps with attention dropout 0.1 vs 0 (``model.attention_dropout``).
 
     python bench/bench_train_efficiency.py --rows 96 --steps 4          # the BENCHMARKS.md run
     python bench/bench_train_efficiency.py --quick                      # seconds, torchrun, tiny
@@ -240,6 +242,50 @@ def rank_main(spec: dict) -> dict:
     return result or {}
 
 
+def dropout_ab(spec: dict, steps: int) -> dict:
+    """The profile's largest operator is dropout's random mask (``bernoulli_``) over the attention
+    probabilities: the same steps with attention dropout 0.1 (MiniLM's own) and 0
+    (``model.attention_dropout=0``), two models of the same init on the same batches, alternating
+    step by step in one process; the speed-up is the median of the paired step-time ratios."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sparktune.models import resolve_pretrained
+    from sparktune.train.data import DynamicPaddingCollator, LengthGroupedBatchSampler
+
+    torch.set_num_threads(spec["threads"])
+    path = resolve_pretrained(spec["model"])
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = _reviews(spec["data"], spec["rows"])
+    ids = tok([t for t, _ in rows], truncation=True, max_length=spec["max_length"])["input_ids"]
+    collator = DynamicPaddingCollator(tok.pad_token_id, "classification")
+    batches = [collator([{"input_ids": ids[i], "labels": rows[i][1]} for i in b])
+               for b in LengthGroupedBatchSampler([len(i) for i in ids], spec["batch_size"], seed=0)]
+    torch.manual_seed(0)
+    models = {"0.1": AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)}
+    models["0"] = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2,
+                                                                     attention_probs_dropout_prob=0.0)
+    models["0"].load_state_dict(models["0.1"].state_dict())
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=5e-5, fused=True) for k, m in models.items()}
+    times: dict = {k: [] for k in models}
+    for k in range(steps + 1):
+        batch = batches[k % len(batches)]
+        for name in (("0.1", "0") if k % 2 == 0 else ("0", "0.1")):
+            model, opt = models[name], optimizers[name]
+            model.train()
+            started = time.perf_counter()
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times[name].append(time.perf_counter() - started)
+    ratios = [a / b for a, b in zip(times["0.1"][1:], times["0"][1:])]  # step 0: kernel creation
+    return {"threads": spec["threads"], "steps": steps,
+            "step_s_dropout_0.1": round(float(np.median(times["0.1"][1:])), 3),
+            "step_s_dropout_0": round(float(np.median(times["0"][1:])), 3),
+            "paired_ratios": [round(r, 3) for r in ratios], "speedup": round(float(np.median(ratios)), 3)}
+
+
 def _run_torchrun(spec: dict, ranks: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         spec = dict(spec, out=os.path.join(tmp, "result.json"))
@@ -275,6 +321,9 @@ def main(argv=None) -> int:
     parser.add_argument("--launcher", choices=("distributor", "torchrun"), default="distributor")
     parser.add_argument("--master", default=None, help="Spark master for the distributor (default local[cores])")
     parser.add_argument("--no-trainer", action="store_true", help="skip the Trainer overhead arm")
+    parser.add_argument("--dropout-ab-steps", type=int, default=5,
+                        help="paired steps of the attention-dropout 0.1 vs 0 comparison (0: skip)")
+    parser.add_argument("--only-dropout-ab", action="store_true", help="run only the attention-dropout comparison")
     parser.add_argument("--quick", action="store_true", help="tiny: 16 reviews, 1 step, torchrun; seconds")
     parser.add_argument("--json", default=None)
     parser.add_argument("--rank-spec", default=None, help=argparse.SUPPRESS)
@@ -285,7 +334,7 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.rows, args.batch_size, args.max_length, args.steps, args.warmup = 16, 4, 32, 1, 1
-        args.launcher, args.no_trainer = "torchrun", True
+        args.launcher, args.no_trainer, args.dropout_ab_steps = "torchrun", True, 1
         if not os.path.isdir(args.data):
             args.data = os.path.join(HERE, "tests", "data", "imdb_sample")
 
@@ -304,6 +353,14 @@ def main(argv=None) -> int:
     base = {"model": args.model, "data": args.data, "rows": args.rows, "batch_size": args.batch_size,
             "max_length": args.max_length, "steps": args.steps, "warmup": args.warmup,
             "trainer": not args.no_trainer, "profile": True}
+    if args.dropout_ab_steps:
+        report["dropout_ab"] = dropout_ab(dict(base, threads=args.cores), args.dropout_ab_steps)
+        print(json.dumps(report["dropout_ab"]), flush=True)
+    if args.only_dropout_ab:
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as handle:
+                json.dump(report, handle, indent=2)
+        return 0
     spark = None
     if args.launcher == "distributor":
         from sparktune.spark import get_spark

@@ -110,7 +110,7 @@ def test_bench_train_efficiency_quick(tmp_path):
     out = tmp_path / "eff.json"
     _run_quick("bench_train_efficiency.py", "--json", str(out))
     report = json.loads(out.read_text())
-    assert report["peak"]["fp32"]["2"]["gflops"] > 0
+    assert report["peak"]["fp32"]["2"]["gflops"] > 0 and report["dropout_ab"]["speedup"] > 0
     for arm in report["arms"]:
         assert arm["model_gflops"] > 0 and 0 < arm["share_of_fp32_peak"]
         assert 0.99 < sum(arm["phases_share"].values()) < 1.01 and arm["trainer_step_s"] is None
