@@ -304,7 +304,8 @@ def _run_distributor(spark, spec: dict, ranks: int) -> dict:
     from pyspark.ml.torch.distributor import TorchDistributor
 
     os.environ["OMP_NUM_THREADS"] = str(spec["threads"])  # the ranks inherit the driver's environment
-    return TorchDistributor(num_processes=ranks, local_mode=True, use_gpu=False).run(rank_main, spec)
+    result = TorchDistributor(num_processes=ranks, local_mode=True, use_gpu=False).run(rank_main, spec)
+    return dict(result or {})
 
 
 def main(argv=None) -> int:

@@ -115,6 +115,7 @@ def _attention_dropout(cfg: TrainConfig, overrides: dict) -> dict:
             f"model.attention_dropout: model type {base.model_type!r} has none of {', '.join(ATTENTION_DROPOUT_KEYS)} "
             "in its config; leave model.attention_dropout empty for this model"
         )
+    assert cfg.model.attention_dropout is not None  # the caller checks
     return {key: float(cfg.model.attention_dropout)}
 
 
