@@ -70,9 +70,12 @@ def _partitions(spark) -> int:
 
 
 def score_spark(df, model: ResolvedModel, tracker=None, column: InputColumn | None = None, batch_size: int = 32,
-                threads: int | None = None):
+                threads: int | None = None, bf16: bool | str | None = None):
     """``df`` with a struct column ``_out``: ``prediction``/``probabilities`` for a classifier,
-    ``loss_sum``/``n_predicted`` for a causal LM."""
+    ``loss_sum``/``n_predicted`` for a causal LM.
+
+    ``bf16``: True/False/``auto``; None: each executor's ``$SPARKTUNE_BF16``, else auto (on where
+    bf16 beats fp32 on the executor's own device: ``sparktune.model.hf.resolve_bf16``)."""
     from collections.abc import Iterator
 
     import pandas as pd
@@ -92,7 +95,8 @@ def score_spark(df, model: ResolvedModel, tracker=None, column: InputColumn | No
         from sparktune.model import hf
         from sparktune.model.resolve import fetch_model
 
-        return hf, hf.load(fetch_model(source, tracking_uri, registry_uri), task, max_length, threads=threads)
+        return hf, hf.load(fetch_model(source, tracking_uri, registry_uri), task, max_length, threads=threads,
+                           bf16=bf16)
 
     def ids_of(hf, core, values):
         if is_text:
@@ -124,11 +128,12 @@ def score_spark(df, model: ResolvedModel, tracker=None, column: InputColumn | No
     return df.withColumn("_out", udf(F.col(column.name)))
 
 
-def predict_local(values, model: ResolvedModel, batch_size: int = 32, from_text: bool = False):
+def predict_local(values, model: ResolvedModel, batch_size: int = 32, from_text: bool = False,
+                  bf16: bool | str | None = None):
     """The same inference in this process, no Spark: the baseline bench_batch_inference compares to."""
     from sparktune.model import hf
 
-    core = hf.load(model.hf_dir, model.task.value, model.max_length)
+    core = hf.load(model.hf_dir, model.task.value, model.max_length, bf16=bf16)
     ids = hf.encode(core.tokenizer, values, core.max_length) if from_text else [list(v)[: core.max_length]
                                                                                   for v in values]
     if model.task is Task.CLASSIFICATION:

@@ -230,6 +230,10 @@ class PipelineResult(StageResult):
     evaluate: EvaluateResult | None = None
     register: RegisterResult | None = None
     seconds: dict = field(default_factory=dict)
+    overhead: dict = field(default_factory=dict)
+    """Seconds of fixed cost inside ``seconds``: ``spark_start`` and ``mlflow_setup`` (when this run
+    started them), ``train_setup`` (the train stage outside ``Trainer.train``: launching the ranks,
+    imports, shard staging, model load, final evaluation and model logging)."""
 
     @property
     def run_id(self) -> str:
@@ -242,12 +246,23 @@ class PipelineResult(StageResult):
     def to_dict(self) -> dict:
         return {**super().to_dict(), "run_id": self.run_id, "model_uri": self.model_uri}
 
+    @property
+    def setup_seconds(self) -> float:
+        """Starting Spark and MLflow, before the first stage (not in ``seconds``)."""
+        return sum(v for k, v in self.overhead.items() if k != "train_setup")
+
     def summary(self) -> str:
-        total = sum(self.seconds.values())
+        setup = self.setup_seconds
+        total = sum(self.seconds.values()) + setup
         lines = ["stage       seconds  share"]
-        for stage, secs in self.seconds.items():
+        for stage, secs in [*([("setup", setup)] if setup else []), *self.seconds.items()]:
             lines.append(f"{stage:<10} {secs:8.1f}  {secs / total if total else 0:5.1%}")
         lines.append(f"{'total':<10} {total:8.1f}")
+        if self.overhead and total:
+            fixed = sum(self.overhead.values())
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in self.overhead.items())
+            lines.append(f"fixed overhead {fixed:.1f} s ({fixed / total:.1%}: {parts}); "
+                         f"work {total - fixed:.1f} s ({(total - fixed) / total:.1%})")
         lines.append(f"run_id: {self.run_id}")
         lines.append(f"model_uri: {self.model_uri}")
         return "\n".join(lines)
@@ -264,11 +279,16 @@ def run_pipeline(cfg: PipelineConfig, spark=None, tracker=None, say=print) -> Pi
     from sparktune.tracking import Tracker
     from sparktune.train.distribute import run_training
 
-    spark = spark or get_spark()
+    result = PipelineResult()
+    clock = time.perf_counter()
+    if spark is None:
+        spark = get_spark()
+        result.overhead["spark_start"] = time.perf_counter() - clock
+    started = time.perf_counter()
     tracker = tracker or Tracker(cfg.train.mlflow.tracking_uri or None, cfg.train.mlflow.experiment)
     cfg.train.mlflow.tracking_uri = str(tracker.tracking_uri)
     cfg.train.mlflow.experiment = tracker.experiment
-    result = PipelineResult()
+    result.overhead["mlflow_setup"] = time.perf_counter() - started
     clock = time.perf_counter()
 
     def lap(stage: str) -> None:
@@ -296,6 +316,8 @@ def run_pipeline(cfg: PipelineConfig, spark=None, tracker=None, say=print) -> Pi
     result.train = run_training(cfg.train, spark=spark, tracker=tracker)
     say(result.train.summary())
     lap("train")
+    if result.train.train_seconds:
+        result.overhead["train_setup"] = max(0.0, result.seconds["train"] - float(result.train.train_seconds))
 
     ev = cfg.evaluate
     say(f"[4/5] evaluate {result.model_uri} on split {ev.split!r}")
@@ -342,7 +364,12 @@ def _run_cli(args, ctx) -> PipelineResult:
     tracker = ctx.tracker(cfg.train.mlflow.experiment) if (args.tracking_uri or args.experiment) else None
     # The stages' own summaries go to stderr with --json, so stdout holds one JSON object.
     say = print if not args.json else _print_err
-    return run_pipeline(cfg, spark=ctx.spark(), tracker=tracker, say=say)
+    started = time.perf_counter()
+    spark = ctx.spark()
+    spark_start = time.perf_counter() - started
+    result = run_pipeline(cfg, spark=spark, tracker=tracker, say=say)
+    result.overhead = {"spark_start": spark_start, **result.overhead}  # started before the pipeline's clock
+    return result
 
 
 def _print_err(text: str) -> None:

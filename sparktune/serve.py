@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 
 from sparktune.errors import SparktuneError
+from sparktune.model.hf import BF16_ENV
 from sparktune.results import StageResult
 
 __all__ = [
@@ -394,11 +395,15 @@ def build_app(mlflow_model_dir: str, limits: ServeLimits):
 
 
 def serve(model_uri: str, tracker=None, host: str = "127.0.0.1", port: int = 5000,
-          limits: ServeLimits | None = None) -> None:
+          limits: ServeLimits | None = None, bf16: str | None = None) -> None:
+    """``bf16``: auto, true or false (None: ``$SPARKTUNE_BF16``, else auto); the model is loaded
+    in this process, which reads it from the environment (``sparktune.model.hf.resolve_bf16``)."""
     import uvicorn
 
     limits = limits or ServeLimits()
     limits.check()
+    if bf16 is not None:
+        os.environ[BF16_ENV] = bf16
     if not 0 < port < 65536:
         raise SparktuneError(f"--port must be 1..65535, got {port}")
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -412,7 +417,7 @@ def serve(model_uri: str, tracker=None, host: str = "127.0.0.1", port: int = 500
 def _serve_cli(args, ctx) -> int:
     limits = ServeLimits(int(args.max_body_mb * 1024 * 1024), args.max_rows, args.request_timeout,
                          args.body_timeout)
-    serve(args.model, ctx.tracker(), host=args.host, port=args.port, limits=limits)
+    serve(args.model, ctx.tracker(), host=args.host, port=args.port, limits=limits, bf16=args.bf16)
     return 0
 
 
@@ -441,6 +446,9 @@ def add_cli(subparsers) -> None:
                         f"(default {defaults.request_timeout_s:g})")
     p.add_argument("--body-timeout", type=float, default=defaults.body_timeout_s,
                    help=f"seconds a client has to send the whole body before 408 (default {defaults.body_timeout_s:g})")
+    p.add_argument("--bf16", choices=("auto", "true", "false"), default=None,
+                   help="run the model in bfloat16: auto (default; on where bf16 is faster than fp32: a GPU "
+                        f"with bf16, a CPU with AMX), true or false; also ${BF16_ENV}")
     p.set_defaults(func=_serve_cli)
 
     e = stage_parser(subparsers, "export-model",

@@ -114,7 +114,11 @@ def _worker_tokenizer(name: str, max_length: int):
 
 def encode_batch(tokenizer, texts, add_special_tokens: bool = True):
     """(ids, truncated) per text, with the truncation the backend tokenizer was set up with."""
-    encodings = tokenizer.backend_tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+    backend = tokenizer.backend_tokenizer
+    # encode_batch_fast (tokenizers >= 0.20) skips the character offsets, which nothing here reads:
+    # the same ids and overflow, ~15% faster for WordPiece (BENCHMARKS.md, issue 12).
+    encode = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
+    encodings = encode(list(texts), add_special_tokens=add_special_tokens)
     return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
 
 
@@ -369,8 +373,10 @@ def tokenize_table(
     raw = raw.select("row_id", "split", F.col("label").cast("int").alias("label"), "text")
     # A small raw table can be a single file, i.e. a single task: spread it so every core
     # tokenizes. Only then: the shuffle costs more than the imbalance of a few big tasks.
-    cores = _task_count(spark.range(0, 1 << 16))
-    if _task_count(raw) < cores:
+    # Cores come from the session's settings and files from the Delta log, not from Spark jobs
+    # (two such jobs cost ~1 s per run on 2 cores; BENCHMARKS.md, issue 12).
+    cores = _session_cores(spark)
+    if cores > 1 and len(raw.inputFiles()) < cores:
         raw = raw.repartition(cores)
     add_special = task is Task.CLASSIFICATION
     # Packed documents are not truncated: packing cuts the joined stream into blocks instead.
@@ -385,6 +391,35 @@ def tokenize_table(
         )
     version = write_table(tokenized, output_ref, properties=properties, user_metadata=provenance)
     return TokenizeResult(output_ref, version, False, provenance)
+
+
+def _conf_int(spark, key: str) -> int | None:
+    try:
+        value = spark.conf.get(key, None)
+        return int(value) if value else None
+    except Exception:  # noqa: BLE001  (unset, not a number, or a Connect server that will not show it)
+        return None
+
+
+def _session_cores(spark) -> int:
+    """Task slots of the session, from its settings where they say (no Spark job): the default
+    parallelism, a local master's thread count, executors x cores; else one small job."""
+    parallelism = _conf_int(spark, "spark.default.parallelism")
+    if parallelism:
+        return parallelism
+    try:
+        master = str(spark.conf.get("spark.master", "") or "")
+    except Exception:  # noqa: BLE001  (Connect servers may refuse static confs)
+        master = ""
+    if master == "local":
+        return 1
+    if master.startswith("local["):
+        inner = master[len("local["):].split("]")[0].split(",")[0]
+        return (os.cpu_count() or 1) if inner == "*" else max(1, int(inner))
+    executors, per_executor = _conf_int(spark, "spark.executor.instances"), _conf_int(spark, "spark.executor.cores")
+    if executors and per_executor:
+        return executors * per_executor // (_conf_int(spark, "spark.task.cpus") or 1)
+    return _task_count(spark.range(0, 1 << 16))
 
 
 def _task_count(df) -> int:

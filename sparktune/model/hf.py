@@ -30,6 +30,7 @@ from typing import Any
 __all__ = [
     "CAUSAL_LM",
     "CLASSIFICATION",
+    "BF16_ENV",
     "DEADLINE",
     "DeadlineExceeded",
     "Loaded",
@@ -45,6 +46,8 @@ __all__ = [
     "pad_batch",
     "pad_id",
     "pip_requirements",
+    "resolve_bf16",
+    "native_bf16",
     "read_config",
     "task_of_config",
 ]
@@ -147,6 +150,60 @@ def device_for(preferred: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+BF16_ENV = "SPARKTUNE_BF16"
+"""Environment variable choosing bf16 for inference where no argument does (servers, executors):
+``auto`` (default), ``true`` or ``false``."""
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether bf16 matmuls run faster than fp32 on ``device`` (a device type: cpu or cuda).
+
+    CUDA: the GPU supports bf16 (Ampere and later). CPU: only with AMX tiles (Sapphire Rapids and
+    later, when the hypervisor exposes them). AVX512-BF16 alone is not enough: its dot-product
+    instruction issues on one port where fp32 FMAs issue on two, so the peak is no higher than
+    fp32 and the casts cost extra (measured on the dev box: 82 vs 150 GFLOP/s per thread,
+    BENCHMARKS.md, issue 12).
+    """
+    import torch
+
+    if device.startswith("cuda"):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device != "cpu":
+        return False
+    check = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
+    if check is not None:
+        try:
+            return bool(check())
+        except Exception:  # noqa: BLE001  (a private probe; treat a failure as no AMX)
+            return False
+    try:  # older torch: the kernel's CPU flags
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            return "amx_bf16" in handle.read()
+    except OSError:
+        return False
+
+
+def resolve_bf16(setting: bool | str | None, device: str = "cpu") -> bool:
+    """The one bf16 rule: ``True``/``False`` (or "true"/"false") as given; ``auto``/None/"" (and the
+    ``SPARKTUNE_BF16`` environment variable when ``setting`` is None) on where ``native_bf16`` says
+    bf16 is faster. Forcing it on a device without bf16 support raises ValueError."""
+    if setting is None:
+        setting = os.environ.get(BF16_ENV, "auto")
+    if isinstance(setting, str):
+        text = setting.strip().lower()
+        if text in ("", "auto"):
+            return native_bf16(device)
+        if text not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ValueError(f"bf16: expected auto, true or false, found {setting!r} (check ${BF16_ENV})")
+        setting = text in ("true", "1", "yes", "on")
+    if setting and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise ValueError("bf16 is on but this GPU does not support bfloat16; set it to false or auto")
+    return bool(setting)
+
+
 @dataclass
 class Loaded:
     """A model ready for inference, with what every caller needs beside it."""
@@ -158,21 +215,27 @@ class Loaded:
     pad_id: int
     max_length: int
     device: str
+    bf16: bool = False
+    """Weights and activations in bfloat16 (logits are cast back to float32 before softmax)."""
 
 
 _CACHE: dict = {}
 
 
 def load(path: str, task: str | None = None, configured_max_length: int | None = None,
-         device: str | None = None, threads: int | None = None) -> Loaded:
-    """Tokenizer and model from a ``save_pretrained`` folder, once per (path, task, device) per process."""
+         device: str | None = None, threads: int | None = None, bf16: bool | str | None = None) -> Loaded:
+    """Tokenizer and model from a ``save_pretrained`` folder, once per (path, task, device) per process.
+
+    ``bf16``: run in bfloat16 (``resolve_bf16``: True/False, ``auto``, or None for ``$SPARKTUNE_BF16``).
+    Inference needs no fp32 master copy, so the weights themselves are cast: no per-op autocast."""
     config = read_config(path)
     task = str(task or task_of_config(config) or "")
     if task not in (CLASSIFICATION, CAUSAL_LM):
         raise ValueError(f"{path}: expected a sequence classifier or a causal LM, found architectures "
                          f"{config.get('architectures') or 'none'}")
     device = device_for(device)
-    key = (os.path.abspath(path), task, device, configured_max_length)
+    use_bf16 = resolve_bf16(bf16, device)
+    key = (os.path.abspath(path), task, device, configured_max_length, use_bf16)
     if key in _CACHE:
         return _CACHE[key]
     import torch
@@ -187,6 +250,8 @@ def load(path: str, task: str | None = None, configured_max_length: int | None =
     tokenizer = AutoTokenizer.from_pretrained(path)
     auto = AutoModelForSequenceClassification if task == CLASSIFICATION else AutoModelForCausalLM
     model = auto.from_pretrained(path).eval().to(device)
+    if use_bf16:
+        model = model.to(torch.bfloat16)
     _stop_between_layers(model)
     loaded = Loaded(
         tokenizer=tokenizer,
@@ -196,6 +261,7 @@ def load(path: str, task: str | None = None, configured_max_length: int | None =
         pad_id=pad_id(tokenizer, model.config),
         max_length=max_length(tokenizer, model.config, configured_max_length),
         device=device,
+        bf16=use_bf16,
     )
     _CACHE[key] = loaded
     return loaded

@@ -55,6 +55,11 @@ class ModelConfig:
     """Allow model code from the model folder/hub; off unless you trust the source."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights' dtype when loading; mixed precision is ``train.bf16``/``train.fp16``."""
+    attention_dropout: float | None = None
+    """Dropout on the attention probabilities; empty: the model's own (MiniLM/BERT: 0.1). On CPU,
+    0 lets torch's SDPA use its fused attention kernel instead of drawing a random mask over every
+    (batch, head, token, token): the largest single loss in a MiniLM training step on the dev box
+    (dropout's RNG ~25-30% of the step; 0 measured ~1.5x faster per step, BENCHMARKS.md issue 12)."""
     config_overrides: dict = field(default_factory=dict)
     """Build a fresh, randomly initialised model from ``name``'s config with these changes
     (e.g. ``{n_layer: 2, n_embd: 64}``) instead of loading weights; for tests and smoke runs."""
@@ -66,6 +71,8 @@ class ModelConfig:
         require(problems, self.num_labels >= 1, "num_labels", f"must be >= 1, got {self.num_labels}")
         require(problems, not self.label_names or len(self.label_names) == self.num_labels, "label_names",
                 f"has {len(self.label_names)} names for num_labels={self.num_labels}; give one name per class")
+        require(problems, self.attention_dropout is None or 0 <= self.attention_dropout < 1, "attention_dropout",
+                f"must be in [0, 1) or empty, got {self.attention_dropout}")
         require(problems, not (self.gguf_file and self.config_overrides), "gguf_file",
                 "cannot be combined with model.config_overrides (a GGUF file brings its weights); drop one")
         raise_if(problems)
@@ -135,8 +142,11 @@ class TrainArgsConfig:
     """Batches per optimizer step."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
-    bf16: bool = False
-    """bfloat16 mixed precision (needs a GPU that supports it; ignored on CPU)."""
+    bf16: bool | Literal["auto"] = "auto"
+    """bfloat16 mixed precision (torch autocast; the weights and optimizer stay fp32). ``auto``: on
+    where bf16 matmuls are faster than fp32: a GPU that supports bf16, or a CPU with AMX (AVX512-BF16
+    alone is slower than fp32, see BENCHMARKS.md); ``true``: on (an error on a GPU without bf16;
+    works on any CPU, slowly without AMX); ``false``: fp32. The choice is logged as ``train.precision``."""
     fp16: bool = False
     """float16 mixed precision (GPU only; ignored on CPU)."""
     gradient_checkpointing: bool = False
@@ -169,7 +179,8 @@ class TrainArgsConfig:
                 f"must be >= 1, got {self.gradient_accumulation_steps}")
         require(problems, self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         require(problems, self.logging_steps >= 1, "logging_steps", f"must be >= 1, got {self.logging_steps}")
-        require(problems, not (self.bf16 and self.fp16), "bf16", "bf16 and fp16 are both on: pick one")
+        require(problems, not (self.bf16 is True and self.fp16), "bf16",
+                "bf16 and fp16 are both on: pick one (bf16 is auto by default: set train.bf16=false with fp16)")
         require(problems, self.eval_strategy != "steps" or (self.eval_steps or 0) >= 1, "eval_steps",
                 "eval_strategy is steps: set eval_steps to a positive number")
         require(problems, self.num_threads is None or self.num_threads >= 1, "num_threads",
@@ -221,7 +232,9 @@ class MlflowConfig:
 @dataclass
 class DistributorConfig:
     num_processes: int = 2
-    """Training processes (one per GPU on GPU clusters)."""
+    """Training processes (one per GPU on GPU clusters). On CPU each gets cores / processes torch
+    threads: 2 ranks x 1 thread on a 2-core machine, measured as fast as 1 x 2 idle and far faster
+    when other jobs share the cores."""
     local_mode: bool = True
     """True: processes on the driver; False: Spark barrier tasks on executors."""
     use_gpu: bool | Literal["auto"] = "auto"

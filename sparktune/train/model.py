@@ -61,6 +61,8 @@ def build_model(cfg: TrainConfig, task: Task, tokenizer):
             extra["id2label"] = dict(enumerate(cfg.model.label_names))
             extra["label2id"] = {n: i for i, n in enumerate(cfg.model.label_names)}
     overrides = dict(cfg.model.config_overrides)
+    if cfg.model.attention_dropout is not None:
+        extra.update(_attention_dropout(cfg, overrides))
     if overrides:
         if "model_type" in overrides:
             model_type = overrides.pop("model_type")
@@ -91,6 +93,30 @@ def build_model(cfg: TrainConfig, task: Task, tokenizer):
     if cfg.lora.enabled:
         model = apply_lora(cfg, model, task)
     return model
+
+
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout")
+"""Config attributes that hold the attention-probability dropout (BERT family, GPT-2, Llama family)."""
+
+
+def _attention_dropout(cfg: TrainConfig, overrides: dict) -> dict:
+    """``{config key: model.attention_dropout}`` for the model's architecture (a config kwarg)."""
+    from transformers import AutoConfig
+
+    if "model_type" in overrides:
+        base = AutoConfig.for_model(overrides["model_type"])
+    else:
+        kwargs = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
+        base = AutoConfig.from_pretrained(resolve_pretrained(cfg.model.name),
+                                          trust_remote_code=cfg.model.trust_remote_code, **kwargs)
+    key = next((k for k in ATTENTION_DROPOUT_KEYS if hasattr(base, k)), None)
+    if key is None:
+        raise SparktuneError(
+            f"model.attention_dropout: model type {base.model_type!r} has none of {', '.join(ATTENTION_DROPOUT_KEYS)} "
+            "in its config; leave model.attention_dropout empty for this model"
+        )
+    assert cfg.model.attention_dropout is not None  # the caller checks
+    return {key: float(cfg.model.attention_dropout)}
 
 
 def apply_lora(cfg: TrainConfig, model, task: Task):

@@ -204,7 +204,10 @@ def build_launch_plan(cfg: TrainConfig, *, spark_conf: dict, driver_gpus: int, c
         bf16 = False
         # A CPU plan stays on CPU even on a driver with GPUs (train() uses any GPU it sees).
         env["CUDA_VISIBLE_DEVICES"] = ""
-        # Processes on one machine share its cores: more threads than cores only thrash.
+        # Processes on one machine share its cores: more threads than cores only thrash. On a
+        # 2-core box the default 2 ranks x 1 thread matched 1 x 2 threads when idle (1.05x, noise)
+        # and was 9x faster under contention, where OpenMP's barriers wait for descheduled
+        # threads (bench_train_efficiency.py, BENCHMARKS.md issue 12).
         per_host = n if d.local_mode else max(1, min(n, _task_slots(spark_conf, cpu_count) or 1))
         env["OMP_NUM_THREADS"] = str(max(1, cpu_count // per_host))
     if d.local_mode:

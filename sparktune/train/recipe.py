@@ -103,6 +103,20 @@ def resolve_task(cfg: TrainConfig, props: dict) -> Task:
     return task
 
 
+def train_bf16(cfg: TrainConfig, gpu: bool) -> bool:
+    """``train.bf16`` resolved for this rank's device (``sparktune.model.hf.resolve_bf16``): ``auto``
+    is on where bf16 is faster than fp32 (and off when fp16 is asked for)."""
+    from sparktune.model.hf import resolve_bf16
+
+    setting = cfg.train.bf16
+    if setting == "auto" and cfg.train.fp16:
+        return False
+    try:
+        return resolve_bf16("auto" if setting == "auto" else bool(setting), "cuda" if gpu else "cpu")
+    except ValueError as exc:
+        raise ConfigError([f"train.bf16: {exc}"]) from None
+
+
 # Setup --------------------------------------------------------------------------------------
 @dataclass
 class Job:
@@ -124,6 +138,8 @@ class Job:
     """The evaluation rows (``FlatRows``), or None without an eval split."""
     resume_from: str | None
     opened_run: bool = False
+    bf16: bool = False
+    """bf16 autocast for this rank (``train_bf16``)."""
     extra: dict = field(default_factory=dict)
 
     @property
@@ -233,9 +249,17 @@ def setup(cfg: TrainConfig, env: dist.DistEnv, tracker=None) -> Job:
             table=f"{table} v{cfg.data.version}", split=split)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
+    bf16 = train_bf16(cfg, dist.use_gpu())
+    if env.is_main and cfg.mlflow.enabled and decided["run_id"] and tracker is not None:
+        from mlflow.exceptions import MlflowException
+
+        try:  # what train.bf16 (often auto) came to on this machine
+            tracker.log_params(decided["run_id"], {"train.precision": "bf16" if bf16 else "fp32"})
+        except MlflowException as exc:  # a resumed job on another machine: keep the first value
+            log.warning("sparktune train: train.precision not logged (%s)", str(exc).splitlines()[0])
     return Job(cfg=cfg, env=env, task=task, props=props, run_id=decided["run_id"], tracker=tracker,
                tokenizer=tokenizer, model=model, train_rows=data.train_rows, shard=shard, eval_rows=eval_rows,
-               resume_from=decided["resume_from"])
+               resume_from=decided["resume_from"], bf16=bf16)
 
 
 # Fit ----------------------------------------------------------------------------------------
@@ -267,8 +291,8 @@ def training_arguments(job: Job):
         weight_decay=t.weight_decay,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_grad_norm=t.max_grad_norm,
-        bf16=t.bf16 and gpu,
-        fp16=t.fp16 and gpu,
+        bf16=job.bf16,
+        fp16=t.fp16 and gpu and not job.bf16,
         **_checkpointing_arg(t.gradient_checkpointing),
         torch_compile=t.torch_compile,
         seed=t.seed,
