@@ -94,7 +94,7 @@ class PromptSpec:
 def _ids(tokenizer, texts) -> list[list[int]]:
     if not texts:
         return []
-    return [list(x) for x in tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"]]
+    return [list(x) for x in tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]]
 
 
 class PromptEncoder:

@@ -85,7 +85,6 @@ def test_decoder_classifier_job_lora_on_two_ranks_with_adapters_saved_apart(
 @pytest.mark.timeout(600)
 def test_generator_job_instruction_tuned_lora_on_two_ranks_scored_and_served(
         spark, tmp_path, imdb_sample_path, gpt2_tokenizer_path, mlflow_uri, monkeypatch, capsys):
-    import subprocess
     import sys
 
     import mlflow
@@ -102,7 +101,9 @@ def test_generator_job_instruction_tuned_lora_on_two_ranks_scored_and_served(
 
     # The table holds prompt + answer + EOS pairs, the prompt length beside them; reviews are cut, answers never.
     tokens = DeltaTable(str(tmp_path / "tokens")).to_pandas()
-    assert len(tokens) == 340 and tokens["n_tokens"].max() <= 48 and tokens["truncated"].any()
+    labelled = (DeltaTable(str(tmp_path / "raw")).to_pandas()["label"] >= 0).sum()
+    assert len(tokens) == labelled < 340  # unlabelled rows have no answer to learn
+    assert tokens["n_tokens"].max() <= 48 and tokens["truncated"].any()
     answer = {0: [4633, 50256], 1: [3967, 50256]}  # " negative" / " positive" + <|endoftext|> in GPT-2's vocabulary
     for ids, n_prompt, label in zip(tokens["input_ids"], tokens["prompt_tokens"], tokens["label"]):
         assert list(ids[n_prompt:]) == answer[label]
@@ -138,4 +139,3 @@ def test_generator_job_instruction_tuned_lora_on_two_ranks_scored_and_served(
         assert requests.get(url + "/ping", timeout=5).status_code == 200
     finally:
         _stop(proc)
-    del subprocess
