@@ -38,7 +38,7 @@ def test_prompt_pairs_truncate_the_text_never_the_template_or_the_answer(gpt2_to
     ids, prompt_lens, truncated = enc.pairs(["Good.", long_text], [1, 0])
     assert truncated == [False, True]
     assert max(map(len, ids)) == 24  # the long one fills the budget exactly
-    for row, label in zip(ids, [1, 0]):
+    for row in ids:
         assert row[-1] == gpt2_tok.eos_token_id
         text = gpt2_tok.decode(row)
         assert text.startswith("Review: ") and text.endswith(("Sentiment: positive<|endoftext|>",
