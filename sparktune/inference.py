@@ -150,4 +150,8 @@ def predict_local(values, model: ResolvedModel, batch_size: int = 32, from_text:
                                                                                   for v in values]
     if model.task is Task.CLASSIFICATION:
         return hf.classify(core.model, ids, core.pad_id, batch_size)
+    if model.task is Task.INSTRUCTION:
+        prompts = core.prompt.prompts(values)[0] if from_text else ids
+        return hf.softmax(hf.score_answers(core.model, prompts, core.prompt.answer_ids, core.pad_id,
+                                           max(1, batch_size // 4)).logprobs)
     return hf.lm_losses(core.model, ids, core.pad_id, max(1, batch_size // 2))
