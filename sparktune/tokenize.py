@@ -92,16 +92,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()[:16]
 
 
-def _worker_tokenizer(name: str, max_length: int):
+def _worker_tokenizer(name: str, max_length: int, gguf_file: str = ""):
     """The worker's tokenizer, truncating at ``max_length`` tokens (0: no truncation)."""
-    key = (name, max_length)
+    key = (name, max_length, gguf_file)
     if key not in _WORKER_TOKENIZERS:
         # One Rust thread per Spark task: Spark already runs one task per core.
         os.environ.setdefault("RAYON_NUM_THREADS", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from sparktune.models import load_tokenizer
 
-        tokenizer = load_tokenizer(name)
+        tokenizer = load_tokenizer(name, gguf_file or None)
         backend = tokenizer.backend_tokenizer
         backend.no_padding()
         if max_length:
@@ -136,13 +136,13 @@ def _token_lists_to_arrow(ids):
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)), pa.array(lengths)
 
 
-def _tokenize_partition(name: str, max_length: int, add_special_tokens: bool):
+def _tokenize_partition(name: str, max_length: int, add_special_tokens: bool, gguf_file: str = ""):
     # mapInArrow, not mapInPandas: the token lists go straight into an Arrow list column,
     # which is most of the difference between Spark's throughput and the bare tokenizer's.
     def tokenize(batches):
         import pyarrow as pa
 
-        tokenizer = _worker_tokenizer(name, max_length)
+        tokenizer = _worker_tokenizer(name, max_length, gguf_file)
         for batch in batches:
             ids, truncated = encode_batch(tokenizer, batch.column("text").to_pylist(), add_special_tokens)
             input_ids, n_tokens = _token_lists_to_arrow(ids)
@@ -319,8 +319,14 @@ def tokenize_table(
     pack: bool = False,
     block_size: int | None = None,
     force: bool = False,
+    gguf_file: str = "",
+    prompt=None,
 ) -> TokenizeResult:
-    """Tokenize the raw table ``input_ref`` into ``output_ref``; a no-op when already up to date."""
+    """Tokenize the raw table ``input_ref`` into ``output_ref``; a no-op when already up to date.
+
+    ``gguf_file``: the tokenizer is inside this GGUF file of the ``tokenizer`` folder (SmolLM2).
+    ``prompt``: a ``sparktune.prompts.PromptSpec``, required for ``Task.INSTRUCTION``.
+    """
     from pyspark.sql import functions as F
 
     from sparktune import __version__
@@ -338,10 +344,13 @@ def tokenize_table(
         problems.append(f"--max-length must be at least 2, found {max_length}")
     if block_size is not None and block_size < 2:
         problems.append(f"--block-size must be at least 2, found {block_size}")
+    if task is Task.INSTRUCTION:
+        problems.extend(["a prompt (template and label names) is required: pass --label-names"] if prompt is None
+                        else prompt.problems())
     if problems:
         raise SparktuneError("; ".join(problems))
 
-    driver_tokenizer = load_tokenizer(tokenizer)
+    driver_tokenizer = load_tokenizer(tokenizer, gguf_file or None)
     if max_length is None:
         max_length = min(int(driver_tokenizer.model_max_length or 512), 512)
     block_size = block_size or max_length if pack else None
@@ -359,6 +368,15 @@ def tokenize_table(
         "source_table_id": table_id(spark, input_ref),
         "sparktune_version": __version__,
     }
+    if gguf_file:
+        provenance["gguf_file"] = gguf_file
+    if task is Task.INSTRUCTION:
+        from sparktune.instruct import instruction_properties
+
+        try:
+            provenance.update(instruction_properties(driver_tokenizer, prompt, max_length))
+        except ValueError as exc:
+            raise SparktuneError(f"--max-length: {exc}") from None
     properties = {PROPERTY_PREFIX + k: v for k, v in provenance.items()}
     if not force and _up_to_date(spark, output_ref, properties, provenance):
         return TokenizeResult(output_ref, table_version(spark, output_ref), True, provenance)
@@ -381,7 +399,15 @@ def tokenize_table(
     add_special = task is Task.CLASSIFICATION
     # Packed documents are not truncated: packing cuts the joined stream into blocks instead.
     truncate_at = 0 if pack else max_length
-    tokenized = raw.mapInArrow(_tokenize_partition(tokenizer, truncate_at, add_special), TOKENIZED_SCHEMA)
+    if task is Task.INSTRUCTION:
+        from sparktune.instruct import instruction_partition
+
+        # Only labelled rows have an answer to learn.
+        tokenized = raw.where(F.col("label") >= 0).mapInArrow(
+            instruction_partition(tokenizer, max_length, prompt, gguf_file), TOKENIZED.schema_for(task))
+    else:
+        tokenized = raw.mapInArrow(_tokenize_partition(tokenizer, truncate_at, add_special, gguf_file),
+                                   TOKENIZED_SCHEMA)
     if pack:
         separator = driver_tokenizer.eos_token_id
         tokenized = (
@@ -454,11 +480,25 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--pack", action="store_true", help="causal-lm: pack token streams into fixed-size blocks")
     parser.add_argument("--block-size", type=int, help="with --pack: tokens per block (default: --max-length)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the table is up to date")
+    parser.add_argument("--gguf-file", default="", help="the tokenizer is inside this GGUF file of --tokenizer")
+    parser.add_argument("--label-names", default="",
+                        help="instruction: class names in label order, comma-separated (e.g. negative,positive)")
+    parser.add_argument("--template", default=None, help="instruction: prompt template with {text} "
+                        "(default 'Review: {text}\\nSentiment:')")
+    parser.add_argument("--answer-format", default=None, help="instruction: answer of a class (default ' {label}')")
     parser.set_defaults(func=_run_cli)
 
 
 def _run_cli(args, ctx) -> TokenizeResult:
+    from sparktune import prompts
+
     parse_table_ref(args.output)
+    prompt = None
+    if args.label_names:
+        prompt = prompts.PromptSpec.from_labels(
+            [n.strip() for n in args.label_names.split(",") if n.strip()],
+            args.template.replace("\\n", "\n") if args.template else prompts.DEFAULT_TEMPLATE,
+            args.answer_format if args.answer_format is not None else prompts.DEFAULT_ANSWER_FORMAT)
     return tokenize_table(
         ctx.spark(),
         args.input,
@@ -469,4 +509,6 @@ def _run_cli(args, ctx) -> TokenizeResult:
         pack=args.pack,
         block_size=args.block_size,
         force=args.force,
+        gguf_file=args.gguf_file,
+        prompt=prompt,
     )

@@ -207,9 +207,16 @@ def evaluate_model(spark, model, table: str, *, tracker=None, split: str | None 
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, tracker)
     df = read_table(spark, table, what="evaluation table")
     source_version = table_version(spark, table)
-    is_classifier = resolved.task is Task.CLASSIFICATION
+    is_classifier = resolved.task.has_labels
     df = _select_rows(df, table, split, limit, labelled=is_classifier)
-    scored = score_spark(df, resolved, tracker, input_column(df), batch_size=batch_size)
+    column = input_column(df)
+    if resolved.task is Task.INSTRUCTION:
+        df = _instruction_prompts(df, table, column.is_text)
+    scored = score_spark(df, resolved, tracker, column, batch_size=batch_size)
+    lm_cached = None
+    if resolved.task is Task.INSTRUCTION:
+        # Scored once: the answers give the classifier metrics, the prompts' losses the perplexity.
+        lm_cached = scored = scored.persist()
     base: dict[str, Any] = {"model_uri": resolved.uri, "model_version": resolved.version_label, "task": resolved.task,
             "table": table, "table_version": source_version, "split": split or None, "limit": limit}
     if is_classifier:
@@ -250,13 +257,17 @@ def evaluate_model(spark, model, table: str, *, tracker=None, split: str | None 
         metrics = {k: computed[k] for k in ("accuracy", "precision", "recall", "f1")}
         if auc is not None:
             metrics["roc_auc"] = auc
+        n_tokens = 0
+        if lm_cached is not None:
+            lm = _lm_metrics(lm_cached)
+            lm_cached.unpersist()
+            metrics.update(eval_loss=lm["eval_loss"], perplexity=lm["perplexity"])
+            n_tokens = lm["n_tokens"]
         result = EvaluateResult(rows=computed["n"], metrics=metrics, per_class=computed["per_class"],
                                 labels=class_names(len(confusion), resolved.labels), confusion_matrix=confusion,
-                                **base)
+                                n_tokens=n_tokens, **base)
     else:
-        row = scored.select(F.sum("_out.loss_sum").alias("loss"), F.sum("_out.n_predicted").alias("tokens"),
-                            F.count(F.lit(1)).alias("rows")).first()
-        lm = compute_lm_metrics(row["loss"] or 0.0, int(row["tokens"] or 0), int(row["rows"] or 0))
+        lm = _lm_metrics(scored)
         result = EvaluateResult(rows=lm["n"], n_tokens=lm["n_tokens"],
                                 metrics={"eval_loss": lm["eval_loss"], "perplexity": lm["perplexity"]}, **base)
 
@@ -271,6 +282,29 @@ def evaluate_model(spark, model, table: str, *, tracker=None, split: str | None 
             tracker.end_run(run_id)
         result.run_id = run_id
     return result
+
+
+def _lm_metrics(scored) -> dict:
+    """Token-weighted loss and perplexity from the per-row sums of ``_out``."""
+    from pyspark.sql import functions as F
+
+    row = scored.select(F.sum("_out.loss_sum").alias("loss"), F.sum("_out.n_predicted").alias("tokens"),
+                        F.count(F.lit(1)).alias("rows")).first()
+    return compute_lm_metrics(row["loss"] or 0.0, int(row["tokens"] or 0), int(row["rows"] or 0))
+
+
+def _instruction_prompts(df, table: str, is_text: bool):
+    """An instruction model continues prompts: a tokenized instruction table's rows are cut to
+    their prompt (``input_ids[:prompt_tokens]``); raw text is made into prompts on the executors."""
+    from pyspark.sql import functions as F
+
+    if is_text:
+        return df
+    if TOKENIZED.prompt_tokens not in df.columns:
+        raise SparktuneError(f"table {table} has input_ids but no {TOKENIZED.prompt_tokens} column: an instruction "
+                             "model scores the prompts of a table from `sparktune tokenize --task instruction`, or "
+                             "raw text (a table with a `text` column)")
+    return df.withColumn(TOKENIZED.input_ids, F.slice(TOKENIZED.input_ids, 1, F.col(TOKENIZED.prompt_tokens)))
 
 
 def _text_hash(column):
@@ -294,13 +328,15 @@ def predict_table(spark, model, table: str, output: str, *, tracker=None, text_c
     df = read_table(spark, table, what="input table")
     source_version = table_version(spark, table)
     column = input_column(df, text_column)
+    if resolved.task is Task.INSTRUCTION:
+        df = _instruction_prompts(df, table, column.is_text)
     scored = score_spark(df, resolved, tracker, column, batch_size=batch_size)
     row_id = (F.col(TOKENIZED.row_id).cast("string") if TOKENIZED.row_id in df.columns
               else F.lit(None).cast("string")).alias("row_id")
     digest = _text_hash(F.col(column.name)) if column.is_text else F.lit(None).cast("string")
     common = [row_id, digest.alias("text_sha256")]
     tail = [F.lit(resolved.uri).alias("model_uri"), F.lit(resolved.version_label).cast("string").alias("model_version")]
-    if resolved.task is Task.CLASSIFICATION:
+    if resolved.task.has_labels:
         names = F.array(*[F.lit(n) for n in resolved.labels]) if resolved.labels else None
         out = scored.select(*common, F.col("_out.prediction").alias("prediction"),
                             (F.element_at(names, F.col("_out.prediction") + 1) if names is not None

@@ -16,8 +16,10 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
+from sparktune import prompts
 from sparktune.errors import SparktuneError
 from sparktune.model import hf
+from sparktune.prompts import PROMPT_FILE
 from sparktune.tasks import Task
 
 __all__ = [
@@ -34,13 +36,14 @@ __all__ = [
 MODEL_KIND = "sparktune-model"
 """``sparktune_kind`` in the MLmodel metadata: how sparktune recognises its own models."""
 CORE_MODULE = "sparktune_hf"
+PROMPTS_MODULE = "sparktune_prompts"
 # Bounded generation keeps serving defaults (and MLflow's input-example check) inside small
 # models' context windows; a request may ask for fewer, never more.
 DEFAULT_MAX_NEW_TOKENS = 32
 
 
 def default_input_example(task: Task):
-    if task is Task.CLASSIFICATION:
+    if task.has_labels:
         return ["A wonderful, moving film with a great cast.", "Dull and far too long."]
     return ["Once upon a time"]
 
@@ -63,6 +66,12 @@ def signature(task: Task, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
         outputs = Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.long, "prediction"),
                           ColSpec(Array(DataType.double), "probabilities")])
         return ModelSignature(inputs=inputs, outputs=outputs)
+    if task is Task.INSTRUCTION:
+        # The label comes from scoring each class's answer; generated text only when asked for.
+        outputs = Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.long, "prediction"),
+                          ColSpec(Array(DataType.double), "probabilities"), ColSpec(DataType.string, "generated_text")])
+        params = ParamSchema([ParamSpec("max_new_tokens", DataType.long, 0)])
+        return ModelSignature(inputs=inputs, outputs=outputs, params=params)
     outputs = Schema([ColSpec(DataType.string, "generated_text"), ColSpec(DataType.double, "loss"),
                       ColSpec(DataType.long, "n_tokens")])
     params = ParamSchema([ParamSpec("max_new_tokens", DataType.long, int(max_new_tokens))])
@@ -70,11 +79,14 @@ def signature(task: Task, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
 
 
 def _check_hf_dir(hf_dir: str, task: Task) -> dict:
-    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+    if not os.path.isfile(os.path.join(hf.hf_config_dir(hf_dir), "config.json")):
         raise SparktuneError(f"{hf_dir} has no config.json: pass the folder that save_pretrained wrote")
     config = hf.read_config(hf_dir)
     found = hf.task_of_config(config)
-    if found != task.value:
+    if task is Task.INSTRUCTION and hf.read_prompt(hf_dir) is None:
+        raise SparktuneError(f"{hf_dir} has no {PROMPT_FILE}: an instruction model is scored with the prompt it "
+                             "was trained on; train it with a table from `sparktune tokenize --task instruction`")
+    if found != (Task.CAUSAL_LM.value if task is Task.INSTRUCTION else task.value):
         raise SparktuneError(f"{hf_dir} holds {config.get('architectures') or 'an unknown architecture'}, "
                              f"which is not a {task.value} model; set model.task to match the model")
     return config
@@ -90,24 +102,30 @@ def model_kwargs(hf_dir: str, task: Task | str, label_names=None, max_length: in
 
     task = Task.parse(task, "task")
     config = _check_hf_dir(hf_dir, task)
-    labels = [str(x) for x in label_names] if label_names else (hf.label_names(config) if task is
-                                                               Task.CLASSIFICATION else [])
+    spec = hf.read_prompt(hf_dir)
+    labels = ([str(x) for x in label_names] if label_names else hf.label_names(config) if task is Task.CLASSIFICATION
+              else list(spec.labels) if task is Task.INSTRUCTION and spec is not None else [])
     example = input_example if input_example is not None else default_input_example(task)
     if isinstance(example, (list, tuple)):
         example = pd.DataFrame({pyfunc.TEXT_COLUMN: list(example)})
     model_config = {"task": task.value, "max_length": int(max_length) if max_length else None, "labels": labels,
-                    "max_new_tokens": int(max_new_tokens) if task is Task.CAUSAL_LM else 0}
+                    "max_new_tokens": int(max_new_tokens) if task.is_causal else 0}
     with tempfile.TemporaryDirectory(prefix="sparktune-code-") as code:
         # The core travels as a top-level module so the model loads without sparktune installed.
         core = os.path.join(code, CORE_MODULE + ".py")
         shutil.copyfile(hf.__file__, core)
+        prompt_code = os.path.join(code, PROMPTS_MODULE + ".py")
+        shutil.copyfile(prompts.__file__, prompt_code)
+        packages = hf.pip_requirements()
+        if hf.hf_config_dir(hf_dir) != hf_dir:  # adapters saved apart: peft joins them at load
+            packages += hf.pip_requirements(("peft",))
         yield {
             "python_model": pyfunc.__file__,
             "artifacts": {pyfunc.HF_ARTIFACT: os.path.abspath(hf_dir)},
-            "code_paths": [core],
+            "code_paths": [core, prompt_code],
             "signature": signature(task, max_new_tokens),
             "input_example": example,
-            "pip_requirements": hf.pip_requirements(),
+            "pip_requirements": packages,
             "model_config": model_config,
             "metadata": {"sparktune_kind": MODEL_KIND, "task": task.value, "labels": labels,
                          "max_length": model_config["max_length"]},
@@ -118,7 +136,7 @@ def save_model(hf_dir: str, path: str, task: Task | str | None = None, **kwargs)
     """Write the artifact for ``hf_dir`` as a local MLflow model folder at ``path``."""
     import mlflow
 
-    task = Task.parse(task or hf.task_of_config(hf.read_config(hf_dir)) or "", "task")
+    task = Task.parse(task or hf.task_of_folder(hf_dir) or "", "task")
     with model_kwargs(hf_dir, task, **kwargs) as mkw:
         mlflow.pyfunc.save_model(path=path, **mkw)
     return path

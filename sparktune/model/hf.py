@@ -8,12 +8,18 @@ Everything that turns a ``save_pretrained`` folder into numbers lives here, once
 * ``pad_batch``: right-padding of unpadded id lists into ``input_ids`` + ``attention_mask``
   (the training collator can call it too);
 * ``classify``: class probabilities; ``lm_losses``: per-row causal-LM losses;
-  ``generate``: bounded generation;
+  ``score_answers``: each class's continuation log-probability after a prompt (how an
+  instruction-tuned decoder classifies: no free-form parsing), with the prompt's own loss;
+  ``generate`` / ``generate_ids``: bounded generation;
+* LoRA adapters saved apart from their base (``adapter_config.json`` beside a ``base/``
+  save_pretrained folder) load as one model; instruction models carry their prompt
+  (``sparktune_prompt.json``, see ``sparktune.prompts``);
 * ``pip_requirements``: what a serving environment installs (local build tags such as torch's
   ``+cu132`` stripped: public indexes do not serve them).
 
-This file is shipped inside every MLflow model sparktune logs (as ``code/sparktune_hf.py``)
-so a server needs only mlflow, torch and transformers: it imports nothing from sparktune.
+This file is shipped inside every MLflow model sparktune logs (as ``code/sparktune_hf.py``,
+with ``sparktune/prompts.py`` as ``code/sparktune_prompts.py``) so a server needs only mlflow,
+torch and transformers (and peft for adapters saved apart): it imports nothing else from sparktune.
 Loops check a per-request deadline (``DEADLINE``, a context variable) between batches, so a
 request the server has given up on stops computing.
 """
@@ -27,10 +33,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+try:  # inside a logged model: the prompt builder shipped beside this file
+    import sparktune_prompts as prompts
+except ImportError:  # inside sparktune
+    from sparktune import prompts
+
 __all__ = [
+    "ADAPTER_BASE",
     "CAUSAL_LM",
     "CLASSIFICATION",
     "BF16_ENV",
+    "INSTRUCTION",
+    "AnswerScores",
     "DEADLINE",
     "DeadlineExceeded",
     "Loaded",
@@ -39,6 +53,8 @@ __all__ = [
     "device_for",
     "encode",
     "generate",
+    "generate_ids",
+    "hf_config_dir",
     "label_names",
     "lm_losses",
     "load",
@@ -49,12 +65,22 @@ __all__ = [
     "resolve_bf16",
     "native_bf16",
     "read_config",
+    "read_prompt",
+    "score_answers",
+    "softmax",
     "task_of_config",
+    "task_of_folder",
 ]
 
 # Same values as sparktune.tasks.Task (a str enum, so Task members compare equal to these).
 CLASSIFICATION = "classification"
 CAUSAL_LM = "causal-lm"
+INSTRUCTION = "instruction"
+TASKS = (CLASSIFICATION, CAUSAL_LM, INSTRUCTION)
+
+ADAPTER_BASE = "base"
+"""Where a model saved with separate LoRA adapters keeps its base model (a save_pretrained folder)."""
+_ADAPTER_CONFIG = "adapter_config.json"
 
 # Fallback when neither the tokenizer nor the config bounds the input length.
 _DEFAULT_MAX_LENGTH = 512
@@ -87,9 +113,33 @@ def pip_requirements(packages=("mlflow", "torch", "transformers", "tokenizers", 
     return reqs
 
 
+def hf_config_dir(path: str) -> str:
+    """The folder holding ``config.json``: ``path``, or its ``base/`` when adapters were saved apart."""
+    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, _ADAPTER_CONFIG)):
+        return os.path.join(path, ADAPTER_BASE)
+    return path
+
+
 def read_config(path: str) -> dict:
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+    with open(os.path.join(hf_config_dir(path), "config.json"), encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def read_prompt(path: str):
+    """The ``prompts.PromptSpec`` an instruction model was trained with, or None."""
+    file = os.path.join(path, prompts.PROMPT_FILE)
+    if not os.path.isfile(file):
+        return None
+    with open(file, encoding="utf-8") as handle:
+        return prompts.PromptSpec.from_json(handle.read())
+
+
+def task_of_folder(path: str) -> str | None:
+    """The task of a save_pretrained folder: instruction when it carries a prompt, else from its config."""
+    found = task_of_config(read_config(path))
+    if found == CAUSAL_LM and read_prompt(path) is not None:
+        return INSTRUCTION
+    return found
 
 
 def task_of_config(config: dict) -> str | None:
@@ -217,6 +267,8 @@ class Loaded:
     device: str
     bf16: bool = False
     """Weights and activations in bfloat16 (logits are cast back to float32 before softmax)."""
+    prompt: Any = None
+    """Instruction models: a ``prompts.PromptEncoder`` (template, answer ids, length budget)."""
 
 
 _CACHE: dict = {}
@@ -229,10 +281,14 @@ def load(path: str, task: str | None = None, configured_max_length: int | None =
     ``bf16``: run in bfloat16 (``resolve_bf16``: True/False, ``auto``, or None for ``$SPARKTUNE_BF16``).
     Inference needs no fp32 master copy, so the weights themselves are cast: no per-op autocast."""
     config = read_config(path)
-    task = str(task or task_of_config(config) or "")
-    if task not in (CLASSIFICATION, CAUSAL_LM):
+    task = str(task or task_of_folder(path) or "")
+    if task not in TASKS:
         raise ValueError(f"{path}: expected a sequence classifier or a causal LM, found architectures "
                          f"{config.get('architectures') or 'none'}")
+    spec = read_prompt(path)
+    if task == INSTRUCTION and spec is None:
+        raise ValueError(f"{path}: an instruction model needs its prompt ({prompts.PROMPT_FILE}); it was not "
+                         "trained by sparktune's instruction task")
     device = device_for(device)
     use_bf16 = resolve_bf16(bf16, device)
     key = (os.path.abspath(path), task, device, configured_max_length, use_bf16)
@@ -249,19 +305,29 @@ def load(path: str, task: str | None = None, configured_max_length: int | None =
         torch.set_num_threads(int(threads))
     tokenizer = AutoTokenizer.from_pretrained(path)
     auto = AutoModelForSequenceClassification if task == CLASSIFICATION else AutoModelForCausalLM
-    model = auto.from_pretrained(path).eval().to(device)
+    base = hf_config_dir(path)
+    model = auto.from_pretrained(base)
+    if base != path:
+        from peft import PeftModel
+
+        # Adapters saved apart: merged here once, so inference runs a plain model.
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    model = model.eval().to(device)
     if use_bf16:
         model = model.to(torch.bfloat16)
     _stop_between_layers(model)
+    limit = max_length(tokenizer, model.config, configured_max_length)
     loaded = Loaded(
         tokenizer=tokenizer,
         model=model,
         task=task,
-        labels=label_names(model.config) if task == CLASSIFICATION else [],
+        labels=(label_names(model.config) if task == CLASSIFICATION
+                else list(spec.labels) if task == INSTRUCTION and spec is not None else []),
         pad_id=pad_id(tokenizer, model.config),
-        max_length=max_length(tokenizer, model.config, configured_max_length),
+        max_length=limit,
         device=device,
         bf16=use_bf16,
+        prompt=prompts.PromptEncoder(tokenizer, spec, limit) if task == INSTRUCTION and spec is not None else None,
     )
     _CACHE[key] = loaded
     return loaded
@@ -358,18 +424,23 @@ def lm_losses(model, token_lists, pad: int, batch_size: int = 16):
 def generate(loaded: Loaded, texts, max_new_tokens: int, batch_size: int = 8) -> list[str]:
     """Greedy continuations (new text only) of ``texts``, at most ``max_new_tokens`` tokens each;
     the prompt is cut from the left so prompt + continuation fit the model's length."""
+    ids = [list(x) for x in loaded.tokenizer([str(t) for t in texts], truncation=False)["input_ids"]]
+    return generate_ids(loaded, ids, max_new_tokens, batch_size)
+
+
+def generate_ids(loaded: Loaded, prompt_lists, max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy continuations (new text only) of prompts given as token ids (cut from the left to fit)."""
     import torch
 
     model, tok = loaded.model, loaded.tokenizer
     budget = max(1, loaded.max_length - int(max_new_tokens))
-    prompts = [ids[-budget:] if ids else [loaded.pad_id] for ids in
-               tok([str(t) for t in texts], truncation=False)["input_ids"]]
-    out: list[str] = [""] * len(prompts)
+    prompts_ = [list(ids)[-budget:] if len(ids) else [loaded.pad_id] for ids in prompt_lists]
+    out: list[str] = [""] * len(prompts_)
     device = next(model.parameters()).device
     with torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
+        for start in range(0, len(prompts_), batch_size):
             check_deadline()
-            chunk = prompts[start:start + batch_size]
+            chunk = prompts_[start:start + batch_size]
             width = max(len(p) for p in chunk)
             # Left padding: generation continues from the last real token of every row.
             ids = torch.full((len(chunk), width), loaded.pad_id, dtype=torch.long)
@@ -383,3 +454,77 @@ def generate(loaded: Loaded, texts, max_new_tokens: int, batch_size: int = 8) ->
             for row in range(len(chunk)):
                 out[start + row] = tok.decode(generated[row, width:], skip_special_tokens=True)
     return out
+
+
+def softmax(scores):
+    """Row-wise softmax of log-probabilities (float64): each class's share of the answers' probability."""
+    import numpy as np
+
+    scores = np.asarray(scores, dtype=np.float64)
+    shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class AnswerScores:
+    logprobs: Any
+    """(rows x classes) float64: log P(answer_k | prompt), summed over the answer's tokens."""
+    loss_sum: Any
+    """Per row: summed next-token cross-entropy over the prompt's own tokens (its perplexity)."""
+    n_predicted: Any
+    """Per row: prompt tokens that loss covers (length - 1)."""
+
+
+def _next_token_logprobs(model, seqs, pad: int, device):
+    """Right-padded forward pass: (ids, mask, log-softmax logits) for unpadded id lists."""
+    import torch
+
+    ids, mask = pad_batch(seqs, pad)
+    ids, mask = ids.to(device), mask.to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    return ids, mask, torch.log_softmax(logits, dim=-1)
+
+
+def score_answers(model, prompt_lists, answer_ids, pad: int, batch_size: int = 8) -> AnswerScores:
+    """Score every class's answer as the continuation of each prompt (unpadded id lists).
+
+    With one-token answers (" positive"/" negative" for GPT-2 and SmolLM2) one forward pass of
+    the prompt gives every class's score; longer answers take one pass per class. The prompt's
+    own loss comes from the same first pass, so perplexity costs nothing extra.
+    """
+    import numpy as np
+    import torch
+
+    n, k = len(prompt_lists), len(answer_ids)
+    logprobs = np.zeros((n, k), dtype=np.float64)
+    loss_sum = np.zeros(n, dtype=np.float64)
+    counts = np.zeros(n, dtype=np.int64)
+    single = all(len(a) == 1 for a in answer_ids)
+    firsts = torch.as_tensor([int(a[0]) for a in answer_ids], dtype=torch.long) if single else None
+    order = _length_order(prompt_lists)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            check_deadline()
+            idx = order[start:start + batch_size]
+            prompts_ = [list(prompt_lists[i]) or [pad] for i in idx]
+            lens = torch.as_tensor([len(p) for p in prompts_], dtype=torch.long, device=device)
+            rows = torch.arange(len(idx), device=device)
+            for j in range(1 if single else k):
+                seqs = prompts_ if single else [p + list(answer_ids[j]) for p in prompts_]
+                ids, mask, logp = _next_token_logprobs(model, seqs, pad, device)
+                if j == 0:
+                    # log P(token t+1 | tokens <= t) over the prompt's own positions only.
+                    taken = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+                    within = torch.arange(ids.size(1) - 1, device=device)[None, :] < (lens - 1)[:, None]
+                    loss_sum[idx] = (-(taken * within).sum(dim=1)).double().cpu().numpy()
+                    counts[idx] = within.sum(dim=1).cpu().numpy()
+                if single:
+                    assert firsts is not None
+                    logprobs[idx] = logp[rows, lens - 1][:, firsts.to(device)].double().cpu().numpy()
+                else:
+                    total = torch.zeros(len(idx), device=device)
+                    for t, token in enumerate(answer_ids[j]):
+                        total += logp[rows, lens - 1 + t, int(token)]
+                    logprobs[idx, j] = total.double().cpu().numpy()
+    return AnswerScores(logprobs, loss_sum, counts)

@@ -8,6 +8,10 @@ One artifact for every use. Per input text it answers:
 * causal LM: ``generated_text`` (greedy, at most ``max_new_tokens`` new tokens: a request
   param, capped by the model's own bound), ``loss`` (mean next-token cross-entropy of the
   text) and ``n_tokens`` (tokens it was computed on).
+* instruction-tuned decoder: what a classifier answers (``label``, ``prediction``,
+  ``probabilities``: each class's answer scored as the continuation of the text's prompt, no
+  parsing of free text) and ``generated_text``, empty unless the request asks for
+  ``max_new_tokens`` (capped like a causal LM's).
 
 This file is logged as *model from code* (MLflow copies it into the model) together with the
 inference core (``sparktune/model/hf.py``, copied as ``code/sparktune_hf.py``), so a server
@@ -92,8 +96,8 @@ class SparktuneModel(PythonModel):
     def predict(self, context, model_input, params=None):
         texts = texts_from_input(model_input)
         core = self.core
-        ids = hf.encode(core.tokenizer, texts, core.max_length)
         if core.task == hf.CLASSIFICATION:
+            ids = hf.encode(core.tokenizer, texts, core.max_length)
             probs = hf.classify(core.model, ids, core.pad_id, self.batch_size)
             preds = probs.argmax(axis=1)
             return pd.DataFrame({
@@ -102,7 +106,22 @@ class SparktuneModel(PythonModel):
                 "probabilities": [row.tolist() for row in probs],
             })
         wanted = (params or {}).get("max_new_tokens")
+        if core.task == hf.INSTRUCTION:
+            new_tokens = 0 if wanted is None else max(0, min(int(wanted), self.max_new_tokens))
+            prompts, _ = core.prompt.prompts(texts)
+            scores = hf.score_answers(core.model, prompts, core.prompt.answer_ids, core.pad_id,
+                                      max(1, self.batch_size // 4))
+            probs = hf.softmax(scores.logprobs)
+            preds = probs.argmax(axis=1)
+            generated = hf.generate_ids(core, prompts, new_tokens) if new_tokens > 0 else [""] * len(texts)
+            return pd.DataFrame({
+                "label": [self.labels[p] for p in preds],
+                "prediction": preds.astype(np.int64),
+                "probabilities": [row.tolist() for row in probs],
+                "generated_text": generated,
+            })
         new_tokens = self.max_new_tokens if wanted is None else max(0, min(int(wanted), self.max_new_tokens))
+        ids = hf.encode(core.tokenizer, texts, core.max_length)
         loss_sum, counts = hf.lm_losses(core.model, ids, core.pad_id, max(1, self.batch_size // 2))
         loss = np.where(counts > 0, loss_sum / np.maximum(counts, 1), np.nan)
         generated = hf.generate(core, texts, new_tokens) if new_tokens > 0 else [""] * len(texts)

@@ -171,13 +171,16 @@ def resolve_model(uri: str, tracker=None, download_dir: str | None = None) -> Re
         version = version or mlmodel.get("model_id")
         kind = ModelKind.PYFUNC
     else:
-        found = hf.task_of_config(config)
+        found = hf.task_of_folder(hf_dir)
         if found is None:
             raise SparktuneError(f"model at {hf_dir}: expected a sequence classifier or a causal LM, found "
                                  f"architectures {config.get('architectures') or 'none'}")
         task, labels, max_length, kind = Task.parse(found), [], None, ModelKind.HF_FOLDER
     if task is Task.CLASSIFICATION and not labels:
         labels = hf.label_names(config)
+    if task is Task.INSTRUCTION and not labels:
+        spec = hf.read_prompt(hf_dir)
+        labels = list(spec.labels) if spec is not None else []
     return ResolvedModel(raw, path, hf_dir, kind, task, labels, int(max_length) if max_length else None,
                          run_id, version, name, fetch_uri)
 

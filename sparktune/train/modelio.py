@@ -12,23 +12,41 @@ import os
 __all__ = ["log_model", "save_model"]
 
 
-def save_model(model, tokenizer, save_dir: str) -> str:
-    """``save_pretrained`` model (safetensors) and tokenizer into ``save_dir``; returns it."""
+def save_model(model, tokenizer, save_dir: str, prompt=None) -> str:
+    """``save_pretrained`` model (safetensors) and tokenizer into ``save_dir``; returns it.
+
+    A peft model (LoRA with ``lora.merge_on_save: false``) is saved as its adapters (with a
+    classifier's trained head, peft's ``modules_to_save``) in ``save_dir`` and its base model in
+    ``save_dir/base``, so the folder stays self-contained; ``sparktune.model.hf.load`` joins
+    them. ``prompt`` (an instruction model's ``PromptSpec``) is written beside the weights.
+    """
+    from sparktune.model import hf
+    from sparktune.prompts import PROMPT_FILE
+
     os.makedirs(save_dir, exist_ok=True)
-    model.save_pretrained(save_dir, safe_serialization=True)
+    if hasattr(model, "peft_config") and hasattr(model, "unload"):
+        model.save_pretrained(save_dir, safe_serialization=True)
+        # unload() strips the adapter layers (the adapters are saved above) and gives the base back.
+        model.unload().save_pretrained(os.path.join(save_dir, hf.ADAPTER_BASE), safe_serialization=True)
+    else:
+        model.save_pretrained(save_dir, safe_serialization=True)
     tokenizer.save_pretrained(save_dir)
+    if prompt is not None:
+        with open(os.path.join(save_dir, PROMPT_FILE), "w", encoding="utf-8") as handle:
+            handle.write(prompt.to_json())
     return save_dir
 
 
 def log_model(model, tokenizer, *, task, save_dir: str, tracker=None, run_id: str | None = None,
-              label_names=None, max_length: int | None = None) -> str:
+              label_names=None, max_length: int | None = None, prompt=None) -> str:
     """Save ``model`` + ``tokenizer`` to ``save_dir`` and log the sparktune pyfunc around them.
 
     ``task`` is a ``sparktune.tasks.Task`` (or its spelling). With ``tracker`` and ``run_id``
     the model goes into that run (``tracker.active``); else into MLflow's active run.
     ``label_names`` (class names in class-id order) are written into the model's ``id2label``
     so every reader agrees; ``max_length`` is the length training used, the bound inference
-    truncates to. Returns the model URI (``models:/m-...``).
+    truncates to; ``prompt`` is an instruction model's ``PromptSpec``. Returns the model URI
+    (``models:/m-...``).
     """
     from sparktune.model import artifact
     from sparktune.tasks import Task
@@ -38,6 +56,6 @@ def log_model(model, tokenizer, *, task, save_dir: str, tracker=None, run_id: st
         names = [str(x) for x in label_names]
         model.config.id2label = dict(enumerate(names))
         model.config.label2id = {name: i for i, name in enumerate(names)}
-    save_model(model, tokenizer, save_dir)
+    save_model(model, tokenizer, save_dir, prompt=prompt)
     return artifact.log_model(save_dir, task, tracker=tracker, run_id=run_id, label_names=label_names,
                               max_length=max_length)

@@ -219,6 +219,10 @@ def setup(cfg: TrainConfig, env: dist.DistEnv, tracker=None) -> Job:
     cfg.mlflow.run_id = decided["run_id"]
     task, props = decided["task"], decided["props"]
     problems = check_table_matches_model(props, cfg)
+    tokenized_length = _int(props.get(TOKENIZED.prop_max_length))
+    if task is Task.INSTRUCTION and cfg.data.max_length and cfg.data.max_length < (tokenized_length or 0):
+        problems.append(f"data.max_length: {cfg.data.max_length} would cut instruction rows, which end with their "
+                        f"answer (tokenized at {tokenized_length}); leave it empty and set tokenize.max_length")
     if problems:
         raise ConfigError(problems)
 
@@ -318,7 +322,7 @@ def training_arguments(job: Job):
         # Trainer multiplies the loss by the world size when a model accepts loss kwargs, which
         # is right for token-averaged causal-LM losses but doubles a classifier's batch-mean
         # loss (and its gradients) on 2 ranks.
-        average_tokens_across_devices=job.task is Task.CAUSAL_LM,
+        average_tokens_across_devices=job.task.is_causal,
     )
 
 
@@ -390,13 +394,15 @@ def fit(job: Job):
     from torch.utils.data import DataLoader
     from transformers import Trainer
 
+    from sparktune.instruct import answer_lengths_of
     from sparktune.train import data as tdata
     from sparktune.train.callbacks import FsyncCallback, MetricNamesCallback, ThroughputCallback, plugin_callbacks
 
     cfg, env = job.cfg, job.env
     pad_id = job.tokenizer.pad_token_id
-    train_collator = tdata.DynamicPaddingCollator(pad_id, job.task, cfg.data.pad_to_multiple_of)
-    eval_collator = tdata.DynamicPaddingCollator(pad_id, job.task, cfg.data.pad_to_multiple_of)
+    answers = answer_lengths_of(job.props)
+    train_collator = tdata.DynamicPaddingCollator(pad_id, job.task, cfg.data.pad_to_multiple_of, answer_lengths=answers)
+    eval_collator = tdata.DynamicPaddingCollator(pad_id, job.task, cfg.data.pad_to_multiple_of, answer_lengths=answers)
     sampler = tdata.LengthGroupedBatchSampler(
         job.shard.lengths, cfg.train.batch_size, seed=cfg.train.seed,
         group_by_length=cfg.data.group_by_length,
@@ -438,10 +444,12 @@ def fit(job: Job):
 # Finish -------------------------------------------------------------------------------------
 def _log_model(job: Job, model, model_dir: str) -> str:
     """``modelio.log_model``, passing the extra arguments only to a version that takes them."""
+    from sparktune.instruct import spec_of
     from sparktune.train.modelio import log_model
 
     wanted = {"tracker": job.tracker, "run_id": job.run_id, "label_names": job.cfg.model.label_names or None,
-              "max_length": job.cfg.data.max_length or _int(job.props.get(TOKENIZED.prop_max_length))}
+              "max_length": job.cfg.data.max_length or _int(job.props.get(TOKENIZED.prop_max_length)),
+              "prompt": spec_of(job.props)}
     params = inspect.signature(log_model).parameters
     extra = {k: v for k, v in wanted.items() if k in params}
     return log_model(model, job.tokenizer, task=job.task, save_dir=model_dir, **extra)
@@ -467,9 +475,10 @@ def finish(job: Job, trainer, output, eval_metrics: dict, seconds: float, throug
         if job.logs_to_mlflow and cfg.mlflow.log_model:
             model_uri = _log_model(job, final, model_dir)
         else:
+            from sparktune.instruct import spec_of
             from sparktune.train.modelio import save_model
 
-            save_model(final, job.tokenizer, model_dir)
+            save_model(final, job.tokenizer, model_dir, prompt=spec_of(job.props))
         if job.logs_to_mlflow:
             from mlflow.exceptions import MlflowException
 
