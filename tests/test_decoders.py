@@ -187,7 +187,8 @@ def test_bench_decoders_quick_runs(tmp_path, imdb_sample_path, gpt2_tokenizer_pa
     out = tmp_path / "rows.json"
     subprocess.run([sys.executable, os.path.join(root, "bench", "bench_decoders.py"), "--quick", "--source",
                     imdb_sample_path, "--gpt2-tokenizer", gpt2_tokenizer_path, "--workdir", str(tmp_path / "w"),
-                    "--json", str(out)], check=True, timeout=850, env=dict(os.environ, PYTHONPATH=root))
+                    "--json", str(out)], check=True, timeout=850,
+                   env=dict(os.environ, PYTHONPATH=root, SPARKTUNE_HOME=str(tmp_path / "home")))
     rows = json.loads(out.read_text())["rows"]
     assert [r["job"] for r in rows] == ["minilm", "smollm2-cls-lora", "smollm2-cls-full", "smollm2-gen-lora"]
     assert len({r["test_rows"] for r in rows}) == 1 and all(0 <= r["accuracy"] <= 1 for r in rows)

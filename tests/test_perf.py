@@ -79,8 +79,10 @@ def test_session_cores_from_settings(spark):
 
 
 # benchmarks' quick modes -------------------------------------------------------------------------
-def _run_quick(script: str, *extra: str, timeout: int = 600) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT)
+def _run_quick(script: str, home, *extra: str, timeout: int = 600) -> dict:
+    # A home of its own: the Spark session of this pytest process holds the Derby metastore in
+    # the shared one, and a second JVM on it fails at its first catalog access.
+    env = dict(os.environ, PYTHONPATH=ROOT, SPARKTUNE_HOME=str(home))
     done = subprocess.run([sys.executable, f"bench/{script}", "--quick", *extra], check=False, cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -89,7 +91,7 @@ def _run_quick(script: str, *extra: str, timeout: int = 600) -> dict:
 
 def test_bench_bf16_quick(tmp_path):
     out = tmp_path / "bf16.json"
-    _run_quick("bench_bf16.py", "--json", str(out))
+    _run_quick("bench_bf16.py", tmp_path / "home", "--json", str(out))
     result = json.loads(out.read_text())
     for key in ("train_fp32_samples_per_s", "train_bf16_samples_per_s", "inference_bf16_rows_per_s",
                 "request_fp32_p50_ms"):
@@ -99,7 +101,7 @@ def test_bench_bf16_quick(tmp_path):
 
 def test_bench_tokenize_quick(tmp_path):
     out = tmp_path / "tok.json"
-    _run_quick("bench_tokenize.py", "--json", str(out), "--workdir", str(tmp_path / "work"))
+    _run_quick("bench_tokenize.py", tmp_path / "home", "--json", str(out), "--workdir", str(tmp_path / "work"))
     report = json.loads(out.read_text())
     (res,) = report["results"]
     assert res["rows"] > 0 and res["spark_rows_per_s"] > 0 and res["seed_rows_per_s"] > 0
@@ -108,7 +110,7 @@ def test_bench_tokenize_quick(tmp_path):
 
 def test_bench_train_efficiency_quick(tmp_path):
     out = tmp_path / "eff.json"
-    _run_quick("bench_train_efficiency.py", "--json", str(out))
+    _run_quick("bench_train_efficiency.py", tmp_path / "home", "--json", str(out))
     report = json.loads(out.read_text())
     assert report["peak"]["fp32"]["2"]["gflops"] > 0 and report["dropout_ab"]["speedup"] > 0
     for arm in report["arms"]:
