@@ -193,3 +193,14 @@ def test_bench_decoders_quick_runs(tmp_path, imdb_sample_path, gpt2_tokenizer_pa
     assert [r["job"] for r in rows] == ["minilm", "smollm2-cls-lora", "smollm2-cls-full", "smollm2-gen-lora"]
     assert len({r["test_rows"] for r in rows}) == 1 and all(0 <= r["accuracy"] <= 1 for r in rows)
     assert all(len(r["peak_rss_mb_per_rank"]) == 2 for r in rows)
+
+
+def test_instruction_summary_shows_answer_metrics_and_perplexity():
+    """An instruction model's evaluation prints both its classifier metrics and its perplexity."""
+    from sparktune.evaluate.metrics import format_metrics
+
+    per_class = {n: {"precision": 0.8, "recall": 0.8, "f1": 0.8, "support": 10} for n in ("negative", "positive")}
+    text = format_metrics({"eval_loss": 4.0, "perplexity": 54.6, "accuracy": 0.8, "precision": 0.8, "recall": 0.8,
+                           "f1": 0.8}, per_class, ["negative", "positive"], [[8, 2], [2, 8]], 20, 300)
+    assert "perplexity    54.60" in text and "accuracy          0.8000" in text
+    assert "confusion matrix" in text and "rows scored   20  (300 predicted tokens)" in text

@@ -137,8 +137,11 @@ def format_metrics(metrics: dict, per_class: dict | None = None, labels=None, co
         lines.append(f"rows scored   {rows}  ({n_tokens} predicted tokens)")
         lines.append(f"eval loss     {metrics['eval_loss']:.4f}")
         lines.append(f"perplexity    {metrics['perplexity']:.2f}")
-        return "\n".join(lines)
-    lines.append(f"rows scored   {rows}")
+        if "accuracy" not in metrics:
+            return "\n".join(lines)
+    else:
+        # Instruction models have both: the prompts' perplexity above, the answers' scores below.
+        lines.append(f"rows scored   {rows}")
     for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
         if key in metrics:
             suffix = " (macro)" if key in ("precision", "recall", "f1") else ""
