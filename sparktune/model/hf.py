@@ -370,10 +370,16 @@ def pad_batch(seqs, pad: int, pad_to_multiple_of: int | None = None, min_width: 
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
-def _length_order(token_lists) -> list[int]:
+def _length_batches(token_lists, batch_size: int, min_tokens: int = 0):
+    """Row indices in batches of ``batch_size``, shortest rows first, rows of fewer than
+    ``min_tokens`` left out; the deadline is checked before each batch."""
     # Sorting by length before batching pads each batch to similar lengths (on IMDB this
-    # halves the work compared to arrival order); outputs go back to input order.
-    return sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    # halves the work compared to arrival order); callers put outputs back in input order.
+    order = sorted((i for i in range(len(token_lists)) if len(token_lists[i]) >= min_tokens),
+                   key=lambda i: len(token_lists[i]))
+    for start in range(0, len(order), batch_size):
+        check_deadline()
+        yield order[start:start + batch_size]
 
 
 def classify(model, token_lists, pad: int, batch_size: int = 32):
@@ -383,12 +389,9 @@ def classify(model, token_lists, pad: int, batch_size: int = 32):
 
     n = len(token_lists)
     probs = np.zeros((n, int(model.config.num_labels)), dtype=np.float64)
-    order = _length_order(token_lists)
     device = next(model.parameters()).device
     with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            check_deadline()
-            idx = order[start:start + batch_size]
+        for idx in _length_batches(token_lists, batch_size):
             ids, mask = pad_batch([token_lists[i] for i in idx], pad)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
             probs[idx] = torch.softmax(logits, dim=-1).double().cpu().numpy()
@@ -403,12 +406,9 @@ def lm_losses(model, token_lists, pad: int, batch_size: int = 16):
     n = len(token_lists)
     loss_sum = np.zeros(n, dtype=np.float64)
     counts = np.zeros(n, dtype=np.int64)
-    order = [i for i in _length_order(token_lists) if len(token_lists[i]) > 1]
     device = next(model.parameters()).device
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            check_deadline()
-            idx = order[start:start + batch_size]
+        for idx in _length_batches(token_lists, batch_size, min_tokens=2):
             ids, mask = pad_batch([token_lists[i] for i in idx], pad)
             ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
@@ -501,12 +501,9 @@ def score_answers(model, prompt_lists, answer_ids, pad: int, batch_size: int = 8
     counts = np.zeros(n, dtype=np.int64)
     single = all(len(a) == 1 for a in answer_ids)
     firsts = torch.as_tensor([int(a[0]) for a in answer_ids], dtype=torch.long) if single else None
-    order = _length_order(prompt_lists)
     device = next(model.parameters()).device
     with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            check_deadline()
-            idx = order[start:start + batch_size]
+        for idx in _length_batches(prompt_lists, batch_size):
             prompts_ = [list(prompt_lists[i]) or [pad] for i in idx]
             lens = torch.as_tensor([len(p) for p in prompts_], dtype=torch.long, device=device)
             rows = torch.arange(len(idx), device=device)
