@@ -13,6 +13,8 @@ INSTALL_REQUIRES = [
     "numpy>=1.24",
     "pandas>=1.5",
     "pyarrow>=14",
+    # sparktune.compat compares library versions.
+    "packaging>=21",
     # Training ranks read their shard without a JVM; no runtime ships delta-rs.
     "deltalake>=1.0,<2",
 ]

@@ -20,6 +20,7 @@ import importlib.metadata
 import os
 import uuid
 
+from sparktune.compat import check_spark_version, delta_artifact
 from sparktune.errors import SparktuneError
 
 __all__ = [
@@ -76,8 +77,7 @@ def delta_maven_coordinate() -> str:
     """The Maven coordinate of the Delta jar built for the installed pyspark (what ``--packages`` takes)."""
     import pyspark
 
-    spark_minor = ".".join(pyspark.__version__.split(".")[:2])
-    return f"io.delta:delta-spark_{spark_minor}_2.13:{importlib.metadata.version('delta-spark')}"
+    return delta_artifact(pyspark.__version__, importlib.metadata.version("delta-spark"))
 
 
 def _ivy_dir() -> str:
@@ -129,8 +129,10 @@ def get_spark(master: str | None = None, app_name: str = "sparktune", conf: dict
     spark-submit already chose one. Extra Spark settings come from ``conf``. Delta's jars are
     resolved from Maven (or ``~/.ivy2``) on the first start and cached by Ivy afterwards.
     """
+    import pyspark
     from pyspark.sql import SparkSession
 
+    check_spark_version(pyspark.__version__)  # before any session: Spark 3.5 fails later, less clearly
     remote = remote or os.environ.get("SPARK_REMOTE")
     if remote:
         return _connect_session(remote, conf)
@@ -208,7 +210,9 @@ def _connect_session(remote: str, conf: dict | None):
     builder = SparkSession.builder.remote(remote)
     for key, value in (conf or {}).items():
         builder = builder.config(key, value)
-    return builder.getOrCreate()
+    spark = builder.getOrCreate()
+    check_spark_version(spark.version)  # the server's Spark runs the UDFs, whatever this client's pyspark is
+    return spark
 
 
 def _submitted_session(app_name: str, settings: dict, conf: dict):

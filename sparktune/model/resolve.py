@@ -119,14 +119,12 @@ def _registry_info(tracker, uri: str) -> tuple[str | None, str | None, str | Non
 
 
 def _download(uri: str, dst: str, tracker) -> str:
-    import mlflow
     from mlflow.exceptions import MlflowException
 
+    from sparktune.compat import download_artifacts
+
     try:
-        return mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=dst, tracking_uri=tracker.tracking_uri,
-            registry_uri=tracker.registry_uri or tracker.tracking_uri,
-        )
+        return download_artifacts(uri, dst, tracker.tracking_uri, tracker.registry_uri or tracker.tracking_uri)
     except MlflowException as exc:
         raise SparktuneError(
             f"model {uri!r} could not be fetched from MLflow (tracking URI {tracker.tracking_uri}): "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sparktune.compat import from_pretrained_dtype
 from sparktune.errors import SparktuneError
 from sparktune.models import resolve_pretrained
 from sparktune.tasks import TOKENIZED, Task
@@ -74,7 +75,7 @@ def build_model(cfg: TrainConfig, task: Task, tokenizer):
         model = auto.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     else:
         path = resolve_pretrained(cfg.model.name)
-        kwargs = dict(extra, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+        kwargs = dict(extra, **from_pretrained_dtype(dtype), trust_remote_code=cfg.model.trust_remote_code)
         if cfg.model.gguf_file:
             kwargs["gguf_file"] = cfg.model.gguf_file
         try:
