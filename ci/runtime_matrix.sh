@@ -46,7 +46,7 @@ case "$where" in
 esac
 step "tests on the runtime's versions"
 env -u PYTHONPATH SPARKTUNE_SHARED="${SPARKTUNE_SHARED:-$(dirname "$ROOT")/shared}" \
-  "$PY" -m pytest tests/test_runtime_e2e.py tests/test_serve.py
+  "$PY" -m pytest tests/test_compat.py tests/test_runtime_e2e.py tests/test_serve.py
 cd "$ROOT"
 rm -rf "$TESTS" "$WHEELS"
 step "done"

@@ -14,6 +14,7 @@ dropped in one place when the oldest supported version moves up.
 from __future__ import annotations
 
 import contextlib
+import os
 
 from packaging.version import Version
 
@@ -34,7 +35,8 @@ _TRANSFORMERS_DTYPE = Version("4.56")
 """transformers 4.56 renamed ``from_pretrained(torch_dtype=)`` to ``dtype=`` (the old name warns, then goes)."""
 
 _MLFLOW_DOWNLOAD_REGISTRY_URI = Version("3.5")
-"""MLflow 3.5 added ``registry_uri=`` to ``mlflow.artifacts.download_artifacts``."""
+"""MLflow 3.5 added ``registry_uri=`` to ``mlflow.artifacts.download_artifacts`` (and 3.1 made it honour
+``tracking_uri=`` for an artifact URI: 3.0 ignores it there)."""
 
 _DELTA_PER_SPARK_ARTIFACT = Version("4.1")
 """From Delta 4.1 on, one jar per Spark minor version: ``delta-spark_<spark minor>_2.13``."""
@@ -78,19 +80,30 @@ def from_pretrained_dtype(dtype) -> dict:
 
 
 @contextlib.contextmanager
-def _global_registry_uri(registry_uri: str | None):
-    """MLflow before 3.5 resolves ``models:/`` artifact URIs through the process's registry URI."""
+def _process_uris(tracking_uri: str | None, registry_uri: str | None):
+    """Before 3.5, MLflow downloads a ``models:/`` URI through the process's registry URI (and 3.0
+    a ``runs:/`` URI through its tracking URI, whatever ``tracking_uri=`` says): set both for the
+    download, then put back exactly what was there (MLflow's module state and the environment
+    variables it mirrors them into)."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
 
-    if not registry_uri:
-        yield
-        return
-    previous = mlflow.get_registry_uri()
-    mlflow.set_registry_uri(registry_uri)
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = (tracking._tracking_uri, registry._registry_uri, [os.environ.get(name) for name in names])
     try:
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        if registry_uri:
+            mlflow.set_registry_uri(registry_uri)
         yield
     finally:
-        mlflow.set_registry_uri(previous)
+        tracking._tracking_uri, registry._registry_uri = saved[0], saved[1]
+        for name, value in zip(names, saved[2]):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def download_artifacts(uri: str, dst: str, tracking_uri: str | None, registry_uri: str | None) -> str:
@@ -100,6 +113,5 @@ def download_artifacts(uri: str, dst: str, tracking_uri: str | None, registry_ur
     if _installed(mlflow) >= _MLFLOW_DOWNLOAD_REGISTRY_URI:
         return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri,
                                                    registry_uri=registry_uri)
-    with _global_registry_uri(registry_uri):
-        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri)
-
+    with _process_uris(tracking_uri, registry_uri):
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)

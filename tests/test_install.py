@@ -99,6 +99,22 @@ def test_wheel_metadata_keeps_the_runtime_stack_in_extras(wheel):
     assert "sparktune = sparktune.cli:main" in files["entry_points"]
 
 
+def test_the_ranges_admit_the_oldest_stack_ci_runs(wheel):
+    """setup.py's ranges cover Databricks Runtime 17.3 LTS ML's versions (what ci/runtime_matrix.sh
+    installs) besides today's; only Spark and Delta differ: the runtime brings its own (4.0)."""
+    with open(os.path.join(ROOT, "ci", "constraints-dbr-17.3-lts-ml.txt"), encoding="utf-8") as handle:
+        pinned = [Requirement(line) for line in handle if line.strip() and not line.startswith("#")]
+    runtime = {_canon(req.name): str(req.specifier).removeprefix("==") for req in pinned}
+    reqs, _ = _metadata(wheel)
+    checked = []
+    for req in reqs:
+        name = _canon(req.name)
+        if _extra(req) in (None, "local", "databricks") and name in runtime and name not in ("pyspark", "delta-spark"):
+            assert req.specifier.contains(runtime[name]), f"{req} excludes the runtime's {name} {runtime[name]}"
+            checked.append(name)
+    assert {"torch", "transformers", "accelerate", "datasets", "mlflow", "numpy", "pandas", "pyarrow"} <= set(checked)
+
+
 def test_installing_the_wheel_would_bring_no_runtime_package(wheel, tmp_path):
     """pip's own resolver, in a fresh venv: the plain wheel installs none of the runtime stack."""
     python = _venv(tmp_path / "venv")

@@ -243,7 +243,12 @@ def test_mlflow_models_serve_on_the_export_answers_the_same(server, trained, tmp
         theirs = _post(f"http://127.0.0.1:{port}", {"inputs": TEXTS})
         ours = _post(url, {"inputs": TEXTS})
         assert theirs.status_code == ours.status_code == 200, theirs.text[:300]
-        assert theirs.json() == ours.json()
+        # Same labels; probabilities to float32 rounding (torch 2.7's CPU kernels differ in the last bits
+        # between the two processes).
+        theirs_preds, ours_preds = theirs.json()["predictions"], ours.json()["predictions"]
+        assert [p["label"] for p in theirs_preds] == [p["label"] for p in ours_preds]
+        for a, b in zip(theirs_preds, ours_preds):
+            assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-6)
     finally:
         _stop(proc)
     print(f"mlflow models serve answered /ping after {startup:.1f} s")
