@@ -109,7 +109,8 @@ def test_plain_transformers_pipeline_agrees_with_the_pyfunc(pipeline):
     """transformers.pipeline on the artifact's model folder gives the pyfunc's labels and
     probabilities, for texts far longer than the 64 tokens the model was trained on."""
     import mlflow
-    from transformers import AutoTokenizer, pipeline as hf_pipeline
+    from transformers import AutoTokenizer
+    from transformers import pipeline as hf_pipeline
 
     local = _model_dir(pipeline)
     folder = os.path.join(local, "artifacts", "model")  # where docs/deploy.md says the weights are
