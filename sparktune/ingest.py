@@ -70,6 +70,7 @@ from sparktune.tables import (
     parse_table_ref,
     table_exists,
     table_location,
+    table_uri,
     write_table,
 )
 
@@ -965,7 +966,9 @@ def ingest(
                     "(--format) and encoding, and report it if the file is well formed."
                 )
             run_id = uuid.uuid4().hex
-            source_shown = redact(source)
+            # Provenance that reads from anywhere: a table's full name or URI, a file's absolute path.
+            source_shown = redact(table_uri(spark, location) if kind in ("delta", "table")
+                                  else source if kind == "hf" else location)
             provenance = {
                 "sparktune.stage": "ingest",
                 "sparktune.run_id": run_id,
@@ -994,7 +997,7 @@ def ingest(
                 F.current_timestamp().alias("ingested_at"),
             )
             quarantine_version = write_table(rejected, quarantine_ref, properties=provenance, user_metadata=provenance)
-            raw_props = {**provenance, "sparktune.quarantine": redact(quarantine_ref.raw),
+            raw_props = {**provenance, "sparktune.quarantine": redact(table_uri(spark, quarantine_ref)),
                          "sparktune.quarantine_version": str(quarantine_version)}
             output_version = write_table(raw, output_ref, properties=raw_props, user_metadata=raw_props)
         finally:

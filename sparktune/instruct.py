@@ -53,14 +53,13 @@ def instruction_partition(name: str, max_length: int, spec: PromptSpec, gguf_fil
 
 
 def instruction_properties(tokenizer, spec: PromptSpec, max_length: int) -> dict:
-    """Provenance entries (without the ``sparktune.`` prefix) an instruction table adds: the
-    template, the answers and their token ids, so training masks and scorers score the same tokens."""
+    """Provenance entries (keyed by ``PropertyKey.name``) an instruction table adds: the template,
+    the answers and their token ids, so training masks and scorers score the same tokens."""
     encoder = PromptEncoder(tokenizer, spec, max_length)  # raises when max_length leaves no room for text
-    prefix = len("sparktune.")
-    return {TOKENIZED.prop_template[prefix:]: spec.template,
-            TOKENIZED.prop_answers[prefix:]: json.dumps(list(spec.answers)),
-            TOKENIZED.prop_answer_ids[prefix:]: json.dumps(encoder.answer_ids),
-            TOKENIZED.prop_labels[prefix:]: json.dumps(list(spec.labels))}
+    return {TOKENIZED.prop_template.name: spec.template,
+            TOKENIZED.prop_answers.name: json.dumps(list(spec.answers)),
+            TOKENIZED.prop_answer_ids.name: json.dumps(encoder.answer_ids),
+            TOKENIZED.prop_labels.name: json.dumps(list(spec.labels))}
 
 
 def answer_lengths_of(properties: dict) -> list[int] | None:

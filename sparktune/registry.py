@@ -9,9 +9,11 @@ either way, and tagged with the decision.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sparktune.errors import SparktuneError
@@ -124,8 +126,31 @@ def _decide(metric: str, candidate: float, current, higher: bool, holder_version
                    f"{alias!r} stays on version {holder_version}")
 
 
-def _create_version(client, name: str, logged, run_id: str, tags: dict):
+@contextlib.contextmanager
+def _global_uris(tracker) -> Iterator[None]:
+    """The process's MLflow URIs pointed at ``tracker``'s for the block, then restored.
+
+    A registry store resolves a ``models:/m-...`` source through the process's global tracking
+    URI, not through the client that called it (MLflow's own TODO in its SQL and file stores)."""
+    import mlflow
+
+    previous, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(str(tracker.tracking_uri))
+    mlflow.set_registry_uri(tracker.registry_uri or str(tracker.tracking_uri))
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        mlflow.set_registry_uri(previous_registry)
+
+
+def _create_version(client, tracker, name: str, logged, run_id: str, tags: dict):
+    """A new version of ``name`` whose source is the LoggedModel's URI (``models:/m-...``), as
+    ``mlflow.register_model`` makes it: the registry links the version to the model (its
+    ``model_id`` where the store keeps it: Unity Catalog), the model lists the version in its
+    ``mlflow.modelVersions`` tag, and downloads read the model's own artifacts (no copy)."""
     from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
     try:
         client.get_registered_model(name)
@@ -134,11 +159,13 @@ def _create_version(client, name: str, logged, run_id: str, tags: dict):
             client.create_registered_model(name)
         except MlflowException:
             pass  # created meanwhile by another register
-    # The source is the logged model's own storage (its artifacts, unchanged) and model_id links
-    # the two: a models:/m-... source would make MLflow's local registry stores look the model
-    # up through the process's global tracking URI rather than this client's.
-    return client.create_model_version(name, source=logged.artifact_location, run_id=run_id, tags=tags,
-                                       model_id=logged.model_id)
+    with _global_uris(tracker):
+        version = client.create_model_version(name, source=f"models:/{logged.model_id}", run_id=run_id, tags=tags,
+                                              model_id=logged.model_id)
+    listed = json.loads(client.get_logged_model(logged.model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    listed.append({"name": version.name, "version": version.version})
+    client.set_logged_model_tags(logged.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed)})
+    return version
 
 
 def register_model(
@@ -185,7 +212,7 @@ def register_model(
     tags = run_lineage_tags(run)
     tags["sparktune.model_uri"] = source
     try:
-        version = _create_version(client, name, logged, run_id, tags)
+        version = _create_version(client, tracker, name, logged, run_id, tags)
     except MlflowException as exc:
         raise SparktuneError(f"could not register {source} as {name!r}: {exc.message.splitlines()[0]}") from None
     number = str(version.version)

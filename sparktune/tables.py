@@ -21,6 +21,7 @@ __all__ = [
     "table_id",
     "table_location",
     "table_properties",
+    "table_uri",
     "table_version",
     "write_table",
 ]
@@ -193,8 +194,20 @@ def table_properties(spark, ref) -> dict:
     ref = parse_table_ref(ref)
     _require_exists(spark, ref, "table")
     # Not SHOW TBLPROPERTIES: it redacts any key or value matching spark.redaction.regex
-    # ("token" among them), which hides e.g. sparktune.tokenizer.
+    # ("token" among them), which hides e.g. a source path with "tokens" in it.
     return dict(spark.sql(f"DESCRIBE DETAIL {ref.sql}").collect()[0]["properties"] or {})
+
+
+def table_uri(spark, ref) -> str:
+    """The table as provenance records it, usable from any machine and session: a catalog table's
+    full name (``catalog.schema.table``), a path table's location as Spark qualifies it (a URI
+    with its scheme: ``file:/...``, ``dbfs:/...``, ``abfss://...``), never a relative path."""
+    ref = parse_table_ref(ref)
+    _require_exists(spark, ref, "table")
+    row = spark.sql(f"DESCRIBE DETAIL {ref.sql}").collect()[0]
+    if not ref.is_path and row["name"]:
+        return str(row["name"])
+    return str(row["location"])
 
 
 def table_location(spark, ref) -> str:

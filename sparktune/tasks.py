@@ -13,9 +13,30 @@ from dataclasses import dataclass
 
 from sparktune.errors import ConfigError
 
-__all__ = ["Task", "TokenizedTable", "TOKENIZED", "PROPERTY_PREFIX"]
+__all__ = ["Task", "TokenizedTable", "TOKENIZED", "PROPERTY_PREFIX", "PropertyKey"]
 
 PROPERTY_PREFIX = "sparktune."
+
+
+class PropertyKey(str):
+    """A table property key as stored (``sparktune.<name>``); ``name`` is the key without the
+    prefix, as a commit's user metadata and a stage's result spell it.
+
+    Keys and fixed values never contain ``token`` (nor ``secret``, ``password``, ``url``,
+    ``access.key``): Spark's ``SHOW TBLPROPERTIES`` shows the value of any property whose key
+    *or* value matches ``spark.redaction.regex`` / ``spark.sql.redaction.options.regex`` as
+    ``*********(redacted)``, and an analyst reads provenance with ``SHOW TBLPROPERTIES``.
+    """
+
+    __slots__ = ()
+
+    @property
+    def name(self) -> str:
+        return self[len(PROPERTY_PREFIX):]
+
+    @classmethod
+    def of(cls, name: str) -> PropertyKey:
+        return cls(PROPERTY_PREFIX + name)
 
 
 class Task(str, enum.Enum):
@@ -89,21 +110,34 @@ class TokenizedTable:
     schema: str = "row_id string, split string, label int, input_ids array<int>, n_tokens int, truncated boolean"
     instruction_schema: str = schema + ", prompt_tokens int"
 
-    # Table properties (keys as stored, with the sparktune. prefix).
-    prop_stage: str = PROPERTY_PREFIX + "stage"
-    prop_tokenizer: str = PROPERTY_PREFIX + "tokenizer"
-    prop_tokenizer_fingerprint: str = PROPERTY_PREFIX + "tokenizer_fingerprint"
-    prop_max_length: str = PROPERTY_PREFIX + "max_length"
-    prop_task: str = PROPERTY_PREFIX + "task"
-    prop_pack: str = PROPERTY_PREFIX + "pack"
-    prop_block_size: str = PROPERTY_PREFIX + "block_size"
-    prop_source: str = PROPERTY_PREFIX + "source"
-    prop_source_version: str = PROPERTY_PREFIX + "source_version"
-    prop_sparktune_version: str = PROPERTY_PREFIX + "sparktune_version"
-    prop_template: str = PROPERTY_PREFIX + "template"
-    prop_answers: str = PROPERTY_PREFIX + "answers"
-    prop_answer_ids: str = PROPERTY_PREFIX + "answer_ids"
-    prop_labels: str = PROPERTY_PREFIX + "labels"
+    # Table properties (keys as stored, with the sparktune. prefix; ``.name`` without it).
+    prop_stage: PropertyKey = PropertyKey.of("stage")
+    """``encode``: the stage that wrote the table (``sparktune tokenize``; not spelled "tokenize",
+    which Spark would redact)."""
+    prop_tokenizer: PropertyKey = PropertyKey.of("vocab")
+    """The tokenizer the ids come from (name, folder or ``pkg:``), credentials redacted."""
+    prop_tokenizer_fingerprint: PropertyKey = PropertyKey.of("vocab_fingerprint")
+    """A content hash of that tokenizer (``sparktune.tokenize.tokenizer_fingerprint``)."""
+    prop_gguf_file: PropertyKey = PropertyKey.of("gguf_file")
+    prop_max_length: PropertyKey = PropertyKey.of("max_length")
+    prop_task: PropertyKey = PropertyKey.of("task")
+    prop_pack: PropertyKey = PropertyKey.of("pack")
+    prop_block_size: PropertyKey = PropertyKey.of("block_size")
+    prop_source: PropertyKey = PropertyKey.of("source")
+    """The raw table read: its full catalog name, or its location as a fully qualified URI."""
+    prop_source_version: PropertyKey = PropertyKey.of("source_version")
+    prop_source_table_id: PropertyKey = PropertyKey.of("source_table_id")
+    prop_sparktune_version: PropertyKey = PropertyKey.of("sparktune_version")
+    prop_template: PropertyKey = PropertyKey.of("template")
+    prop_answers: PropertyKey = PropertyKey.of("answers")
+    prop_answer_ids: PropertyKey = PropertyKey.of("answer_ids")
+    prop_labels: PropertyKey = PropertyKey.of("labels")
+
+    stage_name: str = "encode"
+    """The value of ``prop_stage`` on a tokenized table."""
+    legacy_keys: tuple = (PROPERTY_PREFIX + "tokenizer", PROPERTY_PREFIX + "tokenizer_fingerprint")
+    """Keys that sparktune before 0.1.0's release wrote instead of ``vocab``/``vocab_fingerprint``
+    (Spark's SHOW TBLPROPERTIES redacted them)."""
 
     @property
     def columns(self) -> list[str]:
@@ -119,6 +153,23 @@ class TokenizedTable:
         """What a trainer or scorer of ``task`` needs from the table."""
         needed = [self.row_id, self.split, self.input_ids]
         return needed + [self.label] if task.has_labels else needed
+
+    def properties(self, provenance: dict) -> dict[str, str]:
+        """``provenance`` (keyed by ``PropertyKey.name``) as table properties (keyed as stored)."""
+        return {PROPERTY_PREFIX + k: str(v) for k, v in provenance.items()}
+
+    def legacy_problems(self, properties: dict, table: str, key: str = "data.table") -> list[str]:
+        """A problem when ``properties`` are those of a table tokenized with the old property keys.
+
+        Such a table is not read with guessed keys: tokenize rebuilds it (its properties differ
+        from what tokenize writes now, so a plain re-run writes a new version)."""
+        old = [k for k in self.legacy_keys if k in properties]
+        if not old or self.prop_tokenizer in properties:
+            return []
+        return [f"{key}: table {table!r} was tokenized by an older sparktune: it has {', '.join(old)} where "
+                f"sparktune now writes {self.prop_tokenizer} and {self.prop_tokenizer_fingerprint} (Spark's SHOW "
+                f"TBLPROPERTIES redacted the old keys); re-run `sparktune tokenize` with the same --input and "
+                "--output to rebuild it as a new version"]
 
     def task_of(self, properties: dict, key: str = "model.task") -> Task | None:
         """The task recorded in the table's properties, or None when it has none."""

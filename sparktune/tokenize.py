@@ -9,10 +9,10 @@ Output columns: ``row_id``, ``split``, ``label``, ``input_ids`` (array<int>), ``
 (separated by the EOS token) and cut into blocks of ``--block-size`` tokens; the last block of
 each partition may be shorter, so no token is dropped.
 
-The table's properties record what made it (``sparktune.tokenizer``, ``.tokenizer_fingerprint``,
+The table's properties record what made it (``sparktune.vocab``, ``.vocab_fingerprint``,
 ``.max_length``, ``.task``, ``.pack``, ``.block_size``, ``.source``, ``.source_version``,
-``.source_table_id``, ``.sparktune_version``). Re-running with the same inputs is a no-op;
-any change rebuilds the table as a new version. "The same inputs" means all of these
+``.source_table_id``, ``.sparktune_version``: ``sparktune.tasks.TOKENIZED``). Re-running with the
+same inputs is a no-op; any change rebuilds the table as a new version. "The same inputs" means all of these
 properties match *and* the output's latest commit is the one tokenize wrote with them:
 
 - the source's Delta table id, not only its location and version: a source dropped (or
@@ -40,8 +40,8 @@ from sparktune.tables import (
     read_table,
     table_exists,
     table_id,
-    table_location,
     table_properties,
+    table_uri,
     table_version,
     write_table,
 )
@@ -355,21 +355,22 @@ def tokenize_table(
         max_length = min(int(driver_tokenizer.model_max_length or 512), 512)
     block_size = block_size or max_length if pack else None
     source_version = table_version(spark, input_ref)
+    t = TOKENIZED
     provenance = {
-        "stage": "tokenize",
-        "tokenizer": redact(tokenizer),
-        "tokenizer_fingerprint": tokenizer_fingerprint(driver_tokenizer),
-        "max_length": str(max_length),
-        "task": task.value,
-        "pack": str(bool(pack)).lower(),
-        "block_size": str(block_size or ""),
-        "source": redact(table_location(spark, input_ref)),
-        "source_version": str(source_version),
-        "source_table_id": table_id(spark, input_ref),
-        "sparktune_version": __version__,
+        t.prop_stage.name: t.stage_name,
+        t.prop_tokenizer.name: redact(tokenizer),
+        t.prop_tokenizer_fingerprint.name: tokenizer_fingerprint(driver_tokenizer),
+        t.prop_max_length.name: str(max_length),
+        t.prop_task.name: task.value,
+        t.prop_pack.name: str(bool(pack)).lower(),
+        t.prop_block_size.name: str(block_size or ""),
+        t.prop_source.name: redact(table_uri(spark, input_ref)),
+        t.prop_source_version.name: str(source_version),
+        t.prop_source_table_id.name: table_id(spark, input_ref),
+        t.prop_sparktune_version.name: __version__,
     }
     if gguf_file:
-        provenance["gguf_file"] = gguf_file
+        provenance[t.prop_gguf_file.name] = gguf_file
     if task is Task.INSTRUCTION:
         from sparktune.instruct import instruction_properties
 
@@ -377,7 +378,7 @@ def tokenize_table(
             provenance.update(instruction_properties(driver_tokenizer, prompt, max_length))
         except ValueError as exc:
             raise SparktuneError(f"--max-length: {exc}") from None
-    properties = {PROPERTY_PREFIX + k: v for k, v in provenance.items()}
+    properties = t.properties(provenance)
     if not force and _up_to_date(spark, output_ref, properties, provenance):
         return TokenizeResult(output_ref, table_version(spark, output_ref), True, provenance)
 

@@ -214,12 +214,18 @@ class Tracker:
         for start in range(0, len(items), 100):  # one request takes at most 100 params
             self.client.log_batch(run_id, params=items[start:start + 100])
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-        """Finite numeric metrics (NaN and inf are dropped: MLflow stores them, comparisons break)."""
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0, *, model_id: str | None = None,
+                    dataset: tuple[str, str] | None = None) -> None:
+        """Finite numeric metrics (NaN and inf are dropped: MLflow stores them, comparisons break).
+
+        ``model_id``: the LoggedModel (``m-...``) they describe: MLflow 3 lists them on the model
+        too. ``dataset``: (name, digest) of the run's dataset input they were computed on."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(_METRIC_CHARS.sub("_", k), float(v), now, int(step)) for k, v in metrics.items()
+        name, digest = dataset or (None, None)
+        linked = {"model_id": model_id, "dataset_name": name, "dataset_digest": digest} if model_id or dataset else {}
+        items = [Metric(_METRIC_CHARS.sub("_", k), float(v), now, int(step), **linked) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
         for start in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[start:start + 1000])

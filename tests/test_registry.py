@@ -59,7 +59,10 @@ def test_register_alias_promote_nan_holder_and_load(tracker, hf_dir, tmp_path):
     v1 = client.get_model_version("imdb-clf", "1")
     # The logged artifact itself, not a converted copy.
     assert v1.tags["sparktune.model_uri"] == uri1
-    assert v1.source == client.get_logged_model(uri1.split("/")[-1]).artifact_location
+    # Registered as the LoggedModel's URI (linked to it), downloaded from the model's own artifacts.
+    assert v1.source == uri1
+    assert client.get_model_version_download_uri("imdb-clf", "1") == \
+        client.get_logged_model(uri1.split("/")[-1]).artifact_location
     assert v1.tags["metric.test/f1"] == "0.6"
     assert v1.tags["data.data.train_table_version"] == "7"
     assert v1.tags["sparktune.run_id"] == run1

@@ -47,7 +47,7 @@ def test_gpt2_without_pad_token_and_cache_hit_then_rebuild(spark, raw_table, gpt
     out = str(tmp_path / "tokens")
     first = tokenize_table(spark, raw_table, out, gpt2_tokenizer_path, max_length=128, task="causal-lm")
     props = table_properties(spark, out)
-    assert props["sparktune.tokenizer"] == gpt2_tokenizer_path
+    assert props["sparktune.vocab"] == gpt2_tokenizer_path and props["sparktune.stage"] == "encode"
     assert props["sparktune.max_length"] == "128" and props["sparktune.task"] == "causal-lm"
     assert props["sparktune.source_version"] == "0"
     again = tokenize_table(spark, raw_table, out, gpt2_tokenizer_path, max_length=128, task="causal-lm")
@@ -70,7 +70,7 @@ def test_edited_tokenizer_changes_the_fingerprint(spark, raw_table, gpt2_tokeniz
     config["eos_token"] = "!"  # a different special token: a different tokenizer
     (copy / "tokenizer_config.json").write_text(json.dumps(config))
     rebuilt = tokenize_table(spark, raw_table, out, str(copy), max_length=32)
-    assert rebuilt.provenance["tokenizer_fingerprint"] != base.provenance["tokenizer_fingerprint"]
+    assert rebuilt.provenance["vocab_fingerprint"] != base.provenance["vocab_fingerprint"]
     assert not rebuilt.skipped
 
 

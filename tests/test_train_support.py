@@ -9,6 +9,8 @@ import os
 
 import pandas as pd
 
+from sparktune.tasks import TOKENIZED
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMDB_SAMPLE = os.path.join(ROOT, "tests", "data", "imdb_sample")
 
@@ -65,9 +67,9 @@ def write_tokenized_table(path, tokenizer_path, *, task="classification", n_trai
     write_deltalake(str(path), table, mode="overwrite")
     # delta-rs rejects non-delta keys in write_deltalake(configuration=...), not in ALTER.
     DeltaTable(str(path)).alter.set_table_properties({
-        "sparktune.tokenizer": tokenizer_property or str(tokenizer_path),
-        "sparktune.max_length": str(max_length),
-        "sparktune.task": task,
+        TOKENIZED.prop_tokenizer: tokenizer_property or str(tokenizer_path),
+        TOKENIZED.prop_max_length: str(max_length),
+        TOKENIZED.prop_task: task,
     }, raise_if_not_exists=False)
     return str(path)
 

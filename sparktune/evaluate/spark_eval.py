@@ -149,15 +149,19 @@ def _confusion(scored, n_classes: int) -> list[list[int]]:
     return matrix
 
 
-def log_evaluation(tracker, run_id: str, result: EvaluateResult) -> None:
+def log_evaluation(tracker, run_id: str, result: EvaluateResult, *, model_id: str | None = None,
+                   dataset: tuple[str, str] | None = None) -> None:
     """Metrics as ``<split>/<name>`` (per class ``<split>/<name>/<class>``); table, version and
-    row count as tags; the full report and the confusion matrix as artifacts."""
+    row count as tags; the full report and the confusion matrix as artifacts.
+
+    ``model_id``: the LoggedModel scored (the metrics are listed on it too); ``dataset``: the
+    (name, digest) of the run's dataset input the metrics were computed on (``_log_test_input``)."""
     prefix = result.split or "eval"
     metrics = {metric_key(prefix, k): v for k, v in result.metrics.items()}
     for name, row in result.per_class.items():
         for key in ("precision", "recall", "f1"):
             metrics[metric_key(prefix, f"{key}/{name}")] = row[key]
-    tracker.log_metrics(run_id, metrics)
+    tracker.log_metrics(run_id, metrics, model_id=model_id, dataset=dataset)
     tracker.set_tags(run_id, {
         f"sparktune.{prefix}.table": result.table,
         f"sparktune.{prefix}.table_version": result.table_version,
@@ -175,6 +179,52 @@ def log_evaluation(tracker, run_id: str, result: EvaluateResult) -> None:
                                        os.path.join(tmp, f"{prefix}_confusion_matrix.png"),
                                        title=f"{prefix}: confusion matrix")
             tracker.log_artifact(run_id, png, "evaluation")
+
+
+def _logged_model_id(tracker, resolved) -> str | None:
+    """The LoggedModel (``m-...``) behind the scored model, when this MLflow store has it: a
+    ``models:/m-...`` URI's, a registered version's, a run's model, or a downloaded folder's."""
+    from mlflow.exceptions import MlflowException
+
+    client = tracker.client
+    candidate = None
+    try:
+        if resolved.registered_name and resolved.model_version:
+            version = client.get_model_version(resolved.registered_name, resolved.model_version)
+            source = str(version.source or "")
+            candidate = getattr(version, "model_id", None) or (source[len("models:/"):]
+                                                                if source.startswith("models:/m-") else None)
+        elif str(resolved.model_version or "").startswith("m-"):
+            candidate = resolved.model_version
+        if candidate is None and resolved.run_id:
+            from sparktune.registry import find_run_model
+
+            candidate = find_run_model(client, resolved.run_id).model_id
+        return client.get_logged_model(candidate).model_id if candidate else None
+    except (MlflowException, SparktuneError):  # not in this store (a copied folder), or no model logged
+        return None
+
+
+def _log_test_input(spark, tracker, run_id: str, result: EvaluateResult, model_id: str | None,
+                    model_input: bool) -> tuple[str, str]:
+    """The scored table at its version as a dataset input of ``run_id`` (context ``testing`` for
+    the test split, else the split's name), with the rows scored as its profile; the model as a
+    model input when the run is not the model's own."""
+    import pandas as pd
+
+    from sparktune.tables import parse_table_ref, table_uri
+    from sparktune.train.tracking import log_delta_input
+
+    ref = parse_table_ref(result.table)
+    split = result.split or "all"
+    columns = {"row_id": pd.Series(dtype="string")}
+    if result.task.has_labels:
+        columns["label"] = pd.Series(dtype="int32")
+    return log_delta_input(
+        tracker, run_id, location=table_uri(spark, ref), version=result.table_version,
+        name=f"{result.table}@v{result.table_version}:{split}", context="testing" if split == "test" else split,
+        table_name=None if ref.is_path else ref.name, sample=pd.DataFrame(columns), targets="label", rows=result.rows,
+        model_id=model_id if model_input else None)
 
 
 def _evaluation_run(tracker, resolved, table: str) -> str:
@@ -200,7 +250,7 @@ def evaluate_model(spark, model, table: str, *, tracker=None, split: str | None 
 
     from sparktune.inference import input_column, score_spark
     from sparktune.model.resolve import ResolvedModel, resolve_model
-    from sparktune.tables import read_table, table_version, write_table
+    from sparktune.tables import read_table, table_uri, table_version, write_table
     from sparktune.tracking import Tracker
 
     tracker = tracker or Tracker()
@@ -239,7 +289,7 @@ def evaluate_model(spark, model, table: str, *, tracker=None, split: str | None 
             # Write once, then read the table back: inference runs once and the metrics
             # describe exactly the rows that were stored.
             version = write_table(out, predictions_table, properties={
-                "sparktune.model_uri": resolved.uri, "sparktune.source_table": table,
+                "sparktune.model_uri": resolved.uri, "sparktune.source_table": table_uri(spark, table),
                 "sparktune.source_version": source_version, "sparktune.split": split or ""},
                 user_metadata={"stage": "evaluate", "model_uri": resolved.uri, "source_table": table,
                                "source_version": source_version})
@@ -277,7 +327,9 @@ def evaluate_model(spark, model, table: str, *, tracker=None, split: str | None 
             run_id = resolved.run_id
         if run_id is None:
             run_id, created = _evaluation_run(tracker, resolved, table), True
-        log_evaluation(tracker, run_id, result)
+        model_id = _logged_model_id(tracker, resolved)
+        dataset = _log_test_input(spark, tracker, run_id, result, model_id, model_input=run_id != resolved.run_id)
+        log_evaluation(tracker, run_id, result, model_id=model_id, dataset=dataset)
         if created:
             tracker.end_run(run_id)
         result.run_id = run_id
@@ -320,7 +372,7 @@ def predict_table(spark, model, table: str, output: str, *, tracker=None, text_c
 
     from sparktune.inference import input_column, score_spark
     from sparktune.model.resolve import ResolvedModel, resolve_model
-    from sparktune.tables import read_table, table_version, write_table
+    from sparktune.tables import read_table, table_uri, table_version, write_table
     from sparktune.tracking import Tracker
 
     tracker = tracker or Tracker()
@@ -347,7 +399,7 @@ def predict_table(spark, model, table: str, output: str, *, tracker=None, text_c
                             .alias("loss"), F.col("_out.n_predicted").alias("n_tokens"), *tail)
     version = write_table(out, output, properties={
         "sparktune.model_uri": resolved.uri, "sparktune.model_version": resolved.version_label,
-        "sparktune.source_table": table, "sparktune.source_version": source_version},
+        "sparktune.source_table": table_uri(spark, table), "sparktune.source_version": source_version},
         user_metadata={"stage": "predict", "model_uri": resolved.uri, "source_table": table,
                        "source_version": source_version})
     rows = read_table(spark, output).count()

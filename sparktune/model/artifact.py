@@ -4,8 +4,10 @@
 same files: ``MLmodel`` (signature, input example, the task, labels and max length in its
 metadata), the model code (``python_model.py``, the pyfunc) and the inference core
 (``code/sparktune_hf.py``), pinned requirements, and the weights + tokenizer under
-``artifacts/hf_model``. Training logs it, register registers it as is, serve and export-model
-serve and copy it as is, and Spark inference loads its ``hf_model`` folder.
+``artifacts/model/`` (the pyfunc's artifact named ``hf_model``), a folder that plain transformers
+loads too (``pipeline("text-classification", model=".../artifacts/model", truncation=True)``).
+Training logs it, register registers it as is, serve and export-model serve and copy it as is,
+and Spark inference loads its ``artifacts/model`` folder.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "CORE_MODULE",
     "DEFAULT_MAX_NEW_TOKENS",
     "MODEL_KIND",
+    "WEIGHTS_FOLDER",
     "default_input_example",
     "log_model",
     "model_kwargs",
@@ -33,6 +36,9 @@ __all__ = [
     "signature",
 ]
 
+WEIGHTS_FOLDER = "model"
+"""The folder under the MLflow model's ``artifacts/`` that holds the ``save_pretrained`` files,
+whatever the folder they were saved in was called."""
 MODEL_KIND = "sparktune-model"
 """``sparktune_kind`` in the MLmodel metadata: how sparktune recognises its own models."""
 CORE_MODULE = "sparktune_hf"
@@ -110,7 +116,7 @@ def model_kwargs(hf_dir: str, task: Task | str, label_names=None, max_length: in
         example = pd.DataFrame({pyfunc.TEXT_COLUMN: list(example)})
     model_config = {"task": task.value, "max_length": int(max_length) if max_length else None, "labels": labels,
                     "max_new_tokens": int(max_new_tokens) if task.is_causal else 0}
-    with tempfile.TemporaryDirectory(prefix="sparktune-code-") as code:
+    with tempfile.TemporaryDirectory(prefix="sparktune-code-") as code, _as_weights_folder(hf_dir) as weights:
         # The core travels as a top-level module so the model loads without sparktune installed.
         core = os.path.join(code, CORE_MODULE + ".py")
         shutil.copyfile(hf.__file__, core)
@@ -121,7 +127,7 @@ def model_kwargs(hf_dir: str, task: Task | str, label_names=None, max_length: in
             packages += hf.pip_requirements(("peft",))
         yield {
             "python_model": pyfunc.__file__,
-            "artifacts": {pyfunc.HF_ARTIFACT: os.path.abspath(hf_dir)},
+            "artifacts": {pyfunc.HF_ARTIFACT: weights},
             "code_paths": [core, prompt_code],
             "signature": signature(task, max_new_tokens),
             "input_example": example,
@@ -130,6 +136,35 @@ def model_kwargs(hf_dir: str, task: Task | str, label_names=None, max_length: in
             "metadata": {"sparktune_kind": MODEL_KIND, "task": task.value, "labels": labels,
                          "max_length": model_config["max_length"]},
         }
+
+
+@contextlib.contextmanager
+def _as_weights_folder(hf_dir: str) -> Iterator[str]:
+    """``hf_dir`` under the name ``WEIGHTS_FOLDER`` (valid inside the block): MLflow stores an
+    artifact folder under its own base name, and the docs (and users' code) point at
+    ``artifacts/model/``. MLflow refuses symlinks, so another name is a tree of hard links beside
+    ``hf_dir`` (no copy of the weights), or a copy where links cannot be made."""
+    hf_dir = os.path.abspath(hf_dir)
+    if os.path.basename(hf_dir.rstrip(os.sep)) == WEIGHTS_FOLDER:
+        yield hf_dir
+        return
+    try:
+        scratch = tempfile.mkdtemp(prefix=".sparktune-weights-", dir=os.path.dirname(hf_dir))
+    except OSError:  # a read-only parent
+        scratch = tempfile.mkdtemp(prefix="sparktune-weights-")
+    try:
+        target = os.path.join(scratch, WEIGHTS_FOLDER)
+        shutil.copytree(hf_dir, target, copy_function=_link_or_copy)
+        yield target
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copy2(src, dst)
 
 
 def save_model(hf_dir: str, path: str, task: Task | str | None = None, **kwargs) -> str:

@@ -36,12 +36,14 @@ def check_table_matches_model(table_properties: dict, cfg: TrainConfig, *,
                               model_max_positions: int | None = None) -> list[str]:
     """Problems (config key first) where the table's tokenizer, max length or task disagree with the model.
 
-    ``table_properties``: the tokenized table's Delta properties (``sparktune.tokenizer``,
+    ``table_properties``: the tokenized table's Delta properties (``sparktune.vocab``,
     ``sparktune.max_length``, ``sparktune.task``); ``model_max_positions``: the longest
     sequence the model accepts, when known (else read from ``model.config_overrides``).
     """
-    problems = []
     props = table_properties or {}
+    problems = TOKENIZED.legacy_problems(props, cfg.data.table or cfg.data.location)
+    if problems:  # read with the old keys, every check below would be wrong
+        return problems
     table_task_raw = props.get(TOKENIZED.prop_task)
     table_task = None
     if table_task_raw:

@@ -45,7 +45,7 @@ class ModelConfig:
     (a causal LM on prompt/answer pairs, loss on the answers); ``auto`` takes the tokenized
     table's ``sparktune.task`` property."""
     tokenizer: str = ""
-    """Tokenizer name/folder/``pkg:``; empty: the table's ``sparktune.tokenizer`` property, else ``name``."""
+    """Tokenizer name/folder/``pkg:``; empty: the table's ``sparktune.vocab`` property, else ``name``."""
     num_labels: int = 2
     """Classes for classification."""
     label_names: list[str] = field(default_factory=list)

@@ -9,11 +9,40 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["log_model", "save_model"]
+__all__ = ["inference_tokenizer", "log_model", "save_model"]
 
 
-def save_model(model, tokenizer, save_dir: str, prompt=None) -> str:
+def inference_tokenizer(tokenizer, max_length: int | None, classifier: bool):
+    """A copy of ``tokenizer`` set up the way training cut and padded the rows, so that plain
+    transformers (``pipeline(..., truncation=True)``, ``AutoTokenizer``) reading the saved folder
+    feeds the model what sparktune's pyfunc feeds it.
+
+    ``model_max_length`` becomes ``max_length``, the length training truncated to (the hub's
+    value, e.g. 512, would let a pipeline see tokens the model never saw). Truncation keeps the
+    head (``tokenize`` truncates on the right whatever the tokenizer says). A classifier pads on
+    the right, as training and the pyfunc do (absolute positions would shift otherwise); a
+    decoder keeps its own padding side, which generation needs.
+    """
+    import copy
+
+    settings: dict = {"truncation_side": "right"}
+    if max_length:
+        settings["model_max_length"] = int(max_length)
+    if classifier:
+        settings["padding_side"] = "right"
+    copied = copy.deepcopy(tokenizer)
+    for key, value in settings.items():
+        setattr(copied, key, value)
+        # transformers 4.x saves init_kwargs (plus model_max_length), not every attribute.
+        copied.init_kwargs[key] = value
+    return copied
+
+
+def save_model(model, tokenizer, save_dir: str, prompt=None, max_length: int | None = None) -> str:
     """``save_pretrained`` model (safetensors) and tokenizer into ``save_dir``; returns it.
+
+    ``max_length``: the length training truncated to; the saved tokenizer carries it
+    (``inference_tokenizer``).
 
     A peft model (LoRA with ``lora.merge_on_save: false``) is saved as its adapters (with a
     classifier's trained head, peft's ``modules_to_save``) in ``save_dir`` and its base model in
@@ -30,7 +59,9 @@ def save_model(model, tokenizer, save_dir: str, prompt=None) -> str:
         model.unload().save_pretrained(os.path.join(save_dir, hf.ADAPTER_BASE), safe_serialization=True)
     else:
         model.save_pretrained(save_dir, safe_serialization=True)
-    tokenizer.save_pretrained(save_dir)
+    # PeftModelForSequenceClassification too
+    classifier = type(model).__name__.endswith("ForSequenceClassification")
+    inference_tokenizer(tokenizer, max_length, classifier).save_pretrained(save_dir)
     if prompt is not None:
         with open(os.path.join(save_dir, PROMPT_FILE), "w", encoding="utf-8") as handle:
             handle.write(prompt.to_json())
@@ -56,6 +87,6 @@ def log_model(model, tokenizer, *, task, save_dir: str, tracker=None, run_id: st
         names = [str(x) for x in label_names]
         model.config.id2label = dict(enumerate(names))
         model.config.label2id = {name: i for i, name in enumerate(names)}
-    save_model(model, tokenizer, save_dir, prompt=prompt)
+    save_model(model, tokenizer, save_dir, prompt=prompt, max_length=max_length)
     return artifact.log_model(save_dir, task, tracker=tracker, run_id=run_id, label_names=label_names,
                               max_length=max_length)

@@ -448,11 +448,17 @@ def _log_model(job: Job, model, model_dir: str) -> str:
     from sparktune.train.modelio import log_model
 
     wanted = {"tracker": job.tracker, "run_id": job.run_id, "label_names": job.cfg.model.label_names or None,
-              "max_length": job.cfg.data.max_length or _int(job.props.get(TOKENIZED.prop_max_length)),
+              "max_length": _trained_length(job),
               "prompt": spec_of(job.props)}
     params = inspect.signature(log_model).parameters
     extra = {k: v for k, v in wanted.items() if k in params}
     return log_model(model, job.tokenizer, task=job.task, save_dir=model_dir, **extra)
+
+
+def _trained_length(job: Job) -> int | None:
+    """The longest row training saw: ``data.max_length`` cuts the table's rows, never lengthens them."""
+    lengths = [n for n in (job.cfg.data.max_length, _int(job.props.get(TOKENIZED.prop_max_length))) if n]
+    return min(lengths) if lengths else None
 
 
 def _int(value) -> int | None:
@@ -478,7 +484,7 @@ def finish(job: Job, trainer, output, eval_metrics: dict, seconds: float, throug
             from sparktune.instruct import spec_of
             from sparktune.train.modelio import save_model
 
-            save_model(final, job.tokenizer, model_dir, prompt=spec_of(job.props))
+            save_model(final, job.tokenizer, model_dir, prompt=spec_of(job.props), max_length=_trained_length(job))
         if job.logs_to_mlflow:
             from mlflow.exceptions import MlflowException
 
