@@ -31,6 +31,7 @@ __all__ = [
     "hub_token_env",
     "is_databricks_tracking_uri",
     "is_shared_path",
+    "notebook_dbutils",
     "notebook_param",
     "on_databricks",
     "publish_task_values",
@@ -77,17 +78,24 @@ def on_databricks(environ: Mapping[str, str] | None = None) -> bool:
     return bool(runtime_version(environ))
 
 
+def notebook_dbutils() -> Any | None:
+    """The ``dbutils`` of a Databricks notebook (the IPython user namespace holds it), or None in a
+    Python script task, spark-submit or anywhere else: there ``pyspark.dbutils`` may still build a
+    ``DBUtils``, but its notebook-only parts (``jobs.taskValues``, ``widgets``) are not promised."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    shell = get_ipython()
+    return shell.user_ns.get("dbutils") if shell is not None else None
+
+
 def get_dbutils() -> Any | None:
     """Databricks' ``dbutils``: the notebook's (IPython user namespace), else one built for the
     active SparkSession (``pyspark.dbutils``, which exists only on Databricks); None elsewhere."""
-    try:
-        from IPython import get_ipython
-
-        shell = get_ipython()
-        if shell is not None and "dbutils" in shell.user_ns:
-            return shell.user_ns["dbutils"]
-    except ImportError:
-        pass
+    dbutils = notebook_dbutils()
+    if dbutils is not None:
+        return dbutils
     try:
         from pyspark.dbutils import DBUtils
         from pyspark.sql import SparkSession
@@ -314,20 +322,31 @@ def publish_task_values(values: Mapping[str, Any], *, keys: tuple[str, ...] | No
     ``{{tasks.<task>.values.<key>}}`` references.
 
     Only plain scalar values are published (``keys`` picks which; default all), and never a
-    credential-like key. Off Databricks (or without ``dbutils``) nothing is published. Returns
-    what was published (the values a job would see).
+    credential-like key. Databricks documents ``dbutils.jobs.taskValues.set`` for Python notebooks
+    only, so values are published only from a notebook (a job's notebook task); in a Python script
+    task, off Databricks or without ``dbutils`` nothing is published. Called after a stage's work
+    is done, it never raises: a refused ``set`` is logged as a warning and the values published
+    until then are returned (the values a job would see).
     """
     env = os.environ if environ is None else environ
     chosen = task_values(values, keys=keys)
     if not chosen or not on_databricks(env):
         return {}
-    dbutils = get_dbutils()
+    dbutils = notebook_dbutils()
     if dbutils is None:
-        log.warning("on Databricks but dbutils is not available: task values %s not published", sorted(chosen))
+        log.info("not a notebook (dbutils.jobs.taskValues is notebook-only): task values %s not published",
+                 sorted(chosen))
         return {}
+    published: dict[str, str] = {}
     for key, value in chosen.items():
-        dbutils.jobs.taskValues.set(key=key, value=value)
-    return chosen
+        try:
+            dbutils.jobs.taskValues.set(key=key, value=value)
+        except Exception as exc:  # noqa: BLE001 (py4j and dbutils errors; the stage's work is already done)
+            log.warning("task value %r not published (%s: %s); later tasks that read "
+                        "{{tasks.<this task>.values.%s}} will fail", key, type(exc).__name__, exc, key)
+            continue
+        published[key] = value
+    return published
 
 
 def notebook_param(name: str, default: str, *, environ: Mapping[str, str] | None = None) -> str:

@@ -189,8 +189,62 @@ def test_task_values_publish_only_plain_non_secret_fields(clean_env, caplog):
     assert dbx.task_values(result, keys=dbx.TASK_VALUE_KEYS) == {"run_id": "abc", "model_uri": "runs:/abc/model"}
     assert dbx.publish_task_values(result) == {}  # not on Databricks: nothing to publish to
     clean_env.setenv("DATABRICKS_RUNTIME_VERSION", "17.3")
-    assert dbx.publish_task_values(result) == {}
-    assert "dbutils is not available" in caplog.text
+    caplog.set_level(logging.INFO, logger="sparktune.databricks")
+    assert dbx.publish_task_values(result) == {}  # a Python script task: no notebook, nothing published
+    assert "notebook-only" in caplog.text
+
+
+class _TaskValues:
+    """What a notebook's ``dbutils.jobs.taskValues`` does with ``set``: records it, or refuses it."""
+
+    def __init__(self, refuse: set):
+        self.refuse, self.values = refuse, {}
+
+    def set(self, key, value):
+        if key in self.refuse:
+            raise RuntimeError(f"taskValues.set({key!r}) is not supported here")
+        self.values[key] = value
+
+
+@pytest.fixture
+def notebook(clean_env):
+    """A running IPython shell (what a Databricks notebook is) whose namespace holds ``dbutils``."""
+    from types import SimpleNamespace
+
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    values = _TaskValues(refuse=set())
+    shell.user_ns["dbutils"] = SimpleNamespace(jobs=SimpleNamespace(taskValues=values))
+    clean_env.setenv("DATABRICKS_RUNTIME_VERSION", "17.3")
+    yield values
+    InteractiveShell.clear_instance()
+
+
+def test_task_values_are_published_from_a_notebook(notebook):
+    assert dbx.notebook_dbutils() is not None
+    assert dbx.publish_task_values({"run_id": "abc", "model_uri": "runs:/abc/model"}) == {
+        "run_id": "abc", "model_uri": "runs:/abc/model"}
+    assert notebook.values == {"run_id": "abc", "model_uri": "runs:/abc/model"}
+
+
+def test_a_refused_task_value_never_fails_the_stage_after_its_work(notebook, caplog, capsys):
+    """Databricks documents ``taskValues.set`` for notebooks only: when it refuses, the stage (whose
+    table or model is already written) still exits 0, and the log says which value is missing."""
+    from sparktune.cli import _emit
+    from sparktune.registry import RegisterResult
+
+    notebook.refuse = {"run_id"}
+    caplog.set_level(logging.WARNING, logger="sparktune.databricks")
+    result = RegisterResult(name="main.s.m", version="3", model_uri="models:/main.s.m/3",
+                            source_model_uri="models:/m-1", run_id="abc", alias="champion", promoted=True,
+                            reason="first version")
+    assert _emit(result, as_json=True) == 0
+    assert '"version": "3"' in capsys.readouterr().out
+    assert notebook.values == {"name": "main.s.m", "version": "3", "model_uri": "models:/main.s.m/3",
+                               "source_model_uri": "models:/m-1", "alias": "champion", "promoted": "True",
+                               "reason": "first version"}
+    assert "task value 'run_id' not published (RuntimeError" in caplog.text
 
 
 def test_importing_sparktune_databricks_loads_no_heavy_stack():
