@@ -29,6 +29,8 @@ def fake():
     server = FakeAzureOpenAI(API_KEY, MGMT_TOKEN, stage_s=0.25, slow_s=60.0).start()
     yield server
     server.stop()
+    assert not server.violations, server.violations  # the fake answered only what Azure's contract allows
+    assert not server.rejected, server.rejected  # and sparktune sent only what it accepts
 
 
 @pytest.fixture(scope="module")
