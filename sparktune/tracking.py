@@ -23,7 +23,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,10 +216,15 @@ class Tracker:
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         """Finite numeric metrics (NaN and inf are dropped: MLflow stores them, comparisons break)."""
+        self.log_metric_steps(run_id, [(step, metrics)])
+
+    def log_metric_steps(self, run_id: str, rows: Iterable[tuple[int, Mapping[str, float]]]) -> None:
+        """Metric histories, ``rows`` of ``(step, {name: value})``, in as few requests as MLflow takes."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(_METRIC_CHARS.sub("_", k), float(v), now, int(step)) for k, v in metrics.items()
+        items = [Metric(_METRIC_CHARS.sub("_", k), float(v), now, int(step)) for step, metrics in rows
+                 for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
         for start in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[start:start + 1000])

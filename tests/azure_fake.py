@@ -120,6 +120,13 @@ class FakeAzureOpenAI:
         assert self._server is not None
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
+    def client_env(self) -> dict:
+        """The environment ``sparktune openai`` reads to reach this fake (both planes)."""
+        return {"AZURE_OPENAI_ENDPOINT": self.endpoint, "AZURE_OPENAI_API_KEY": self.api_key,
+                "OPENAI_API_VERSION": "2024-10-21", "AZURE_SUBSCRIPTION_ID": "00000000-1111-2222-3333-444444444444",
+                "AZURE_RESOURCE_GROUP": "rg-sparktune", "AZURE_OPENAI_RESOURCE": "aoai-sparktune",
+                "AZURE_MANAGEMENT_TOKEN": self.management_token, "AZURE_MANAGEMENT_ENDPOINT": self.endpoint}
+
     def inject(self, route: str, status: int, times: int = 1, retry_after: str | None = None) -> None:
         """The next ``times`` calls of ``route`` (e.g. ``jobs.create``, ``chat``) answer ``status``."""
         with self._lock:
@@ -155,13 +162,14 @@ class FakeAzureOpenAI:
                        "with prompt/completion keys or messages, found 3 examples missing an assistant message.")
             out.append((s, "failed", message, "message", None))
             return out
-        out.append((s, "running", f"Fine-tuning job started on {model}", "message", None))
+        out.append((s, "pending", "Files validated. Job queued", "message", None))
+        out.append((2 * s, "running", f"Fine-tuning job started on {model}", "message", None))
         run_s = self.slow_s if "slow" in job["suffix"] else 2 * s
         for step in range(1, self.steps + 1):
             data = job["metrics"][step - 1]
-            out.append((s + run_s * step / (self.steps + 1), "running",
+            out.append((2 * s + run_s * step / (self.steps + 1), "running",
                         f"Step {step}/{self.steps}: training loss={data['train_loss']:.4f}", "metrics", data))
-        out.append((s + run_s, "succeeded", "The job has successfully completed", "message", None))
+        out.append((2 * s + run_s, "succeeded", "The job has successfully completed", "message", None))
         return out
 
     def job_view(self, job_id: str) -> dict:
@@ -243,12 +251,13 @@ class FakeAzureOpenAI:
     def operation_view(self, op_id: str) -> dict:
         key = self.operations[op_id]
         state = self._state(key)
-        status = {"Creating": "InProgress", "Succeeded": "Succeeded", "Failed": "Failed"}.get(state, state)
+        # An operation is InProgress, then Succeeded or Failed (a deployment that ends Disabled did not succeed).
+        status = {"Creating": "InProgress", "Succeeded": "Succeeded"}.get(state, "Failed")
         view = {"id": op_id, "name": op_id, "status": status}
-        if state == "Failed":
+        if status == "Failed":
             view["error"] = {"code": "DeploymentFailed",
-                             "message": "The fine-tuned model could not be placed: capacity is not available in this "
-                                        "region for the requested SKU."}
+                             "message": f"The deployment ended {state}: capacity is not available in this region "
+                                        "for the requested SKU."}
         return view
 
     def deployment_ready(self, name: str) -> bool:
