@@ -309,6 +309,9 @@ def submit_job(creds: Credentials, data_dir: str, spec: JobSpec, tracker, report
 
     spec.check()
     manifest = read_manifest(data_dir) or {}
+    # Reach MLflow (creating the experiment if needed) before anything billable exists: an unreachable
+    # tracking server fails here, not after a job was created that no run would record.
+    tracker.experiment_id()
     client = creds.client()
     say(f"service: {creds.describe()}")
     train_id = upload_file(client, report.train.path, poll_interval, file_timeout, say)
