@@ -69,6 +69,8 @@ DEV = [
     # Databricks' published Asset Bundle resource models: the bundle's jobs, endpoint and volume
     # are checked against them in tests/test_databricks_bundle.py.
     "databricks-bundles>=1.0,<2",
+    # Validates the Azure OpenAI test fake against Azure's published OpenAPI specs (tests/openapi/).
+    "openapi-core>=0.19,<0.24",
 ]
 
 

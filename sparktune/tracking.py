@@ -23,7 +23,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,12 +220,18 @@ class Tracker:
 
         ``model_id``: the LoggedModel (``m-...``) they describe: MLflow 3 lists them on the model
         too. ``dataset``: (name, digest) of the run's dataset input they were computed on."""
+        self.log_metric_steps(run_id, [(step, metrics)], model_id=model_id, dataset=dataset)
+
+    def log_metric_steps(self, run_id: str, rows: Iterable[tuple[int, Mapping[str, float]]], *,
+                         model_id: str | None = None, dataset: tuple[str, str] | None = None) -> None:
+        """Metric histories, ``rows`` of ``(step, {name: value})``, in as few requests as MLflow takes."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         name, digest = dataset or (None, None)
         linked = {"model_id": model_id, "dataset_name": name, "dataset_digest": digest} if model_id or dataset else {}
-        items = [Metric(_METRIC_CHARS.sub("_", k), float(v), now, int(step), **linked) for k, v in metrics.items()
+        items = [Metric(_METRIC_CHARS.sub("_", k), float(v), now, int(step), **linked) for step, metrics in rows
+                 for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
         for start in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[start:start + 1000])

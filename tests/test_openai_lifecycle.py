@@ -11,17 +11,20 @@ import pytest
 from azure_fake import FakeAzureOpenAI
 from deltalake import DeltaTable
 from mlflow import MlflowClient
+from openai_fixtures import azure_env, make_workspace  # noqa: F401 (azure_env is a fixture)
 
 from sparktune.cli import main
 from sparktune.errors import SparktuneError
-from sparktune.ingest import ingest
+from sparktune.evaluate import EvaluateResult, log_evaluation
 from sparktune.openai.client import credentials_from_env, parse_result_file
-from sparktune.openai.export import ExportSpec, export_chat_jsonl
 from sparktune.openai.score import parse_answer
+from sparktune.tasks import Task
+from sparktune.tracking import Tracker
 
 API_KEY = "PLANTED-KEY-7f3a9c1e5b2d4f60a8e1c3b5d7f9a2c4"
 MGMT_TOKEN = "PLANTED-ARM-TOKEN-0d9e8f7a6b5c4d3e2f1a"
 POLL = "0.1"
+pytestmark = pytest.mark.usefixtures("azure_env")  # every test runs as a user of the fake
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +32,8 @@ def fake():
     server = FakeAzureOpenAI(API_KEY, MGMT_TOKEN, stage_s=0.25, slow_s=60.0).start()
     yield server
     server.stop()
+    assert not server.violations, server.violations  # the fake answered only what Azure's contract allows
+    assert not server.rejected, server.rejected  # and sparktune sent only what it accepts
 
 
 @pytest.fixture(scope="module")
@@ -40,26 +45,8 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def workspace(spark, imdb_sample_path, tmp_path_factory):
-    root = tmp_path_factory.mktemp("openai_life")
-    raw = str(root / "raw")
-    ingest(spark, imdb_sample_path, raw)
-    data = str(root / "ft")
-    export_chat_jsonl(spark, ExportSpec(table=raw, output=data, limit=40, validation_fraction=0.2, validation_limit=12))
-    return root, raw, data
+    return make_workspace(spark, imdb_sample_path, tmp_path_factory.mktemp("openai_life"), 40, 12)
 
-
-@pytest.fixture
-def azure_env(monkeypatch, fake):
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AZURE_OPENAI_AD_TOKEN", "MLFLOW_TRACKING_URI"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", fake.endpoint)
-    monkeypatch.setenv("AZURE_OPENAI_API_KEY", API_KEY)
-    monkeypatch.setenv("OPENAI_API_VERSION", "2024-10-21")
-    monkeypatch.setenv("AZURE_SUBSCRIPTION_ID", "00000000-1111-2222-3333-444444444444")
-    monkeypatch.setenv("AZURE_RESOURCE_GROUP", "rg-sparktune")
-    monkeypatch.setenv("AZURE_OPENAI_RESOURCE", "aoai-sparktune")
-    monkeypatch.setenv("AZURE_MANAGEMENT_TOKEN", MGMT_TOKEN)
-    monkeypatch.setenv("AZURE_MANAGEMENT_ENDPOINT", fake.endpoint)
 
 
 def _copy(data, dest):
@@ -78,7 +65,7 @@ def _files_containing(root, needle: bytes):
     return hits
 
 
-def test_full_life_cycle(spark, fake, workspace, azure_env, store, tmp_path, capfd):
+def test_full_life_cycle(spark, fake, workspace, store, tmp_path, capfd):
     root, raw, data = workspace
     mlflow_uri, store_folder = store
     data = _copy(data, tmp_path / "ft")
@@ -136,17 +123,15 @@ def test_full_life_cycle(spark, fake, workspace, azure_env, store, tmp_path, cap
     assert fake.deployment_view(key)["sku"] == {"name": "standard", "capacity": 2}
     assert fake.count("mgmt.put", 429) == 1 and fake.count("mgmt.get", 200) >= 1
 
-    # the open model's run in the same experiment, as `sparktune evaluate` logs it
+    # the open model's run in the same experiment, logged by `sparktune evaluate`'s own logger
     exp = client.get_experiment_by_name("imdb-compare")
     open_run = client.create_run(exp.experiment_id, run_name="MiniLM (open)").info.run_id
-    for name, value in {
-        "test_n": 100,
-        "test_accuracy": 0.81,
-        "test_precision": 0.8,
-        "test_recall": 0.82,
-        "test_f1": 0.805,
-    }.items():
-        client.log_metric(open_run, name, value)
+    log_evaluation(Tracker(mlflow_uri, "imdb-compare"), open_run, EvaluateResult(
+        model_uri="runs:/x/model", model_version="", task=Task.CLASSIFICATION, table=raw, table_version=0,
+        split="test", rows=100, metrics={"accuracy": 0.81, "precision": 0.8, "recall": 0.82, "f1": 0.805},
+        per_class={"negative": {"precision": 0.8, "recall": 0.8, "f1": 0.8, "support": 50},
+                   "positive": {"precision": 0.8, "recall": 0.84, "f1": 0.81, "support": 50}},
+        labels=["negative", "positive"], confusion_matrix=[[40, 10], [8, 42]]))
 
     # score: 2 Spark tasks x 2 threads, two 429s and a 500 on the way
     fake.inject("chat", 429, times=2, retry_after="1")
@@ -190,9 +175,12 @@ def test_full_life_cycle(spark, fake, workspace, azure_env, store, tmp_path, cap
 
     metrics = client.get_run(run_id).data.metrics  # the job's run: one run per hosted model
     assert metrics["test/accuracy"] == pytest.approx(accuracy)
-    assert metrics["test/n"] == len(test_rows) and metrics["test/unparsed"] == unparsed
+    assert client.get_run(run_id).data.tags["sparktune.test.rows"] == str(len(test_rows))
+    assert metrics["test/unparsed"] == unparsed
     assert metrics["test/retries"] == 3  # the preflight request and the Spark tasks together
-    assert {"test/precision", "test/recall", "test/f1", "test/f1_positive"} <= set(metrics)
+    # One metric naming: the hosted run has every metric evaluate gave the open model, under the same key.
+    open_metrics = client.get_run(open_run).data.metrics
+    assert "test/precision/negative" in open_metrics and set(open_metrics) <= set(metrics)
     assert f"unparsed answers {unparsed}" in out.out and "confusion matrix" in out.out
     lines = out.out.splitlines()
     hosted = next(line for line in lines if line.startswith("imdb-ft (hosted)"))
@@ -207,7 +195,7 @@ def test_full_life_cycle(spark, fake, workspace, azure_env, store, tmp_path, cap
         assert not _files_containing(str(root), needle.encode())  # raw, predictions, export
 
 
-def test_failed_job_shows_the_service_error_and_fails_the_run(fake, workspace, azure_env, store, tmp_path, capfd):
+def test_failed_job_shows_the_service_error_and_fails_the_run(fake, workspace, store, tmp_path, capfd):
     _, _, data = workspace
     mlflow_uri, _ = store
     data = _copy(data, tmp_path / "ft")
@@ -222,7 +210,7 @@ def test_failed_job_shows_the_service_error_and_fails_the_run(fake, workspace, a
     assert "invalid training file" in run.data.tags["sparktune.openai.error"]
 
 
-def test_slow_job_follow_times_out_and_can_be_followed_again(fake, workspace, azure_env, store, tmp_path, capfd):
+def test_slow_job_follow_times_out_and_can_be_followed_again(fake, workspace, store, tmp_path, capfd):
     _, _, data = workspace
     mlflow_uri, _ = store
     data = _copy(data, tmp_path / "ft")
@@ -269,7 +257,7 @@ def test_missing_credentials_fail_before_any_request(fake, workspace, monkeypatc
     assert len(fake.requests) == before
 
 
-def test_entra_token_wrong_key_and_unknown_deployment(fake, workspace, azure_env, monkeypatch, capfd):
+def test_entra_token_wrong_key_and_unknown_deployment(fake, workspace, monkeypatch, capfd):
     _, raw, _ = workspace
     monkeypatch.delenv("AZURE_OPENAI_API_KEY")
     monkeypatch.setenv("AZURE_OPENAI_AD_TOKEN", "entra-token-123")

@@ -32,6 +32,7 @@ __all__ = [
     "EvaluateResult",
     "PredictResult",
     "add_cli",
+    "confusion_counts",
     "evaluate_model",
     "log_evaluation",
     "predict_table",
@@ -140,7 +141,9 @@ def _roc_auc(scored) -> float | None:
     return float(wins) / (float(pos) * float(neg))
 
 
-def _confusion(scored, n_classes: int) -> list[list[int]]:
+def confusion_counts(scored, n_classes: int) -> list[list[int]]:
+    """The confusion matrix of a DataFrame's ``label`` and ``prediction`` columns (class ids >= 0),
+    counted in Spark: only its cells reach the driver."""
     cells = scored.groupBy("label", "prediction").count().collect()  # at most classes^2 rows
     n = max([n_classes] + [max(int(r["label"]), int(r["prediction"])) + 1 for r in cells])
     matrix = [[0] * n for _ in range(n)]
@@ -298,7 +301,7 @@ def evaluate_model(spark, model, table: str, *, tracker=None, split: str | None 
         else:
             cached = out = out.persist()  # scored once, aggregated twice
         try:
-            confusion = _confusion(out, len(resolved.labels))
+            confusion = confusion_counts(out, len(resolved.labels))
             computed = metrics_from_confusion(confusion, resolved.labels)
             auc = _roc_auc(out) if len(confusion) == 2 else None
         finally:

@@ -15,7 +15,6 @@ AZURE_OPENAI_AD_TOKEN, OPENAI_API_VERSION; or OPENAI_API_KEY), or a Databricks s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -53,15 +52,8 @@ def _validation_args(p) -> None:
                         "check your price list)")
 
 
-def _experiment(args) -> str:
-    from sparktune.openai.tracking import DEFAULT_EXPERIMENT
-
-    # Beside the open model's runs by default, so both are compared in one experiment.
-    return args.experiment or DEFAULT_EXPERIMENT
-
-
 def _service_args(p) -> None:
-    p.add_argument("--secret-scope", help="on Databricks: read missing AZURE_OPENAI_* values from this secret scope")
+    p.add_argument("--secret-scope", help="on Databricks: read the AZURE_OPENAI_* values from this secret scope")
     p.add_argument("--poll-interval", type=float, default=10.0, help="seconds between status checks (default 10)")
     p.add_argument("--timeout", type=float, default=0.0, help="stop waiting after this many seconds (default 0: no "
                                                               "limit)")
@@ -84,13 +76,7 @@ def _validate(args, train: str, validation: str | None):
                           price_per_million=args.price_per_million)
 
 
-def _spark(args):
-    from sparktune.spark import get_spark
-
-    return get_spark(master=args.master, remote=args.remote)
-
-
-def _run_export(args) -> int:
+def _run_export(args, ctx):
     from sparktune.openai.export import ExportSpec, export_chat_jsonl
 
     spec = ExportSpec(
@@ -99,20 +85,15 @@ def _run_export(args) -> int:
         seed=args.seed, template=_template(args),
     )
     spec.check()
-    result = export_chat_jsonl(_spark(args), spec, force=args.force)
-    print(result.summary())
+    result = export_chat_jsonl(ctx.spark(), spec, force=args.force)
     if not args.no_validate:
-        report = _validate(args, result.train_path, result.validation_path)
-        print()
-        print(report.summary())
-    return 0
+        result.validation = _validate(args, result.train_path, result.validation_path)
+    return result
 
 
-def _run_validate(args) -> int:
+def _run_validate(args, ctx):
     train, validation = _files(args)
-    report = _validate(args, train, validation)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
-    return 0
+    return _validate(args, train, validation)
 
 
 def _credentials(args):
@@ -121,13 +102,7 @@ def _credentials(args):
     return credentials_from_env(getattr(args, "secret_scope", None))
 
 
-def _run_log(args, creds):
-    from sparktune.openai.tracking import RunLog
-
-    return RunLog(args.tracking_uri, _experiment(args), secrets=creds.secrets())
-
-
-def _run_submit(args) -> int:
+def _run_submit(args, ctx):
     from sparktune.openai.client import JobSpec, follow_job, submit_job
 
     creds = _credentials(args)  # before any work: a missing key fails here
@@ -135,31 +110,16 @@ def _run_submit(args) -> int:
     spec.check()
     train, validation = _files(args)
     report = _validate(args, train, validation)
-    print(report.summary())
-    log = _run_log(args, creds)
-    result = submit_job(creds, args.data, spec, log, report, poll_interval=min(args.poll_interval, 5.0))
+    tracker = ctx.tracker()
+    result = submit_job(creds, args.data, spec, tracker, report, poll_interval=min(args.poll_interval, 5.0))
     print(f"job_id: {result.job_id}")
     print(f"run_id: {result.run_id}")
-    if args.wait:
-        followed = follow_job(creds, result.job_id, log, result.run_id, args.poll_interval, args.timeout)
-        _remember_model(args.data, followed.fine_tuned_model)
-        print(f"fine_tuned_model: {followed.fine_tuned_model}")
     sys.stdout.flush()
-    return 0
-
-
-def _remember_model(data_dir: str | None, model: str | None) -> None:
-    from sparktune.openai.client import JOB_FILE
-
-    path = os.path.join(data_dir, JOB_FILE) if data_dir else None
-    if not model or not path or not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as handle:
-        record = json.load(handle)
-    record["fine_tuned_model"] = model
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    if args.wait:
+        result.followed = follow_job(creds, result.job_id, tracker, result.run_id, args.poll_interval, args.timeout,
+                                     data_dir=args.data)
+        result.status = result.followed.status
+    return result
 
 
 def _job_record(args) -> dict:
@@ -168,7 +128,7 @@ def _job_record(args) -> dict:
     return read_job_file(args.data) if getattr(args, "data", None) else {}
 
 
-def _run_follow(args) -> int:
+def _run_follow(args, ctx):
     from sparktune.openai.client import follow_job
 
     creds = _credentials(args)
@@ -176,16 +136,13 @@ def _run_follow(args) -> int:
     job_id = args.job or record.get("job_id")
     if not job_id:
         raise SparktuneError("give --job JOB_ID or --data DIR (an export folder that `submit` wrote job.json into)")
-    log = _run_log(args, creds)
-    result = follow_job(creds, job_id, log, args.run_id or record.get("run_id"), args.poll_interval, args.timeout)
-    _remember_model(args.data, result.fine_tuned_model)
-    print(f"fine_tuned_model: {result.fine_tuned_model}")
-    return 0
+    return follow_job(creds, job_id, ctx.tracker(), args.run_id or record.get("run_id"), args.poll_interval,
+                      args.timeout, data_dir=args.data)
 
 
-def _run_deploy(args) -> int:
+def _run_deploy(args, ctx):
     from sparktune.openai.client import Provider
-    from sparktune.openai.deploy import DeploymentSpec, deploy_model, management_from_env
+    from sparktune.openai.deploy import DeploymentSpec, DeployResult, deploy_model, management_from_env
 
     creds = _credentials(args)
     model = args.model or _job_record(args).get("fine_tuned_model")
@@ -193,21 +150,14 @@ def _run_deploy(args) -> int:
         raise SparktuneError("give --model (the fine-tuned model name) or --data DIR after `sparktune openai follow` "
                              "recorded it")
     if creds.provider == Provider.OPENAI:
-        print(f"OpenAI serves fine-tuned models by name: score {model} directly (sparktune openai score --deployment "
-              f"{model})")
-        return 0
-    target = management_from_env()
+        return DeployResult(model, model, creds.provider.value, "served by name")
     spec = DeploymentSpec(args.name, model, args.sku, args.capacity)
-    resource = deploy_model(target, spec, poll_interval=args.poll_interval, timeout=args.timeout or 3600.0)
-    print(f"deployment {resource.get('name', args.name)} of {model} succeeded "
-          f"(sku {resource.get('sku', {}).get('name', args.sku)}, capacity "
-          f"{resource.get('sku', {}).get('capacity', args.capacity)})")
-    return 0
+    return deploy_model(management_from_env(), spec, poll_interval=args.poll_interval, timeout=args.timeout or 3600.0)
 
 
-def _run_score(args) -> int:
+def _run_score(args, ctx):
     from sparktune.openai.export import PromptTemplate, read_manifest
-    from sparktune.openai.score import ScoreSpec, comparison_table, score_model
+    from sparktune.openai.score import ScoreSpec, run_row, score_model
 
     creds = _credentials(args)
     template = _template(args)
@@ -233,33 +183,14 @@ def _run_score(args) -> int:
         template=template,
     )
     spec.check()
-    log = None if args.no_mlflow else _run_log(args, creds)
-    result = score_model(_spark(args), creds, spec, log, run_id=args.run_id or record.get("run_id"),
+    tracker = None if args.no_mlflow else ctx.tracker()
+    result = score_model(ctx.spark(), creds, spec, tracker, run_id=args.run_id or record.get("run_id"),
                          job_id=record.get("job_id"))
-    from sparktune.evaluate import format_metrics
-
-    print(f"model  {result.model}")
-    print(f"table  {result.table} (version {result.table_version}, split {result.split})")
-    m = result.metrics
-    print(format_metrics(m, m.get("per_class"), m.get("labels"), m.get("confusion_matrix"), rows=m.get("n", 0)))
-    print(f"\nunparsed answers {result.unparsed}  (counted wrong)   failed requests {result.errors}   retries "
-          f"{result.retries}")
-    for example in result.examples:
-        print(
-            f"  row {example['row_id']}: answer {example['answer']!r}"
-            + (f", error {example['error']}" if example["error"] else "")
-        )
-    if result.predictions_table:
-        print(f"predictions written to {result.predictions_table} (version {result.predictions_version})")
-    if log is not None and result.run_id:
-        print(f"logged to MLflow run {result.run_id} (experiment {log.experiment})")
-        rows = [(f"{result.model} (hosted)", log.run_metrics(result.run_id))]
-        for run_id in args.compare or []:
-            rows.append((log.run_name(run_id), log.run_metrics(run_id)))
-        print()
-        print(comparison_table(rows, result.split))
-    sys.stdout.flush()
-    return 0
+    if tracker is not None and result.run_id:
+        split = spec.split or "eval"
+        result.comparison = [run_row(tracker, result.run_id, split, f"{result.model} (hosted)")]
+        result.comparison += [run_row(tracker, run_id, split) for run_id in args.compare or []]
+    return result
 
 
 def add_cli(subparsers) -> None:

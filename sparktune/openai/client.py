@@ -7,8 +7,12 @@ flags or config files, and are checked before any work starts:
   ``AZURE_OPENAI_AD_TOKEN``; ``OPENAI_API_VERSION`` (default ``DEFAULT_API_VERSION``).
 - OpenAI (no Azure endpoint set): ``OPENAI_API_KEY`` and optionally ``OPENAI_BASE_URL``.
 
-With ``--secret-scope SCOPE`` on Databricks, a variable that is not set is read from the scope
-under the same name in lower case with dashes (``azure-openai-api-key``, ...).
+With ``--secret-scope SCOPE`` on Databricks each value is read from the scope under the same name
+in lower case with dashes (``azure-openai-api-key``, ...), through ``sparktune.databricks.get_secret``
+(the environment variable is the fallback).
+
+The job's MLflow run is reached through the shared ``sparktune.tracking.Tracker``; the run is
+found again by the job id tag (``JOB_ID_TAG``).
 """
 
 from __future__ import annotations
@@ -19,17 +23,18 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from sparktune.errors import SparktuneError
+from sparktune.results import StageResult
 
 __all__ = [
     "DEFAULT_API_VERSION",
     "DEFAULT_BASE_MODEL",
     "JOB_FILE",
+    "JOB_ID_TAG",
     "Credentials",
     "FollowResult",
     "JobSpec",
@@ -37,8 +42,11 @@ __all__ = [
     "Provider",
     "SubmitResult",
     "credentials_from_env",
+    "find_job_run",
     "follow_job",
     "parse_result_file",
+    "read_job_file",
+    "remember_model",
     "submit_job",
     "upload_file",
 ]
@@ -46,6 +54,8 @@ __all__ = [
 DEFAULT_API_VERSION = "2024-10-21"  # Azure OpenAI's GA data-plane version with fine-tuning
 DEFAULT_BASE_MODEL = "gpt-4o-mini-2024-07-18"
 JOB_FILE = "job.json"  # beside the exported files: what `follow`, `deploy` and `score` pick up
+JOB_ID_TAG = "sparktune.openai.job_id"  # the MLflow tag that finds a job's run again
+EVENT_PAGE = 100  # events per request (the service's default is 20)
 
 ENV_NAMES = ("AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_AD_TOKEN", "OPENAI_API_VERSION",
              "OPENAI_API_KEY", "OPENAI_BASE_URL")
@@ -57,6 +67,12 @@ class Provider(str, Enum):
 
 
 class JobStatus(str, Enum):
+    """Job states: Azure's 2024-10-21 contract has created/pending/running and the three terminal
+    ones; OpenAI's platform also reports validating_files and queued. Any other value is shown
+    as the service sent it and followed until it is terminal."""
+
+    CREATED = "created"
+    PENDING = "pending"
     VALIDATING_FILES = "validating_files"
     QUEUED = "queued"
     RUNNING = "running"
@@ -82,6 +98,13 @@ class Credentials:
     def secrets(self) -> list:
         return [s for s in (self.api_key, self.ad_token) if s]
 
+    def scrub(self, text: object) -> str:
+        """``text`` without the credentials in it: service and SDK messages reach prints and MLflow."""
+        out = "" if text is None else str(text)
+        for secret in self.secrets():
+            out = out.replace(secret, "***")
+        return out
+
     def describe(self) -> str:
         if self.provider == Provider.AZURE:
             auth = "API key" if self.api_key else "Entra ID token"
@@ -106,34 +129,18 @@ class Credentials:
         return OpenAI(api_key=self.api_key, base_url=self.endpoint or None, max_retries=max_retries, timeout=timeout)
 
 
-def _secret_scope_reader(scope: str) -> Callable[[str], str]:
-    try:
-        from databricks.sdk.runtime import dbutils
-    except Exception as exc:
-        raise SparktuneError(
-            f"--secret-scope {scope}: Databricks secrets are only readable on a Databricks cluster or with "
-            f"databricks-sdk configured ({exc}); set the AZURE_OPENAI_* environment variables instead"
-        ) from exc
-
-    def read(name: str) -> str:
-        try:
-            return dbutils.secrets.get(scope=scope, key=name.lower().replace("_", "-"))
-        except Exception:  # noqa: BLE001 - dbutils raises its own types for a missing key: treat as unset
-            return ""
-
-    return read
-
-
 def credentials_from_env(secret_scope: str | None = None, environ=None) -> Credentials:
     """Read and check the credentials; raise ``SparktuneError`` saying which variable is missing."""
+    from sparktune.databricks import get_secret
+
     env = os.environ if environ is None else environ
-    reader = _secret_scope_reader(secret_scope) if secret_scope else None
 
     def get(name: str) -> str:
-        value = (env.get(name) or "").strip()
-        if not value and reader is not None:
-            value = (reader(name) or "").strip()
-        return value
+        if secret_scope:
+            value = get_secret(secret_scope, name.lower().replace("_", "-"), name, environ=env, required=False)
+        else:
+            value = env.get(name)
+        return (value or "").strip()
 
     endpoint = get("AZURE_OPENAI_ENDPOINT")
     where = f" (environment or secret scope {secret_scope!r})" if secret_scope else " (environment)"
@@ -191,16 +198,9 @@ class JobSpec:
 
 
 @dataclass
-class SubmitResult:
-    job_id: str
-    run_id: str
-    training_file_id: str
-    validation_file_id: str
-    status: str
+class FollowResult(StageResult):
+    """How a followed job ended; ``warnings`` says what could not be recorded (e.g. its result file)."""
 
-
-@dataclass
-class FollowResult:
     job_id: str
     run_id: str | None
     status: str
@@ -208,13 +208,44 @@ class FollowResult:
     trained_tokens: int | None
     steps_logged: int
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"job_id: {self.job_id}", f"status: {self.status}",
+                 f"fine_tuned_model: {self.fine_tuned_model}", f"run_id: {self.run_id}",
+                 f"steps logged: {self.steps_logged}"]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+@dataclass
+class SubmitResult(StageResult):
+    """The uploaded files and the created job (and, with ``--wait``, how it ended)."""
+
+    job_id: str
+    run_id: str
+    training_file_id: str
+    validation_file_id: str
+    status: str
+    validation: Any = field(default=None, repr=False)  # the ValidationReport the files passed
+    followed: FollowResult | None = None
+
+    def summary(self) -> str:
+        lines = [self.validation.summary(), ""] if self.validation is not None else []
+        lines += [f"job_id: {self.job_id}", f"run_id: {self.run_id}"]
+        if self.followed is not None:
+            lines += [f"status: {self.followed.status}", f"fine_tuned_model: {self.followed.fine_tuned_model}"]
+            lines += [f"warning: {w}" for w in self.followed.warnings]
+        return "\n".join(lines)
 
 
 def upload_file(client, path: str, poll_interval: float = 2.0, timeout: float = 1800.0, say=print) -> str:
     """Upload one JSONL file for fine-tuning and wait until the service has processed it."""
     with open(path, "rb") as handle:
         uploaded = client.files.create(file=(os.path.basename(path), handle), purpose="fine-tune")
-    say(f"uploaded {path} as {uploaded.id} ({uploaded.bytes:,} bytes), status {uploaded.status}")
+    size = getattr(uploaded, "bytes", None)  # optional in Azure's contract ("can be null")
+    say(f"uploaded {path} as {uploaded.id} ({f'{size:,} bytes' if size is not None else 'size not reported'}), "
+        f"status {uploaded.status}")
     deadline = time.monotonic() + timeout
     current = uploaded
     while current.status not in ("processed", "error", "deleted"):
@@ -245,14 +276,42 @@ def read_job_file(data_dir: str) -> dict:
         return json.load(handle)
 
 
-def submit_job(creds: Credentials, data_dir: str, spec: JobSpec, log, report, poll_interval: float = 2.0,
+def remember_model(data_dir: str | None, model: str | None) -> None:
+    """Record the fine-tuned model in ``data_dir``'s job.json (what `deploy` reads)."""
+    path = os.path.join(data_dir, JOB_FILE) if data_dir else None
+    if not model or not data_dir or not path or not os.path.isfile(path):
+        return
+    record = read_job_file(data_dir)
+    record["fine_tuned_model"] = model
+    _write_job_file(data_dir, record)
+
+
+def find_job_run(tracker, job_id: str) -> str | None:
+    """The newest run of ``tracker``'s experiment tagged with ``job_id``."""
+    runs = tracker.client.search_runs([tracker.experiment_id()], filter_string=f"tags.`{JOB_ID_TAG}` = '{job_id}'",
+                                      max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def _log_json(tracker, run_id: str, obj, name: str, creds: Credentials) -> None:
+    """A JSON artifact under ``openai/``, scrubbed of the credentials."""
+    tracker.log_dict(run_id, json.loads(creds.scrub(json.dumps(obj, default=str))), f"openai/{name}")
+
+
+def _tags(tracker, run_id: str, tags: dict, creds: Credentials) -> None:
+    tracker.set_tags(run_id, {k: creds.scrub(v) for k, v in tags.items() if v is not None})
+
+
+def submit_job(creds: Credentials, data_dir: str, spec: JobSpec, tracker, report, poll_interval: float = 2.0,
                file_timeout: float = 1800.0, say=print) -> SubmitResult:
     """Upload the validated files, create the job, open its MLflow run; ``report`` is the validation report."""
     from sparktune.openai.export import read_manifest
-    from sparktune.openai.tracking import JOB_ID_TAG
 
     spec.check()
     manifest = read_manifest(data_dir) or {}
+    # Reach MLflow (creating the experiment if needed) before anything billable exists: an unreachable
+    # tracking server fails here, not after a job was created that no run would record.
+    tracker.experiment_id()
     client = creds.client()
     say(f"service: {creds.describe()}")
     train_id = upload_file(client, report.train.path, poll_interval, file_timeout, say)
@@ -272,7 +331,7 @@ def submit_job(creds: Credentials, data_dir: str, spec: JobSpec, log, report, po
     say(f"created fine-tuning job {job.id} on {spec.base_model}, status {job.status}")
 
     source = manifest.get("source", {})
-    run_id = log.start_run(
+    run_id = tracker.start_run(
         f"openai {spec.base_model}{' ' + spec.suffix if spec.suffix else ''}",
         tags={
             "sparktune.stage": "openai-finetune",
@@ -284,35 +343,32 @@ def submit_job(creds: Credentials, data_dir: str, spec: JobSpec, log, report, po
             "sparktune.openai.status": job.status,
         },
     )
-    log.log_params(
-        run_id,
-        {
-            "base_model": spec.base_model,
-            "epochs": spec.epochs if spec.epochs is not None else "auto",
-            "batch_size": spec.batch_size if spec.batch_size is not None else "auto",
-            "learning_rate_multiplier": spec.learning_rate_multiplier
-            if spec.learning_rate_multiplier is not None
-            else "auto",
-            "suffix": spec.suffix,
-            "seed": spec.seed,
-            "provider": creds.provider.value,
-            "endpoint": creds.endpoint or "api.openai.com",
-            "api_version": creds.api_version,
-            "source_table": source.get("table"),
-            "source_version": source.get("version"),
-            "train_examples": report.train.examples,
-            "validation_examples": report.validation.examples if report.validation else 0,
-            "train_tokens": report.train.total_tokens,
-            "estimated_billed_tokens": report.billed_training_tokens,
-            "estimated_cost_usd": round(report.estimated_cost, 4),
-            "job_id": job.id,
-            "training_file_id": train_id,
-            "validation_file_id": validation_id,
-        },
-    )
-    log.log_json(run_id, report.to_dict(), "validation_report.json")
+    params = {
+        "base_model": spec.base_model,
+        "epochs": spec.epochs if spec.epochs is not None else "auto",
+        "batch_size": spec.batch_size if spec.batch_size is not None else "auto",
+        "learning_rate_multiplier": spec.learning_rate_multiplier if spec.learning_rate_multiplier is not None
+        else "auto",
+        "suffix": spec.suffix,
+        "seed": spec.seed,
+        "provider": creds.provider.value,
+        "endpoint": creds.endpoint or "api.openai.com",
+        "api_version": creds.api_version,
+        "source_table": source.get("table"),
+        "source_version": source.get("version"),
+        "train_examples": report.train.examples,
+        "validation_examples": report.validation.examples if report.validation else 0,
+        "train_tokens": report.train.total_tokens,
+        "estimated_billed_tokens": report.billed_training_tokens,
+        "estimated_cost_usd": round(report.estimated_cost, 4),
+        "job_id": job.id,
+        "training_file_id": train_id,
+        "validation_file_id": validation_id,
+    }
+    tracker.log_params(run_id, {k: creds.scrub(v) for k, v in params.items() if v is not None})
+    _log_json(tracker, run_id, report.to_dict(), "validation_report.json", creds)
     if manifest:
-        log.log_json(run_id, manifest, "export_manifest.json")
+        _log_json(tracker, run_id, manifest, "export_manifest.json", creds)
     _write_job_file(data_dir, {
         "job_id": job.id,
         "run_id": run_id,
@@ -320,10 +376,10 @@ def submit_job(creds: Credentials, data_dir: str, spec: JobSpec, log, report, po
         "training_file_id": train_id,
         "validation_file_id": validation_id,
         "provider": creds.provider.value,
-        "tracking_uri": log.tracking_uri,
-        "experiment": log.experiment,
+        "tracking_uri": tracker.tracking_uri,
+        "experiment": tracker.experiment,
     })
-    return SubmitResult(job.id, run_id, train_id, validation_id or "", job.status)
+    return SubmitResult(job.id, run_id, train_id, validation_id or "", job.status, validation=report)
 
 
 # Result-file columns (OpenAI's and Azure's names) -> <split>/<metric>.
@@ -371,28 +427,59 @@ def _fmt_elapsed(seconds: float) -> str:
     return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def follow_job(creds: Credentials, job_id: str, log, run_id: str | None = None, poll_interval: float = 10.0,
-               timeout: float = 0.0, say=print) -> FollowResult:
+def _event_key(event) -> str:
+    # ``id`` is optional in Azure's contract: fall back to what identifies an event on its own.
+    return event.id or f"{event.created_at}:{event.message}"
+
+
+def _new_events(client, job_id: str, seen: set) -> list:
+    """The events not seen yet, oldest first. The service lists newest first, a page at a time
+    (``has_more``/``after``): the SDK's iteration pages back until an event already seen."""
+    fresh = []
+    for event in client.fine_tuning.jobs.list_events(job_id, limit=EVENT_PAGE):
+        if _event_key(event) in seen:
+            break
+        fresh.append(event)
+    return sorted(fresh, key=lambda e: (e.created_at or 0, _event_key(e)))
+
+
+def _result_rows(client, job, creds: Credentials) -> tuple[list, str | None]:
+    """The job's per-step metrics from its result file, or ``[]`` and why they could not be read."""
+    import openai
+
+    if not job.result_files:
+        return [], None
+    file_id = job.result_files[0]
+    try:
+        return parse_result_file(client.files.content(file_id).content), None
+    except (openai.APIError, SparktuneError) as exc:
+        return [], (f"the job's result file {file_id} could not be read ({creds.scrub(exc)[:300]}): no per-step "
+                    "metrics were logged; the fine-tuned model is recorded all the same")
+
+
+def follow_job(creds: Credentials, job_id: str, tracker, run_id: str | None = None, poll_interval: float = 10.0,
+               timeout: float = 0.0, data_dir: str | None = None, say=print) -> FollowResult:
     """Print status and new events until the job ends; log step metrics and the outcome to its run.
 
-    A failed job raises ``SparktuneError`` with the service's error message (after the run is
-    marked failed); ``timeout`` (seconds, 0 = none) stops following without touching the job.
+    A succeeded job's model is recorded in ``data_dir``'s job.json and on the run before anything
+    else is fetched; a result file that cannot be read is a warning, not a failure; the run is
+    ended whatever happens after the job ended. A failed job raises ``SparktuneError`` with the
+    service's error message (after the run is marked failed); ``timeout`` (seconds, 0 = none)
+    stops following without touching the job.
     """
-    from sparktune.openai.tracking import JOB_ID_TAG
-
     client = creds.client()
     if run_id is None:
-        run_id = log.find_run(JOB_ID_TAG, job_id)
+        run_id = find_job_run(tracker, job_id)
     seen: set = set()
     start = time.monotonic()
     last_status = None
     while True:
         job = client.fine_tuning.jobs.retrieve(job_id)
-        page = client.fine_tuning.jobs.list_events(job_id, limit=100)
-        fresh = [e for e in page.data if e.id not in seen]
-        for event in sorted(fresh, key=lambda e: (e.created_at, e.id)):
-            seen.add(event.id)
-            say(f"  [{time.strftime('%H:%M:%S', time.gmtime(event.created_at))}] {event.level}: {event.message}")
+        fresh = _new_events(client, job_id, seen)
+        for event in fresh:
+            seen.add(_event_key(event))
+            say(f"  [{time.strftime('%H:%M:%S', time.gmtime(event.created_at or 0))}] {event.level}: "
+                f"{creds.scrub(event.message)}")
         if job.status != last_status or fresh:
             estimate = ""
             if getattr(job, "estimated_finish", None) and job.status not in JobStatus.terminal():
@@ -400,7 +487,7 @@ def follow_job(creds: Credentials, job_id: str, log, run_id: str | None = None, 
             say(f"{_fmt_elapsed(time.monotonic() - start)} job {job_id}: {job.status}{estimate}")
             last_status = job.status
             if run_id:
-                log.set_tags(run_id, {"sparktune.openai.status": job.status})
+                _tags(tracker, run_id, {"sparktune.openai.status": job.status}, creds)
         if job.status in JobStatus.terminal():
             break
         if timeout and time.monotonic() - start > timeout:
@@ -409,38 +496,50 @@ def follow_job(creds: Credentials, job_id: str, log, run_id: str | None = None, 
                 f"follow it again with `sparktune openai follow --job {job_id}`"
             )
         time.sleep(poll_interval)
+    return _finish(creds, client, job, tracker, run_id, data_dir, say)
 
-    steps = 0
-    if job.result_files:
-        rows = parse_result_file(client.files.content(job.result_files[0]).content)
-        steps = len(rows)
-        if run_id and rows:
-            log.log_metric_series(run_id, rows)
+
+def _finish(creds: Credentials, client, job, tracker, run_id: str | None, data_dir: str | None, say) -> FollowResult:
+    """Record how the job ended: job.json and the run first, the extras after, the run always ended."""
+    succeeded = job.status == JobStatus.SUCCEEDED.value
+    if succeeded:
+        remember_model(data_dir, job.fine_tuned_model)
     error = None
     if job.status == JobStatus.FAILED.value:
         err = job.error
         code = getattr(err, "code", None) if err else None
         message = getattr(err, "message", None) if err else None
-        error = f"{code or 'error'}: {message or 'the service gave no message'}"
+        error = creds.scrub(f"{code or 'error'}: {message or 'the service gave no message'}")
+    result = FollowResult(job.id, run_id, job.status, job.fine_tuned_model, job.trained_tokens, 0, error)
     if run_id:
-        log.set_tags(run_id, {
-            "sparktune.openai.status": job.status,
-            "sparktune.openai.fine_tuned_model": job.fine_tuned_model,
-            "sparktune.openai.error": error,
-        })
-        if job.trained_tokens is not None:
-            log.log_metrics(run_id, {"train/trained_tokens": job.trained_tokens})
-        log.log_json(run_id, job.model_dump(mode="json"), "job.json")
-        if job.status == JobStatus.SUCCEEDED.value:
-            # The last epochs' checkpoints are deployable models too; keep their names with the run.
-            checkpoints = client.fine_tuning.jobs.checkpoints.list(job_id)
-            log.log_json(run_id, [c.model_dump(mode="json") for c in checkpoints.data], "checkpoints.json")
-        log.end_run(run_id, {"succeeded": "FINISHED", "failed": "FAILED"}.get(job.status, "KILLED"))
-    result = FollowResult(job_id, run_id, job.status, job.fine_tuned_model, job.trained_tokens, steps, error)
+        try:
+            _tags(tracker, run_id, {"sparktune.openai.status": job.status,
+                                    "sparktune.openai.fine_tuned_model": job.fine_tuned_model,
+                                    "sparktune.openai.error": error}, creds)
+            if job.trained_tokens is not None:
+                tracker.log_metrics(run_id, {"train/trained_tokens": job.trained_tokens})
+            _log_json(tracker, run_id, job.model_dump(mode="json"), "job.json", creds)
+            rows, warning = _result_rows(client, job, creds)
+            if warning:
+                result.warnings.append(warning)
+                say(f"warning: {warning}")
+                _tags(tracker, run_id, {"sparktune.openai.warning": warning}, creds)
+            if rows:
+                tracker.log_metric_steps(run_id, rows)
+            result.steps_logged = len(rows)
+            if succeeded:
+                # The last epochs' checkpoints are deployable models too; keep their names with the run.
+                checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+                _log_json(tracker, run_id, [c.model_dump(mode="json") for c in checkpoints], "checkpoints.json",
+                          creds)
+        finally:
+            status = {"succeeded": "FINISHED", "failed": "FAILED"}.get(job.status, "KILLED")
+            tracker.client.set_terminated(run_id, status)
     if error:
-        raise SparktuneError(f"fine-tuning job {job_id} failed: {error}")
+        raise SparktuneError(f"fine-tuning job {job.id} failed: {error}")
     if job.status == JobStatus.CANCELLED.value:
-        raise SparktuneError(f"fine-tuning job {job_id} was cancelled")
-    say(f"job {job_id} succeeded: fine-tuned model {job.fine_tuned_model}"
-        + (f", {job.trained_tokens:,} trained tokens" if job.trained_tokens else "") + f", {steps} steps logged")
+        raise SparktuneError(f"fine-tuning job {job.id} was cancelled")
+    say(f"job {job.id} succeeded: fine-tuned model {job.fine_tuned_model}"
+        + (f", {job.trained_tokens:,} trained tokens" if job.trained_tokens else "")
+        + f", {result.steps_logged} steps logged")
     return result

@@ -1,9 +1,13 @@
 """Deploy a fine-tuned model: an Azure OpenAI deployment through the Azure management REST API.
 
 ``PUT {management}/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.CognitiveServices/
-accounts/{account}/deployments/{name}?api-version=...`` with ``{"sku": {"name", "capacity"},
-"properties": {"model": {"format": "OpenAI", "name", "version": "1"}}}``, then ``GET`` until
-``properties.provisioningState`` is ``Succeeded`` (or ``Failed``/``Canceled``).
+accounts/{account}/deployments/{name}?api-version=2024-10-01`` with ``{"sku": {"name", "capacity"},
+"properties": {"model": {"format": "OpenAI", "name", "version": "1"}}}``. The PUT is a long-running
+operation that ends "via azure-async-operation" (the 2024-10-01 spec): when the answer carries an
+``Azure-AsyncOperation`` URL on the management host, that operation's ``status`` is polled
+(``InProgress`` until ``Succeeded``/``Failed``/``Canceled``, with the service's error on failure),
+else the deployment itself, until ``properties.provisioningState`` is ``Succeeded``. The states
+that never become ``Succeeded`` by waiting (``Failed``, ``Canceled``, ``Disabled``) stop at once.
 
 Settings come from the environment: ``AZURE_SUBSCRIPTION_ID``, ``AZURE_RESOURCE_GROUP``,
 ``AZURE_OPENAI_RESOURCE`` (the account name; default: the first label of
@@ -22,11 +26,17 @@ from dataclasses import dataclass, field
 from urllib.parse import quote, urlparse
 
 from sparktune.errors import SparktuneError
+from sparktune.results import StageResult
 
-__all__ = ["MANAGEMENT_API_VERSION", "DeploymentSpec", "ManagementTarget", "deploy_model", "management_from_env"]
+__all__ = ["MANAGEMENT_API_VERSION", "DeployResult", "DeploymentSpec", "ManagementTarget", "deploy_model",
+           "management_from_env"]
 
 MANAGEMENT_API_VERSION = "2024-10-01"
 _RETRY_STATUSES = {429, 500, 502, 503, 504}
+# Deployment provisioning states (DeploymentProvisioningState, 2024-10-01) that waiting cannot turn into Succeeded.
+_DEAD_STATES = ("Failed", "Canceled", "Disabled")
+# ARM async-operation statuses that end the operation.
+_OPERATION_DONE = ("Succeeded", "Failed", "Canceled")
 
 
 @dataclass(frozen=True)
@@ -99,11 +109,11 @@ class DeploymentSpec:
         }
 
 
-def _request(http, method: str, url: str, token: str, max_retries: int, **kwargs):
+def _request(http, method: str, url: str, token: str, max_retries: int, params: dict | None = None, **kwargs):
     """One ARM call, retrying 429/5xx with Retry-After (or exponential backoff)."""
     for attempt in range(max_retries + 1):
-        response = http.request(method, url, params={"api-version": MANAGEMENT_API_VERSION},
-                                headers={"Authorization": f"Bearer {token}"}, timeout=60, **kwargs)
+        response = http.request(method, url, params={"api-version": MANAGEMENT_API_VERSION} if params is None
+                                else params, headers={"Authorization": f"Bearer {token}"}, timeout=60, **kwargs)
         if response.status_code not in _RETRY_STATUSES or attempt == max_retries:
             return response
         try:
@@ -122,9 +132,66 @@ def _error_text(response) -> str:
         return f"HTTP {response.status_code}: {response.text[:300]}"
 
 
+@dataclass
+class DeployResult(StageResult):
+    """The deployment as Azure (or, on OpenAI, nothing: the model is called by name) left it."""
+
+    name: str
+    model: str
+    provider: str
+    state: str
+    sku: str = ""
+    capacity: int | None = None
+    resource_id: str = ""
+
+    def summary(self) -> str:
+        if self.provider != "azure":
+            return (f"OpenAI serves fine-tuned models by name: score {self.model} directly "
+                    f"(sparktune openai score --deployment {self.model})")
+        return (f"deployment {self.name} of {self.model} succeeded (sku {self.sku}, capacity {self.capacity})")
+
+
+def _operation_url(response, target: ManagementTarget) -> str | None:
+    """The PUT's Azure-AsyncOperation URL, when it points at the management host we trust with the token."""
+    url = response.headers.get("Azure-AsyncOperation")
+    if not url:
+        return None
+    got, ours = urlparse(url), urlparse(target.endpoint)
+    return url if (got.scheme, got.netloc) == (ours.scheme, ours.netloc) else None
+
+
+def _dead(spec: DeploymentSpec, state: str, detail: str = "") -> SparktuneError:
+    hint = {"Disabled": "the resource or its quota disabled it (check the model's deployment quota and the "
+                        "resource's status)"}.get(state, "see the resource's activity log in the Azure portal")
+    return SparktuneError(f"deployment {spec.name!r} of {spec.model} ended {state}"
+                          + (f": {detail}" if detail else "") + f"; {hint}")
+
+
+def _wait_operation(http, url: str, target: ManagementTarget, spec: DeploymentSpec, start: float, timeout: float,
+                    poll_interval: float, max_retries: int, say) -> None:
+    """Poll an ARM async operation until it ends; raise with the service's error when it did not succeed."""
+    while True:
+        response = _request(http, "GET", url, target.token, max_retries, params={})  # the URL has its api-version
+        if response.status_code != 200:
+            raise SparktuneError(f"reading deployment {spec.name!r}'s operation failed: {_error_text(response)}")
+        body = response.json()
+        status = str(body.get("status", ""))
+        say(f"deployment {spec.name}: operation {status or 'unknown'} ({int(time.monotonic() - start)} s)")
+        if status == "Succeeded":
+            return
+        if status in _OPERATION_DONE:
+            err = body.get("error") or {}
+            detail = f"{err.get('code', 'error')}: {err.get('message', 'no message')}" if err else ""
+            raise _dead(spec, status, detail)
+        if time.monotonic() - start > timeout:
+            raise SparktuneError(f"deployment {spec.name!r} still {status} after {timeout:.0f} s; run deploy again "
+                                 "to keep waiting")
+        time.sleep(poll_interval)
+
+
 def deploy_model(target: ManagementTarget, spec: DeploymentSpec, poll_interval: float = 15.0, timeout: float = 3600.0,
-                 max_retries: int = 5, say=print) -> dict:
-    """Create or update the deployment and wait until it has succeeded; returns the resource."""
+                 max_retries: int = 5, say=print) -> DeployResult:
+    """Create or update the deployment and wait until it has succeeded."""
     import requests
 
     spec.check()
@@ -135,14 +202,23 @@ def deploy_model(target: ManagementTarget, spec: DeploymentSpec, poll_interval: 
             raise SparktuneError(f"deployment {spec.name!r} of {spec.model} was refused: {_error_text(response)}")
         resource = response.json()
         start = time.monotonic()
+        operation = _operation_url(response, target)
+        if operation:
+            _wait_operation(http, operation, target, spec, start, timeout, poll_interval, max_retries, say)
+            response = _request(http, "GET", url, target.token, max_retries)
+            if response.status_code != 200:
+                raise SparktuneError(f"reading deployment {spec.name!r} failed: {_error_text(response)}")
+            resource = response.json()
         while True:
             state = resource.get("properties", {}).get("provisioningState", "")
             say(f"deployment {spec.name}: {state or 'unknown'} ({int(time.monotonic() - start)} s)")
             if state == "Succeeded":
-                return resource
-            if state in ("Failed", "Canceled"):
-                raise SparktuneError(f"deployment {spec.name!r} of {spec.model} ended {state}; see the resource's "
-                                     "activity log in the Azure portal")
+                sku = resource.get("sku", {})
+                return DeployResult(resource.get("name", spec.name), spec.model, "azure", state,
+                                    sku.get("name", spec.sku), sku.get("capacity", spec.capacity),
+                                    resource.get("id", ""))
+            if state in _DEAD_STATES:
+                raise _dead(spec, state)
             if time.monotonic() - start > timeout:
                 raise SparktuneError(f"deployment {spec.name!r} still {state} after {timeout:.0f} s; run deploy again "
                                      "to keep waiting")

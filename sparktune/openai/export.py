@@ -19,8 +19,10 @@ import os
 import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from sparktune.errors import SparktuneError
+from sparktune.results import StageResult
 
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
@@ -119,7 +121,9 @@ class ExportSpec:
 
 
 @dataclass
-class ExportResult:
+class ExportResult(StageResult):
+    """The exported files; ``validation`` is their offline check (``sparktune openai validate``) when run."""
+
     output: str
     train_path: str
     validation_path: str
@@ -129,17 +133,24 @@ class ExportResult:
     train_rows: int
     validation_rows: int
     up_to_date: bool
+    validation: Any = None  # sparktune.openai.validate.ValidationReport
 
     def summary(self) -> str:
         state = "up to date (nothing written)" if self.up_to_date else "written"
-        return "\n".join(
-            [
-                f"source:      {self.table} (Delta version {self.table_version})",
-                f"training:    {self.train_rows:>8,} examples  -> {self.train_path}",
-                f"validation:  {self.validation_rows:>8,} examples  -> {self.validation_path}",
-                f"manifest:    {self.manifest_path}  ({state})",
-            ]
-        )
+        lines = [
+            f"source:      {self.table} (Delta version {self.table_version})",
+            f"training:    {self.train_rows:>8,} examples  -> {self.train_path}",
+            f"validation:  {self.validation_rows:>8,} examples  -> {self.validation_path}",
+            f"manifest:    {self.manifest_path}  ({state})",
+        ]
+        if self.validation is not None:
+            lines += ["", self.validation.summary()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in super().to_dict().items() if k != "validation"}
+        out["validation"] = self.validation.to_dict() if self.validation is not None else None
+        return out
 
 
 def _sha256(path: str) -> str:

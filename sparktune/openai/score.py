@@ -5,19 +5,24 @@ Spark owns the data movement: the rows are read from the pinned Delta version an
 small thread pool, so at most ``concurrency`` requests are in flight in total. The SDK retries
 429 and 5xx answers with backoff, honouring Retry-After. Each answer is parsed to a label; one
 that names no label (or a request that still failed) counts as wrong and is reported. The
-predictions go to a Delta table; metrics come from ``sparktune.evaluate.compute_metrics`` on
-that table and are logged as ``<split>/<metric>`` beside the open model's runs.
+predictions go to a Delta table; the metrics are aggregated in Spark by evaluate's own code
+(``confusion_counts`` -> ``metrics_from_confusion``, unparsed answers counted wrong) and logged by
+``log_evaluation``, so the hosted model's run has exactly the metric names ``sparktune evaluate``
+gives the open model (``test/accuracy``, ``test/precision/negative``, ...).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from sparktune.errors import SparktuneError
 from sparktune.openai.export import PromptTemplate
+from sparktune.results import StageResult
 
-__all__ = ["PREDICTION_SCHEMA", "ScoreResult", "ScoreSpec", "comparison_table", "parse_answer", "score_model"]
+__all__ = ["PREDICTION_SCHEMA", "ScoreResult", "ScoreSpec", "comparison_table", "parse_answer", "run_row",
+           "score_model"]
 
 PREDICTION_SCHEMA = (
     "row_id string, label int, prediction int, answer string, parsed boolean, error string, retries int, model string"
@@ -70,31 +75,35 @@ class ScoreSpec:
 
 
 @dataclass
-class ScoreResult:
+class ScoreResult(StageResult):
+    """The hosted model's evaluation (``evaluation``: the same type ``sparktune evaluate`` returns)
+    plus what only a hosted model has: unparsed answers, failed requests, retries."""
+
     model: str
-    table: str
-    table_version: int
-    split: str
-    metrics: dict
+    evaluation: Any  # sparktune.evaluate.EvaluateResult
     unparsed: int
     errors: int
     retries: int
-    predictions_table: str | None
-    predictions_version: int | None
     run_id: str | None
-    examples: list  # a few unparsed answers / errors, for the report
+    examples: list = field(default_factory=list)  # a few unparsed answers / errors, for the report
+    comparison: list = field(default_factory=list)  # (label, {metric: value}) rows printed side by side
+
+    def summary(self) -> str:
+        lines = [self.evaluation.summary(),
+                 f"\nunparsed answers {self.unparsed}  (counted wrong)   failed requests {self.errors}   retries "
+                 f"{self.retries}"]
+        for example in self.examples:
+            lines.append(f"  row {example['row_id']}: answer {example['answer']!r}"
+                         + (f", error {example['error']}" if example["error"] else ""))
+        if self.comparison:
+            lines += ["", comparison_table(self.comparison, self.evaluation.split or "all")]
+        return "\n".join(lines)
 
 
 def _partition_scorer(creds, spec: ScoreSpec, threads: int):
     """The function each Spark task runs: a client and a thread pool per task, results per row."""
     template, model, label_names = spec.template, spec.model, list(spec.template.label_names)
     max_retries, max_tokens, timeout = spec.max_retries, spec.max_tokens, spec.request_timeout
-    secrets = creds.secrets()
-
-    def scrub(text: str) -> str:
-        for secret in secrets:
-            text = text.replace(secret, "***")
-        return text
 
     def run(batches):
         from concurrent.futures import ThreadPoolExecutor
@@ -112,7 +121,7 @@ def _partition_scorer(creds, spec: ScoreSpec, threads: int):
                 answer = completion.choices[0].message.content if completion.choices else None
                 return answer, None, int(getattr(raw, "retries_taken", 0) or 0)
             except Exception as exc:  # noqa: BLE001 - a row the service never answered: counted wrong, reported
-                return None, scrub(f"{type(exc).__name__}: {exc}")[:500], max_retries
+                return None, creds.scrub(f"{type(exc).__name__}: {exc}")[:500], max_retries
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
             for batch in batches:
@@ -148,35 +157,47 @@ def _preflight(creds, spec: ScoreSpec) -> int:
         )
         raw.parse()
     except openai.NotFoundError as exc:
-        raise SparktuneError(f"--deployment {spec.model!r} was not found by the service ({_scrub(exc, creds)}); "
+        raise SparktuneError(f"--deployment {spec.model!r} was not found by the service ({creds.scrub(exc)[:400]}); "
                              "deploy it first (`sparktune openai deploy`) or check the name") from exc
     except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-        raise SparktuneError(f"the service refused the credentials ({_scrub(exc, creds)}); check AZURE_OPENAI_API_KEY "
-                             "/ "
-                             "AZURE_OPENAI_AD_TOKEN and the endpoint") from exc
+        raise SparktuneError(f"the service refused the credentials ({creds.scrub(exc)[:400]}); check "
+                             "AZURE_OPENAI_API_KEY / AZURE_OPENAI_AD_TOKEN and the endpoint") from exc
     except openai.APIError as exc:
-        raise SparktuneError(f"a test request to {spec.model!r} failed: {_scrub(exc, creds)}") from exc
+        raise SparktuneError(f"a test request to {spec.model!r} failed: {creds.scrub(exc)[:400]}") from exc
     return int(getattr(raw, "retries_taken", 0) or 0)
 
 
-def _scrub(exc, creds) -> str:
-    text = str(exc)
-    for secret in creds.secrets():
-        text = text.replace(secret, "***")
-    return text[:400]
-
-
-def score_model(spark, creds, spec: ScoreSpec, log=None, run_id: str | None = None, job_id: str | None = None,
-                say=print) -> ScoreResult:
-    """Score ``spec.model`` on ``spec.table``'s ``spec.split`` rows; log to ``run_id``
-
-    (or the job's run, or a new one).
-    """
+def _spark_metrics(out, label_names: list) -> dict:
+    """Evaluate's metrics of the predictions, aggregated in Spark: the confusion matrix of the parsed
+    answers, and per true class the rows without one (wrong, never a hit)."""
     from pyspark.sql import functions as F
 
-    from sparktune.evaluate import compute_metrics
-    from sparktune.openai.tracking import JOB_ID_TAG
+    from sparktune.evaluate import confusion_counts, metrics_from_confusion
+
+    matrix = confusion_counts(out.where(F.col("prediction") >= 0), len(label_names))
+    missed = [0] * len(matrix)
+    for row in out.where(F.col("prediction") < 0).groupBy("label").count().collect():  # at most one row per class
+        label = int(row["label"])
+        if label >= len(missed):  # a label the template has no name for: grow the matrix to hold it
+            for line in matrix:
+                line.extend([0] * (label + 1 - len(missed)))
+            matrix.extend([[0] * (label + 1) for _ in range(label + 1 - len(missed))])
+            missed.extend([0] * (label + 1 - len(missed)))
+        missed[label] = int(row["count"])
+    return metrics_from_confusion(matrix, label_names, unanswered=missed)
+
+
+def score_model(spark, creds, spec: ScoreSpec, tracker=None, run_id: str | None = None, job_id: str | None = None,
+                say=print) -> ScoreResult:
+    """Score ``spec.model`` on ``spec.table``'s ``spec.split`` rows; log to ``run_id`` (or the job's
+    run, or a new one) through ``tracker`` (None: no MLflow)."""
+    from pyspark.sql import functions as F
+
+    from sparktune.evaluate import EvaluateResult, log_evaluation
+    from sparktune.evaluate.metrics import class_names
+    from sparktune.openai.client import find_job_run
     from sparktune.tables import read_table, table_version, write_table
+    from sparktune.tasks import Task
 
     spec.check()
     version = table_version(spark, spec.table)
@@ -217,82 +238,82 @@ def score_model(spark, creds, spec: ScoreSpec, log=None, run_id: str | None = No
         )
         out = read_table(spark, spec.predictions, version=predictions_version)
     else:
-        out = scored.cache()
-    counts = out.agg(
-        F.count(F.lit(1)).alias("n"),
-        F.sum((~F.col("parsed") & F.col("error").isNull()).cast("int")).alias("unparsed"),
-        F.sum(F.col("error").isNotNull().cast("int")).alias("errors"),
-        F.sum("retries").alias("retries"),
-    ).collect()[0]
-    if not counts["n"]:
-        raise SparktuneError(f"no labelled rows in {spec.table} split {spec.split!r}; pick a split with labels (e.g. "
-                             "test)")
-    if counts["errors"] == counts["n"]:
-        first = out.where(F.col("error").isNotNull()).select("error").first()["error"]
-        raise SparktuneError(f"every request failed; the first error: {first}")
-    rows = out.select("label", "prediction").toPandas()
-    label_names = list(spec.template.label_names)
-    metrics = compute_metrics(rows["label"], rows["prediction"], label_names=label_names)
-    examples = [r.asDict() for r in out.where(~F.col("parsed")).select("row_id", "answer", "error").limit(5).collect()]
-    if not spec.predictions:
-        out.unpersist()
+        out = scored.persist()  # the requests are sent once; the aggregations below read the cache
+    try:
+        counts = out.agg(
+            F.count(F.lit(1)).alias("n"),
+            F.sum((~F.col("parsed") & F.col("error").isNull()).cast("int")).alias("unparsed"),
+            F.sum(F.col("error").isNotNull().cast("int")).alias("errors"),
+            F.sum("retries").alias("retries"),
+        ).collect()[0]
+        if not counts["n"]:
+            raise SparktuneError(f"no labelled rows in {spec.table} split {spec.split!r}; pick a split with labels "
+                                 "(e.g. test)")
+        if counts["errors"] == counts["n"]:
+            first = out.where(F.col("error").isNotNull()).select("error").first()["error"]
+            raise SparktuneError(f"every request failed; the first error: {first}")
+        label_names = list(spec.template.label_names)
+        computed = _spark_metrics(out, label_names)
+        examples = [r.asDict() for r in out.where(~F.col("parsed")).select("row_id", "answer", "error").limit(5)
+                    .collect()]
+    finally:
+        if not spec.predictions:
+            out.unpersist()
 
-    split = spec.split or "all"
-    if log is not None:
-        if run_id is None and job_id:
-            run_id = log.find_run(JOB_ID_TAG, job_id)
-        if run_id is None:
-            run_id = log.start_run(f"openai score {spec.model}", tags={"sparktune.stage": "openai-score",
-                                                                        "sparktune.model_kind": "hosted"})
-        flat = {f"{split}/{k}": metrics[k] for k in ("n", "accuracy", "precision", "recall", "f1")}
-        for name, row in metrics["per_class"].items():
-            for key in ("precision", "recall", "f1"):
-                flat[f"{split}/{key}_{name}"] = row[key]
-        flat.update({f"{split}/unparsed": counts["unparsed"], f"{split}/errors": counts["errors"],
-                     f"{split}/retries": retries + (counts["retries"] or 0)})
-        log.log_metrics(run_id, flat)
-        log.set_tags(run_id, {
-            "sparktune.openai.deployment": spec.model,
-            f"sparktune.{split}.table": spec.table,
-            f"sparktune.{split}.table_version": version,
-            f"sparktune.{split}.predictions": spec.predictions,
-        })
-        log.log_json(run_id, dict(metrics, unparsed=counts["unparsed"], errors=counts["errors"], examples=examples),
-                     f"{split}_metrics.json", folder="evaluation")
-    return ScoreResult(
-        spec.model,
-        spec.table,
-        version,
-        split,
-        metrics,
-        int(counts["unparsed"] or 0),
-        int(counts["errors"] or 0),
-        retries + int(counts["retries"] or 0),
-        spec.predictions,
-        predictions_version,
-        run_id,
-        examples,
+    split = spec.split or None
+    evaluation = EvaluateResult(
+        model_uri=f"openai:{spec.model}", model_version="", task=Task.CLASSIFICATION, table=spec.table,
+        table_version=version, split=split, rows=computed["n"],
+        metrics={k: computed[k] for k in ("accuracy", "precision", "recall", "f1")}, per_class=computed["per_class"],
+        labels=class_names(len(computed["confusion_matrix"]), label_names),
+        confusion_matrix=computed["confusion_matrix"], limit=spec.limit or None, predictions_table=spec.predictions,
+        predictions_version=predictions_version,
     )
+    result = ScoreResult(spec.model, evaluation, int(counts["unparsed"] or 0), int(counts["errors"] or 0),
+                         retries + int(counts["retries"] or 0), None, examples)
+    if tracker is not None:
+        if run_id is None and job_id:
+            run_id = find_job_run(tracker, job_id)
+        created = run_id is None
+        if run_id is None:
+            run_id = tracker.start_run(f"openai score {spec.model}", tags={"sparktune.stage": "openai-score",
+                                                                           "sparktune.model_kind": "hosted"})
+        evaluation.run_id = run_id
+        log_evaluation(tracker, run_id, evaluation)  # evaluate's metric names, tags and report
+        prefix = split or "eval"
+        tracker.log_metrics(run_id, {f"{prefix}/unparsed": result.unparsed, f"{prefix}/errors": result.errors,
+                                     f"{prefix}/retries": result.retries})
+        tracker.set_tags(run_id, {"sparktune.openai.deployment": spec.model,
+                                  f"sparktune.{prefix}.predictions": spec.predictions or ""})
+        tracker.log_dict(run_id, {"unparsed": result.unparsed, "errors": result.errors, "retries": result.retries,
+                                  "examples": [{k: creds.scrub(v) for k, v in e.items()} for e in examples]},
+                         f"evaluation/{prefix}_hosted.json")
+        if created:
+            tracker.end_run(run_id)
+        result.run_id = run_id
+    return result
 
 
 _COMPARED = ("n", "accuracy", "precision", "recall", "f1")
 
 
-def _find_metric(metrics: dict, split: str, name: str):
-    for key in (f"{split}/{name}", f"{split}_{name}"):  # `sparktune evaluate` logs <split>_<metric> today
-        if key in metrics:
-            return metrics[key]
-    return None
+def run_row(tracker, run_id: str, split: str, label: str | None = None) -> tuple[str, dict]:
+    """A run's ``<split>/<metric>`` values (and its row count tag as ``n``) for ``comparison_table``."""
+    run = tracker.get_run(run_id)
+    values = {name: run.data.metrics.get(f"{split}/{name}") for name in _COMPARED[1:]}
+    rows = run.data.tags.get(f"sparktune.{split}.rows")
+    values["n"] = int(rows) if rows and rows.isdigit() else None
+    return (label or run.info.run_name or run_id), values
 
 
 def comparison_table(rows: list, split: str) -> str:
-    """``rows``: ``(label, metrics dict keyed by MLflow metric names)``, printed side by side."""
+    """``rows``: ``(label, {metric: value})`` from ``run_row``, printed side by side."""
     width = max([len("model")] + [len(label) for label, _ in rows])
-    lines = [f"{'model':<{width}}  " + "  ".join(f"{m:>9}" for m in _COMPARED)]
+    lines = [f"{split} split", f"{'model':<{width}}  " + "  ".join(f"{m:>9}" for m in _COMPARED)]
     for label, metrics in rows:
         cells = []
         for name in _COMPARED:
-            value = _find_metric(metrics, split, name)
+            value = metrics.get(name)
             cells.append(f"{'-':>9}" if value is None else (f"{int(value):>9d}" if name == "n" else f"{value:>9.4f}"))
         lines.append(f"{label:<{width}}  " + "  ".join(cells))
     return "\n".join(lines)

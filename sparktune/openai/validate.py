@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from sparktune.errors import SparktuneError
+from sparktune.results import StageResult
 
 __all__ = [
     "DEFAULT_PRICE_PER_MILLION",
@@ -186,7 +187,7 @@ class FileReport:
 
 
 @dataclass
-class ValidationReport:
+class ValidationReport(StageResult):
     base_model: str
     encoding: str
     max_example_tokens: int
