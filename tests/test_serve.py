@@ -17,6 +17,11 @@ MAX_BODY_MB = 1
 MAX_ROWS = 200
 REQUEST_TIMEOUT = 2
 BODY_TIMEOUT = 2
+HEADER_TIMEOUT = 2
+KEEP_ALIVE = 2
+MAX_CONNECTIONS = 64
+BATCH_WAIT_S = 3.0
+BATCH_ROWS = 4
 TEXTS = ["What a wonderful, moving film.", "Dull, predictable and far too long."]
 
 
@@ -64,9 +69,27 @@ def server(trained, tmp_path_factory):
     env = dict(os.environ, SPARKTUNE_TORCH_THREADS="1")
     cmd = [sys.executable, "-m", "sparktune.cli", "serve", "--model", trained.registered_uri, "--tracking-uri",
            trained.tracking_uri, "--port", str(port), "--max-body-mb", str(MAX_BODY_MB), "--max-rows", str(MAX_ROWS),
-           "--request-timeout", str(REQUEST_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT)]
+           "--request-timeout", str(REQUEST_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT),
+           "--header-timeout", str(HEADER_TIMEOUT), "--keep-alive", str(KEEP_ALIVE),
+           "--max-connections", str(MAX_CONNECTIONS)]
     proc, _ = _start(cmd, log_path, env, url, "sparktune serve")
     yield url, proc.pid
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def batch_server(trained, tmp_path_factory):
+    """A server whose batch window is long enough to see from outside: a batch closes at
+    BATCH_ROWS rows or BATCH_WAIT_S after its first request."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("serve_batch_log") / "server.log"
+    env = dict(os.environ, SPARKTUNE_TORCH_THREADS="1")
+    cmd = [sys.executable, "-m", "sparktune.cli", "serve", "--model", trained.registered_uri, "--tracking-uri",
+           trained.tracking_uri, "--port", str(port), "--batch-max-rows", str(BATCH_ROWS),
+           "--batch-wait-ms", str(BATCH_WAIT_S * 1000)]
+    proc, _ = _start(cmd, log_path, env, url, "sparktune serve (batching)")
+    yield url
     _stop(proc)
 
 
@@ -252,3 +275,182 @@ def test_mlflow_models_serve_on_the_export_answers_the_same(server, trained, tmp
     finally:
         _stop(proc)
     print(f"mlflow models serve answered /ping after {startup:.1f} s")
+
+
+DEEP = 100_000
+
+
+@pytest.mark.parametrize(
+    "body, status, says",
+    [
+        ('{"inputs": ' + "[" * DEEP + "]" * DEEP + "}", 400, "deeper than this server accepts"),
+        ('{"dataframe_split": {"columns": ["text"], "data": ' + "[" * DEEP + "]" * DEEP + "}}", 400,
+         "deeper than this server accepts"),
+        ('{"inputs": ' + '{"a": ' * DEEP + "1" + "}" * DEEP + "}", 400, "deeper than this server accepts"),
+        ('{"inputs": ' + "[" * 900 + '"a film"' + "]" * 900 + "}", 400, "deeper than this server accepts"),
+        ('{"inputs": [' + "9" * 5000 + "]}", 400, "integer longer than"),
+        ('{"dataframe_split": {"columns": ["text"], "data": [[' + "7" * 5000 + "]]}}", 400, "integer longer than"),
+        (json.dumps({"inputs": ["a film " * 30_000]}), 413, "characters per text"),
+    ],
+    ids=["deep-inputs", "deep-split-data", "deep-objects", "depth-900", "5000-digit-int", "5000-digit-in-split",
+         "huge-text"],
+)
+def test_hostile_json_gets_4xx_not_500(server, body, status, says):
+    url, _ = server
+    before = _assert_serves(url)
+    r = _post(url, body)
+    assert r.status_code == status, r.text[:500]
+    assert says in r.json()["message"]
+    assert "Traceback" not in r.text and "a film a film" not in r.text
+    _assert_serves(url, expected=before)
+
+
+def _closed_within(sock: socket.socket, deadline: float) -> tuple[bool, bytes]:
+    """Whether the server closed ``sock`` before ``deadline`` (monotonic), and what it sent."""
+    got = b""
+    try:
+        while True:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = sock.recv(4096)
+            if not chunk:
+                return True, got
+            got += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        return True, got
+    except TimeoutError:
+        return False, got
+
+
+def test_stalled_request_heads_are_dropped_and_connections_are_capped(server):
+    """300 connections that send half a request head and stall: past MAX_CONNECTIONS they are
+    refused at once, the rest answered 408 and closed after HEADER_TIMEOUT (uvicorn alone holds
+    all 300 for ever); then the server serves."""
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    socks = []
+    try:
+        started = time.monotonic()
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty")
+            socks.append(sock)
+        results = [_closed_within(sock, started + HEADER_TIMEOUT + 5) for sock in socks]
+        waited = time.monotonic() - started
+    finally:
+        for sock in socks:
+            sock.close()
+    held = sum(not closed for closed, _ in results)
+    assert held == 0, f"{held} of 300 stalled connections still held after {waited:.1f} s"
+    timed_out = [got for _, got in results if got.startswith(b"HTTP/1.1 408")]
+    assert 0 < len(timed_out) <= MAX_CONNECTIONS
+    _assert_serves(url)
+
+
+def test_idle_connections_time_out(server):
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    # A connection that never sends a byte: the head deadline runs from the connection's start.
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        started = time.monotonic()
+        closed, got = _closed_within(sock, started + HEADER_TIMEOUT + 5)
+        assert closed and got.startswith(b"HTTP/1.1 408"), got[:100]
+        assert HEADER_TIMEOUT - 0.5 < time.monotonic() - started < HEADER_TIMEOUT + 3
+    # A kept-alive connection, idle after its answer: uvicorn's timeout_keep_alive closes it.
+    body = json.dumps({"inputs": [TEXTS[0]]}).encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        sock.settimeout(30)
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        started = time.monotonic()
+        closed, _ = _closed_within(sock, started + KEEP_ALIVE + 5)
+        assert closed and time.monotonic() - started < KEEP_ALIVE + 3
+    # A second head on a kept-alive connection that stalls half way is dropped too.
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        sock.settimeout(30)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: 1")
+        started = time.monotonic()
+        closed, got = _closed_within(sock, started + HEADER_TIMEOUT + 5)
+        assert closed and got.startswith(b"HTTP/1.1 408"), got[:100]
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_returns_after_a_burst_of_hostile_requests(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, pid = server
+    for _ in range(3):
+        _assert_serves(url)
+    before = _rss_mb(pid)
+    bodies = (['{"inputs": ' + "[" * DEEP + "]" * DEEP + "}"] * 10
+              + ['{"inputs": ' + '{"a": ' * DEEP + "1" + "}" * DEEP + "}"] * 10
+              + ['{"inputs": [' + "9" * 5000 + "]}"] * 10
+              + [json.dumps({"inputs": ["x" * (MAX_BODY_MB * 1024 * 1024 - 100)]})] * 8
+              + ['{"inputs": [' + ", ".join(['"a film"'] * MAX_ROWS) + "]}"] * 4)
+
+    def post(body):
+        try:
+            return _post(url, body, timeout=120).status_code
+        except requests.RequestException as exc:
+            return type(exc).__name__
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(post, bodies))
+    assert all(code in (200, 400, 413) for code in codes), codes
+    time.sleep(2)
+    grown = _rss_mb(pid) - before
+    assert grown < 60, f"the server grew by {grown:.0f} MB after the burst"
+    _assert_serves(url)
+
+
+def test_concurrent_requests_are_batched_and_answered_each_with_its_own_rows(batch_server, trained):
+    """BATCH_ROWS single-row requests sent together are scored in one batch (the server says so
+    in x-sparktune-batch-rows) well before the batch window ends, and each answer is its own
+    text's (texts with distinct probabilities, so a mix-up shows)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    texts = ["What a wonderful, moving film.", "Dull, predictable and far too long.",
+             "An average story, saved by the music.", "I walked out after twenty minutes; awful."]
+    mlflow.set_tracking_uri(trained.tracking_uri)
+    local = mlflow.pyfunc.load_model(trained.registered_uri).predict(pd.DataFrame({"text": texts}))
+    expected = [np.asarray(p) for p in local["probabilities"]]
+    assert all(not np.allclose(expected[i], expected[j], atol=1e-4) for i in range(4) for j in range(i))
+
+    def ask(i):
+        started = time.monotonic()
+        r = _post(batch_server, {"inputs": [texts[i]]})
+        return r, time.monotonic() - started
+
+    with ThreadPoolExecutor(BATCH_ROWS) as pool:
+        answers = list(pool.map(ask, range(BATCH_ROWS)))
+    for i, (r, took) in enumerate(answers):
+        assert r.status_code == 200, r.text[:300]
+        assert r.headers["x-sparktune-batch-rows"] == str(BATCH_ROWS)
+        assert took < BATCH_WAIT_S, f"a full batch waited for the window: {took:.2f} s"
+        pred = r.json()["predictions"]
+        assert len(pred) == 1
+        np.testing.assert_allclose(pred[0]["probabilities"], expected[i], atol=1e-5)
+        assert pred[0]["label"] == local["label"][i]
+
+
+def test_a_lone_request_waits_no_longer_than_the_batch_window(batch_server):
+    started = time.monotonic()
+    r = _post(batch_server, {"dataframe_records": [{"text": TEXTS[0]}]})
+    took = time.monotonic() - started
+    assert r.status_code == 200 and r.headers["x-sparktune-batch-rows"] == "1"
+    assert BATCH_WAIT_S - 0.2 < took < BATCH_WAIT_S + 3, took
