@@ -176,9 +176,10 @@ def score_model(spark, creds, spec: ScoreSpec, log=None, run_id: str | None = No
 
     from sparktune.evaluate import compute_metrics
     from sparktune.openai.tracking import JOB_ID_TAG
-    from sparktune.tables import read_table, table_version, write_table
+    from sparktune.tables import check_writes, read_table, table_version, write_table
 
     spec.check()
+    check_writes(spark, "openai-score", tables={"--predictions": spec.predictions}, inputs={"--table": spec.table})
     version = table_version(spark, spec.table)
     df = read_table(spark, spec.table, version=version, what="--table")
     missing = [c for c in ("row_id", "text", "label") + (("split",) if spec.split else ()) if c not in df.columns]
