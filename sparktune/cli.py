@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sparktune.errors import user_error
-from sparktune.redact import redact
+from sparktune.redact import install_log_redaction, redact
 
 __all__ = ["main", "build_parser", "stage_parser", "Context", "common_parser"]
 
@@ -180,6 +180,7 @@ def main(argv=None) -> int:
         return 2
     as_json = getattr(args, "json", False)
     verbose = _verbose(args)
+    install_log_redaction()
     if not verbose:
         _quiet_python_logs()
     try:

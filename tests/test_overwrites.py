@@ -70,7 +70,7 @@ def test_evaluate_predict_export_and_ingest_refuse_their_inputs(tables, capsys):
     _refused(capsys, ["openai", "export", "--table", raw, "--output", raw + "/_export", "--no-validate"],
              "inside the --table table")
     _refused(capsys, ["ingest", "--source", raw, "--output", raw], "is the --source table")
-    _refused(capsys, ["ingest", "--source", raw, "--output", tables["base"] / "new", "--quarantine", tokens],
+    _refused(capsys, ["ingest", "--source", raw, "--output", str(tables["base"] / "new"), "--quarantine", tokens],
              "written by `sparktune tokenize`")
     assert {t: _state(t) for t in (raw, tokens)} == before
     assert not os.path.exists(os.path.join(raw, "train.jsonl"))

@@ -34,3 +34,18 @@ def test_params_and_tags_stored_in_mlflow_are_redacted(mlflow_uri):
     assert run.data.params["max_tokens"] == "512" and run.data.params["data.n_tokens"] == "1000"
     assert run.data.tags["azure.account_key"] == REDACTED and run.data.tags["max_tokens"] == "5"
     assert "hunter2" not in str(run.data.params)
+
+
+def test_log_records_are_redacted_once_installed(caplog):
+    import logging
+
+    from sparktune.redact import install_log_redaction
+
+    install_log_redaction()
+    install_log_redaction()  # idempotent
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("mlflow.any").info("connecting to %s", "https://user:hunter2@mlflow.example.com/")
+        logging.getLogger("sparktune.x").warning("key AccountKey=abc123;rest and max_tokens=5")
+    text = caplog.text
+    assert "hunter2" not in text and "abc123" not in text
+    assert "https://***@mlflow.example.com/" in text and "max_tokens=5" in text
