@@ -145,14 +145,15 @@ def user_error(exc: BaseException) -> SparktuneError | None:
     if "_delta_log" in text and any(marker in text for marker in (
             "JsonParseException", "JsonEOFException", "Unexpected end-of-input", "Unexpected character",
             "DELTA_LOG_FILE", "Failed to parse", "MismatchedInputException", "DELTA_INVALID_COMMIT",
-            "json_parse", "DELTA_STATE_RECOVER_ERROR", "DELTA_VERSIONS_NOT_CONTIGUOUS")):
+            "json_parse", "DELTA_STATE_RECOVER_ERROR", "DELTA_VERSIONS_NOT_CONTIGUOUS",
+            "ChecksumException", "MALFORMED_RECORD_IN_PARSING")):
         found = _DELTA_LOG_FILE.search(text)
         log_file = redact(found.group(1)) if found else "a commit file under _delta_log"
         return SparktuneError(
             f"the Delta table's log is damaged: {log_file} is not a complete Delta commit (truncated or edited "
-            "JSON). Nothing was read from or written to the table. Restore that file from a backup or copy; if it "
-            "is the newest commit of a write that was cut off, moving it away (and its .crc) returns the table to "
-            "the previous version")
+            "JSON, or it no longer matches its .crc checksum). Nothing was read from or written to the table. "
+            "Restore that file from a backup or copy; if it is the newest commit of a write that was cut off, "
+            "moving it away (and its .crc) returns the table to the previous version")
     condition = _condition(exc)
     state = _sqlstate(exc)
     if state.startswith("22") or type(exc).__name__ in ("ArithmeticException", "NumberFormatException",
