@@ -110,6 +110,19 @@ def test_full_disk_during_a_spark_write_is_a_message(spark, imdb_sample_path, tm
         subprocess.run(["umount", str(mount)], check=False)
 
 
+def test_read_only_folder_is_refused_before_any_work(spark, imdb_sample_path, tmp_path, capfd):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        capfd.readouterr()
+        _fails(capfd, ["ingest", "--source", imdb_sample_path, "--output", str(mount / "raw")], "may not write")
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
 def test_unreachable_tracking_server_is_reported_fast_without_the_password(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, SPARKTUNE_HOME=str(tmp_path))
     start = time.monotonic()
