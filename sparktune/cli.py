@@ -21,7 +21,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from sparktune.errors import SparktuneError
+from sparktune.errors import user_error
+from sparktune.redact import install_log_redaction, redact
 
 __all__ = ["main", "build_parser", "stage_parser", "Context", "common_parser"]
 
@@ -50,6 +51,8 @@ def common_parser() -> argparse.ArgumentParser:
                                               "Databricks, else sqlite:///$SPARKTUNE_HOME/mlflow.db)")
     group.add_argument("--experiment", help="MLflow experiment for runs this command opens (default: sparktune)")
     group.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    group.add_argument("--verbose", action="store_true",
+                       help="on failure also print the Python traceback and Spark's Java log (default: a message)")
     return common
 
 
@@ -75,6 +78,8 @@ class Context:
             if remote:
                 kwargs["remote"] = remote
             self._spark = get_spark(**kwargs)
+            if not _verbose(self.args):
+                _quiet_jvm_logs(self._spark)
         return self._spark
 
     def tracker(self, experiment: str | None = None):
@@ -138,6 +143,34 @@ def _emit(result: Any, as_json: bool) -> int:
     return 0
 
 
+def _verbose(args) -> bool:
+    return bool(getattr(args, "verbose", False)) or os.environ.get("SPARKTUNE_VERBOSE", "") not in ("", "0")
+
+
+def _quiet_jvm_logs(spark) -> None:
+    """Without --verbose a failed Spark task prints no Java stack: the error reaches the user as one message.
+
+    Spark logs a task's exception (with its stack) at ERROR from the executor and the scheduler
+    before the driver sees it; in local mode that is this terminal. FATAL keeps a dying JVM's word.
+    """
+    try:
+        jvm = spark.sparkContext._jvm  # classic sessions only; Spark Connect servers log elsewhere
+        level = jvm.org.apache.logging.log4j.Level.FATAL
+        for name in ("org.apache.spark", "org.apache.hadoop", "org.apache.spark.sql.delta", "org.apache.parquet"):
+            jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(name, level)
+        jvm.org.apache.logging.log4j.core.config.Configurator.setRootLevel(level)
+    except Exception:  # noqa: S110 - Connect, or a JVM without log4j2: its logs stay as they are
+        pass
+
+
+def _quiet_python_logs() -> None:
+    import logging
+
+    # PySpark logs every SQL error with the whole Java stack (as JSON) before raising it.
+    for name in ("SQLQueryContextLogger", "DataFrameQueryContextLogger"):
+        logging.getLogger(name).disabled = True
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -146,17 +179,35 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     as_json = getattr(args, "json", False)
+    verbose = _verbose(args)
+    install_log_redaction()
+    if not verbose:
+        _quiet_python_logs()
     try:
         if len(inspect.signature(func).parameters) >= 2:
             with _stdout_to_stderr() if as_json else contextlib.nullcontext():
                 result = func(args, Context(args))
             return _emit(result, as_json)
         return int(func(args) or 0)
-    except SparktuneError as exc:
-        print(f"sparktune {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        known = user_error(exc)
+        if verbose:
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        if known is not None:
+            # Every message is redacted here, whoever raised it: a URI's password never reaches the terminal.
+            print(f"sparktune {args.command}: error: {redact(str(known))}", file=sys.stderr)
+            return 2
+        if verbose:
+            raise
+        first = next((line for line in str(exc).splitlines() if line.strip()), "")
+        print(f"sparktune {args.command}: internal error: {type(exc).__name__}: {redact(first)[:500]}\n"
+              "(a bug, or a failure sparktune does not explain yet: run again with --verbose for the full trace and "
+              "report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from sparktune.errors import ConfigError
+from sparktune.errors import ConfigError, bounded
 
 __all__ = [
     "load_config",
@@ -63,7 +63,7 @@ def parse_overrides(overrides) -> dict:
             problems.append(f"override {item!r}: the key is empty or has an empty part")
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.load(raw, Loader=_BoundedLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader
         except yaml.YAMLError:
             value = raw
         node = nested
@@ -90,6 +90,65 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+# A config is a few hundred lines; these bounds refuse a hostile file (a "billion laughs" of
+# nested aliases expands to billions of values from a few lines) before anything walks it.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_ALIASES = 100
+MAX_VALUES = 100_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses more than ``MAX_ALIASES`` aliases (``*name``)."""
+
+    aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_ALIASES} aliases (*name): refused as a possible alias bomb")
+        return super().compose_node(parent, index)
+
+
+def _count_values(value, budget: int) -> int:
+    """Values in ``value`` counting every alias expansion, stopping once past ``budget``."""
+    seen = 0
+    stack = [value]
+    while stack and seen <= budget:
+        item = stack.pop()
+        seen += 1
+        if isinstance(item, dict):
+            stack.extend(item.values())
+            seen += len(item)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return seen
+
+
+def _read_yaml(path) -> object:
+    size = os.path.getsize(path)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: the file is {size:,} bytes; a config is expected to be under "
+                           f"{MAX_CONFIG_BYTES:,} bytes: pass the YAML config, not a data file"])
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8"]) from None
+    loader = _BoundedLoader(text)
+    try:
+        loaded = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path} is not valid YAML: {bounded(str(exc), 500)}"]) from None
+    finally:
+        loader.dispose()
+    if _count_values(loaded, MAX_VALUES) > MAX_VALUES:
+        raise ConfigError([f"{path}: expands to more than {MAX_VALUES:,} values (through aliases); "
+                           "a config is a few hundred: write the values out or use fewer nested aliases"])
+    return loaded
+
+
 def load_config(cls, path: str | os.PathLike | None = None, overrides=(), data: dict | None = None):
     """Build ``cls`` from a YAML file (optional), a dict (optional) and dotted overrides."""
     raw: dict = {}
@@ -98,11 +157,9 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides=(), data: 
         source = str(path)
         if not os.path.exists(path):
             raise ConfigError([f"config file {path} does not exist: pass an existing YAML file to --config"])
-        with open(path, encoding="utf-8") as handle:
-            try:
-                loaded = yaml.safe_load(handle)
-            except yaml.YAMLError as exc:
-                raise ConfigError([f"{path} is not valid YAML: {exc}"]) from None
+        if os.path.isdir(path):
+            raise ConfigError([f"config file {path} is a folder: pass a YAML file to --config"])
+        loaded = _read_yaml(path)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -120,11 +177,15 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides=(), data: 
 
 def _build(cls, raw, prefix: str, problems: list):
     if not isinstance(raw, dict):
-        problems.append(f"{prefix or '<top>'}: expected a mapping for section {cls.__name__}, found {raw!r}")
+        problems.append(f"{prefix or '<top>'}: expected a mapping for section {cls.__name__}, found {bounded(raw)}")
         return None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in raw:
+        if not isinstance(key, str):
+            problems.append(f"{prefix}{bounded(key)}: expected a key name (text), found the "
+                            f"{type(key).__name__} {bounded(key)}; quote it or use the key's name")
+            continue
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(sorted(fields))}"
@@ -173,30 +234,31 @@ def _coerce(value, tp, key: str, problems: list):
             result = _coerce(value, candidate, key, trial)
             if not trial:
                 return result
-        problems.append(f"{key}: expected one of {[getattr(a, '__name__', str(a)) for a in inner]}, found {value!r}")
+        names = [getattr(a, "__name__", str(a)) for a in inner]
+        problems.append(f"{key}: expected one of {names}, found {bounded(value)}")
         return None
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         parse = getattr(tp, "parse", None)
         try:
             return parse(value, key) if parse else tp(value)
         except (ConfigError, ValueError):
-            problems.append(f"{key}: expected one of {[m.value for m in tp]}, found {value!r}")
+            problems.append(f"{key}: expected one of {[m.value for m in tp]}, found {bounded(value)}")
             return None
     if origin is Literal:
         if value not in args:
-            problems.append(f"{key}: expected one of {list(args)}, found {value!r}")
+            problems.append(f"{key}: expected one of {list(args)}, found {bounded(value)}")
         return value
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            problems.append(f"{key}: expected a list, found {value!r}")
+            problems.append(f"{key}: expected a list, found {bounded(value)}")
             return None
         item_tp = args[0] if args else Any
         return [_coerce(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, found {value!r}")
+            problems.append(f"{key}: expected a mapping, found {bounded(value)}")
             return None
         val_tp = args[1] if len(args) == 2 else Any
         return {str(k): _coerce(v, val_tp, f"{key}.{k}", problems) for k, v in value.items()}
@@ -205,11 +267,11 @@ def _coerce(value, tp, key: str, problems: list):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        problems.append(f"{key}: expected true or false, found {value!r}")
+        problems.append(f"{key}: expected true or false, found {bounded(value)}")
         return None
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, str, float)):
-            problems.append(f"{key}: expected an integer, found {value!r}")
+            problems.append(f"{key}: expected an integer, found {bounded(value)}")
             return None
         try:
             as_float = float(value)
@@ -217,20 +279,20 @@ def _coerce(value, tp, key: str, problems: list):
                 raise ValueError
             return int(as_float)
         except (ValueError, OverflowError):
-            problems.append(f"{key}: expected an integer, found {value!r}")
+            problems.append(f"{key}: expected an integer, found {bounded(value)}")
             return None
     if tp is float:
         if isinstance(value, bool):
-            problems.append(f"{key}: expected a number, found {value!r}")
+            problems.append(f"{key}: expected a number, found {bounded(value)}")
             return None
         try:
             return float(value)
         except (TypeError, ValueError):
-            problems.append(f"{key}: expected a number, found {value!r}")
+            problems.append(f"{key}: expected a number, found {bounded(value)}")
             return None
     if tp is str:
         if isinstance(value, (dict, list)):
-            problems.append(f"{key}: expected a string, found {value!r}")
+            problems.append(f"{key}: expected a string, found {bounded(value)}")
             return None
         return "" if value is None else str(value)
     return value

@@ -62,12 +62,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import cast
 
-from sparktune.errors import SparktuneError
+from sparktune.errors import SparktuneError, bounded
 from sparktune.redact import redact, redact_column
 from sparktune.results import StageResult
 from sparktune.tables import (
     TableRef,
+    check_writes,
     parse_table_ref,
+    spark_path,
     table_exists,
     table_location,
     table_uri,
@@ -108,6 +110,9 @@ _RESERVED = frozenset(
 )
 # Longest piece of a bad value quoted back in a reason.
 _QUOTE_CHARS = 100
+_NOT_UTF8 = re.compile(r"[\udc80-\udcff]")  # bytes decoded with surrogateescape
+_NOT_UTF8_REASON = ("not valid UTF-8: the record holds bytes that are not UTF-8 (a Latin-1 or binary file?); "
+                    "re-save the source as UTF-8")
 
 
 class Reason(str, Enum):
@@ -125,6 +130,8 @@ class Reason(str, Enum):
     MISSING_LABEL = "missing label"
     LABEL_OUT_OF_RANGE = "label out of range"
     DUPLICATE = "exact duplicate"
+    NOT_UTF8 = "not valid UTF-8"
+    REPEATED_KEY = "repeated key"
 
 
 def is_blank(text: str) -> bool:
@@ -327,7 +334,10 @@ def _parse_csv_file(path: str, text: str) -> Iterator[dict]:
             header = fields if fields else []
             continue
         row = {"source_file": path, "_line": number, "_record": original, "_fields": None, "_problem": None}
-        if problem is not None:
+        if _NOT_UTF8.search(original):
+            row["_record"] = original.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            row["_problem"] = _NOT_UTF8_REASON
+        elif problem is not None:
             row["_problem"] = f"{Reason.UNPARSEABLE.value}: {problem}"
         elif not header:
             row["_problem"] = f"{Reason.UNPARSEABLE.value}: the file's first record (its header) is empty or malformed"
@@ -348,9 +358,11 @@ def _csv_partition(batches):
 
     columns = ["source_file", "_line", "_record", "_fields", "_problem"]
     for batch in batches:
-        for path, text in zip(batch["source_file"], batch["value"]):
+        for path, data in zip(batch["source_file"], batch["value"]):
             rows: list = []
-            for row in _parse_csv_file(path, text or ""):
+            # surrogateescape keeps each invalid byte as one lone surrogate: found per record below.
+            text = bytes(data or b"").decode("utf-8", errors="surrogateescape")
+            for row in _parse_csv_file(path, text):
                 rows.append(row)
                 if len(rows) >= 4096:
                     yield pd.DataFrame(rows, columns=columns)
@@ -470,7 +482,9 @@ def _typed(df, text_column: str, label_column: str, default_split, extra_names=N
         kind = types[name]
         return F.lit(None).cast("string") if isinstance(kind, accept) else F.lit(kind.simpleString())
 
-    strings = (T.StringType, T.VarcharType, T.CharType)
+    # Binary columns are text as far as ingest cares: cast to string (same bytes) and checked
+    # row by row for valid UTF-8 in _validate.
+    strings = (T.StringType, T.VarcharType, T.CharType, T.BinaryType)
     scalars = strings + (T.NumericType, T.BooleanType)
     has_split = "split" in types
     record = F.to_json(F.struct(*[F.col(_quote(c)) for c in names]))
@@ -501,7 +515,8 @@ def _json_frame(spark, files: list, text_column: str, label_column: str, default
     """JSONL read as text lines and parsed per line: no line can be dropped or multiplied."""
     from pyspark.sql import functions as F
 
-    lines = spark.read.text(files).select(F.col("value"), F.col("_metadata.file_path").alias("source_file"))
+    lines = spark.read.text([spark_path(f) for f in files]).select(
+        F.col("value"), F.col("_metadata.file_path").alias("source_file"))
     parsed = lines.select("value", "source_file", F.expr("try_parse_json(value)").alias("_v"))
     parsed = parsed.withColumn("_vtype", F.expr("schema_of_variant(_v)"))
     keys = [
@@ -537,8 +552,21 @@ def _json_frame(spark, files: list, text_column: str, label_column: str, default
             t.isNull() | ~(t.startswith("OBJECT") | t.startswith("ARRAY")), F.lit(None).cast("string")
         ).otherwise(t)
 
+    # try_parse_json refuses an object with a repeated key (Spark's variant keeps one value per
+    # key); json_object_keys (Jackson) accepts it and lists every key: such a line is valid JSON
+    # whose meaning is ambiguous, so it is quarantined as a repeated key rather than guessed.
+    top_keys = F.expr("json_object_keys(value)")
+    repeated = F.expr("array_distinct(filter(json_object_keys(value), k -> "
+                      "size(filter(json_object_keys(value), j -> j = k)) > 1))")
     problem = (
-        F.when(F.col("value").rlike(_BLANK_JAVA), F.lit(Reason.BLANK_RECORD.value))
+        F.when(~F.expr("is_valid_utf8(value)"), F.lit(_NOT_UTF8_REASON))
+        .when(F.col("value").rlike(_BLANK_JAVA), F.lit(Reason.BLANK_RECORD.value))
+        .when(F.col("_v").isNull() & (F.size(repeated) > 0),
+              F.concat(F.lit(Reason.REPEATED_KEY.value + ": the object repeats "),
+                       F.substring(F.array_join(repeated, ", "), 1, _QUOTE_CHARS),
+                       F.lit(" (which value is meant is ambiguous; keep one)")))
+        .when(F.col("_v").isNull() & top_keys.isNotNull(),
+              F.lit(Reason.REPEATED_KEY.value + " inside a nested object (or an object too large to parse)"))
         .when(F.col("_v").isNull(), F.lit(f"{Reason.UNPARSEABLE.value}: the line is not valid JSON"))
         .when(
             ~F.coalesce(F.col("_vtype").startswith("OBJECT"), F.lit(False)),
@@ -582,13 +610,20 @@ def _csv_frame(spark, files: list, text_column: str, label_column: str, default_
         names += [n for n in header if n not in names]
     if any(headers.values()):
         problems = []
+        for path, header in headers.items():
+            twice = sorted({n for n in header if header.count(n) > 1})
+            if twice:
+                problems.append(f"{redact(path)}: the CSV header repeats the column(s) {bounded(twice)}; which "
+                                "field is meant is ambiguous: give each column its own name")
         for arg, column in (("--text-column", text_column), ("--label-column", label_column)):
             if column not in names:
                 problems.append(f"the CSV header has no column {column!r} (found: {', '.join(map(redact, names))}); "
                                 f"pass {arg}")
         if problems:
             raise SparktuneError("; ".join(problems))
-    whole = spark.read.text(files, wholetext=True).select(F.col("_metadata.file_path").alias("source_file"), "value")
+    # The bytes go to Python, which decides per record whether they are UTF-8.
+    whole = spark.read.text([spark_path(f) for f in files], wholetext=True).select(
+        F.col("_metadata.file_path").alias("source_file"), F.col("value").cast("binary").alias("value"))
     parsed = whole.mapInPandas(
         _csv_partition, "source_file string, _line long, _record string, _fields string, _problem string"
     ).withColumn("_m", F.from_json("_fields", "map<string,string>"))
@@ -617,7 +652,7 @@ def _files_frame(spark, files: list, fmt: str, text_column, label_column, defaul
     if fmt == "csv":
         return _csv_frame(spark, files, text_column, label_column, default_split)
     try:
-        df = spark.read.option("mergeSchema", "true").parquet(*files)
+        df = spark.read.option("mergeSchema", "true").parquet(*[spark_path(f) for f in files])
     except Exception as exc:  # AnalysisException: the files' schemas conflict
         raise SparktuneError(
             f"the Parquet files cannot be read as one table ({type(exc).__name__}: "
@@ -631,7 +666,7 @@ def _files_frame(spark, files: list, fmt: str, text_column, label_column, defaul
 def _aclimdb_frame(spark, location: str, files: list):
     from pyspark.sql import functions as F
 
-    pattern = os.path.join(location, "{train,test}", "{pos,neg,unsup}", "*.txt")
+    pattern = os.path.join(spark_path(location), "{train,test}", "{pos,neg,unsup}", "*.txt")
     df = spark.read.text(pattern, wholetext=True).select(
         F.col("value").alias("text"), F.col("_metadata.file_path").alias("source_file")
     )
@@ -677,7 +712,7 @@ def _load(spark, kind: str, location: str, fmt: str, split: str | None, text_col
             groups = [([location], _file_format(location, fmt), default)]
         else:
             files = sorted(
-                f for f in glob.glob(os.path.join(location, "*"))
+                f for f in glob.glob(os.path.join(glob.escape(location), "*"))
                 if os.path.isfile(f) and _visible(os.path.basename(f))
                 and (fmt in ("parquet", "csv", "json") or os.path.splitext(f)[1].lower() in FILE_FORMATS)
             )
@@ -808,8 +843,18 @@ def _validate(df, num_labels: int, extras: list):
         .otherwise(named.cast("bigint"))
     )
     expected_label = f"expected an integer in -1..{num_labels - 1} or pos/neg/positive/negative, found "
+    # Every string that reaches the raw table must be valid UTF-8 (Spark strings may hold any bytes:
+    # a Latin-1 file read as text keeps them, and tokenize, polars or DuckDB then fail on the row).
+    from pyspark.sql import types as T
+
+    texts = ["_split", "_text", "_label"] + [f.name for f in df.schema.fields
+                                              if f.name in extras and isinstance(f.dataType, T.StringType)]
+    not_utf8 = F.lit(False)
+    for name in texts:
+        not_utf8 = not_utf8 | F.coalesce(~F.expr(f"is_valid_utf8({_quote(name)})"), F.lit(False))
     checks = [
         (F.col("_problem").isNotNull(), F.col("_problem")),
+        (not_utf8, F.lit(_NOT_UTF8_REASON)),
         (split_missing, F.lit(Reason.MISSING_SPLIT.value)),
         (F.col("_split_type").isNotNull(),
          F.concat(F.lit(Reason.SPLIT_WRONG_TYPE.value + ": expected a string, found "), F.col("_split_type"))),
@@ -835,7 +880,8 @@ def _validate(df, num_labels: int, extras: list):
     ).cast("int")
     tagged = df.select(
         reason.alias("reason"),
-        F.col("_record").alias("record"),
+        # The quarantined record as found, except bytes that are not UTF-8 (shown as U+FFFD).
+        F.expr("make_valid_utf8(_record)").alias("record"),
         split.alias("split"),
         text.alias("text"),
         out_label.alias("label"),
@@ -864,22 +910,9 @@ def _validate(df, num_labels: int, extras: list):
 
 def _check_targets(spark, output: TableRef, quarantine: TableRef, kind: str, location: str) -> None:
     """Everything that can be checked before the first write, so a bad argument writes nothing."""
-    if output.raw == quarantine.raw or (output.is_path and output.path == quarantine.path):
-        raise SparktuneError(f"--quarantine {redact(quarantine.raw)!r} is the same table as --output; give another one")
+    check_writes(spark, "ingest", tables={"--output": output, "--quarantine": quarantine},
+                 inputs={"--source": location} if kind != "hf" else None)
     for what, ref in (("--output", output), ("--quarantine", quarantine)):
-        if kind in ("delta",) and ref.is_path and os.path.abspath(location) == ref.path:
-            raise SparktuneError(f"{what} {redact(ref.raw)!r} is the --source table: write to another table")
-        if kind == "table" and not ref.is_path and ref.name == location:
-            raise SparktuneError(f"{what} {redact(ref.raw)!r} is the --source table: write to another table")
-        if ref.path is not None and "://" not in ref.path and not ref.path.startswith("dbfs:"):
-            if os.path.isfile(ref.path):
-                raise SparktuneError(f"{what} {redact(ref.raw)!r} is a file, not a Delta table folder")
-            if (os.path.isdir(ref.path) and os.listdir(ref.path)
-                    and not os.path.isdir(os.path.join(ref.path, "_delta_log"))):
-                raise SparktuneError(
-                    f"{what} {redact(ref.raw)!r} is a folder that holds files but no Delta table; "
-                    "refusing to replace it: give a new or a Delta table path"
-                )
         if ref.name is not None and "." in ref.name:
             schema = ref.name.rsplit(".", 1)[0].replace("`", "")
             if not spark.catalog.databaseExists(schema):
@@ -923,90 +956,81 @@ def ingest(
     kind, location = detect_source(source, fmt)
     _check_targets(spark, output_ref, quarantine_ref, kind, location)
 
-    # A JSON object with a repeated key must not fail the job: the last value wins.
-    previous = spark.conf.get("spark.sql.mapKeyDedupPolicy", None)
-    spark.conf.set("spark.sql.mapKeyDedupPolicy", "LAST_WIN")
+    loaded = _load(spark, kind, location, fmt, split, text_column, label_column)
+    tagged = _validate(loaded.df, num_labels, loaded.extras)
+    row_id = F.substring(F.sha2(F.concat_ws(_SEP, "split", F.col("label").cast("string"), "text"), 256), 1, 16)
+    tagged = tagged.withColumn("row_id", F.when(F.col("reason").isNull(), row_id))
+    # Exact duplicates (same split, label and text) share a row_id: keep one, quarantine the rest.
+    first = Window.partitionBy("row_id").orderBy("record")
+    # Computed once into a column: the two updates below must agree on which rows it marks.
+    tagged = tagged.withColumn(
+        "_duplicate",
+        F.coalesce(F.col("reason").isNull() & F.col("row_id").isNotNull() & (F.row_number().over(first) > 1),
+                   F.lit(False)),
+    )
+    tagged = (
+        tagged.withColumn(
+            "reason",
+            F.when(
+                F.col("_duplicate"), F.concat(F.lit(Reason.DUPLICATE.value + " of row_id "), F.col("row_id"))
+            ).otherwise(F.col("reason")),
+        )
+        .withColumn(
+            "reason_kind",
+            F.when(F.col("_duplicate"), F.lit(Reason.DUPLICATE.value)).otherwise(F.col("reason_kind")),
+        )
+        .drop("_duplicate")
+    )
+    tagged = tagged.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        loaded = _load(spark, kind, location, fmt, split, text_column, label_column)
-        tagged = _validate(loaded.df, num_labels, loaded.extras)
-        row_id = F.substring(F.sha2(F.concat_ws(_SEP, "split", F.col("label").cast("string"), "text"), 256), 1, 16)
-        tagged = tagged.withColumn("row_id", F.when(F.col("reason").isNull(), row_id))
-        # Exact duplicates (same split, label and text) share a row_id: keep one, quarantine the rest.
-        first = Window.partitionBy("row_id").orderBy("record")
-        # Computed once into a column: the two updates below must agree on which rows it marks.
-        tagged = tagged.withColumn(
-            "_duplicate",
-            F.coalesce(F.col("reason").isNull() & F.col("row_id").isNotNull() & (F.row_number().over(first) > 1),
-                       F.lit(False)),
+        counts = {r["reason_kind"]: r["count"] for r in tagged.groupBy("reason_kind").count().collect()}
+        raw_rows = counts.pop(None, 0)
+        quarantined_rows = sum(counts.values())
+        expected = loaded.count.records
+        if raw_rows + quarantined_rows != expected:
+            raise SparktuneError(
+                f"--source {redact(source)}: the source has {expected:,} records ({loaded.count.method}) but "
+                f"{raw_rows + quarantined_rows:,} were read ({raw_rows:,} valid, {quarantined_rows:,} rejected); "
+                "nothing was written. Records were lost or multiplied while reading: check the file's format "
+                "(--format) and encoding, and report it if the file is well formed."
+            )
+        run_id = uuid.uuid4().hex
+        # Provenance that reads from anywhere: a table's full name or URI, a file's absolute path.
+        source_shown = redact(table_uri(spark, location) if kind in ("delta", "table")
+                              else source if kind == "hf" else location)
+        provenance = {
+            "sparktune.stage": "ingest",
+            "sparktune.run_id": run_id,
+            "sparktune.source": source_shown,
+            "sparktune.source_kind": kind,
+            "sparktune.source_records": str(expected),
+            **loaded.pinned,
+        }
+        extras = [c for c in loaded.extras if c in tagged.columns]
+        raw = tagged.where(F.col("reason").isNull()).select(
+            "row_id",
+            "split",
+            "text",
+            "label",
+            *extras,
+            *(
+                [redact_column(F.col("source_file")).alias("source_file")]
+                if "source_file" in tagged.columns
+                else []
+            ),
         )
-        tagged = (
-            tagged.withColumn(
-                "reason",
-                F.when(
-                    F.col("_duplicate"), F.concat(F.lit(Reason.DUPLICATE.value + " of row_id "), F.col("row_id"))
-                ).otherwise(F.col("reason")),
-            )
-            .withColumn(
-                "reason_kind",
-                F.when(F.col("_duplicate"), F.lit(Reason.DUPLICATE.value)).otherwise(F.col("reason_kind")),
-            )
-            .drop("_duplicate")
+        rejected = tagged.where(F.col("reason").isNotNull()).select(
+            "reason", redact_column(F.col("record")).alias("record"), "split", F.lit(source_shown).alias("source"),
+            (redact_column(F.col("source_file")) if "source_file" in tagged.columns
+             else F.lit(None).cast("string")).alias("source_file"),
+            F.current_timestamp().alias("ingested_at"),
         )
-        tagged = tagged.persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            counts = {r["reason_kind"]: r["count"] for r in tagged.groupBy("reason_kind").count().collect()}
-            raw_rows = counts.pop(None, 0)
-            quarantined_rows = sum(counts.values())
-            expected = loaded.count.records
-            if raw_rows + quarantined_rows != expected:
-                raise SparktuneError(
-                    f"--source {redact(source)}: the source has {expected:,} records ({loaded.count.method}) but "
-                    f"{raw_rows + quarantined_rows:,} were read ({raw_rows:,} valid, {quarantined_rows:,} rejected); "
-                    "nothing was written. Records were lost or multiplied while reading: check the file's format "
-                    "(--format) and encoding, and report it if the file is well formed."
-                )
-            run_id = uuid.uuid4().hex
-            # Provenance that reads from anywhere: a table's full name or URI, a file's absolute path.
-            source_shown = redact(table_uri(spark, location) if kind in ("delta", "table")
-                                  else source if kind == "hf" else location)
-            provenance = {
-                "sparktune.stage": "ingest",
-                "sparktune.run_id": run_id,
-                "sparktune.source": source_shown,
-                "sparktune.source_kind": kind,
-                "sparktune.source_records": str(expected),
-                **loaded.pinned,
-            }
-            extras = [c for c in loaded.extras if c in tagged.columns]
-            raw = tagged.where(F.col("reason").isNull()).select(
-                "row_id",
-                "split",
-                "text",
-                "label",
-                *extras,
-                *(
-                    [redact_column(F.col("source_file")).alias("source_file")]
-                    if "source_file" in tagged.columns
-                    else []
-                ),
-            )
-            rejected = tagged.where(F.col("reason").isNotNull()).select(
-                "reason", "record", "split", F.lit(source_shown).alias("source"),
-                (redact_column(F.col("source_file")) if "source_file" in tagged.columns
-                 else F.lit(None).cast("string")).alias("source_file"),
-                F.current_timestamp().alias("ingested_at"),
-            )
-            quarantine_version = write_table(rejected, quarantine_ref, properties=provenance, user_metadata=provenance)
-            raw_props = {**provenance, "sparktune.quarantine": redact(table_uri(spark, quarantine_ref)),
-                         "sparktune.quarantine_version": str(quarantine_version)}
-            output_version = write_table(raw, output_ref, properties=raw_props, user_metadata=raw_props)
-        finally:
-            tagged.unpersist()
+        quarantine_version = write_table(rejected, quarantine_ref, properties=provenance, user_metadata=provenance)
+        raw_props = {**provenance, "sparktune.quarantine": redact(table_uri(spark, quarantine_ref)),
+                     "sparktune.quarantine_version": str(quarantine_version)}
+        output_version = write_table(raw, output_ref, properties=raw_props, user_metadata=raw_props)
     finally:
-        if previous is None:
-            spark.conf.unset("spark.sql.mapKeyDedupPolicy")
-        else:
-            spark.conf.set("spark.sql.mapKeyDedupPolicy", previous)
+        tagged.unpersist()
 
     written = (
         _committed_rows(spark, output_ref, output_version),

@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["REDACTED", "is_secret_key", "redact", "redact_column", "redact_mapping"]
+__all__ = ["REDACTED", "install_log_redaction", "is_secret_key", "redact", "redact_column", "redact_mapping"]
 
 REDACTED = "***"
 
@@ -106,3 +106,31 @@ def redact_column(column):
         # Java's replacement syntax: a literal '$' or '\' would need escaping; "***" has neither.
         column = F.regexp_replace(column, rule.pattern, replacement)
     return column
+
+
+def install_log_redaction() -> None:
+    """Redact every Python log record of this process (sparktune's, MLflow's, transformers') as it is made.
+
+    A record factory, not a handler filter: it covers records of every logger and handler,
+    including ones configured later. Installed once; the message is formatted and redacted
+    eagerly (a record's arguments could otherwise carry a credential past it).
+    """
+    import logging
+
+    current = logging.getLogRecordFactory()
+    if getattr(current, "_sparktune_redacts", False):
+        return
+
+    def factory(*args, **kwargs):
+        record = current(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: logging reports it itself when it formats it
+            return record
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return record
+
+    factory._sparktune_redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)

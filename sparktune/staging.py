@@ -248,8 +248,9 @@ def stage_training_data(spark, table, version: int, split: str, world_size: int,
     from pyspark.sql import functions as F
 
     from sparktune import __version__
-    from sparktune.tables import parse_table_ref
+    from sparktune.tables import check_writes, parse_table_ref
 
+    check_writes(spark, "train", folders={"data.staging_dir": staging_dir}, inputs={"data.table": table})
     task = Task.parse(task, "model.task")
     if world_size < 1:
         raise SparktuneError(f"distributor.num_processes: must be >= 1, got {world_size}")
@@ -301,7 +302,7 @@ def stage_training_data(spark, table, version: int, split: str, world_size: int,
          .option("compression", "zstd").partitionBy(_RANK).parquet(os.path.join(scratch, SHARDS)))
         shards = []
         for rank in range(world_size):
-            files = sorted(glob.glob(os.path.join(scratch, SHARDS, f"{_RANK}={rank}", "*.parquet")))
+            files = sorted(glob.glob(os.path.join(glob.escape(scratch), SHARDS, f"{_RANK}={rank}", "*.parquet")))
             if not files:
                 raise SparktuneError(f"staging: rank {rank}'s shard was not written under {scratch}; "
                                      "is the staging dir a path Spark's executors and this driver both see?")
@@ -338,6 +339,10 @@ def stage_job_data(spark, cfg, task: Task | str, staging_dir: str | None = None)
     d = cfg.data
     folder = staging_dir or default_staging_dir(cfg.output_dir)
     table = d.location or d.table
+    from sparktune.tables import check_writes
+
+    check_writes(spark, "train", folders={"output_dir": cfg.output_dir, "checkpoint.dir": cfg.checkpoint_dir},
+                 inputs={"data.table": table})
     num_labels = cfg.model.num_labels if task.has_labels else None
     staged = {d.train_split: stage_training_data(
         spark, table, d.version, d.train_split, cfg.distributor.num_processes, seed=cfg.train.seed,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,18 +115,61 @@ def plot_token_lengths(spark, ref, path: str, bins: int = HISTOGRAM_BINS) -> dic
     return {"bin_width": width, "series": series}
 
 
-def run_sql(spark, query: str, limit: int = 100):
-    """Run a Spark SQL query; returns a pandas DataFrame of at most ``limit`` rows."""
+# Statements that only read: the first keyword of a read-only query. Anything else (DELETE,
+# INSERT, MERGE, UPDATE, CREATE, DROP, ALTER, TRUNCATE, OPTIMIZE, VACUUM, RESTORE, SET, CACHE, ...)
+# may change a table or the session and needs --allow-writes.
+_READ_KEYWORDS = frozenset({"SELECT", "WITH", "VALUES", "TABLE", "FROM", "SHOW", "DESCRIBE", "DESC", "EXPLAIN"})
+# Inside a WITH/FROM query these words start a write (Hive's FROM t INSERT ..., WITH x AS (...) INSERT ...).
+_WRITE_WORDS = frozenset({"INSERT", "MERGE", "UPDATE", "DELETE", "OVERWRITE", "TRUNCATE", "DROP", "CREATE", "ALTER"})
+# Comments, string literals and `quoted identifiers` are not keywords.
+_NOT_CODE = re.compile(r"--[^\n]*|/\*.*?\*/|'(?:\\.|[^'\\])*'|\"(?:\\.|[^\"\\])*\"|`(?:``|[^`])*`", re.S)
+
+
+def is_read_only(query: str) -> bool:
+    """True when ``query`` only reads (SELECT, WITH ... SELECT, SHOW, DESCRIBE, EXPLAIN, ...).
+
+    Decided before Spark sees the query: ``spark.sql`` runs a DELETE at once, so checking the
+    plan afterwards would be too late. Conservative: a word that may write anywhere in a
+    WITH/FROM query refuses it.
+    """
+    words = re.findall(r"[A-Za-z_]+", _NOT_CODE.sub(" ", query))
+    if not words:
+        return False
+    first = words[0].upper()
+    if first not in _READ_KEYWORDS:
+        return False
+    return first in ("SHOW", "DESCRIBE", "DESC") or not any(w.upper() in _WRITE_WORDS for w in words)
+
+
+def run_sql(spark, query: str, limit: int = 100, allow_writes: bool = False):
+    """Run a Spark SQL query; returns a pandas DataFrame of at most ``limit`` rows.
+
+    Read-only unless ``allow_writes``: a query that may change a table is refused before it runs.
+    """
     from pyspark.errors import AnalysisException, ParseException
 
+    from sparktune.errors import user_error
+    from sparktune.redact import redact
+
+    if not allow_writes and not is_read_only(query):
+        raise SparktuneError(
+            "sparktune sql is read-only: expected a query that only reads (SELECT, WITH ... SELECT, SHOW, DESCRIBE, "
+            f"EXPLAIN), found one that may change tables or the session ({redact(query.strip()[:120])!r}). "
+            "Nothing was run. Pass --allow-writes to run it anyway (Delta keeps the previous version: "
+            "RESTORE TABLE ... TO VERSION AS OF n undoes it)")
     try:
         df = spark.sql(query)
         return df.limit(limit).toPandas()
     except (AnalysisException, ParseException) as exc:
         first = str(exc).strip().splitlines()[0]
         raise SparktuneError(
-            f"the query failed: {first}. Name tables as `name`, `schema.name` or delta.`/path/to/table`"
+            f"the query failed: {redact(first)[:500]}. Name tables as `name`, `schema.name` or delta.`/path/to/table`"
         ) from None
+    except Exception as exc:  # runtime errors on the data (divide by zero, a bad cast, ...)
+        known = user_error(exc)
+        if known is None:
+            raise
+        raise known from None
 
 
 @dataclass
@@ -182,6 +226,9 @@ def add_cli(subparsers) -> None:
     )
     sql.add_argument("query", help="the SQL query")
     sql.add_argument("--limit", type=int, default=100, help="print at most this many rows (default 100)")
+    sql.add_argument("--allow-writes", action="store_true",
+                     help="also run statements that change tables (INSERT, DELETE, MERGE, DROP, ...); "
+                          "without it the command is read-only")
     sql.set_defaults(func=_run_sql)
 
 
@@ -198,4 +245,4 @@ def _run_stats(args, ctx) -> StatsResult:
 def _run_sql(args, ctx) -> SqlResult:
     if args.limit < 1:
         raise SparktuneError(f"--limit must be at least 1, found {args.limit}")
-    return SqlResult(run_sql(ctx.spark(), args.query, args.limit))
+    return SqlResult(run_sql(ctx.spark(), args.query, args.limit, allow_writes=args.allow_writes))

@@ -14,9 +14,11 @@ from sparktune.errors import SparktuneError
 
 __all__ = [
     "TableRef",
+    "check_writes",
     "last_commit",
     "parse_table_ref",
     "read_table",
+    "spark_path",
     "table_exists",
     "table_id",
     "table_location",
@@ -218,3 +220,172 @@ def table_location(spark, ref) -> str:
     _require_exists(spark, ref, "table")
     location = spark.sql(f"DESCRIBE DETAIL {ref.sql}").collect()[0]["location"]
     return location[len("file:"):] if location.startswith("file:") else location
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a stage may write: one owner for "never overwrite an input or another stage's table".
+
+# Hadoop reads these as glob syntax in a path handed to spark.read; a backslash makes them literal.
+_GLOB_CHARS = re.compile(r"([\\{}\[\]*?])")
+
+# How each stage's tables are recognised by their properties, and which stage "kind" may replace them.
+_STAGE_KIND = {"ingest": "ingest", "tokenize": "tokenize", "evaluate": "predictions", "predict": "predictions",
+               "openai-score": "predictions"}
+
+
+def spark_path(path: str) -> str:
+    """``path`` as a literal for ``spark.read``: ``[v1]``, ``{a,b}``, ``*`` and ``?`` are not globs."""
+    return _GLOB_CHARS.sub(r"\\\1", path)
+
+
+def _normal(path: str) -> str:
+    """A comparable form of a location: ``file:`` dropped, local paths resolved (symlinks, ``..``)."""
+    text = str(path)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    elif text.startswith("file:"):
+        text = text[len("file:"):]
+    if _URI.match(text):
+        return text.rstrip("/")
+    return os.path.realpath(os.path.abspath(os.path.expanduser(text)))
+
+
+def _inside(inner: str, outer: str) -> bool:
+    """True when ``inner`` is ``outer`` or lies under it."""
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def _resolved(spark, ref: TableRef) -> str | None:
+    """The table's location, comparable across paths and catalog names; None for a name not (yet) in the catalog."""
+    if ref.is_path:
+        assert ref.path is not None
+        return _normal(ref.path)
+    if spark is None:
+        return None
+    try:
+        if not spark.catalog.tableExists(ref.name):
+            return None
+        return _normal(spark.sql(f"DESCRIBE DETAIL {ref.sql}").collect()[0]["location"])
+    except Exception:  # a view or a table the session cannot describe: compared by name only
+        return None
+
+
+def _writer_kind(spark, ref: TableRef, location: str | None) -> str | None:
+    """Which kind of sparktune stage wrote the existing table (None: not sparktune's, or no table)."""
+    props: dict = {}
+    try:
+        if ref.is_path and location and not _URI.match(location):
+            if not os.path.isdir(os.path.join(location, "_delta_log")):
+                return None
+            from deltalake import DeltaTable
+
+            props = dict(DeltaTable(location).metadata().configuration)
+        elif spark is not None and table_exists(spark, ref):
+            props = table_properties(spark, ref)
+        else:
+            return None
+    except Exception:  # an unreadable log is reported by the stage's own read, with its message
+        return None
+    stage = props.get("sparktune.stage")
+    if stage:
+        return _STAGE_KIND.get(stage, stage)
+    if "sparktune.model_uri" in props or "sparktune.model" in props:
+        return "predictions"
+    return None
+
+
+def check_writes(spark, stage: str, *, tables: dict | None = None, folders: dict | None = None,
+                 inputs: dict | None = None) -> None:
+    """Refuse, before any work, a write that would destroy data: call it first thing in a stage.
+
+    ``tables``/``folders``: ``{flag: target}`` the stage writes (Delta tables it replaces; folders it
+    writes files into); ``inputs``: ``{flag: table}`` it reads. Locations are compared resolved
+    (catalog names by their location, paths absolute with symlinks followed, ``file:`` dropped).
+    Refused: a table written onto an input, inside one or around one (VACUUM of the outer table
+    would delete the inner one's files); a folder written onto or inside an input table; two
+    outputs at the same place; a table folder holding files but no Delta log; a path that is a
+    file where a folder is written; a table that another stage wrote (``sparktune.stage``: e.g.
+    tokenize's output onto a raw table). ``spark`` may be None (before Spark starts): names are
+    then compared by name only.
+    """
+    targets: list[tuple[str, str, str | None, str, TableRef | None]] = []  # (flag, raw, location, kind, ref)
+    for flag, target in (tables or {}).items():
+        if target is None or target == "":
+            continue
+        ref = parse_table_ref(target)
+        targets.append((flag, ref.raw, _resolved(spark, ref), "table", ref))
+    for flag, folder in (folders or {}).items():
+        if folder:
+            targets.append((flag, str(folder), _normal(str(folder)), "folder", None))
+    sources: list[tuple[str, str, str | None, str | None]] = []  # (flag, raw, location, name)
+    for flag, source in (inputs or {}).items():
+        if not source:
+            continue
+        try:
+            ref = parse_table_ref(source)
+        except SparktuneError:
+            continue  # not a table reference (e.g. a file source): the stage checks it itself
+        sources.append((flag, ref.raw, _resolved(spark, ref), None if ref.is_path else _name_key(ref.name)))
+
+    def shown(raw: str) -> str:
+        from sparktune.redact import redact
+
+        return repr(redact(raw))
+
+    for i, (flag, raw, location, kind, target_ref) in enumerate(targets):
+        name = _name_key(target_ref.name) if target_ref is not None and not target_ref.is_path else None
+        for in_flag, in_raw, in_location, in_name in sources:
+            same = (name is not None and name == in_name) or (
+                location is not None and in_location is not None and location == in_location)
+            if same:
+                raise SparktuneError(
+                    f"{stage} {flag} {shown(raw)} is the {in_flag} table {shown(in_raw)}: writing there would "
+                    f"replace the data this stage reads. Give {flag} a new path or table name")
+            if location is not None and in_location is not None:
+                if _inside(location, in_location):
+                    raise SparktuneError(
+                        f"{stage} {flag} {shown(raw)} lies inside the {in_flag} table {shown(in_raw)}: files written "
+                        f"there mix with the table's own (and VACUUM deletes them). Give {flag} a path outside it")
+                if kind == "table" and _inside(in_location, location):
+                    raise SparktuneError(
+                        f"{stage} {flag} {shown(raw)} is a folder around the {in_flag} table {shown(in_raw)}: a table "
+                        f"there would own (and VACUUM would delete) the input's files. Give {flag} another path")
+        for other_flag, other_raw, other_location, other_kind, _ in targets[:i]:
+            if "table" in (kind, other_kind) and location is not None and other_location is not None and (
+                    _inside(location, other_location) or _inside(other_location, location)):
+                raise SparktuneError(f"{stage} {flag} {shown(raw)} and {other_flag} {shown(other_raw)} are the same "
+                                     "place or one holds the other; give them separate paths")
+        if location is None or _URI.match(location):
+            if kind == "table" and target_ref is not None:
+                _check_writer(spark, stage, flag, target_ref, location, shown)
+            continue
+        if os.path.isfile(location):
+            raise SparktuneError(f"{stage} {flag} {shown(raw)} is an existing file, not a folder: give a folder path "
+                                 "(it is created when missing)")
+        existing = location
+        while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)
+        if os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
+            raise SparktuneError(f"{stage} {flag} {shown(raw)}: this user may not write in {shown(existing)}; choose "
+                                 "a folder you may write, or fix its permissions")
+        if kind == "folder":
+            continue
+        if os.path.isdir(location) and os.listdir(location) and not os.path.isdir(os.path.join(location, "_delta_log")):
+            raise SparktuneError(
+                f"{stage} {flag} {shown(raw)} is a folder that holds files but no Delta table; refusing to write a "
+                "table over it: give a new path or a Delta table's")
+        assert target_ref is not None
+        _check_writer(spark, stage, flag, target_ref, location, shown)
+
+
+def _check_writer(spark, stage: str, flag: str, ref: TableRef, location: str | None, shown) -> None:
+    writer = _writer_kind(spark, ref, location)
+    mine = _STAGE_KIND.get(stage, stage)
+    if writer is not None and writer != mine:
+        raise SparktuneError(
+            f"{stage} {flag} {shown(ref.raw)} holds a table written by `sparktune {writer}`: replacing it would lose "
+            f"that stage's data. Give {flag} a new path or table name (or drop that table first if it is unwanted)")
+
+
+def _name_key(name: str | None) -> str | None:
+    return None if name is None else name.replace("`", "").lower()

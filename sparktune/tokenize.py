@@ -35,6 +35,7 @@ from sparktune.errors import ConfigError, SparktuneError
 from sparktune.redact import redact, redact_mapping
 from sparktune.results import StageResult
 from sparktune.tables import (
+    check_writes,
     last_commit,
     parse_table_ref,
     read_table,
@@ -349,6 +350,7 @@ def tokenize_table(
                         else prompt.problems())
     if problems:
         raise SparktuneError("; ".join(problems))
+    check_writes(spark, "tokenize", tables={"--output": output_ref}, inputs={"--input": input_ref})
 
     driver_tokenizer = load_tokenizer(tokenizer, gguf_file or None)
     if max_length is None:

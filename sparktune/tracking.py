@@ -27,7 +27,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sparktune.redact import redact
+from sparktune.errors import SparktuneError
+from sparktune.redact import REDACTED, is_secret_key, redact
 
 __all__ = [
     "Tracker",
@@ -42,8 +43,12 @@ __all__ = [
 MAX_PARAM_VALUE = 6000
 MAX_PARAM_KEY = 250
 MAX_TAG_VALUE = 4900
-# Config keys whose values must never reach the tracking server ("tokenizer" is not one).
-_SECRET_KEY = re.compile(r"(token(?!iz)|password|passwd|secret|api[_-]?key|credential|access[_-]?key)", re.IGNORECASE)
+# MLflow's HTTP client retries a failed request 7 times with backoff (minutes against a server
+# that is down) and waits 120 s for an answer; sparktune's defaults report an unreachable server
+# in seconds. Set these variables to change them.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+PROBE_TIMEOUT_S = 5.0
 _METRIC_CHARS = re.compile(r"[^A-Za-z0-9_\-./ ]")
 
 
@@ -79,8 +84,8 @@ def metric_key(split: str, name: str) -> str:
 
 def _redact_value(key: str, value: Any) -> str:
     text = "" if value is None else str(value)
-    if _SECRET_KEY.search(key):
-        return "***"
+    if is_secret_key(key) and text:
+        return REDACTED
     return redact(text)  # credentials inside values (URL userinfo, SAS tokens, key patterns)
 
 
@@ -126,6 +131,10 @@ class Tracker:
     def client(self):
         if self._client is None:
             from mlflow import MlflowClient
+
+            for name, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(name, value)
+            check_reachable(str(self.tracking_uri))
 
             self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
         return self._client
@@ -253,3 +262,31 @@ class Tracker:
     def _tag(key: str, value: Any) -> str:
         text = _redact_value(key, value)
         return text if len(text) <= MAX_TAG_VALUE else text[: MAX_TAG_VALUE - 14] + "...[truncated]"
+
+
+def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise a SparktuneError, in seconds, when an ``http(s)://`` tracking server cannot be reached.
+
+    Any HTTP answer counts as reachable (MLflow then reports its own errors); only a refused,
+    unresolvable or silent address is this error. The message carries the URI with its
+    credentials removed. Other stores (sqlite, file, databricks) are not probed.
+    """
+    from urllib.parse import urlsplit
+
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    import requests
+
+    parts = urlsplit(uri)
+    bare = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")
+                          if parts.hostname else parts.netloc).geturl()
+    try:
+        requests.get(bare.rstrip("/") + "/health", timeout=timeout, allow_redirects=False)
+    except requests.RequestException as exc:
+        kind = ("timed out" if isinstance(exc, requests.Timeout)
+                else "refused the connection or could not be resolved" if isinstance(exc, requests.ConnectionError)
+                else type(exc).__name__)
+        raise SparktuneError(
+            f"the MLflow tracking server {redact(uri)} is unreachable ({kind} within {timeout:g} s); nothing was "
+            "logged or registered. Check --tracking-uri / MLFLOW_TRACKING_URI and that the server is running"
+        ) from None

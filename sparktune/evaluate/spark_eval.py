@@ -253,9 +253,10 @@ def evaluate_model(spark, model, table: str, *, tracker=None, split: str | None 
 
     from sparktune.inference import input_column, score_spark
     from sparktune.model.resolve import ResolvedModel, resolve_model
-    from sparktune.tables import read_table, table_uri, table_version, write_table
+    from sparktune.tables import check_writes, read_table, table_uri, table_version, write_table
     from sparktune.tracking import Tracker
 
+    check_writes(spark, "evaluate", tables={"--predictions": predictions_table}, inputs={"--table": table})
     tracker = tracker or Tracker()
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, tracker)
     df = read_table(spark, table, what="evaluation table")
@@ -375,9 +376,10 @@ def predict_table(spark, model, table: str, output: str, *, tracker=None, text_c
 
     from sparktune.inference import input_column, score_spark
     from sparktune.model.resolve import ResolvedModel, resolve_model
-    from sparktune.tables import read_table, table_uri, table_version, write_table
+    from sparktune.tables import check_writes, read_table, table_uri, table_version, write_table
     from sparktune.tracking import Tracker
 
+    check_writes(spark, "predict", tables={"--output": output}, inputs={"--table": table})
     tracker = tracker or Tracker()
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, tracker)
     df = read_table(spark, table, what="input table")

@@ -224,7 +224,7 @@ def export_chat_jsonl(spark, spec: ExportSpec, force: bool = False) -> ExportRes
     """Write ``train.jsonl``, ``validation.jsonl`` and ``manifest.json`` under ``spec.output``."""
     from pyspark.sql import functions as F
 
-    from sparktune.tables import read_table, table_version
+    from sparktune.tables import check_writes, read_table, table_version
 
     spec.check()
     output = os.path.abspath(os.path.expanduser(spec.output))
@@ -234,6 +234,7 @@ def export_chat_jsonl(spark, spec: ExportSpec, force: bool = False) -> ExportRes
             "folder "
             "(on Databricks a Unity Catalog volume such as /Volumes/main/default/openai)"
         )
+    check_writes(spark, "openai export", folders={"--output": output}, inputs={"--table": spec.table})
     version = table_version(spark, spec.table)
     settings = spec.settings()
     train_path = os.path.join(output, TRAIN_FILE)

@@ -196,10 +196,11 @@ def score_model(spark, creds, spec: ScoreSpec, tracker=None, run_id: str | None 
     from sparktune.evaluate import EvaluateResult, log_evaluation
     from sparktune.evaluate.metrics import class_names
     from sparktune.openai.client import find_job_run
-    from sparktune.tables import read_table, table_version, write_table
+    from sparktune.tables import check_writes, read_table, table_version, write_table
     from sparktune.tasks import Task
 
     spec.check()
+    check_writes(spark, "openai-score", tables={"--predictions": spec.predictions}, inputs={"--table": spec.table})
     version = table_version(spark, spec.table)
     df = read_table(spark, spec.table, version=version, what="--table")
     missing = [c for c in ("row_id", "text", "label") + (("split",) if spec.split else ()) if c not in df.columns]

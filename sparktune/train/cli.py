@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from sparktune.cli import stage_parser
+from sparktune.tables import check_writes
 
 __all__ = ["add_cli", "run_cli", "format_summary"]
 
@@ -52,6 +53,9 @@ def run_cli(args, ctx):
     if getattr(args, "experiment", None):
         overrides.append(f"mlflow.experiment={args.experiment}")
     cfg = load_train_config(args.config, overrides)
+    check_writes(None, "train", folders={"output_dir": cfg.output_dir, "checkpoint.dir": cfg.checkpoint.dir,
+                                         "data.staging_dir": cfg.data.staging_dir},
+                 inputs={"data.table": cfg.data.table or cfg.data.location})
     tracker = None
     if cfg.mlflow.enabled:
         from sparktune.tracking import Tracker
