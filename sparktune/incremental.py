@@ -27,8 +27,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sparktune.redact import redact_mapping
-from sparktune.tables import parse_table_ref, table_properties
+from sparktune.tables import commit_metadata, parse_table_ref, table_properties
 
 __all__ = ["ChangeSource", "SourceChanges", "apply_changes", "history_unreadable", "last_provenance",
            "source_changes"]
@@ -138,16 +137,10 @@ def apply_changes(target, rows, changes: SourceChanges, user_metadata: dict, key
                      f"WHEN MATCHED THEN DELETE "
                      f"WHEN NOT MATCHED AND s.{_KEY} IS NULL THEN INSERT ({', '.join(columns)}) "
                      f"VALUES ({', '.join('s.' + c for c in columns)})")
-    meta_key = "spark.databricks.delta.commitInfo.userMetadata"
-    previous = spark.conf.get(meta_key, None)
     try:
-        spark.conf.set(meta_key, json.dumps(redact_mapping(dict(user_metadata)), sort_keys=True))
-        spark.sql(statement)
+        with commit_metadata(spark, user_metadata):
+            spark.sql(statement)
     finally:
-        if previous is None:
-            spark.conf.unset(meta_key)
-        else:
-            spark.conf.set(meta_key, previous)
         spark.catalog.dropTempView(view)
     return table_version(spark, ref)
 
