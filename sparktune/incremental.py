@@ -27,9 +27,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sparktune.tables import commit_metadata, parse_table_ref, table_properties
+from sparktune.tables import commit_metadata, parse_table_ref
 
-__all__ = ["ChangeSource", "SourceChanges", "apply_changes", "history_unreadable", "last_provenance",
+__all__ = ["Applied", "ChangeSource", "SourceChanges", "apply_changes", "history_unreadable", "last_provenance",
            "source_changes"]
 
 _KEY = "_sparktune_key"
@@ -89,17 +89,17 @@ def source_changes(spark, source, base_version: int, version: int, columns: list
     from pyspark.sql import functions as F
 
     ref = parse_table_ref(source)
-    if str(table_properties(spark, ref).get(_CDF_PROPERTY, "")).lower() == "true":
-        try:
-            changes = _read_change_feed(spark, ref, base_version + 1, version)
-            types = _changed_types(changes)  # fails here when the feed does not cover the whole range
-        except Exception:  # noqa: BLE001  (feed enabled after base_version, or its files vacuumed: diff instead)
-            changes = None
-        if changes is not None:
-            keys = changes.select(F.col(key)).distinct()
-            inserted = (changes.where(F.col("_change_type") == "insert").select(*columns)
-                        if types <= {"insert"} else None)
-            return SourceChanges(base_version, version, ChangeSource.CHANGE_DATA_FEED, keys, inserted)
+    try:
+        # No property lookup first: reading a feed that is off (or off for part of the range) fails at once.
+        changes = _read_change_feed(spark, ref, base_version + 1, version)
+        types = _changed_types(changes)
+    except Exception:  # noqa: BLE001  (no feed for this range: compare the two versions instead)
+        changes = None
+    if changes is not None:
+        keys = changes.select(F.col(key)).distinct()
+        inserted = (changes.where(F.col("_change_type") == "insert").select(*columns)
+                    if types <= {"insert"} else None)
+        return SourceChanges(base_version, version, ChangeSource.CHANGE_DATA_FEED, keys, inserted)
 
     from sparktune.tables import read_table
 
@@ -114,12 +114,19 @@ def source_changes(spark, source, base_version: int, version: int, columns: list
     return SourceChanges(base_version, version, ChangeSource.ROW_DIFF, keys, None)
 
 
-def apply_changes(target, rows, changes: SourceChanges, user_metadata: dict, key: str = "row_id") -> int:
-    """Commit ``rows`` (the derived rows of the changed keys, the target's columns) to ``target``
-    in one Delta commit; returns the new version. See the module docstring for the two forms."""
-    from pyspark.sql import functions as F
+@dataclass(frozen=True)
+class Applied:
+    """The commit ``apply_changes`` made."""
 
-    from sparktune.tables import table_version
+    version: int
+    inserted: int
+    deleted: int
+
+
+def apply_changes(target, rows, changes: SourceChanges, user_metadata: dict, key: str = "row_id") -> Applied:
+    """Commit ``rows`` (the derived rows of the changed keys, the target's columns) to ``target``
+    in one Delta commit. See the module docstring for the two forms."""
+    from pyspark.sql import functions as F
 
     ref = parse_table_ref(target)
     spark = rows.sparkSession
@@ -142,17 +149,23 @@ def apply_changes(target, rows, changes: SourceChanges, user_metadata: dict, key
             spark.sql(statement)
     finally:
         spark.catalog.dropTempView(view)
-    return table_version(spark, ref)
+    version, metrics = _last_commit(spark, ref)[::2]
+    return Applied(version, metrics.get("numTargetRowsInserted", metrics.get("numOutputRows", 0)),
+                   metrics.get("numTargetRowsDeleted", 0))
 
 
 def last_provenance(spark, target) -> tuple[dict | None, dict]:
     """(the provenance a stage recorded in the target's latest commit, or None when that commit
     carries none, e.g. someone else's DELETE; that commit's operation metrics)."""
-    ref = parse_table_ref(target)
+    return _last_commit(spark, parse_table_ref(target))[1:]
+
+
+def _last_commit(spark, ref) -> tuple[int, dict | None, dict]:
+    """(version, parsed userMetadata or None, numeric operation metrics) of the latest commit."""
     row = spark.sql(f"DESCRIBE HISTORY {ref.sql} LIMIT 1").collect()[0]
     metrics = {k: int(v) for k, v in (row["operationMetrics"] or {}).items() if str(v).isdigit()}
     try:
         written = json.loads(row["userMetadata"] or "null")
     except ValueError:
-        return None, metrics
-    return (written if isinstance(written, dict) else None), metrics
+        written = None
+    return int(row["version"]), (written if isinstance(written, dict) else None), metrics

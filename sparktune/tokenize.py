@@ -480,16 +480,13 @@ def _tokenize_changes(spark, input_ref, output_ref, base_version: int, provenanc
         # Appends only: the change feed's rows themselves; else every row of a changed row_id at the new version.
         rows = changes.inserted if changes.inserted is not None else raw.join(changes.keys, "row_id", "left_semi")
         metadata = dict(provenance, incremental_from=str(base_version), change_source=changes.via.value)
-        version = apply_changes(output_ref, tokenize_rows(rows), changes, metadata)
+        applied = apply_changes(output_ref, tokenize_rows(rows), changes, metadata)
     except Exception as exc:  # noqa: BLE001  (only an unreadable history is handled; the rest re-raised)
         if isinstance(exc, SparktuneError) or not history_unreadable(exc):
             raise
         return None
-    _, metrics = last_provenance(spark, output_ref)
-    inserted = metrics.get("numTargetRowsInserted", metrics.get("numOutputRows", 0))
-    return TokenizeResult(output_ref, version, False, provenance, incremental_from=base_version,
-                          change_source=changes.via, rows_inserted=inserted,
-                          rows_deleted=metrics.get("numTargetRowsDeleted", 0))
+    return TokenizeResult(output_ref, applied.version, False, provenance, incremental_from=base_version,
+                          change_source=changes.via, rows_inserted=applied.inserted, rows_deleted=applied.deleted)
 
 
 def _conf_int(spark, key: str) -> int | None:

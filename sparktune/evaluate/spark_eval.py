@@ -385,18 +385,14 @@ def predict_table(spark, model, table: str, output: str, *, tracker=None, text_c
                             .alias("loss"), F.col("_out.n_predicted").alias("n_tokens"), *tail)
     if changes is not None:
         try:
-            version = apply_changes(output, out, changes, dict(provenance, incremental_from=str(base)))
+            applied = apply_changes(output, out, changes, dict(provenance, incremental_from=str(base)))
         except Exception as exc:  # noqa: BLE001  (only an unreadable history is handled; the rest re-raised)
             if not history_unreadable(exc):
                 raise
             return predict_table(spark, resolved, table, output, tracker=tracker, text_column=text_column,
                                  batch_size=batch_size, full=True)
-        from sparktune.incremental import last_provenance
-
-        metrics = last_provenance(spark, output)[1]
         return PredictResult(resolved.uri, resolved.version_label, resolved.task, table, source_version, output,
-                             version, read_table(spark, output).count(),
-                             scored=metrics.get("numTargetRowsInserted", metrics.get("numOutputRows", 0)),
+                             applied.version, read_table(spark, output).count(), scored=applied.inserted,
                              incremental_from=base)
     version = write_table(out, output, properties={
         "sparktune.model_uri": resolved.uri, "sparktune.model_version": resolved.version_label,
