@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from sparktune.errors import SparktuneError
 __all__ = [
     "TableRef",
     "check_writes",
+    "commit_metadata",
     "last_commit",
     "parse_table_ref",
     "read_table",
@@ -132,7 +134,7 @@ def write_table(df, ref, properties: dict | None = None, user_metadata: dict | N
     mixes its files into the winner's version) and a SparktuneError says so. Property values
     and user metadata are redacted of credentials.
     """
-    from sparktune.redact import redact, redact_mapping
+    from sparktune.redact import redact
 
     ref = parse_table_ref(ref)
     spark = df.sparkSession
@@ -142,12 +144,9 @@ def write_table(df, ref, properties: dict | None = None, user_metadata: dict | N
     if properties:
         pairs = ", ".join(f"'{_sql_str(k)}' = '{_sql_str(redact(str(v)))}'" for k, v in properties.items())
         props = f" TBLPROPERTIES ({pairs})"
-    meta_key = "spark.databricks.delta.commitInfo.userMetadata"
-    previous = spark.conf.get(meta_key, None)
     try:
-        if user_metadata is not None:
-            spark.conf.set(meta_key, json.dumps(redact_mapping(dict(user_metadata)), sort_keys=True))
-        spark.sql(f"CREATE OR REPLACE TABLE {ref.sql} USING DELTA{props} AS SELECT * FROM {view}")
+        with commit_metadata(spark, user_metadata):
+            spark.sql(f"CREATE OR REPLACE TABLE {ref.sql} USING DELTA{props} AS SELECT * FROM {view}")
     except Exception as exc:
         text = f"{type(exc).__name__}: {exc}"
         if any(marker in text for marker in _CONCURRENT_ERRORS):
@@ -158,12 +157,26 @@ def write_table(df, ref, properties: dict | None = None, user_metadata: dict | N
             ) from None
         raise
     finally:
+        spark.catalog.dropTempView(view)
+    return table_version(spark, ref)
+
+
+@contextlib.contextmanager
+def commit_metadata(spark, user_metadata: dict | None):
+    """Delta commits made inside carry ``user_metadata`` (redacted JSON) as their ``userMetadata``."""
+    from sparktune.redact import redact_mapping
+
+    meta_key = "spark.databricks.delta.commitInfo.userMetadata"
+    previous = spark.conf.get(meta_key, None)
+    try:
+        if user_metadata is not None:
+            spark.conf.set(meta_key, json.dumps(redact_mapping(dict(user_metadata)), sort_keys=True))
+        yield
+    finally:
         if previous is None:
             spark.conf.unset(meta_key)
         else:
             spark.conf.set(meta_key, previous)
-        spark.catalog.dropTempView(view)
-    return table_version(spark, ref)
 
 
 def table_id(spark, ref) -> str:

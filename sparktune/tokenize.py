@@ -21,6 +21,16 @@ properties match *and* the output's latest commit is the one tokenize wrote with
   an append, a replace) means its content is no longer what tokenize wrote;
 - the sparktune version, since tokenize's output may change between releases.
 
+Incremental runs: when the output was built by tokenize with the same inputs from an older
+version of the same source, only the source rows that changed since (appends, updates, deletes)
+are tokenized, and the output gets one new Delta version (an append, or a MERGE that replaces the
+changed ``row_id``s): ``sparktune.incremental``. Its content equals a full rebuild's. The commit's
+``userMetadata`` records the source version the content reflects (``source_version``) and the
+version it was brought forward from (``incremental_from``); Delta cannot change table properties
+in such a commit, so the ``source_version`` property is that of the last full build. ``--full``
+rebuilds everything; so does any change of tokenizer, max length, task, prompt or sparktune
+version, a packed table (blocks span rows), and a source whose old version can no longer be read.
+
 Tokenizers without a pad token (GPT-2) need nothing here; training sets ``pad = eos``.
 """
 
@@ -32,11 +42,11 @@ import os
 from dataclasses import dataclass
 
 from sparktune.errors import ConfigError, SparktuneError
+from sparktune.incremental import ChangeSource, apply_changes, history_unreadable, last_provenance, source_changes
 from sparktune.redact import redact, redact_mapping
 from sparktune.results import StageResult
 from sparktune.tables import (
     check_writes,
-    last_commit,
     parse_table_ref,
     read_table,
     table_exists,
@@ -72,11 +82,22 @@ class TokenizeResult(StageResult):
     version: int
     skipped: bool
     provenance: dict
+    incremental_from: int | None = None
+    """The source version the previous output reflected, when only the rows changed since were tokenized."""
+    change_source: ChangeSource | None = None
+    rows_inserted: int | None = None
+    """Rows the incremental commit added to the output (None for a full build)."""
+    rows_deleted: int | None = None
+    """Output rows it removed (their source row changed or was deleted)."""
 
     def summary(self) -> str:
         if self.skipped:
             return (f"{self.output} is up to date (Delta version {self.version}): same tokenizer, max length, task and "
                     "source version; nothing to do")
+        if self.incremental_from is not None:
+            return (f"tokenized the rows changed from source version {self.incremental_from} to "
+                    f"{self.provenance['source_version']} ({self.change_source.value if self.change_source else ''}): "
+                    f"+{self.rows_inserted} -{self.rows_deleted} rows -> {self.output} (Delta version {self.version})")
         return f"tokenized -> {self.output} (Delta version {self.version})"
 
 
@@ -211,22 +232,32 @@ def _pack_partition(block_size: int, separator: int | None):
     return pack
 
 
-def _up_to_date(spark, output_ref, properties: dict, provenance: dict) -> bool:
-    """True when the output was written by tokenize from exactly these inputs and not changed since."""
-    import json
+# Provenance entries that say which source version the content reflects, not how it was built.
+_STATE_KEYS = ("source_version", "incremental_from", "change_source")
 
+
+def _recorded_source_version(spark, output_ref, properties: dict, provenance: dict) -> int | None:
+    """The source version the output reflects, when tokenize wrote its latest commit from the same
+    build inputs (tokenizer, max length, task, source table id, sparktune version...); else None."""
     if not table_exists(spark, output_ref):
-        return False
+        return None
     existing = table_properties(spark, output_ref)
-    if any(existing.get(k) != v for k, v in properties.items()):
-        return False
+    if any(existing.get(k) != v for k, v in properties.items() if k != TOKENIZED.prop_source_version):
+        return None
     # The properties survive a DELETE/UPDATE/append by someone else; the latest commit does not.
-    commit = last_commit(spark, output_ref)
+    written, _ = last_provenance(spark, output_ref)
+    if written is None or "source_version" not in written:
+        return None
+
+    def build(entries: dict) -> dict:
+        return {k: v for k, v in entries.items() if k not in _STATE_KEYS}
+
+    if build(written) != build(redact_mapping(provenance)):
+        return None
     try:
-        written = json.loads(commit["userMetadata"] or "null")
-    except ValueError:
-        return False
-    return written == redact_mapping(provenance)
+        return int(written["source_version"])
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass
@@ -328,7 +359,6 @@ def tokenize_table(
     ``gguf_file``: the tokenizer is inside this GGUF file of the ``tokenizer`` folder (SmolLM2).
     ``prompt``: a ``sparktune.prompts.PromptSpec``, required for ``Task.INSTRUCTION``.
     """
-    from pyspark.sql import functions as F
 
     from sparktune import __version__
     from sparktune.models import load_tokenizer
@@ -381,9 +411,6 @@ def tokenize_table(
         except ValueError as exc:
             raise SparktuneError(f"--max-length: {exc}") from None
     properties = t.properties(provenance)
-    if not force and _up_to_date(spark, output_ref, properties, provenance):
-        return TokenizeResult(output_ref, table_version(spark, output_ref), True, provenance)
-
     raw = read_table(spark, input_ref, version=source_version, what="--input")
     missing = {"row_id", "split", "label", "text"} - set(raw.columns)
     if missing:
@@ -391,14 +418,40 @@ def tokenize_table(
             f"--input {input_ref}: expected a raw table from `sparktune ingest` with row_id, split, label, text; "
             f"missing {', '.join(sorted(missing))}"
         )
+    raw = raw.select(*_RAW_COLUMNS)
+    recorded = None if force else _recorded_source_version(spark, output_ref, properties, provenance)
+    if recorded is not None and recorded == source_version:
+        return TokenizeResult(output_ref, table_version(spark, output_ref), True, provenance)
+    if recorded is not None and recorded < source_version and not pack:
+        result = _tokenize_changes(spark, input_ref, output_ref, recorded, provenance, raw,
+                                   lambda rows: _tokenized(spark, rows, tokenizer, task, max_length, pack, block_size,
+                                                           gguf_file, prompt, driver_tokenizer, spread=False))
+        if result is not None:
+            return result
+    tokenized = _tokenized(spark, raw, tokenizer, task, max_length, pack, block_size, gguf_file, prompt,
+                           driver_tokenizer, spread=True)
+    version = write_table(tokenized, output_ref, properties=properties, user_metadata=provenance)
+    return TokenizeResult(output_ref, version, False, provenance)
+
+
+_RAW_COLUMNS = ("row_id", "split", "label", "text")
+
+
+def _tokenized(spark, raw, tokenizer: str, task: Task, max_length: int, pack: bool, block_size: int | None,
+               gguf_file: str, prompt, driver_tokenizer, spread: bool):
+    """The tokenized rows of ``raw`` (row_id, split, label, text): one definition for full and
+    incremental builds, so both give the same rows."""
+    from pyspark.sql import functions as F
+
     raw = raw.select("row_id", "split", F.col("label").cast("int").alias("label"), "text")
     # A small raw table can be a single file, i.e. a single task: spread it so every core
     # tokenizes. Only then: the shuffle costs more than the imbalance of a few big tasks.
     # Cores come from the session's settings and files from the Delta log, not from Spark jobs
     # (two such jobs cost ~1 s per run on 2 cores; BENCHMARKS.md, issue 12).
-    cores = _session_cores(spark)
-    if cores > 1 and len(raw.inputFiles()) < cores:
-        raw = raw.repartition(cores)
+    if spread:
+        cores = _session_cores(spark)
+        if cores > 1 and len(raw.inputFiles()) < cores:
+            raw = raw.repartition(cores)
     add_special = task is Task.CLASSIFICATION
     # Packed documents are not truncated: packing cuts the joined stream into blocks instead.
     truncate_at = 0 if pack else max_length
@@ -418,8 +471,25 @@ def tokenize_table(
             .sortWithinPartitions("split", "row_id")
             .mapInPandas(_pack_partition(block_size or max_length, separator), TOKENIZED_SCHEMA)
         )
-    version = write_table(tokenized, output_ref, properties=properties, user_metadata=provenance)
-    return TokenizeResult(output_ref, version, False, provenance)
+    return tokenized
+
+
+def _tokenize_changes(spark, input_ref, output_ref, base_version: int, provenance: dict, raw, tokenize_rows):
+    """Bring the output forward from source version ``base_version``: tokenize only the changed rows,
+    one commit. None when the changes cannot be read (the old version vacuumed): rebuild in full."""
+    source_version = int(provenance["source_version"])
+    try:
+        changes = source_changes(spark, input_ref, base_version, source_version, list(_RAW_COLUMNS))
+        # Appends only: the change feed's rows themselves; else every row of a changed row_id at the new version.
+        rows = changes.inserted if changes.inserted is not None else raw.join(changes.keys, "row_id", "left_semi")
+        metadata = dict(provenance, incremental_from=str(base_version), change_source=changes.via.value)
+        applied = apply_changes(output_ref, tokenize_rows(rows), changes, metadata)
+    except Exception as exc:  # noqa: BLE001  (only an unreadable history is handled; the rest re-raised)
+        if isinstance(exc, SparktuneError) or not history_unreadable(exc):
+            raise
+        return None
+    return TokenizeResult(output_ref, applied.version, False, provenance, incremental_from=base_version,
+                          change_source=changes.via, rows_inserted=applied.inserted, rows_deleted=applied.deleted)
 
 
 def _conf_int(spark, key: str) -> int | None:
@@ -482,7 +552,8 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--task", default=Task.CLASSIFICATION.value, choices=Task.choices())
     parser.add_argument("--pack", action="store_true", help="causal-lm: pack token streams into fixed-size blocks")
     parser.add_argument("--block-size", type=int, help="with --pack: tokens per block (default: --max-length)")
-    parser.add_argument("--force", action="store_true", help="rebuild even when the table is up to date")
+    parser.add_argument("--full", "--force", dest="force", action="store_true",
+                        help="rebuild the whole table, even when it is up to date or only some source rows changed")
     parser.add_argument("--gguf-file", default="", help="the tokenizer is inside this GGUF file of --tokenizer")
     parser.add_argument("--label-names", default="",
                         help="instruction: class names in label order, comma-separated (e.g. negative,positive)")

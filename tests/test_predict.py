@@ -97,3 +97,43 @@ def test_stages_use_no_spark_context():
         with open(module.__file__) as handle:
             source = handle.read()
         assert "sparkContext" not in source.replace("no ``sparkContext``", "") and ".rdd" not in source
+
+
+def test_predict_on_a_growing_table_scores_only_the_changed_rows(spark, logged, reviews, tmp_path):
+    """Issue 21: the same model on a grown/changed source (change data feed on) scores only new and
+    changed rows, drops deleted ones, one commit each, and equals a full run row for row."""
+    from sparktune.evaluate import predict_table
+    from sparktune.tables import read_table, table_version, write_table
+
+    tracker, uri = logged
+    _, texts = reviews
+    table = str(tmp_path / "reviews")
+    rows = [(f"r{i:02d}", t) for i, t in enumerate(texts)]
+    write_table(spark.createDataFrame(rows[:20], "row_id string, text string"), table)
+    spark.sql(f"ALTER TABLE delta.`{table}` SET TBLPROPERTIES ('delta.enableChangeDataFeed' = 'true')")
+    out = str(tmp_path / "predictions")
+    first = predict_table(spark, uri, table, out, tracker=tracker)
+    assert first.scored == first.rows == 20 and first.incremental_from is None
+
+    spark.createDataFrame(rows[20:24], "row_id string, text string").createOrReplaceTempView("new_reviews")
+    spark.sql(f"INSERT INTO delta.`{table}` SELECT * FROM new_reviews")
+    added = 4
+    grown = predict_table(spark, uri, table, out, tracker=tracker)
+    assert grown.incremental_from == first.table_version and grown.scored == added
+    assert grown.output_version == first.output_version + 1 and grown.rows == 20 + added
+
+    spark.sql(f"UPDATE delta.`{table}` SET text = 'A dull, lifeless film. I want my money back.' WHERE row_id = 'r03'")
+    spark.sql(f"DELETE FROM delta.`{table}` WHERE row_id IN ('r05', 'r06')")
+    changed = predict_table(spark, uri, table, out, tracker=tracker)
+    assert changed.incremental_from == grown.table_version and changed.scored == 1
+    assert changed.output_version == grown.output_version + 1 and changed.rows == 18 + added
+    again = predict_table(spark, uri, table, out, tracker=tracker)
+    assert again.scored == 0 and again.output_version == changed.output_version
+    assert table_version(spark, out) == changed.output_version
+
+    full = predict_table(spark, uri, table, str(tmp_path / "full"), tracker=tracker)
+    columns = ["row_id", "text_sha256", "prediction", "predicted_label", "model_uri", "model_version"]
+    got = read_table(spark, out).toPandas().sort_values("row_id").reset_index(drop=True)
+    want = read_table(spark, full.output).toPandas().sort_values("row_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(got[columns], want[columns])
+    np.testing.assert_allclose(np.stack(got["probabilities"]), np.stack(want["probabilities"]), atol=1e-5)

@@ -91,8 +91,20 @@ class PredictResult(StageResult):
     output: str
     output_version: int
     rows: int
+    """Rows of the predictions table."""
+    scored: int | None = None
+    """Rows scored by this run (fewer than ``rows`` when only the changed source rows were; 0 when up to date)."""
+    incremental_from: int | None = None
+    """The source version the predictions reflected before this run, when only the rows changed since were scored."""
 
     def summary(self) -> str:
+        if self.scored == 0:
+            return (f"{self.output} (version {self.output_version}) already holds {self.model_uri}'s predictions "
+                    f"for {self.table} version {self.table_version}; nothing to score")
+        if self.incremental_from is not None:
+            return (f"scored the {self.scored} rows of {self.table} changed from version {self.incremental_from} to "
+                    f"{self.table_version} with {self.model_uri}\n"
+                    f"predictions ({self.rows} rows) updated in {self.output} (version {self.output_version})")
         return (f"scored {self.rows} rows of {self.table} (version {self.table_version}) with {self.model_uri}\n"
                 f"predictions written to {self.output} (version {self.output_version})")
 
@@ -370,13 +382,22 @@ def _text_hash(column):
 
 
 def predict_table(spark, model, table: str, output: str, *, tracker=None, text_column: str | None = None,
-                  batch_size: int = 32) -> PredictResult:
-    """Score every row of ``table`` (unlabelled text or a tokenized table) and write ``output``."""
+                  batch_size: int = 32, full: bool = False) -> PredictResult:
+    """Score every row of ``table`` (unlabelled text or a tokenized table) and write ``output``.
+
+    The predictions table holds one row per source row, all from one model version. When
+    ``output`` already holds this model version's predictions for an older version of the same
+    source (recorded in its latest commit) and the source has a ``row_id``, only the rows changed
+    since are scored: new rows are added, the rows of changed or deleted source rows replaced or
+    dropped, in one commit (``sparktune.incremental``); the result equals a full run's. Another
+    model, another input column, a source without ``row_id`` or ``full`` score every row.
+    """
     from pyspark.sql import functions as F
 
+    from sparktune.incremental import apply_changes, history_unreadable, source_changes
     from sparktune.inference import input_column, score_spark
     from sparktune.model.resolve import ResolvedModel, resolve_model
-    from sparktune.tables import check_writes, read_table, table_uri, table_version, write_table
+    from sparktune.tables import check_writes, read_table, table_id, table_uri, table_version, write_table
     from sparktune.tracking import Tracker
 
     check_writes(spark, "predict", tables={"--output": output}, inputs={"--table": table})
@@ -385,6 +406,23 @@ def predict_table(spark, model, table: str, output: str, *, tracker=None, text_c
     df = read_table(spark, table, what="input table")
     source_version = table_version(spark, table)
     column = input_column(df, text_column)
+    provenance = _predict_provenance(spark, resolved, table, table_id(spark, table), source_version, column.name)
+    base = None if full or TOKENIZED.row_id not in df.columns else _predicted_version(spark, output, provenance)
+    if base == source_version:
+        return PredictResult(resolved.uri, resolved.version_label, resolved.task, table, source_version, output,
+                             table_version(spark, output), read_table(spark, output).count(), scored=0)
+    changes = None
+    if base is not None and base < source_version:
+        inputs = [TOKENIZED.row_id, column.name] + ([TOKENIZED.prompt_tokens] if TOKENIZED.prompt_tokens in df.columns
+                                                    and not column.is_text else [])
+        try:
+            changes = source_changes(spark, table, base, source_version, inputs)
+            df = changes.inserted if changes.inserted is not None else df.join(changes.keys, TOKENIZED.row_id,
+                                                                               "left_semi")
+        except Exception as exc:  # noqa: BLE001  (only an unreadable history is handled; the rest re-raised)
+            if not history_unreadable(exc):
+                raise
+            changes = None
     if resolved.task is Task.INSTRUCTION:
         df = _instruction_prompts(df, table, column.is_text)
     scored = score_spark(df, resolved, tracker, column, batch_size=batch_size)
@@ -402,14 +440,56 @@ def predict_table(spark, model, table: str, output: str, *, tracker=None, text_c
     else:
         out = scored.select(*common, (F.col("_out.loss_sum") / F.greatest(F.col("_out.n_predicted"), F.lit(1)))
                             .alias("loss"), F.col("_out.n_predicted").alias("n_tokens"), *tail)
+    if changes is not None:
+        try:
+            applied = apply_changes(output, out, changes, dict(provenance, incremental_from=str(base)))
+        except Exception as exc:  # noqa: BLE001  (only an unreadable history is handled; the rest re-raised)
+            if not history_unreadable(exc):
+                raise
+            return predict_table(spark, resolved, table, output, tracker=tracker, text_column=text_column,
+                                 batch_size=batch_size, full=True)
+        return PredictResult(resolved.uri, resolved.version_label, resolved.task, table, source_version, output,
+                             applied.version, read_table(spark, output).count(), scored=applied.inserted,
+                             incremental_from=base)
     version = write_table(out, output, properties={
         "sparktune.model_uri": resolved.uri, "sparktune.model_version": resolved.version_label,
         "sparktune.source_table": table_uri(spark, table), "sparktune.source_version": source_version},
-        user_metadata={"stage": "predict", "model_uri": resolved.uri, "source_table": table,
-                       "source_version": source_version})
+        user_metadata=provenance)
     rows = read_table(spark, output).count()
     return PredictResult(resolved.uri, resolved.version_label, resolved.task, table, source_version, output,
-                         version, rows)
+                         version, rows, scored=rows)
+
+
+def _predict_provenance(spark, resolved, table: str, source_id: str, source_version: int, column: str) -> dict:
+    """What a predictions table's content reflects (its commit's userMetadata): the model version,
+    the source (location, Delta table id, version) and the input column."""
+    from sparktune import __version__
+
+    return {"stage": "predict", "model_uri": resolved.uri, "model_version": str(resolved.version_label),
+            "source_table": table, "source_table_id": source_id, "source_version": source_version,
+            "input_column": column, "sparktune_version": __version__}
+
+
+def _predicted_version(spark, output: str, provenance: dict) -> int | None:
+    """The source version ``output``'s predictions reflect, when predict wrote its latest commit with
+    the same model version, source and input column; else None (score every row)."""
+    from sparktune.incremental import last_provenance
+    from sparktune.redact import redact_mapping
+    from sparktune.tables import table_exists
+
+    if not table_exists(spark, output):
+        return None
+    written, _ = last_provenance(spark, output)
+    if written is None:
+        return None
+    state = ("source_version", "incremental_from")
+    if {k: v for k, v in written.items() if k not in state} != {
+            k: v for k, v in redact_mapping(provenance).items() if k not in state}:
+        return None
+    try:
+        return int(written["source_version"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 # CLI -------------------------------------------------------------------------------------------
@@ -422,7 +502,7 @@ def _evaluate_cli(args, ctx) -> EvaluateResult:
 
 def _predict_cli(args, ctx) -> PredictResult:
     return predict_table(ctx.spark(), args.model, args.table, args.output, tracker=ctx.tracker(),
-                         text_column=args.text_column, batch_size=args.batch_size)
+                         text_column=args.text_column, batch_size=args.batch_size, full=args.full)
 
 
 _MODEL_HELP = "models:/<name>@<alias>, models:/<name>/<version>, models:/m-<id>, runs:/<run_id>/model or a folder"
@@ -454,5 +534,8 @@ def add_cli(subparsers) -> None:
     q.add_argument("--output", required=True, help="Delta table (path or name) to write the predictions to")
     q.add_argument("--text-column", default=None, help="column holding the text (default: input_ids, else text)")
     q.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
+    q.add_argument("--full", action="store_true",
+                   help="score every row, even when --output holds this model's predictions for an older version of "
+                        "--table (by default only the rows changed since are scored)")
     q.set_defaults(func=_predict_cli)
 
