@@ -91,9 +91,9 @@ def sharding_units(model, names=()) -> list:
                 f"fsdp.units: no module of class {', '.join(sorted(names))} in the model; its classes are "
                 f"{', '.join(present[:40])}; name the layer class (or leave fsdp.units empty)"
             )
-        lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+        lists: list[torch.nn.ModuleList] = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
         if lists:
-            found = list(max(lists, key=lambda m: len(list(m.children()))))
+            found = list(max(lists, key=lambda m: len(m._modules)))
     if not found:
         raise SparktuneError(
             f"fsdp.units: found no repeated layers in {type(_base_model(model)).__name__} to shard (no "
