@@ -93,7 +93,8 @@ def sharding_units(model, names=()) -> list:
             )
         lists: list[torch.nn.ModuleList] = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
         if lists:
-            found = list(max(lists, key=lambda m: len(m._modules)))
+            sizes = [len(m) for m in lists]
+            found = list(lists[sizes.index(max(sizes))])
     if not found:
         raise SparktuneError(
             f"fsdp.units: found no repeated layers in {type(_base_model(model)).__name__} to shard (no "
