@@ -184,6 +184,30 @@ def _open_run(cfg: TrainConfig, tracker, task: Task, record: JobRecord | None) -
     return run_id, True
 
 
+def _plan_memory(cfg: TrainConfig, env: dist.DistEnv, task: Task, props: dict):
+    """Rank 0's memory plan when the driver did not make one (plain torchrun, or executor GPUs
+    the driver cannot see): against this machine's GPU or its share of host memory."""
+    from sparktune.train import memory
+    from sparktune.train.config import MemoryCheck
+
+    if cfg.train.memory_check is MemoryCheck.OFF or os.environ.get(memory.PLANNED_ENV):
+        return None
+    gpu = dist.use_gpu()
+    gpu_total = None
+    if gpu:
+        import torch
+
+        gpu_total = int(torch.cuda.get_device_properties(env.local_rank).total_memory)
+    shape = memory.model_shape(cfg, task)
+    seq_len = cfg.data.max_length or _int(props.get(TOKENIZED.prop_max_length)) or 512
+    plan = memory.plan_for_job(cfg, task, seq_len=seq_len, world_size=env.world_size, gpu=gpu,
+                               bf16=train_bf16(cfg, gpu), ranks_per_host=env.local_world_size,
+                               gpu_total=gpu_total, shape=shape)
+    log.warning("sparktune train: memory plan: %s", plan.figures())
+    memory.check_memory(plan, shape, cfg.train.memory_check)
+    return plan
+
+
 def setup(cfg: TrainConfig, env: dist.DistEnv, tracker=None) -> Job:
     from transformers import set_seed
 
@@ -202,12 +226,17 @@ def setup(cfg: TrainConfig, env: dist.DistEnv, tracker=None) -> Job:
         info = table_info(cfg.data.location, cfg.data.version)
         cfg.data.version = info["version"]
         task = resolve_task(cfg, info["properties"])
+        memory_plan = _plan_memory(cfg, env, task, info["properties"])  # before any weights or rows load
         run_id = ""
         if cfg.mlflow.enabled:
             from sparktune.tracking import Tracker
 
             tracker = tracker or Tracker(cfg.mlflow.tracking_uri or None, cfg.mlflow.experiment)
-            run_id, _ = _open_run(cfg, tracker, task, record)
+            run_id, opened = _open_run(cfg, tracker, task, record)
+            if opened and memory_plan is not None:
+                from sparktune.train.memory import log_plan
+
+                log_plan(tracker, run_id, memory_plan)
         os.makedirs(cfg.checkpoint_dir, exist_ok=True)
         store.write_job(JobRecord(location=cfg.data.location, table=cfg.data.table, table_id=table_id,
                                   version=cfg.data.version, world_size=env.world_size, task=task.value,
