@@ -104,7 +104,6 @@ def test_fsdp_shards_params_grads_and_adam_state_and_matches_ddp_loss(tmp_path, 
     a = load_file(os.path.join(ddp["model_dir"], "model.safetensors"))
     b = load_file(os.path.join(fsdp["model_dir"], "model.safetensors"))
     assert a.keys() == b.keys()
-    import torch
 
     for key in a:
         diff = (a[key] - b[key]).abs()
