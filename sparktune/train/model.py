@@ -79,6 +79,9 @@ def qlora_problems(cfg: TrainConfig, task: Task | None, gpu: bool) -> list[str]:
     if cfg.train.parallelism is Parallelism.FSDP:
         problems.append("lora.quantize: nf4 with train.parallelism=fsdp is not supported (4-bit weights are not "
                         "sharded); use train.parallelism=ddp: the 4-bit base already fits a 7-8B model on one GPU")
+    if cfg.lora.merge_on_save:
+        problems.append("lora.merge_on_save: merging adapters into a 4-bit base would round them away; set "
+                        "lora.merge_on_save=false with lora.quantize=nf4 (the adapters are saved beside the base)")
     if cfg.model.config_overrides or cfg.model.gguf_file:
         problems.append("lora.quantize: nf4 quantizes pretrained weights as they load; it cannot be combined with "
                         "model.config_overrides or model.gguf_file")
