@@ -250,32 +250,30 @@ def rank_memory(cfg: TrainConfig, *, gpu: bool, ranks_per_host: int,
             return gpu_total, "the driver's GPU memory"
         return None, "unknown on the driver (executor GPUs)"
     available = _host_available()
-    return available // max(ranks_per_host, 1), f"host memory available / {ranks_per_host} rank(s)"
+    return available // max(ranks_per_host, 1), f"host memory / {ranks_per_host} rank(s)"
 
 
 def _host_available() -> int:
-    """Memory this machine (or its cgroup) can still give."""
-    available = None
+    """Memory this machine (or its cgroup) has: its total, not what is free this second (a busy
+    neighbour would otherwise make the same job fit one minute and be refused the next)."""
+    total = None
     try:
         import psutil
 
-        available = int(psutil.virtual_memory().available)
+        total = int(psutil.virtual_memory().total)
     except ImportError:
         with open("/proc/meminfo", encoding="ascii") as handle:
             for line in handle:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
     try:
         with open("/sys/fs/cgroup/memory.max", encoding="ascii") as handle:
             limit = handle.read().strip()
-        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as handle:
-            used = int(handle.read().strip())
         if limit != "max":
-            room = int(limit) - used
-            available = room if available is None else min(available, room)
+            total = int(limit) if total is None else min(total, int(limit))
     except (OSError, ValueError):
         pass
-    return int(available or 0)
+    return int(total or 0)
 
 
 def plan_for_job(cfg: TrainConfig, task: Task, *, seq_len: int, world_size: int, gpu: bool, bf16: bool,
