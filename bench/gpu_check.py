@@ -139,7 +139,7 @@ def build_packed_table(path: str, tokenizer_path: str, imdb: str, blocks: int, b
 
 def write_config(path: str, *, table: str, tokenizer: str, output_dir: str, model: dict, block: int,
                  batch_size: int, steps: int, logging_steps: int, bf16: bool, compile_: bool,
-                 tracking_uri: str, nproc: int) -> None:
+                 tracking_uri: str, nproc: int, parallelism: str = "ddp") -> None:
     import yaml
 
     config = {
@@ -149,7 +149,7 @@ def write_config(path: str, *, table: str, tokenizer: str, output_dir: str, mode
         "data": {"table": table, "location": table, "version": 0, "eval_split": "", "group_by_length": False},
         "train": {"batch_size": batch_size, "max_steps": steps, "learning_rate": 6e-4, "warmup_steps": 0,
                   "weight_decay": 0.1, "bf16": bf16, "torch_compile": compile_, "logging_steps": logging_steps,
-                  "seed": 0},
+                  "seed": 0, "parallelism": parallelism},
         "checkpoint": {"strategy": "no"},
         "mlflow": {"enabled": True, "tracking_uri": tracking_uri, "experiment": "gpu-check",
                    "log_model": False, "system_metrics": False},
@@ -174,8 +174,8 @@ def _steady_tokens_per_second(tracking_uri: str, run_id: str, skip: int) -> floa
     return statistics.median(values) if values else None
 
 
-def run_arm(args, work: str, table: str, facts: dict, compile_: bool) -> dict:
-    arm = "compile" if compile_ else "eager"
+def run_arm(args, work: str, table: str, facts: dict, compile_: bool, parallelism: str = "ddp") -> dict:
+    arm = ("compile" if compile_ else "eager") + ("-fsdp" if parallelism == "fsdp" else "")
     out = os.path.join(work, arm)
     os.makedirs(out, exist_ok=True)
     config = os.path.join(out, "config.yaml")
@@ -183,7 +183,8 @@ def run_arm(args, work: str, table: str, facts: dict, compile_: bool) -> dict:
     model = GPT2_TINY if args.smoke else GPT2_SMALL
     write_config(config, table=table, tokenizer=args.tokenizer, output_dir=os.path.join(out, "job"), model=model,
                  block=args.block, batch_size=args.batch_size, steps=args.steps, logging_steps=args.logging_steps,
-                 bf16=not args.smoke, compile_=compile_, tracking_uri=tracking_uri, nproc=args.nproc)
+                 bf16=not args.smoke, compile_=compile_, tracking_uri=tracking_uri, nproc=args.nproc,
+                 parallelism=parallelism)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                SPARKTUNE_HOME=os.path.join(out, "home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
@@ -206,8 +207,14 @@ def run_arm(args, work: str, table: str, facts: dict, compile_: bool) -> dict:
     flops = gpt2_flops_per_token(model["n_layer"], model["n_embd"], facts["vocab"], args.block)
     peak = facts.get("peak")
     rate = steady or overall
+    plan_gib = None
+    if result.get("run_id"):
+        from mlflow import MlflowClient
+
+        plan_gib = MlflowClient(tracking_uri).get_run(result["run_id"]).data.params.get("memory.total_gib")
     return {
-        "arm": arm, "steps": result["global_step"], "tokens": tokens, "wall_s": wall,
+        "arm": arm, "plan_gib": float(plan_gib) if plan_gib else None,
+        "steps": result["global_step"], "tokens": tokens, "wall_s": wall,
         "train_s": result["train_seconds"], "tokens_per_s_overall": overall, "tokens_per_s_steady": steady,
         "model_tflops": rate * flops / 1e12, "mfu": rate * flops / (peak * args.nproc) if peak else None,
         "first_loss": result.get("first_loss"), "last_loss": result.get("last_loss"),
@@ -239,6 +246,7 @@ def main(argv=None) -> int:
                                                         "shared/models/gpt2-tokenizer)")
     parser.add_argument("--imdb", default=None, help="IMDB Parquet folder (default: shared/data/imdb; '' synthetic)")
     parser.add_argument("--work", default="", help="scratch folder (default: a temp folder)")
+    parser.add_argument("--parallelism", default="", help="comma list of ddp,fsdp (default both; ddp with --smoke)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line last")
     args = parser.parse_args(argv)
     smoke = args.smoke
@@ -269,18 +277,21 @@ def main(argv=None) -> int:
 
         facts["vocab"] = len(AutoTokenizer.from_pretrained(args.tokenizer))
     arms = {"both": (False, True), "on": (True,), "off": (False,)}[args.compile]
-    results = [run_arm(args, work, table, facts, compile_) for compile_ in arms]
+    modes = (args.parallelism or ("ddp" if smoke else "ddp,fsdp")).split(",")
+    results = [run_arm(args, work, table, facts, compile_) for compile_ in arms] if "ddp" in modes else []
+    if "fsdp" in modes:  # the sharded path (a world of one still runs fully_shard and the DCP code)
+        results.append(run_arm(args, work, table, facts, False, parallelism="fsdp"))
     peak = f"{facts['peak'] / 1e12:.0f} TFLOP/s bf16 peak" if facts["peak"] else "peak unknown (--peak-tflops)"
     print(f"device: {facts['device']} x {args.nproc} ({peak}); GPT-2 {'tiny' if smoke else 'small 124M'}, "
           f"block {args.block}, batch {args.batch_size}/rank, {args.steps} steps, data {facts.get('source', 'cached')}")
-    print(f"{'arm':>8} {'tokens/s (steady)':>18} {'tokens/s (all)':>15} {'model TFLOP/s':>14} {'MFU':>7} "
-          f"{'loss first->last':>18}")
+    print(f"{'arm':>11} {'tokens/s (steady)':>18} {'tokens/s (all)':>15} {'model TFLOP/s':>14} {'MFU':>7} "
+          f"{'loss first->last':>18} {'plan GiB':>9}")
     for r in results:
         steady = f"{r['tokens_per_s_steady']:.0f}" if r["tokens_per_s_steady"] else "n/a"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         loss = f"{r['first_loss'] or 0:.2f}->{r['last_loss'] or 0:.2f}"
-        print(f"{r['arm']:>8} {steady:>18} {r['tokens_per_s_overall']:>15.0f} {r['model_tflops']:>14.3f} "
-              f"{mfu:>7} {loss:>18}")
+        print(f"{r['arm']:>11} {steady:>18} {r['tokens_per_s_overall']:>15.0f} {r['model_tflops']:>14.3f} "
+              f"{mfu:>7} {loss:>18} {r['plan_gib'] or 'n/a':>9}")
     if args.json:
         print(json.dumps({"device": facts["device"], "nproc": args.nproc, "results": results}))
     return 0

@@ -33,6 +33,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 JOB_FILE = "sparktune_job.json"
 _ZIP_FILES = ("optimizer.pt", "scheduler.pt")
 _RNG = re.compile(r"^rng_state(?:_(\d+))?\.pth$")
+_SHARDED_DIRS = ("model_dcp", "optimizer_dcp")  # sparktune.train.fsdp.SHARDED_DIRS (torch-free here)
 
 
 @dataclass
@@ -100,11 +101,17 @@ def verify_checkpoint(path: str, world_size: int | None = None) -> list[str]:
     except OSError as exc:
         return [f"cannot list {path} ({exc})"]
     problems = []
-    for name in ("trainer_state.json", *_ZIP_FILES):
+    # An FSDP job's checkpoint holds the weights and AdamW state as torch.distributed.checkpoint
+    # folders (one file per rank), verified against their .metadata.
+    sharded = any(name in files for name in _SHARDED_DIRS)
+    for name in ("trainer_state.json", *(("scheduler.pt",) if sharded else _ZIP_FILES)):
         if name not in files:
             problems.append(f"{name} is missing")
-    weights = sorted(f for f in files if f.endswith(".safetensors") or f.endswith(".bin"))
-    if not weights:
+    if sharded:
+        from sparktune.train.fsdp import checkpoint_dcp_problems
+
+        problems += checkpoint_dcp_problems(path)
+    elif not any(f.endswith(".safetensors") or f.endswith(".bin") for f in files):
         problems.append("no model weights (*.safetensors or *.bin)")
     if world_size and world_size > 1:
         missing = [r for r in range(world_size) if f"rng_state_{r}.pth" not in files]

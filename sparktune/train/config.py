@@ -7,6 +7,7 @@ and report the dotted key, what was found and what to do.
 
 from __future__ import annotations
 
+import enum
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,9 +23,42 @@ __all__ = [
     "MlflowConfig",
     "DistributorConfig",
     "CheckpointConfig",
+    "FsdpConfig",
+    "Parallelism",
+    "Quantization",
+    "MemoryCheck",
     "load_train_config",
     "train_config_from_dict",
 ]
+
+
+class _Choice(str, enum.Enum):
+    def __str__(self) -> str:  # the YAML spelling in params and messages, not "Parallelism.FSDP"
+        return self.value
+
+
+class Parallelism(_Choice):
+    """How ranks share the model: ``ddp`` replicates it on every rank (weights, gradients, AdamW
+    state); ``fsdp`` shards all three across ranks (torch FSDP2 ``fully_shard``)."""
+
+    DDP = "ddp"
+    FSDP = "fsdp"
+
+
+class Quantization(_Choice):
+    """How the frozen base weights of a LoRA job are stored: ``none`` (model.dtype) or ``nf4``
+    (4-bit NormalFloat via bitsandbytes: QLoRA)."""
+
+    NONE = "none"
+    NF4 = "nf4"
+
+
+class MemoryCheck(_Choice):
+    """What the memory plan does with a job that does not fit: refuse it before launch, warn, or skip the plan."""
+
+    REFUSE = "refuse"
+    WARN = "warn"
+    OFF = "off"
 
 
 def _strategy(value, key: str, problems: list):
@@ -61,6 +95,9 @@ class ModelConfig:
     0 lets torch's SDPA use its fused attention kernel instead of drawing a random mask over every
     (batch, head, token, token): the largest single loss in a MiniLM training step on the dev box
     (dropout's RNG ~25-30% of the step; 0 measured ~1.5x faster per step, BENCHMARKS.md issue 12)."""
+    max_shard_size: str = "5GB"
+    """The trained model's safetensors are split into files of at most this size (with an index),
+    so no single file or in-memory copy needs the whole model."""
     config_overrides: dict = field(default_factory=dict)
     """Build a fresh, randomly initialised model from ``name``'s config with these changes
     (e.g. ``{n_layer: 2, n_embd: 64}``) instead of loading weights; for tests and smoke runs."""
@@ -165,6 +202,14 @@ class TrainArgsConfig:
     """torch CPU threads per process; empty: cores / processes (at least 1)."""
     torch_compile: bool = False
     """torch.compile the model."""
+    parallelism: Parallelism = Parallelism.DDP
+    """``ddp``: every rank holds the whole model, its gradients and AdamW state (fine up to ~1B
+    parameters); ``fsdp``: each of N ranks holds 1/N of them (torch FSDP2), for models that do not
+    fit one device. Settings in the ``fsdp`` section."""
+    memory_check: MemoryCheck = MemoryCheck.REFUSE
+    """The memory plan (``sparktune.train.memory``) predicts each rank's peak from the model config
+    before anything starts: ``refuse`` a job that cannot fit (with the figures and what to change),
+    ``warn`` and go on, or ``off``."""
 
     def __post_init__(self):
         problems: list = []
@@ -202,6 +247,9 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=list)
     """Module names to adapt; empty: a default for the architecture (GPT-2: c_attn, BERT: query/value,
     Llama: q/v_proj)."""
+    quantize: Quantization = Quantization.NONE
+    """QLoRA: ``nf4`` loads the frozen base weights in 4 bits (bitsandbytes; decoder models on a
+    GPU) and trains the adapters in bf16/fp32; ``none``: the base in ``model.dtype``."""
     merge_on_save: bool = True
     """Merge adapters into the base weights when saving the final model (a plain transformers model);
     false: save the adapters (and a classifier's head) with the base model in ``model/base``."""
@@ -245,11 +293,17 @@ class DistributorConfig:
     """Relaunch this many times after a failure, resuming from the latest complete checkpoint."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: auto = nccl with GPUs, else gloo."""
+    memory_per_rank_gb: float | None = None
+    """Memory one rank may use (GiB) for the memory plan; empty: the driver's GPU memory (local
+    mode), else a CPU rank's share of the host's available memory; executor-mode GPU jobs without
+    it are planned on each rank, before it loads weights."""
 
     def __post_init__(self):
         problems: list = []
         require(problems, self.num_processes >= 1, "num_processes", f"must be >= 1, got {self.num_processes}")
         require(problems, self.max_restarts >= 0, "max_restarts", f"must be >= 0, got {self.max_restarts}")
+        require(problems, self.memory_per_rank_gb is None or self.memory_per_rank_gb > 0, "memory_per_rank_gb",
+                f"must be > 0 or empty, got {self.memory_per_rank_gb}")
         raise_if(problems)
 
 
@@ -273,6 +327,22 @@ class CheckpointConfig:
 
 
 @dataclass
+class FsdpConfig:
+    """Settings of ``train.parallelism: fsdp`` (torch FSDP2)."""
+
+    units: list[str] = field(default_factory=list)
+    """Module class names that become sharding units (gathered one at a time); empty: found from
+    the model (transformers' ``_no_split_modules``, i.e. its decoder/encoder layers, else the
+    children of its longest ModuleList)."""
+    reshard_after_forward: bool = True
+    """Free each unit's gathered weights after its forward and gather them again for backward
+    (less memory, one more all-gather per unit); false keeps them until backward."""
+    cpu_offload: bool = False
+    """Keep the sharded weights, gradients and AdamW state in CPU memory and stream them to the
+    GPU per unit (FSDP2 CPUOffloadPolicy): slower, for models whose shards do not fit the GPUs."""
+
+
+@dataclass
 class TrainConfig:
     # Sections have no defaults so the loader builds each one itself (absent ones from {}),
     # which prefixes their problems with the section name (data.table, not table).
@@ -283,6 +353,7 @@ class TrainConfig:
     mlflow: MlflowConfig
     distributor: DistributorConfig
     checkpoint: CheckpointConfig
+    fsdp: FsdpConfig
     output_dir: str = ""
     """Where the final model, tokenizer and result.json go."""
     resume: bool = False

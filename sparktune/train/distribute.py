@@ -56,7 +56,7 @@ def launch_once(plan: LaunchPlan, cfg: TrainConfig, tracker=None) -> TrainResult
     return cast(TrainResult, distributor.run(_rank_main, cfg.to_dict(), env, tracker))
 
 
-def _resolve_table(spark, cfg: TrainConfig, world_size: int) -> None:
+def _resolve_table(spark, cfg: TrainConfig, world_size: int) -> dict:
     """Pin ``data.location``, ``data.version`` and ``model.task`` on the driver, before any rank starts."""
     from sparktune.tables import parse_table_ref, table_location
     from sparktune.train.checks import check_table_matches_model
@@ -73,6 +73,38 @@ def _resolve_table(spark, cfg: TrainConfig, world_size: int) -> None:
     problems = check_table_matches_model(info["properties"], cfg)
     if problems:
         raise ConfigError(problems)
+    return info["properties"]
+
+
+def _plan_memory(cfg: TrainConfig, plan: LaunchPlan, props: dict):
+    """The job's memory plan on the driver; refuses one that cannot fit (``train.memory_check``).
+
+    None when the check is off, or when the ranks' memory is unknown here (executor GPUs without
+    ``distributor.memory_per_rank_gb``): then rank 0 plans against its own GPU before loading.
+    """
+    from sparktune.tasks import TOKENIZED, Task
+    from sparktune.train import memory
+    from sparktune.train.config import MemoryCheck
+
+    if cfg.train.memory_check is MemoryCheck.OFF:
+        return None
+    task = Task.parse(cfg.model.task, "model.task")
+    seq_len = cfg.data.max_length or int(props.get(TOKENIZED.prop_max_length) or 512)
+    gpu_total = None
+    if plan.use_gpu and plan.local_mode:
+        import torch
+
+        gpu_total = int(torch.cuda.get_device_properties(0).total_memory)
+    shape = memory.model_shape(cfg, task)
+    mplan = memory.plan_for_job(cfg, task, seq_len=seq_len, world_size=plan.num_processes, gpu=plan.use_gpu,
+                                bf16=bool(plan.bf16), ranks_per_host=memory.ranks_per_host(cfg),
+                                gpu_total=gpu_total, shape=shape)
+    if mplan.available is None:
+        return None
+    log.warning("sparktune train: memory plan: %s", mplan.figures())
+    memory.check_memory(mplan, shape, cfg.train.memory_check)
+    plan.env[memory.PLANNED_ENV] = "1"
+    return mplan
 
 
 def _describe_failure(records, world_size: int, exc: Exception) -> str:
@@ -135,7 +167,9 @@ def run_training(cfg, spark=None, tracker=None, plan: LaunchPlan | None = None) 
     _place_outputs_on_volume(cfg)
     if plan is None:
         plan = build_launch_plan(cfg, **spark_facts(spark))
-    _resolve_table(spark, cfg, plan.num_processes)
+    props = _resolve_table(spark, cfg, plan.num_processes)
+    # Before any data is staged or any rank starts: refuse a job that cannot fit.
+    memory_plan = _plan_memory(cfg, plan, props)
     from sparktune.staging import default_staging_dir, stage_job_data
 
     if not plan.local_mode:
@@ -166,6 +200,10 @@ def run_training(cfg, spark=None, tracker=None, plan: LaunchPlan | None = None) 
         if not (run_id and tracker.run_exists(run_id)):
             run_id = tracker.start_run(cfg.mlflow.run_name)
             log_job(tracker, run_id, cfg, cfg.model.task)
+            if memory_plan is not None:
+                from sparktune.train.memory import log_plan
+
+                log_plan(tracker, run_id, memory_plan)
         cfg.mlflow.run_id = run_id
     store.write_job(JobRecord(location=cfg.data.location, table=cfg.data.table,
                               table_id=table_identity(cfg.data.location), version=cfg.data.version,

@@ -10,7 +10,8 @@ from sparktune.models import resolve_pretrained
 from sparktune.tasks import TOKENIZED, Task
 from sparktune.train.config import TrainConfig
 
-__all__ = ["load_tokenizer", "build_model", "apply_lora", "LORA_TARGETS", "model_max_positions"]
+__all__ = ["load_tokenizer", "build_model", "apply_lora", "LORA_TARGETS", "model_max_positions", "qlora_problems",
+           "nf4_supported"]
 
 LORA_TARGETS = {
     "gpt2": ["c_attn"],
@@ -48,6 +49,61 @@ def load_tokenizer(cfg: TrainConfig, table_props: dict):
     return tokenizer
 
 
+def nf4_supported(device: str) -> str | None:
+    """None if the installed bitsandbytes quantizes to nf4 on ``device`` (tried on a small tensor), else why not."""
+    try:
+        import bitsandbytes.functional as bnbf
+        import torch
+    except ImportError:
+        return "bitsandbytes is not installed"
+    try:
+        bnbf.quantize_4bit(torch.randn(64, 64, device=device, dtype=torch.bfloat16), quant_type="nf4")
+    except Exception as exc:  # noqa: BLE001  (any failure means: not usable here)
+        why = str(exc).splitlines()[0][:200] if str(exc) else repr(exc)
+        return f"bitsandbytes cannot quantize to nf4 on {device} ({why})"
+    return None
+
+
+def qlora_problems(cfg: TrainConfig, task: Task | None, gpu: bool) -> list[str]:
+    """Why ``lora.quantize: nf4`` (QLoRA) cannot run with this config on this device (empty: it can)."""
+    from sparktune.train.config import Parallelism, Quantization
+
+    if cfg.lora.quantize is not Quantization.NF4:
+        return []
+    problems = []
+    if not cfg.lora.enabled:
+        problems.append("lora.quantize: nf4 quantizes the frozen base of a LoRA job; set lora.enabled=true "
+                        "(or lora.quantize=none)")
+    if task is Task.CLASSIFICATION:
+        problems.append("lora.quantize: nf4 (QLoRA) is for decoder models (causal-lm, instruction); use "
+                        "lora.quantize=none for a classifier")
+    if cfg.train.parallelism is Parallelism.FSDP:
+        problems.append("lora.quantize: nf4 with train.parallelism=fsdp is not supported (4-bit weights are not "
+                        "sharded); use train.parallelism=ddp: the 4-bit base already fits a 7-8B model on one GPU")
+    if cfg.lora.merge_on_save:
+        problems.append("lora.merge_on_save: merging adapters into a 4-bit base would round them away; set "
+                        "lora.merge_on_save=false with lora.quantize=nf4 (the adapters are saved beside the base)")
+    if cfg.model.config_overrides or cfg.model.gguf_file:
+        problems.append("lora.quantize: nf4 quantizes pretrained weights as they load; it cannot be combined with "
+                        "model.config_overrides or model.gguf_file")
+    why = nf4_supported("cuda" if gpu else "cpu")
+    if why:
+        problems.append(f"lora.quantize: nf4 needs bitsandbytes with 4-bit support on this "
+                        f"{'GPU' if gpu else 'CPU'}: {why}; train on GPUs (distributor.use_gpu) with bitsandbytes "
+                        "installed, or set lora.quantize=none (plain LoRA)")
+    return problems
+
+
+def _nf4_kwargs(cfg: TrainConfig) -> dict:
+    """from_pretrained arguments that load the base in nf4 (double quantization, bf16 compute)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16)}
+
+
 def build_model(cfg: TrainConfig, task: Task, tokenizer):
     """The model to train (LoRA-wrapped when ``lora.enabled``)."""
     import torch
@@ -76,6 +132,9 @@ def build_model(cfg: TrainConfig, task: Task, tokenizer):
     else:
         path = resolve_pretrained(cfg.model.name)
         kwargs = dict(extra, **from_pretrained_dtype(dtype), trust_remote_code=cfg.model.trust_remote_code)
+        quantized = cfg.lora.enabled and cfg.lora.quantize.value == "nf4"
+        if quantized:
+            kwargs.update(_nf4_kwargs(cfg))
         if cfg.model.gguf_file:
             kwargs["gguf_file"] = cfg.model.gguf_file
         try:
@@ -92,6 +151,11 @@ def build_model(cfg: TrainConfig, task: Task, tokenizer):
     if cfg.train.gradient_checkpointing:
         model.config.use_cache = False
     if cfg.lora.enabled:
+        if getattr(model, "is_loaded_in_4bit", False):
+            from peft import prepare_model_for_kbit_training
+
+            # fp32 norms/head, input grads for checkpointing: peft's recipe for training on a 4-bit base
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
         model = apply_lora(cfg, model, task)
     return model
 

@@ -38,7 +38,8 @@ def inference_tokenizer(tokenizer, max_length: int | None, classifier: bool):
     return copied
 
 
-def save_model(model, tokenizer, save_dir: str, prompt=None, max_length: int | None = None) -> str:
+def save_model(model, tokenizer, save_dir: str, prompt=None, max_length: int | None = None,
+               max_shard_size: str | None = None) -> str:
     """``save_pretrained`` model (safetensors) and tokenizer into ``save_dir``; returns it.
 
     ``max_length``: the length training truncated to; the saved tokenizer carries it
@@ -48,17 +49,19 @@ def save_model(model, tokenizer, save_dir: str, prompt=None, max_length: int | N
     classifier's trained head, peft's ``modules_to_save``) in ``save_dir`` and its base model in
     ``save_dir/base``, so the folder stays self-contained; ``sparktune.model.hf.load`` joins
     them. ``prompt`` (an instruction model's ``PromptSpec``) is written beside the weights.
+    ``max_shard_size`` (e.g. "5GB"): safetensors files past it are split, with an index.
     """
     from sparktune.model import hf
     from sparktune.prompts import PROMPT_FILE
 
     os.makedirs(save_dir, exist_ok=True)
+    split = {"max_shard_size": max_shard_size} if max_shard_size else {}
     if hasattr(model, "peft_config") and hasattr(model, "unload"):
         model.save_pretrained(save_dir, safe_serialization=True)
         # unload() strips the adapter layers (the adapters are saved above) and gives the base back.
-        model.unload().save_pretrained(os.path.join(save_dir, hf.ADAPTER_BASE), safe_serialization=True)
+        model.unload().save_pretrained(os.path.join(save_dir, hf.ADAPTER_BASE), safe_serialization=True, **split)
     else:
-        model.save_pretrained(save_dir, safe_serialization=True)
+        model.save_pretrained(save_dir, safe_serialization=True, **split)
     # PeftModelForSequenceClassification too
     classifier = type(model).__name__.endswith("ForSequenceClassification")
     inference_tokenizer(tokenizer, max_length, classifier).save_pretrained(save_dir)
@@ -69,7 +72,8 @@ def save_model(model, tokenizer, save_dir: str, prompt=None, max_length: int | N
 
 
 def log_model(model, tokenizer, *, task, save_dir: str, tracker=None, run_id: str | None = None,
-              label_names=None, max_length: int | None = None, prompt=None) -> str:
+              label_names=None, max_length: int | None = None, prompt=None,
+              max_shard_size: str | None = None) -> str:
     """Save ``model`` + ``tokenizer`` to ``save_dir`` and log the sparktune pyfunc around them.
 
     ``task`` is a ``sparktune.tasks.Task`` (or its spelling). With ``tracker`` and ``run_id``
@@ -87,6 +91,6 @@ def log_model(model, tokenizer, *, task, save_dir: str, tracker=None, run_id: st
         names = [str(x) for x in label_names]
         model.config.id2label = dict(enumerate(names))
         model.config.label2id = {name: i for i, name in enumerate(names)}
-    save_model(model, tokenizer, save_dir, prompt=prompt, max_length=max_length)
+    save_model(model, tokenizer, save_dir, prompt=prompt, max_length=max_length, max_shard_size=max_shard_size)
     return artifact.log_model(save_dir, task, tracker=tracker, run_id=run_id, label_names=label_names,
                               max_length=max_length)

@@ -29,7 +29,7 @@ from sparktune.tasks import TOKENIZED, Task
 from sparktune.train import dist
 from sparktune.train.checkpoints import CheckpointStore, JobRecord, resume_problems
 from sparktune.train.checks import check_rows_fit_model, check_table_matches_model
-from sparktune.train.config import TrainConfig, train_config_from_dict
+from sparktune.train.config import Parallelism, TrainConfig, train_config_from_dict
 from sparktune.train.failures import DataFilesGone, record_failure
 from sparktune.train.result import TrainResult
 
@@ -140,6 +140,8 @@ class Job:
     opened_run: bool = False
     bf16: bool = False
     """bf16 autocast for this rank (``train_bf16``)."""
+    sharded: bool = False
+    """The model is FSDP2-sharded (``train.parallelism: fsdp``)."""
     extra: dict = field(default_factory=dict)
 
     @property
@@ -182,6 +184,30 @@ def _open_run(cfg: TrainConfig, tracker, task: Task, record: JobRecord | None) -
     return run_id, True
 
 
+def _plan_memory(cfg: TrainConfig, env: dist.DistEnv, task: Task, props: dict):
+    """Rank 0's memory plan when the driver did not make one (plain torchrun, or executor GPUs
+    the driver cannot see): against this machine's GPU or its share of host memory."""
+    from sparktune.train import memory
+    from sparktune.train.config import MemoryCheck
+
+    if cfg.train.memory_check is MemoryCheck.OFF or os.environ.get(memory.PLANNED_ENV):
+        return None
+    gpu = dist.use_gpu()
+    gpu_total = None
+    if gpu:
+        import torch
+
+        gpu_total = int(torch.cuda.get_device_properties(env.local_rank).total_memory)
+    shape = memory.model_shape(cfg, task)
+    seq_len = cfg.data.max_length or _int(props.get(TOKENIZED.prop_max_length)) or 512
+    plan = memory.plan_for_job(cfg, task, seq_len=seq_len, world_size=env.world_size, gpu=gpu,
+                               bf16=train_bf16(cfg, gpu), ranks_per_host=env.local_world_size,
+                               gpu_total=gpu_total, shape=shape)
+    log.warning("sparktune train: memory plan: %s", plan.figures())
+    memory.check_memory(plan, shape, cfg.train.memory_check)
+    return plan
+
+
 def setup(cfg: TrainConfig, env: dist.DistEnv, tracker=None) -> Job:
     from transformers import set_seed
 
@@ -200,12 +226,17 @@ def setup(cfg: TrainConfig, env: dist.DistEnv, tracker=None) -> Job:
         info = table_info(cfg.data.location, cfg.data.version)
         cfg.data.version = info["version"]
         task = resolve_task(cfg, info["properties"])
+        memory_plan = _plan_memory(cfg, env, task, info["properties"])  # before any weights or rows load
         run_id = ""
         if cfg.mlflow.enabled:
             from sparktune.tracking import Tracker
 
             tracker = tracker or Tracker(cfg.mlflow.tracking_uri or None, cfg.mlflow.experiment)
-            run_id, _ = _open_run(cfg, tracker, task, record)
+            run_id, opened = _open_run(cfg, tracker, task, record)
+            if opened and memory_plan is not None:
+                from sparktune.train.memory import log_plan
+
+                log_plan(tracker, run_id, memory_plan)
         os.makedirs(cfg.checkpoint_dir, exist_ok=True)
         store.write_job(JobRecord(location=cfg.data.location, table=cfg.data.table, table_id=table_id,
                                   version=cfg.data.version, world_size=env.world_size, task=task.value,
@@ -254,16 +285,34 @@ def setup(cfg: TrainConfig, env: dist.DistEnv, tracker=None) -> Job:
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
     bf16 = train_bf16(cfg, dist.use_gpu())
+    sharding = _shard(cfg, env, model, bf16) if cfg.train.parallelism is Parallelism.FSDP else None
     if env.is_main and cfg.mlflow.enabled and decided["run_id"] and tracker is not None:
         from mlflow.exceptions import MlflowException
 
         try:  # what train.bf16 (often auto) came to on this machine
-            tracker.log_params(decided["run_id"], {"train.precision": "bf16" if bf16 else "fp32"})
+            params = {"train.precision": "bf16" if bf16 else "fp32"}
+            if sharding is not None:
+                params["train.fsdp_units"] = sharding.describe()
+            tracker.log_params(decided["run_id"], params)
         except MlflowException as exc:  # a resumed job on another machine: keep the first value
             log.warning("sparktune train: train.precision not logged (%s)", str(exc).splitlines()[0])
     return Job(cfg=cfg, env=env, task=task, props=props, run_id=decided["run_id"], tracker=tracker,
                tokenizer=tokenizer, model=model, train_rows=data.train_rows, shard=shard, eval_rows=eval_rows,
-               resume_from=decided["resume_from"], bf16=bf16)
+               resume_from=decided["resume_from"], bf16=bf16, sharded=sharding is not None)
+
+
+def _shard(cfg: TrainConfig, env: dist.DistEnv, model, bf16: bool):
+    """FSDP2: activation checkpointing first (non-reentrant, as FSDP2 needs), then ``fully_shard``."""
+    from sparktune.train.fsdp import shard_model
+
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    report = shard_model(model, units=cfg.fsdp.units, reshard_after_forward=cfg.fsdp.reshard_after_forward,
+                         cpu_offload=cfg.fsdp.cpu_offload, gpu=dist.use_gpu(), bf16=bf16,
+                         world_size=env.world_size)
+    if env.is_main:
+        log.warning("sparktune train: %s", report.describe())
+    return report
 
 
 # Fit ----------------------------------------------------------------------------------------
@@ -297,7 +346,8 @@ def training_arguments(job: Job):
         max_grad_norm=t.max_grad_norm,
         bf16=job.bf16,
         fp16=t.fp16 and gpu and not job.bf16,
-        **_checkpointing_arg(t.gradient_checkpointing),
+        # FSDP: enabled on the model before sharding (_shard), not by Trainer afterwards
+        **_checkpointing_arg(t.gradient_checkpointing and not job.sharded),
         torch_compile=t.torch_compile,
         seed=t.seed,
         logging_strategy="steps",
@@ -416,6 +466,8 @@ def fit(job: Job):
         def get_train_dataloader(self):
             return DataLoader(tdata.RowsDataset(shard), batch_sampler=sampler, collate_fn=train_collator)
 
+    trainer_class = _fsdp_trainer(ShardTrainer) if job.sharded else ShardTrainer
+
     throughput, names = ThroughputCallback(train_collator, env), MetricNamesCallback()
     callbacks: list = [throughput, names]
     if job.logs_to_mlflow:
@@ -423,7 +475,7 @@ def fit(job: Job):
 
         callbacks.append(MLflowCallback())
     callbacks += [FsyncCallback(), *plugin_callbacks(cfg, env)]
-    trainer = ShardTrainer(
+    trainer = trainer_class(
         model=job.model,
         args=training_arguments(job),
         data_collator=eval_collator,
@@ -441,6 +493,79 @@ def fit(job: Job):
     return trainer, output, eval_metrics, seconds, throughput, names
 
 
+def _fsdp_trainer(base):
+    """``base`` taught to train an FSDP2-sharded model: no DDP around it, sharded checkpoints.
+
+    Checkpoints keep Trainer's layout (trainer_state.json, scheduler.pt, rng_state_<rank>.pth)
+    with the weights and AdamW state as ``torch.distributed.checkpoint`` folders, each rank
+    writing and reading only its shard (``sparktune.train.fsdp.save_sharded``).
+    """
+    from sparktune.train import fsdp
+
+    class FsdpTrainer(base):
+        def _wrap_model(self, model, training=True, dataloader=None):
+            # Anything but self.model: Trainer then skips accelerate's DDP wrap (see trainer_view).
+            if getattr(self, "_sharded_view", None) is None:
+                self._sharded_view = fsdp.trainer_view(self.model)
+            return self._sharded_view
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            if not _internal_call:
+                raise SparktuneError("an FSDP model is saved by sparktune's finish step, not Trainer.save_model")
+            # the weights go with the optimizer state in _save_optimizer_and_scheduler
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            import torch
+
+            fsdp.save_sharded(output_dir, self.model, self.optimizer)
+            if self.args.should_save:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            fsdp.load_sharded(resume_from_checkpoint, self.model)
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            import torch
+
+            if checkpoint is None:
+                return
+            fsdp.load_sharded(checkpoint, self.model, self.optimizer)
+            self.lr_scheduler.load_state_dict(
+                torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
+
+    return FsdpTrainer
+
+
+def _consolidated(job: Job, model):
+    """An FSDP model as a plain (unsharded) transformers model on rank 0, None elsewhere.
+
+    The ranks gather the weights one tensor at a time into rank 0's CPU memory
+    (``fsdp.full_state_dict``); rank 0 builds the model's skeleton on the meta device (no
+    memory) and adopts those tensors (``assign=True``), so it holds one full copy, not two.
+    """
+    import torch
+
+    from sparktune.train.fsdp import _base_model, full_state_dict
+    from sparktune.train.model import apply_lora
+
+    state = full_state_dict(model)
+    if state is None:
+        return None
+    base = _base_model(model)
+    with torch.device("meta"):
+        skeleton = type(base)(base.config)
+        if job.cfg.lora.enabled:
+            skeleton = apply_lora(job.cfg, skeleton, job.task)
+    missing, unexpected = skeleton.load_state_dict(state, strict=False, assign=True)
+    # tied weights (lm_head = embed_tokens) are one entry in the state dict: tie them again
+    getattr(skeleton, "tie_weights", lambda: None)()
+    left = [k for k in missing if any(p.is_meta for n, p in skeleton.named_parameters() if n == k)]
+    if left or unexpected:
+        raise SparktuneError(f"the FSDP model could not be consolidated: missing {left[:5]}, unexpected "
+                             f"{list(unexpected)[:5]}")
+    return skeleton
+
+
 # Finish -------------------------------------------------------------------------------------
 def _log_model(job: Job, model, model_dir: str) -> str:
     """``modelio.log_model``, passing the extra arguments only to a version that takes them."""
@@ -449,7 +574,7 @@ def _log_model(job: Job, model, model_dir: str) -> str:
 
     wanted = {"tracker": job.tracker, "run_id": job.run_id, "label_names": job.cfg.model.label_names or None,
               "max_length": _trained_length(job),
-              "prompt": spec_of(job.props)}
+              "prompt": spec_of(job.props), "max_shard_size": job.cfg.model.max_shard_size}
     params = inspect.signature(log_model).parameters
     extra = {k: v for k, v in wanted.items() if k in params}
     return log_model(model, job.tokenizer, task=job.task, save_dir=model_dir, **extra)
@@ -472,8 +597,11 @@ def finish(job: Job, trainer, output, eval_metrics: dict, seconds: float, throug
     cfg, env = job.cfg, job.env
     steps = dist.gather(trainer.state.global_step, env)
     result = None
+    # every rank takes part in gathering a sharded model; rank 0 alone gets it
+    consolidated = _consolidated(job, trainer.model) if job.sharded else None
     if env.is_main:
-        final = trainer.model
+        final = consolidated if job.sharded else trainer.model
+        assert final is not None  # rank 0 holds the consolidated model
         if cfg.lora.enabled and cfg.lora.merge_on_save:
             final = final.merge_and_unload()
         model_dir = os.path.join(cfg.output_dir, "model")
@@ -484,7 +612,8 @@ def finish(job: Job, trainer, output, eval_metrics: dict, seconds: float, throug
             from sparktune.instruct import spec_of
             from sparktune.train.modelio import save_model
 
-            save_model(final, job.tokenizer, model_dir, prompt=spec_of(job.props), max_length=_trained_length(job))
+            save_model(final, job.tokenizer, model_dir, prompt=spec_of(job.props), max_length=_trained_length(job),
+                       max_shard_size=job.cfg.model.max_shard_size)
         if job.logs_to_mlflow:
             from mlflow.exceptions import MlflowException
 

