@@ -71,6 +71,9 @@ DEV = [
     "databricks-bundles>=1.0,<2",
     # Validates the Azure OpenAI test fake against Azure's published OpenAPI specs (tests/openapi/).
     "openapi-core>=0.19,<0.24",
+    # The readers analysts load our tables with (tests/test_interop.py reads every table with them).
+    "polars>=1.0",
+    "duckdb>=1.1",
 ]
 
 
