@@ -74,6 +74,8 @@ DEV = [
     # The readers analysts load our tables with (tests/test_interop.py reads every table with them).
     "polars>=1.0",
     "duckdb>=1.1",
+    # tests/test_databricks_bundle.py matches the bundle's sync excludes against git's file list.
+    "pathspec>=0.12",
 ]
 
 
