@@ -146,7 +146,8 @@ def _raw_argv(task: dict) -> list:
     if "spark_python_task" in task:
         return [str(p) for p in task["spark_python_task"]["parameters"]]
     widgets = task["notebook_task"]["base_parameters"]
-    assert set(widgets) == {"stage", "args"}, f"task {task['task_key']}: run_stage takes stage and args"
+    assert {"stage", "args"} <= set(widgets) <= {"stage", "args", "config_section"}, \
+        f"task {task['task_key']}: run_stage takes stage, args and config_section"
     args = json.loads(widgets["args"])
     assert isinstance(args, list) and all(isinstance(a, str) for a in args)
     return [widgets["stage"], *args]
@@ -171,6 +172,17 @@ def _flag(params: list, flag: str) -> str:
 def _train_overrides(params: list) -> dict:
     assert params[1] == "--config"
     return dict(p.split("=", 1) for p in params[3:])
+
+
+def _load_train(params: list, task: dict):
+    """The train config a train task runs with, as notebooks/run_stage.py hands it to the stage:
+    the ``--config`` file, or its ``config_section`` when that widget is set."""
+    from sparktune.train.config import load_train_config
+
+    section = task.get("notebook_task", {}).get("base_parameters", {}).get("config_section")
+    if not section:
+        return load_train_config(params[2], list(params[3:]))
+    return load_train_config(None, list(params[3:]), data=_read_yaml(params[2])[section])
 
 
 def _missing_llm_config(params: list) -> str | None:
@@ -409,11 +421,9 @@ def test_every_parameter_is_one_the_stage_accepts(job_key, task_key, capsys):
         pytest.fail(f"task {task_key}: `sparktune {' '.join(params)}` is refused: {capsys.readouterr().err}")
     assert args.command == task_key
     if task_key == "train":
-        from sparktune.train.config import load_train_config
-
         if _missing_llm_config(params):
             pytest.skip(f"{_missing_llm_config(params)} is not in this checkout (issue 20's 7-8B configs)")
-        cfg = load_train_config(args.config, args.overrides)  # unknown or invalid keys raise ConfigError
+        cfg = _load_train(params, _tasks(job_key)[task_key])  # unknown or invalid keys raise ConfigError
         assert cfg.distributor.local_mode is False and cfg.distributor.use_gpu is True
         assert cfg.mlflow.tracking_uri == "databricks"
         assert cfg.output_dir.startswith("/Volumes/")
@@ -448,9 +458,7 @@ def test_llm_job_picks_its_config_by_variable_and_shares_its_length():
         train = _params("train", "sparktune_llm", llm_config=name, llm_max_length="1024")
         if _missing_llm_config(train):
             continue  # checked where issue 20's configs are in the checkout
-        from sparktune.train.config import load_train_config
-
-        cfg = load_train_config(train[2], list(train[3:]))
+        cfg = _load_train(train, _tasks("sparktune_llm")["train"])
         assert cfg.data.max_length == 1024 and cfg.model.task == "instruction"
         assert cfg.distributor.num_processes == int(bundle["variables"]["llm_num_processes"]["default"])
 

@@ -3,6 +3,7 @@ review view it uses, on tables made from tests/data/imdb_sample by the real inge
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import runpy
@@ -175,4 +176,29 @@ def test_run_stage_notebook_fails_the_task_on_bad_input(monkeypatch, tmp_path):
         runpy.run_path(RUN_STAGE, run_name="__main__")
     monkeypatch.setenv("SPARKTUNE_NB_ARGS", f'["--table", "{tmp_path / "missing"}"]')
     with pytest.raises(SparktuneError, match="exited with status 2"):
+        runpy.run_path(RUN_STAGE, run_name="__main__")
+
+
+def test_run_stage_notebook_gives_a_stage_one_section_of_a_pipeline_config(spark, monkeypatch, tmp_path, capsys):
+    """``config_section``: the bundle's 7-8B job passes a pipeline config (one section per stage) to
+    train; the stage gets its section, so its own problems are reported, not the other sections'."""
+    from sparktune.errors import SparktuneError
+
+    monkeypatch.delenv("DATABRICKS_RUNTIME_VERSION", raising=False)
+    pipeline_config = os.path.join(ROOT, "jobs", "configs", "pipeline_local.yaml")
+    missing = tmp_path / "no_such_table"
+    monkeypatch.setenv("SPARKTUNE_NB_STAGE", "train")
+    monkeypatch.setenv("SPARKTUNE_NB_ARGS", json.dumps(["--config", pipeline_config, f"data.table={missing}",
+                                                        f"output_dir={tmp_path / 'out'}", "mlflow.enabled=false"]))
+    with pytest.raises(SparktuneError, match="exited with status 2"):
+        runpy.run_path(RUN_STAGE, run_name="__main__")
+    whole_file = capsys.readouterr().err
+    assert "ingest" in whole_file, "without config_section train refuses the pipeline config's other sections"
+    monkeypatch.setenv("SPARKTUNE_NB_CONFIG_SECTION", "train")
+    with pytest.raises(SparktuneError, match="exited with status 2"):
+        runpy.run_path(RUN_STAGE, run_name="__main__")
+    section = capsys.readouterr().err
+    assert "ingest" not in section and str(missing) in section, section
+    monkeypatch.setenv("SPARKTUNE_NB_CONFIG_SECTION", "trian")
+    with pytest.raises(SparktuneError, match="has no 'trian' section"):
         runpy.run_path(RUN_STAGE, run_name="__main__")
