@@ -79,7 +79,9 @@ class ServeLimits:
     max_connections: int = 128
     max_header_bytes: int = 64 * 1024
     max_text_chars: int = 100_000
-    batch_max_rows: int = 32
+    # Off until measured on a quiet machine: the one end-to-end run (loaded) had the batched server
+    # slower than one pass per request (BENCHMARKS.md, model server, micro-batching).
+    batch_max_rows: int = 0
     batch_wait_ms: float = 5.0
 
     def check(self) -> None:

@@ -346,6 +346,19 @@ def test_stalled_request_heads_are_dropped_and_connections_are_capped(server):
     _assert_serves(url)
 
 
+def _read_response(sock: socket.socket) -> bytes:
+    """One whole HTTP response (head and Content-Length body) from a kept-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
 def test_idle_connections_time_out(server):
     url, _ = server
     port = int(url.rsplit(":", 1)[1])
@@ -361,7 +374,7 @@ def test_idle_connections_time_out(server):
         sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         sock.settimeout(30)
-        answer = sock.recv(65536)
+        answer = _read_response(sock)
         assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
         started = time.monotonic()
         closed, _ = _closed_within(sock, started + KEEP_ALIVE + 5)
@@ -371,7 +384,7 @@ def test_idle_connections_time_out(server):
         sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         sock.settimeout(30)
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        assert _read_response(sock).startswith(b"HTTP/1.1 200")
         sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: 1")
         started = time.monotonic()
         closed, got = _closed_within(sock, started + HEADER_TIMEOUT + 5)
