@@ -44,8 +44,8 @@ def server_cmd(mode, model, port, args):
     if mode == "unbatched":
         return cmd + ["--batch-max-rows", "0"]
     cmd += ["--max-connections", str(max(128, 2 * max(args.clients)))]
-    if args.batch_max_rows is not None:
-        cmd += ["--batch-max-rows", str(args.batch_max_rows)]
+    # The server's default is no batching: this mode batches, 32 rows unless told.
+    cmd += ["--batch-max-rows", str(args.batch_max_rows or 32)]
     if args.batch_wait_ms is not None:
         cmd += ["--batch-wait-ms", str(args.batch_wait_ms)]
     return cmd
