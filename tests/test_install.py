@@ -103,7 +103,7 @@ def test_the_ranges_admit_the_oldest_stack_ci_runs(wheel):
     """setup.py's ranges cover Databricks Runtime 17.3 LTS ML's versions (what ci/runtime_matrix.sh
     installs) besides today's; only Spark and Delta differ: the runtime brings its own (4.0)."""
     with open(os.path.join(ROOT, "ci", "constraints-dbr-17.3-lts-ml.txt"), encoding="utf-8") as handle:
-        pinned = [Requirement(line) for line in handle if line.strip() and not line.startswith("#")]
+        pinned = [Requirement(line.strip()) for line in handle if line.strip() and not line.startswith("#")]
     runtime = {_canon(req.name): str(req.specifier).removeprefix("==") for req in pinned}
     reqs, _ = _metadata(wheel)
     checked = []
