@@ -121,6 +121,11 @@ def plot_token_lengths(spark, ref, path: str, bins: int = HISTOGRAM_BINS) -> dic
 _READ_KEYWORDS = frozenset({"SELECT", "WITH", "VALUES", "TABLE", "FROM", "SHOW", "DESCRIBE", "DESC", "EXPLAIN"})
 # Inside a WITH/FROM query these words start a write (Hive's FROM t INSERT ..., WITH x AS (...) INSERT ...).
 _WRITE_WORDS = frozenset({"INSERT", "MERGE", "UPDATE", "DELETE", "OVERWRITE", "TRUNCATE", "DROP", "CREATE", "ALTER"})
+# Words that start a Spark/Delta statement that is not a read (refused as a write, not as a typo).
+_STATEMENTS = _WRITE_WORDS | frozenset({
+    "OPTIMIZE", "VACUUM", "RESTORE", "REPLACE", "SET", "RESET", "CACHE", "UNCACHE", "REFRESH", "MSCK", "LOAD", "ADD",
+    "REPAIR", "CLONE", "COPY", "USE", "GRANT", "REVOKE", "ANALYZE", "CONVERT", "REORG", "FSCK", "CALL", "EXECUTE",
+    "DECLARE", "BEGIN", "COMMENT", "LIST", "SHOW"})
 # Comments, string literals and `quoted identifiers` are not keywords.
 _NOT_CODE = re.compile(r"--[^\n]*|/\*.*?\*/|'(?:\\.|[^'\\])*'|\"(?:\\.|[^\"\\])*\"|`(?:``|[^`])*`", re.S)
 
@@ -151,6 +156,10 @@ def run_sql(spark, query: str, limit: int = 100, allow_writes: bool = False):
     from sparktune.errors import user_error
     from sparktune.redact import redact
 
+    first = (re.findall(r"[A-Za-z_]+", _NOT_CODE.sub(" ", query)) or [""])[0].upper()
+    if not allow_writes and not is_read_only(query) and first not in _STATEMENTS:
+        raise SparktuneError(f"the query failed: {redact(first)[:40]!r} does not start a SQL statement (a typo?); "
+                             "expected SELECT, WITH, SHOW, DESCRIBE or EXPLAIN. Nothing was run")
     if not allow_writes and not is_read_only(query):
         raise SparktuneError(
             "sparktune sql is read-only: expected a query that only reads (SELECT, WITH ... SELECT, SHOW, DESCRIBE, "

@@ -49,3 +49,18 @@ def test_log_records_are_redacted_once_installed(caplog):
     text = caplog.text
     assert "hunter2" not in text and "abc123" not in text
     assert "https://***@mlflow.example.com/" in text and "max_tokens=5" in text
+
+
+def test_redaction_is_linear_on_long_text():
+    """A 1 MB quarantined review went through every rule: quadratic rules never finished."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import time; from sparktune.redact import redact; t = time.time(); "
+            "assert redact('x' * 300_000 + ' password=hunter2').endswith('password=***'); print(time.time() - t)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=root))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout) < 20
