@@ -107,7 +107,7 @@ def test_full_disk_during_a_spark_write_is_a_message(spark, imdb_sample_path, tm
         _fails(capfd, ["ingest", "--source", imdb_sample_path, "--output", str(mount / "raw")],
                "disk is full", "nothing of this step was committed")
     finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        subprocess.run(["umount", "--lazy", str(mount)], check=False)  # lazy: the JVM may hold a file there
 
 
 def test_read_only_folder_is_refused_before_any_work(spark, imdb_sample_path, tmp_path, capfd):
@@ -120,7 +120,7 @@ def test_read_only_folder_is_refused_before_any_work(spark, imdb_sample_path, tm
         capfd.readouterr()
         _fails(capfd, ["ingest", "--source", imdb_sample_path, "--output", str(mount / "raw")], "may not write")
     finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        subprocess.run(["umount", "--lazy", str(mount)], check=False)  # lazy: the JVM may hold a file there
 
 
 def test_unreachable_tracking_server_is_reported_fast_without_the_password(tmp_path):
