@@ -129,6 +129,20 @@ class TrainedModel:
     """The tokenized table it was trained on (train and test splits)."""
 
 
+def tiny_classifier_config(output_dir: str, minilm_path: str, table: str, tracking_uri: str, experiment: str) -> dict:
+    """A training config for two optimizer steps of MiniLM in one TorchDistributor process."""
+    return {
+        "output_dir": output_dir,
+        "model": {"name": minilm_path, "task": "classification", "num_labels": 2,
+                  "label_names": ["negative", "positive"]},
+        "data": {"table": table, "eval_split": ""},
+        "train": {"batch_size": 8, "max_steps": 2, "logging_steps": 1, "learning_rate": 1e-4},
+        "checkpoint": {"strategy": "no"},
+        "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment, "system_metrics": False},
+        "distributor": {"num_processes": 1, "local_mode": True, "max_restarts": 0},
+    }
+
+
 def train_tiny_classifier(spark, base, minilm_path: str, name: str = "imdb-clf") -> TrainedModel:
     """Two optimizer steps of MiniLM on 16 reviews, in one TorchDistributor process (the real
     training path: it logs the model through sparktune.train.modelio), then registered."""
@@ -142,16 +156,6 @@ def train_tiny_classifier(spark, base, minilm_path: str, name: str = "imdb-clf")
     tracker = Tracker(uri, "model-tests")
     tracker.experiment_id()  # artifacts beside the database, not ./mlruns
     table = write_delta_rs_table(base / "tokens", minilm_path, n_train=16, n_test=24, max_length=64)
-    cfg = {
-        "output_dir": str(base / "out"),
-        "model": {"name": minilm_path, "task": "classification", "num_labels": 2,
-                  "label_names": ["negative", "positive"]},
-        "data": {"table": table, "eval_split": ""},
-        "train": {"batch_size": 8, "max_steps": 2, "logging_steps": 1, "learning_rate": 1e-4},
-        "checkpoint": {"strategy": "no"},
-        "mlflow": {"tracking_uri": uri, "experiment": "model-tests", "system_metrics": False},
-        "distributor": {"num_processes": 1, "local_mode": True, "max_restarts": 0},
-    }
-    result = run_training(cfg, spark)
+    result = run_training(tiny_classifier_config(str(base / "out"), minilm_path, table, uri, "model-tests"), spark)
     registered = register_model(result.run_id, name, tracker=tracker, alias="champion")
     return TrainedModel(uri, result.run_id, result.model_uri, registered.alias_uri or "", table)

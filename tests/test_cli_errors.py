@@ -4,6 +4,7 @@ Through the CLI (``sparktune.cli.main``) on real Delta tables; ``capfd`` capture
 so what the JVM itself writes to the terminal is checked too.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -96,31 +97,30 @@ def test_paths_with_brackets_and_spaces_are_literal(spark, tmp_path, capfd):
         assert main(["sql", f"SELECT count(*) AS n FROM delta.`{out}`"]) == 0
 
 
-def test_full_disk_during_a_spark_write_is_a_message(spark, imdb_sample_path, tmp_path, capfd):
-    mount = tmp_path / "full"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+@contextlib.contextmanager
+def _small_tmpfs(folder, options: str):
+    """A 64 KiB tmpfs mounted at ``folder`` (root only: skipped otherwise), unmounted after."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options}size=64k", "tmpfs", str(folder)],
                       capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
+        pytest.skip(f"cannot mount a tmpfs ({options}size=64k) here (needs root)")
     try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)  # lazy: the JVM may hold a file there
+
+
+def test_full_disk_during_a_spark_write_is_a_message(spark, imdb_sample_path, tmp_path, capfd):
+    with _small_tmpfs(tmp_path / "full", "") as mount:
         capfd.readouterr()
         _fails(capfd, ["ingest", "--source", imdb_sample_path, "--output", str(mount / "raw")],
                "disk is full", "nothing of this step was committed")
-    finally:
-        subprocess.run(["umount", "--lazy", str(mount)], check=False)  # lazy: the JVM may hold a file there
 
 
 def test_read_only_folder_is_refused_before_any_work(spark, imdb_sample_path, tmp_path, capfd):
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
-    try:
+    with _small_tmpfs(tmp_path / "ro", "ro,") as mount:
         capfd.readouterr()
         _fails(capfd, ["ingest", "--source", imdb_sample_path, "--output", str(mount / "raw")], "may not write")
-    finally:
-        subprocess.run(["umount", "--lazy", str(mount)], check=False)  # lazy: the JVM may hold a file there
 
 
 def test_unreachable_tracking_server_is_reported_fast_without_the_password(tmp_path):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import pytest
+from evalkit import tiny_classifier_config
 
 from sparktune.tasks import TOKENIZED
 
@@ -73,16 +74,7 @@ def pipeline(spark, tmp_path_factory, minilm_path, imdb_sample_path):
     try:
         ingest(spark, "./reviews", tables["raw"])
         tokenize_table(spark, tables["raw"], tables["ids"], minilm_path, max_length=MAX_LENGTH)
-        cfg = {
-            "output_dir": str(base / "out"),
-            "model": {"name": minilm_path, "task": "classification", "num_labels": 2,
-                      "label_names": ["negative", "positive"]},
-            "data": {"table": tables["ids"], "eval_split": ""},
-            "train": {"batch_size": 8, "max_steps": 2, "logging_steps": 1, "learning_rate": 1e-4},
-            "checkpoint": {"strategy": "no"},
-            "mlflow": {"tracking_uri": uri, "experiment": "interop", "system_metrics": False},
-            "distributor": {"num_processes": 1, "local_mode": True, "max_restarts": 0},
-        }
+        cfg = tiny_classifier_config(str(base / "out"), minilm_path, tables["ids"], uri, "interop")
         trained = run_training(cfg, spark)
         registered = register_model(trained.run_id, NAME, tracker=tracker, alias="champion")
         evaluation = evaluate_model(spark, registered.alias_uri, tables["ids"], tracker=tracker, split="test",
