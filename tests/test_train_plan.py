@@ -35,6 +35,18 @@ def test_cpu_local_mode_plan():
     assert plan.command[-3:-1] == ["sparktune.train.train", "--config"]
 
 
+def test_lora_without_peft_is_refused_before_launch(monkeypatch):
+    """A Databricks ML runtime has no peft: a LoRA job is refused at the plan, naming the key and
+    how to install it, instead of failing inside every rank."""
+    import sys
+
+    build_launch_plan(_cfg("lora.enabled=true"), **FACTS)  # peft installed here: the plan goes ahead
+    monkeypatch.setitem(sys.modules, "peft", None)  # what `import peft` meets where it is not installed
+    with pytest.raises(SparktuneError, match=r"lora\.enabled: LoRA needs the peft package.*sparktune\[databricks\]"):
+        build_launch_plan(_cfg("lora.enabled=true"), **FACTS)
+    build_launch_plan(_cfg(), **FACTS)  # no LoRA: peft is not needed
+
+
 def test_executor_mode_plan_checks_task_slots():
     plan = build_launch_plan(_cfg("distributor.local_mode=false"), **FACTS)
     assert not plan.local_mode and plan.command[1] == "--nnodes=2"

@@ -10,8 +10,8 @@ from sparktune.models import resolve_pretrained
 from sparktune.tasks import TOKENIZED, Task
 from sparktune.train.config import TrainConfig
 
-__all__ = ["load_tokenizer", "build_model", "apply_lora", "LORA_TARGETS", "model_max_positions", "qlora_problems",
-           "nf4_supported"]
+__all__ = ["load_tokenizer", "build_model", "apply_lora", "LORA_TARGETS", "model_max_positions", "peft_problems",
+           "qlora_problems", "nf4_supported"]
 
 LORA_TARGETS = {
     "gpt2": ["c_attn"],
@@ -62,6 +62,20 @@ def nf4_supported(device: str) -> str | None:
         why = str(exc).splitlines()[0][:200] if str(exc) else repr(exc)
         return f"bitsandbytes cannot quantize to nf4 on {device} ({why})"
     return None
+
+
+def peft_problems(cfg: TrainConfig) -> list[str]:
+    """Why a LoRA job cannot start here: peft is missing (Databricks ML runtimes do not ship it,
+    and ``pip install sparktune`` leaves it out so as not to touch a runtime's libraries)."""
+    if not cfg.lora.enabled:
+        return []
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return ["lora.enabled: LoRA needs the peft package, which this Python environment lacks (Databricks ML "
+                "runtimes do not ship it); install it on the driver and the workers (`%pip install "
+                "'sparktune[databricks]'` in a notebook, or `pip install peft`), or set lora.enabled=false"]
+    return []
 
 
 def qlora_problems(cfg: TrainConfig, task: Task | None, gpu: bool) -> list[str]:

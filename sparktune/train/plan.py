@@ -191,10 +191,11 @@ def build_launch_plan(cfg: TrainConfig, *, spark_conf: dict, driver_gpus: int, c
                 f"offers {slots}; lower distributor.num_processes or give Spark more cores"
             )
     from sparktune.tasks import Task
-    from sparktune.train.model import qlora_problems
+    from sparktune.train.model import peft_problems, qlora_problems
 
     task = Task.parse(cfg.model.task, "model.task") if cfg.model.task != "auto" else None
-    problems = qlora_problems(cfg, task, use_gpu) if (use_gpu and d.local_mode) or not use_gpu else []
+    problems = peft_problems(cfg)
+    problems += qlora_problems(cfg, task, use_gpu) if (use_gpu and d.local_mode) or not use_gpu else []
     if problems:
         raise SparktuneError("; ".join(problems))
     backend = d.backend if d.backend != "auto" else ("nccl" if use_gpu else "gloo")
