@@ -157,7 +157,7 @@ def run_sql(spark, query: str, limit: int = 100, allow_writes: bool = False):
     from sparktune.redact import redact
 
     first = (re.findall(r"[A-Za-z_]+", _NOT_CODE.sub(" ", query)) or [""])[0].upper()
-    if not allow_writes and not is_read_only(query) and first not in _STATEMENTS:
+    if not allow_writes and first not in _READ_KEYWORDS and first not in _STATEMENTS:
         raise SparktuneError(f"the query failed: {redact(first)[:40]!r} does not start a SQL statement (a typo?); "
                              "expected SELECT, WITH, SHOW, DESCRIBE or EXPLAIN. Nothing was run")
     if not allow_writes and not is_read_only(query):
