@@ -48,8 +48,9 @@ def wheel(tmp_path_factory) -> str:
         ".git", "data", ".sparktune", "dist", "build", "*.egg-info", "__pycache__", "out", "spark-warehouse"))
     with open(os.path.join(ROOT, "databricks.yml"), encoding="utf-8") as handle:
         [artifact] = yaml.safe_load(handle)["artifacts"].values()
-    build = shlex.split(artifact["build"])
-    assert build[0] == "python"
+    # "python3 -m pip wheel ... || python -m pip wheel ...": the first alternative, with this interpreter.
+    build = shlex.split(artifact["build"].split("||")[0])
+    assert build[0] in ("python3", "python")
     _run([sys.executable, *build[1:]], cwd=src / artifact["path"], timeout=600)
     built = glob.glob(str(src / artifact["path"] / artifact["files"][0]["source"]))
     assert len(built) == 1, f"the artifact's files pattern matched {built}"
