@@ -12,6 +12,7 @@ import os
 import re
 
 from sparktune.errors import SparktuneError
+from sparktune.tasks import TOKENIZED
 
 __all__ = [
     "TableRef",
@@ -242,8 +243,10 @@ def table_location(spark, ref) -> str:
 _GLOB_CHARS = re.compile(r"([\\{}\[\]*?])")
 
 # How each stage's tables are recognised by their properties, and which stage "kind" may replace them.
-_STAGE_KIND = {"ingest": "ingest", "tokenize": "tokenize", "evaluate": "predictions", "predict": "predictions",
-               "openai-score": "predictions"}
+# The stage (or the ``sparktune.stage`` property it writes) -> the kind of table it owns. A tokenized
+# table says ``TOKENIZED.stage_name`` (not "tokenize": Spark's SHOW TBLPROPERTIES redacts "token").
+_STAGE_KIND = {"ingest": "ingest", "tokenize": "tokenize", TOKENIZED.stage_name: "tokenize",
+               "evaluate": "predictions", "predict": "predictions", "openai-score": "predictions"}
 
 
 def spark_path(path: str) -> str:
@@ -299,7 +302,7 @@ def _writer_kind(spark, ref: TableRef, location: str | None) -> str | None:
             return None
     except Exception:  # an unreadable log is reported by the stage's own read, with its message
         return None
-    stage = props.get("sparktune.stage")
+    stage = props.get(TOKENIZED.prop_stage)
     if stage:
         return _STAGE_KIND.get(stage, stage)
     if "sparktune.model_uri" in props or "sparktune.model" in props:
