@@ -68,7 +68,8 @@ def test_pipeline_runs_every_stage(spark, tmp_path, imdb_sample_path, mlflow_uri
     assert accuracy == pytest.approx((predictions["prediction"] == predictions["label"]).mean())
     version = client.get_model_version_by_alias("pipeline-test-model", "champion")
     assert version.run_id == run_id
-    assert version.tags["data.training"] == f"{tmp_path / 'tokens'}@0"  # the Delta version it trained on
+    # The Delta version it trained on, at a qualified location (readable from anywhere, not ./-relative).
+    assert version.tags["data.training"] == f"file://{tmp_path / 'tokens'}@0"
     model = mlflow.pyfunc.load_model("models:/pipeline-test-model@champion")
     answers = model.predict(pd.DataFrame({"text": ["A wonderful film.", "Dull and far too long."]}))
     assert len(answers) == 2 and set(answers["label"]) <= {"negative", "positive"}

@@ -121,7 +121,8 @@ def test_serves_the_registered_artifact_with_every_probability(server, trained):
     client = MlflowClient(trained.tracking_uri)
     version = client.get_model_version_by_alias("imdb-clf", "champion")
     logged = client.get_logged_model(trained.model_uri.split("/")[-1])
-    assert version.source == logged.artifact_location and version.run_id == trained.run_id
+    # Registered from the LoggedModel (models:/m-...), so the version is linked to it.
+    assert version.source == f"models:/{logged.model_id}" and version.run_id == trained.run_id
     mlflow.set_tracking_uri(trained.tracking_uri)
     local = mlflow.pyfunc.load_model(trained.registered_uri).predict(pd.DataFrame({"text": TEXTS}))
     payloads = [
