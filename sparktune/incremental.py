@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sparktune.tables import commit_metadata, parse_table_ref
+from sparktune.tables import commit_metadata, last_commit, parse_table_ref
 
 __all__ = ["Applied", "ChangeSource", "SourceChanges", "apply_changes", "history_unreadable", "last_provenance",
            "source_changes"]
@@ -162,10 +162,10 @@ def last_provenance(spark, target) -> tuple[dict | None, dict]:
 
 def _last_commit(spark, ref) -> tuple[int, dict | None, dict]:
     """(version, parsed userMetadata or None, numeric operation metrics) of the latest commit."""
-    row = spark.sql(f"DESCRIBE HISTORY {ref.sql} LIMIT 1").collect()[0]
-    metrics = {k: int(v) for k, v in (row["operationMetrics"] or {}).items() if str(v).isdigit()}
+    commit = last_commit(spark, ref)
+    metrics = {k: int(v) for k, v in commit["operationMetrics"].items() if str(v).isdigit()}
     try:
-        written = json.loads(row["userMetadata"] or "null")
+        written = json.loads(commit["userMetadata"] or "null")
     except ValueError:
         written = None
-    return int(row["version"]), (written if isinstance(written, dict) else None), metrics
+    return commit["version"], (written if isinstance(written, dict) else None), metrics

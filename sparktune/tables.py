@@ -188,11 +188,12 @@ def table_id(spark, ref) -> str:
 
 
 def last_commit(spark, ref) -> dict:
-    """``version``, ``operation`` and ``userMetadata`` of the table's latest commit."""
+    """``version``, ``operation``, ``userMetadata`` and ``operationMetrics`` of the table's latest commit."""
     ref = parse_table_ref(ref)
     _require_exists(spark, ref, "table")
     row = spark.sql(f"DESCRIBE HISTORY {ref.sql} LIMIT 1").collect()[0]
-    return {"version": int(row["version"]), "operation": row["operation"], "userMetadata": row["userMetadata"]}
+    return {"version": int(row["version"]), "operation": row["operation"], "userMetadata": row["userMetadata"],
+            "operationMetrics": dict(row["operationMetrics"] or {})}
 
 
 def _sql_str(value) -> str:
