@@ -4,6 +4,7 @@ import errno
 import glob
 import logging
 import os
+import re
 
 import pytest
 from test_train_support import nest, tiny_gpt2_overrides, write_tokenized_table
@@ -146,6 +147,8 @@ def test_after_the_last_restart_the_user_gets_a_message_not_a_traceback(spark, t
         run_training(cfg, spark)
     message = str(info.value)
     assert message.startswith("training failed on all 1 launch(es) (distributor.max_restarts=0):"), message
-    assert "launch 1: rank(s) 1 died without a failure record" in message  # the SIGKILLed rank
+    # The SIGKILLed rank is named. Rank 0 is named too when torchrun's agent stops it (SIGTERM, then
+    # SIGKILL) before it notices the lost peer and writes its own record: that is a race, not a bug.
+    assert re.search(r"launch 1: rank\(s\) (0, )?1 died without a failure record", message), message
     assert "no complete checkpoint was written" in message
     assert "Traceback" not in message
