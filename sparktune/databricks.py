@@ -18,6 +18,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from sparktune.env import NOTEBOOK_PREFIX, env_value
 from sparktune.errors import ConfigError, SparktuneError
 
 __all__ = [
@@ -253,7 +254,7 @@ def default_volume_path(catalog: str, schema: str, volume: str, *parts: str) -> 
 def volume_from_env(environ: Mapping[str, str] | None = None) -> tuple[str, str, str] | None:
     """``$SPARKTUNE_VOLUME`` (``catalog.schema.volume``) as three names, or None when unset."""
     env = os.environ if environ is None else environ
-    value = env.get(VOLUME_ENV, "").strip()
+    value = (env_value(VOLUME_ENV, env) or "").strip()
     if not value:
         return None
     names = value.split(".")
@@ -357,4 +358,4 @@ def notebook_param(name: str, default: str, *, environ: Mapping[str, str] | None
     if dbutils is not None:
         dbutils.widgets.text(name, default)
         return str(dbutils.widgets.get(name))
-    return env.get("SPARKTUNE_NB_" + re.sub(r"\W", "_", name).upper(), default)
+    return env_value(NOTEBOOK_PREFIX + re.sub(r"\W", "_", name).upper(), env) or default
