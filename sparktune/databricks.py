@@ -20,6 +20,7 @@ from typing import Any
 
 from sparktune.env import NOTEBOOK_PREFIX, env_value
 from sparktune.errors import ConfigError, SparktuneError
+from sparktune.redact import REDACTED, is_secret_key
 
 __all__ = [
     "TASK_VALUE_KEYS",
@@ -53,8 +54,6 @@ VOLUME_ENV = "SPARKTUNE_VOLUME"
 HUB_TOKEN_SCOPE, HUB_TOKEN_KEY = "sparktune", "hf-token"
 """``catalog.schema.volume``: the Unity Catalog Volume sparktune writes outputs under on Databricks."""
 
-# Keys whose values are credentials: masked wherever sparktune shows a mapping.
-_SECRET_KEY = re.compile(r"(token(?!iz)|password|secret|api[_-]?key|credential)", re.IGNORECASE)
 # Unity Catalog identifiers inside a /Volumes path: one path segment each, no dots (the dot
 # separates catalog.schema.volume in SQL), no spaces or control characters.
 _UC_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
@@ -154,7 +153,7 @@ class SecretEnv(dict):
     so logging the mapping (or a dataclass holding it) cannot leak them."""
 
     def __repr__(self) -> str:
-        shown = {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in self.items()}
+        shown = {k: (REDACTED if is_secret_key(k) else v) for k, v in self.items()}
         return f"SecretEnv({shown!r})"
 
     __str__ = __repr__
@@ -313,7 +312,7 @@ def task_values(values: Mapping[str, Any], *, keys: tuple[str, ...] | None = Non
     when given, never a credential-like key."""
     return {
         k: str(v) for k, v in values.items()
-        if (keys is None or k in keys) and isinstance(v, (str, int, float, bool)) and not _SECRET_KEY.search(k)
+        if (keys is None or k in keys) and isinstance(v, (str, int, float, bool)) and not is_secret_key(k)
     }
 
 
