@@ -78,15 +78,15 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("SPARKTUNE_SPARK_LOG_LEVEL", None, "Spark's log level.", "spark.py",
              shown="ERROR (WARN under spark-submit)"),
     Variable("SPARKTUNE_IVY_DIR", None, "Ivy cache for Delta's jars (`spark.jars.ivy`).", "spark.py",
-             shown="~/.ivy2"),
+             shown="`~/.ivy2`"),
     Variable("SPARKTUNE_IVY_SETTINGS", None, "Ivy settings file used to resolve Delta's jars the first time.",
-             "spark.py", shown="sparktune/ivysettings.xml"),
+             "spark.py", shown="`sparktune/ivysettings.xml`"),
     Variable("SPARKTUNE_VERBOSE", None, "`1`: errors keep their traceback and Java stack (as `--verbose`).",
              "cli.py", shown="off"),
     Variable("SPARKTUNE_MODEL_CACHE", None, "Where executors and servers keep models downloaded from MLflow.",
              "model/resolve.py", shown="$SPARK_LOCAL_DIRS, else the temp folder"),
     Variable("SPARKTUNE_SHARD_CACHE", None, "Where a training rank keeps its staged shard files.",
-             "train/data.py", shown="<tmp>/sparktune-shards"),
+             "train/data.py", shown="`<tmp>/sparktune-shards`"),
     Variable("SPARKTUNE_TRAIN_CALLBACKS", None, "Extra Trainer callbacks: comma-separated `module:callable`, "
              "each called with `(cfg, dist_env)` on every rank (profilers, probes, fault injection).",
              "train/callbacks.py", forwarded=True, shown="none"),
@@ -161,7 +161,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("AZURE_MANAGEMENT_ENDPOINT", None, "Resource Manager URL (sovereign clouds).", "openai/deploy.py",
              owner="Azure", shown="https://management.azure.com"),
     Variable("TIKTOKEN_CACHE_DIR", None, "tiktoken's encodings cache (openai validate).", "openai/validate.py",
-             owner="tiktoken", shown="<tmp>/sparktune-tiktoken"),
+             owner="tiktoken", shown="`<tmp>/sparktune-tiktoken`"),
 )
 
 _BY_NAME = {v.name: v for v in VARIABLES}
