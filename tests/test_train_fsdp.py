@@ -74,6 +74,7 @@ def test_fsdp_shards_params_grads_and_adam_state_and_matches_ddp_loss(tmp_path, 
         assert probe["optimizer"] <= 2 * total * (0.5 + SLACK), probe  # AdamW: exp_avg + exp_avg_sq
         assert probe["grads"] > 0 and probe["optimizer"] > 0
     assert sum(p["params"] for p in fsdp_probes) >= total  # together they hold the whole model
+    _assert_sharded_loading(fsdp_probes, total)
 
     # Same seed, same rows: FSDP's reduce-scatter averages the same gradients DDP's all-reduce does.
     assert len(ddp["losses"]) == len(fsdp["losses"]) == 20
@@ -110,6 +111,18 @@ def test_fsdp_shards_params_grads_and_adam_state_and_matches_ddp_loss(tmp_path, 
         assert diff.mean() < 1e-4 and diff.max() < 2e-2, (key, float(diff.mean()), float(diff.max()))
 
 
+def _assert_sharded_loading(probes, total):
+    """Only rank 0 ever held the whole model (the one it built); rank 1 built a meta skeleton (no
+    weights) and allocated only its shards, receiving rank 0's weights one tensor at a time."""
+    first, second = (p["load"] for p in probes)
+    assert first["rank"] == 0 and first["before"] == total, first
+    assert second["rank"] == 1 and second["before"] == 0, second
+    for load in (first, second):
+        assert load["total"] == total
+        assert 0 < load["sharded"] <= total * (0.5 + SLACK), load
+        assert load["largest_received"] < total / 2, load  # one tensor at a time, never the model
+
+
 @pytest.mark.timeout(300)
 def test_fsdp_lora_shards_the_frozen_base_and_saves_a_merged_model(tmp_path, llama_table):
     result, probes = _torchrun(tmp_path, llama_table, "lora", parallelism="fsdp", lora=True, steps=4)
@@ -118,6 +131,7 @@ def test_fsdp_lora_shards_the_frozen_base_and_saves_a_merged_model(tmp_path, lla
         assert probe["trainable_params"] < probe["total_params"] / 100  # only the adapters train
         assert probe["params"] <= probe["total_params"] * (0.5 + SLACK)
         assert 0 < probe["grads"] <= probe["trainable_params"] * (0.5 + SLACK)
+    _assert_sharded_loading(probes, probes[0]["total_params"])
     from safetensors.torch import load_file
 
     saved = load_file(os.path.join(result["model_dir"], "model.safetensors"))
