@@ -64,10 +64,19 @@ def peak_probe(cfg, env):
         return None
 
     class Peak(TrainerCallback):
+        def __init__(self):
+            self.marks: dict[str, int] = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.marks["before_training"] = _vm_hwm()  # the model built (and sharded), nothing trained
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.marks.setdefault("after_step_1", _vm_hwm())
+
         def on_train_end(self, args, state, control, **kwargs):
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, f"rank-{env.rank}.json"), "w", encoding="utf-8") as handle:
-                json.dump({"peak": _vm_hwm()}, handle)
+                json.dump({"peak": _vm_hwm(), **self.marks}, handle)
 
     return Peak()
 
@@ -105,12 +114,15 @@ def run_arm(work: str, table: str, model: dict, arm: str, args) -> dict:
         sys.stderr.write(done.stdout[-3000:] + done.stderr[-6000:])
         raise SystemExit(f"bench_fsdp_memory: arm {arm} failed")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    measured = [json.load(open(os.path.join(peaks, f"rank-{r}.json"), encoding="utf-8"))["peak"] for r in range(2)]
+    records = [json.load(open(os.path.join(peaks, f"rank-{r}.json"), encoding="utf-8")) for r in range(2)]
+    measured = [r["peak"] for r in records]
     peak = max(measured)
     samples = result["global_step"] * args.batch_size * 2 / result["train_seconds"]
     return {"arm": arm, "peak_gib": [round(m / memory.GIB, 3) for m in measured],
             "plan_gib": round(plan.total / memory.GIB, 3),
             "plan_over_measured": round(plan.total / peak, 3), "samples_per_s": round(samples, 2),
+            "before_training_gib": [round(r.get("before_training", 0) / memory.GIB, 3) for r in records],
+            "after_step_1_gib": [round(r.get("after_step_1", 0) / memory.GIB, 3) for r in records],
             "params": shape.params, "trainable": shape.trainable, "last_loss": result["losses"][-1]}
 
 

@@ -74,6 +74,7 @@ def test_fsdp_shards_params_grads_and_adam_state_and_matches_ddp_loss(tmp_path, 
         assert probe["optimizer"] <= 2 * total * (0.5 + SLACK), probe  # AdamW: exp_avg + exp_avg_sq
         assert probe["grads"] > 0 and probe["optimizer"] > 0
     assert sum(p["params"] for p in fsdp_probes) >= total  # together they hold the whole model
+    _assert_sharded_loading(fsdp_probes, total)
 
     # Same seed, same rows: FSDP's reduce-scatter averages the same gradients DDP's all-reduce does.
     assert len(ddp["losses"]) == len(fsdp["losses"]) == 20
@@ -110,6 +111,18 @@ def test_fsdp_shards_params_grads_and_adam_state_and_matches_ddp_loss(tmp_path, 
         assert diff.mean() < 1e-4 and diff.max() < 2e-2, (key, float(diff.mean()), float(diff.max()))
 
 
+def _assert_sharded_loading(probes, total):
+    """Only rank 0 ever held the whole model (the one it built); rank 1 built a meta skeleton (no
+    weights) and allocated only its shards, receiving rank 0's weights one tensor at a time."""
+    first, second = (p["load"] for p in probes)
+    assert first["rank"] == 0 and first["before"] == total, first
+    assert second["rank"] == 1 and second["before"] == 0, second
+    for load in (first, second):
+        assert load["total"] == total
+        assert 0 < load["sharded"] <= total * (0.5 + SLACK), load
+        assert load["largest_received"] < total / 2, load  # one tensor at a time, never the model
+
+
 @pytest.mark.timeout(300)
 def test_fsdp_lora_shards_the_frozen_base_and_saves_a_merged_model(tmp_path, llama_table):
     result, probes = _torchrun(tmp_path, llama_table, "lora", parallelism="fsdp", lora=True, steps=4)
@@ -118,6 +131,7 @@ def test_fsdp_lora_shards_the_frozen_base_and_saves_a_merged_model(tmp_path, lla
         assert probe["trainable_params"] < probe["total_params"] / 100  # only the adapters train
         assert probe["params"] <= probe["total_params"] * (0.5 + SLACK)
         assert 0 < probe["grads"] <= probe["trainable_params"] * (0.5 + SLACK)
+    _assert_sharded_loading(probes, probes[0]["total_params"])
     from safetensors.torch import load_file
 
     saved = load_file(os.path.join(result["model_dir"], "model.safetensors"))
@@ -165,3 +179,58 @@ def test_fsdp_under_torchdistributor_resumes_after_a_killed_rank_and_serves(spar
     again = load_train_config(data=_nest({**overrides, "resume": True, "distributor.num_processes": 1}))
     with pytest.raises(ConfigError, match="distributor.num_processes: is 1, but the checkpoints"):
         run_training(again, spark)
+
+
+RESHARD_SCRIPT = '''
+import sys, torch, torch.distributed as dist
+from transformers import AutoConfig, AutoModelForCausalLM
+from sparktune.train.fsdp import load_sharded, save_sharded, shard_model
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+cfg = AutoConfig.for_model("llama", num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=64, vocab_size=1000)
+torch.manual_seed(0)
+if rank == 0:
+    model = AutoModelForCausalLM.from_config(cfg)
+else:
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+shard_model(model, world_size=world)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+x = torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(1))
+def step():
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    opt.zero_grad()
+if sys.argv[2] == "save":
+    step()
+    save_sharded(sys.argv[1], model, opt)
+else:
+    load_sharded(sys.argv[1], model)
+    load_sharded(sys.argv[1], model, opt)
+step()
+loss = float(model(input_ids=x, labels=x).loss)  # a forward is collective: every rank takes part
+if rank == 0:
+    print("LOSS", loss)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.timeout(300)
+def test_sharded_checkpoint_of_2_ranks_loads_into_1_rank(tmp_path):
+    """torch.distributed.checkpoint reshards weights and AdamW state: a checkpoint written by 2
+    ranks continues on 1 exactly where 2 ranks would have gone (the same loss after one more
+    step). A training job still refuses another world size (its rows and RNG are per rank)."""
+    script = tmp_path / "reshard.py"
+    script.write_text(RESHARD_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]))
+    losses = []
+    for ranks, mode in ((2, "save"), (1, "load")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={ranks}",
+             str(script), str(tmp_path / "ckpt"), mode], capture_output=True, text=True, env=env, timeout=250)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        losses.append(float(next(line for line in proc.stdout.splitlines() if line.startswith("LOSS")).split()[1]))
+    assert sorted(os.listdir(tmp_path / "ckpt" / "model_dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0]), losses

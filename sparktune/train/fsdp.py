@@ -23,8 +23,9 @@ from typing import Any
 
 from sparktune.errors import SparktuneError
 
-__all__ = ["ShardReport", "LocalSizes", "fsdp_api", "sharding_units", "shard_model", "is_sharded", "local_sizes",
-           "save_sharded", "load_sharded", "full_state_dict", "trainer_view", "checkpoint_dcp_problems", "SHARDED_DIRS"]
+__all__ = ["ShardReport", "LoadRecord", "last_load", "LocalSizes", "fsdp_api", "sharding_units", "shard_model",
+           "is_sharded", "local_sizes", "save_sharded", "load_sharded", "full_state_dict", "trainer_view",
+           "checkpoint_dcp_problems", "SHARDED_DIRS"]
 
 SHARDED_DIRS = ("model_dcp", "optimizer_dcp")
 """Folders of a sharded checkpoint (``torch.distributed.checkpoint``: one file per rank + .metadata)."""
@@ -55,11 +56,13 @@ def fsdp_api():
 
 @dataclass(frozen=True)
 class ShardReport:
-    """What ``shard_model`` did: the unit class(es), how many units, the mesh size."""
+    """What ``shard_model`` did: the unit class(es), how many units, the mesh size, and how the
+    weights reached the shards (``LoadRecord``)."""
 
     unit_classes: tuple[str, ...]
     units: int
     world_size: int
+    load: LoadRecord | None = None
 
     def describe(self) -> str:
         return f"FSDP2 over {self.world_size} rank(s): {self.units} unit(s) of {', '.join(self.unit_classes)} + root"
@@ -108,9 +111,123 @@ def sharding_units(model, names=()) -> list:
     return [m for m in found if id(m) not in inside and any(True for _ in m.parameters())]
 
 
+@dataclass(frozen=True)
+class LoadRecord:
+    """Parameter elements this rank held in real memory while its shards were filled.
+
+    ``before``: when ``shard_model`` was called (rank 0: the whole model; the other ranks: 0, a
+    meta-device skeleton); ``sharded``: its local shards afterwards; ``largest_received``: the
+    largest single tensor it was sent (rank 0's weights travel one tensor at a time).
+    """
+
+    rank: int
+    before: int
+    sharded: int
+    total: int
+    largest_received: int
+
+
+_LOADS: list[LoadRecord] = []
+
+
+def last_load() -> LoadRecord | None:
+    """How the last ``shard_model`` of this process filled its shards (None: none ran)."""
+    return _LOADS[-1] if _LOADS else None
+
+
+def _meta_parameters(model, dtypes: dict | None = None) -> None:
+    """Every parameter of ``model`` replaced by an empty one on the meta device (tied parameters
+    stay one parameter); ``dtypes`` (name -> dtype) casts them as they go."""
+    import torch
+
+    done: dict[int, torch.nn.Parameter] = {}
+    for owner, module in model.named_modules(remove_duplicate=False):
+        for leaf, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in done:
+                dtype = (dtypes or {}).get(f"{owner}.{leaf}" if owner else leaf, param.dtype)
+                done[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="meta", dtype=dtype),
+                                                     requires_grad=param.requires_grad)
+            module._parameters[leaf] = done[id(param)]
+
+
+def _layout(model) -> dict:
+    return {name: (tuple(p.shape), p.dtype) for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _prepare_scatter(model, rank: int):
+    """Before ``fully_shard``: rank 0 keeps its weights aside (``(state dict, buffers)``) and empties
+    its model; every rank checks its skeleton against rank 0's (names, shapes, dtypes)."""
+    import torch.distributed as dist
+
+    layout = [_layout(model) if rank == 0 else None]
+    dist.broadcast_object_list(layout, src=0)
+    ours = _layout(model)
+    if rank == 0:
+        state = model.state_dict()  # the tensors themselves, no copy
+        buffers = {name: b.detach().cpu() for name, b in model.named_buffers(remove_duplicate=False)}
+        _meta_parameters(model)
+        return state, buffers
+    theirs = layout[0]
+    assert theirs is not None
+    differ = [n for n in sorted(set(ours) | set(theirs)) if ours.get(n, (None,))[0] != theirs.get(n, (None,))[0]]
+    if differ:
+        raise SparktuneError(f"train.parallelism: fsdp: rank {rank} built a model that differs from rank 0's at "
+                             f"{', '.join(differ[:5])}; every rank must build the same model (same model.* settings)")
+    _meta_parameters(model, {n: dtype for n, (_, dtype) in theirs.items()})
+    return {}, None
+
+
+def _scatter(model, state: dict, buffers: dict | None, device) -> int:
+    """After ``fully_shard``: allocate this rank's shards, fill them from rank 0's weights (one
+    tensor at a time), and give every rank rank 0's buffers. Returns the largest tensor received."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    sent = [buffers]
+    dist.broadcast_object_list(sent, src=0)  # small: rotary frequencies, masks
+    for name, value in (sent[0] or {}).items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = value.to(device)
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # each tensor travels whole, and the receiver keeps its slice of it
+    return max((int(p.numel()) for p in model.parameters()), default=0)
+
+
+CPU_MMAP_THRESHOLD = 256 * 1024
+"""On CPU, blocks of this size and above are mmap-ed (and unmapped when freed), see ``_return_freed_memory``."""
+
+
+def _return_freed_memory() -> bool:
+    """On CPU (glibc): serve blocks >= ``CPU_MMAP_THRESHOLD`` with mmap, so freed memory goes back to the system.
+
+    FSDP gathers each unit's weights and gradients and frees them again twice a step; glibc's
+    heap keeps what they freed (its dynamic mmap threshold climbs to 32 MiB), so the process's
+    resident memory grew by ~1.3 GiB per rank over DDP's sharded state for SmolLM2-135M
+    (bench/bench_fsdp_memory.py: peak 3.7 GiB without, 2.4 GiB with). False where glibc's
+    ``mallopt`` is not there (another C library, macOS): nothing changes.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, CPU_MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def shard_model(model, *, units=(), reshard_after_forward: bool = True, cpu_offload: bool = False,
                 gpu: bool = False, bf16: bool = False, world_size: int = 1) -> ShardReport:
     """``fully_shard`` ``model`` in place over all ``world_size`` ranks of the process group.
+
+    With several ranks, rank 0 holds the built model (its weights) and the other ranks a
+    meta-device skeleton (``sparktune.train.model.skeleton_rank``): the model is sharded empty,
+    each rank allocates only its shards, and rank 0's weights are scattered into them one tensor
+    at a time (``set_model_state_dict(broadcast_from_rank0=True)``), so only rank 0 ever holds a
+    full copy, and only until its shards are filled.
 
     On GPUs with ``bf16`` the gathered weights and the compute are bf16 and gradients are
     reduced in fp32 (the shards and AdamW stay fp32); on CPU ``bf16`` casts the same way.
@@ -120,19 +237,34 @@ def shard_model(model, *, units=(), reshard_after_forward: bool = True, cpu_offl
     from torch.distributed.device_mesh import init_device_mesh
 
     fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy, OffloadPolicy = fsdp_api()
+    if not gpu:
+        _return_freed_memory()
     mesh = init_device_mesh("cuda" if gpu else "cpu", (world_size,))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
           else MixedPrecisionPolicy())
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     found = sharding_units(model, units)
     classes = tuple(sorted({type(u).__name__ for u in found}))  # before fully_shard renames them FSDP<name>
+    rank = mesh.get_rank()
+    before = sum(int(p.numel()) for p in set(model.parameters()) if not p.is_meta)
+    total = sum(int(p.numel()) for p in model.parameters())
+    scatter = world_size > 1
+    if scatter:
+        state, buffers = _prepare_scatter(model, rank)
     for unit in found:
         fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp, offload_policy=offload)
     # The root (embeddings, head, final norm) is gathered for the whole step anyway: FSDP2 keeps
     # the root's weights after forward.
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp, offload_policy=offload)
-    return ShardReport(unit_classes=classes, units=len(found),
-                       world_size=world_size)
+    received = 0
+    if scatter:
+        device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+        received = _scatter(model, state, buffers, device)
+        del state, buffers
+    load = LoadRecord(rank=rank, before=before, sharded=sum(_local_numel(p) for p in model.parameters()),
+                      total=total, largest_received=received)
+    _LOADS.append(load)
+    return ShardReport(unit_classes=classes, units=len(found), world_size=world_size, load=load)
 
 
 def is_sharded(model) -> bool:

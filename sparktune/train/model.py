@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from sparktune.compat import from_pretrained_dtype
@@ -11,7 +12,7 @@ from sparktune.tasks import TOKENIZED, Task
 from sparktune.train.config import TrainConfig
 
 __all__ = ["load_tokenizer", "build_model", "apply_lora", "LORA_TARGETS", "model_max_positions", "peft_problems",
-           "qlora_problems", "nf4_supported"]
+           "qlora_problems", "nf4_supported", "skeleton_rank"]
 
 LORA_TARGETS = {
     "gpt2": ["c_attn"],
@@ -134,6 +135,7 @@ def build_model(cfg: TrainConfig, task: Task, tokenizer):
     overrides = dict(cfg.model.config_overrides)
     if cfg.model.attention_dropout is not None:
         extra.update(_attention_dropout(cfg, overrides))
+    skeleton = skeleton_rank(cfg)
     if overrides:
         if "model_type" in overrides:
             model_type = overrides.pop("model_type")
@@ -142,7 +144,18 @@ def build_model(cfg: TrainConfig, task: Task, tokenizer):
         else:
             config = AutoConfig.from_pretrained(resolve_pretrained(cfg.model.name),
                                                 trust_remote_code=cfg.model.trust_remote_code, **overrides, **extra)
-        model = auto.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+        with torch.device("meta") if skeleton else contextlib.nullcontext():
+            model = auto.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    elif skeleton:
+        # the pretrained model's structure only: rank 0 loads the weights and scatters them
+        gguf = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
+        try:
+            config = AutoConfig.from_pretrained(resolve_pretrained(cfg.model.name),
+                                                trust_remote_code=cfg.model.trust_remote_code, **extra, **gguf)
+        except (OSError, ValueError) as exc:
+            raise _load_error("model.name", f"the config of {cfg.model.name!r}", exc) from None
+        with torch.device("meta"):
+            model = auto.from_config(config, trust_remote_code=cfg.model.trust_remote_code).to(dtype)
     else:
         path = resolve_pretrained(cfg.model.name)
         kwargs = dict(extra, **from_pretrained_dtype(dtype), trust_remote_code=cfg.model.trust_remote_code)
@@ -157,9 +170,7 @@ def build_model(cfg: TrainConfig, task: Task, tokenizer):
             raise _load_error("model.name", f"{cfg.model.name!r} as a {task} model", exc) from None
         if cfg.model.gguf_file:
             # save_pretrained refuses GGUF-loaded models: move the weights into a plain model.
-            fresh = auto.from_config(model.config)
-            fresh.load_state_dict(model.state_dict(), strict=False)
-            model = fresh.to(dtype)
+            model = _adopt(auto.from_config, model).to(dtype)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.train.gradient_checkpointing:
@@ -170,8 +181,44 @@ def build_model(cfg: TrainConfig, task: Task, tokenizer):
 
             # fp32 norms/head, input grads for checkpointing: peft's recipe for training on a 4-bit base
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-        model = apply_lora(cfg, model, task)
+        with torch.device("meta") if skeleton else contextlib.nullcontext():
+            model = apply_lora(cfg, model, task)
     return model
+
+
+def skeleton_rank(cfg: TrainConfig) -> bool:
+    """True on the ranks of a multi-rank FSDP job other than rank 0: they build the model on the
+    meta device (no weights, no memory) and receive only their shards of rank 0's weights
+    (``sparktune.train.fsdp.shard_model``), so no rank but rank 0 ever holds a full copy."""
+    from sparktune.train.config import Parallelism
+
+    if cfg.train.parallelism is not Parallelism.FSDP:
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and dist.get_rank() != 0
+
+
+def _adopt(from_config, loaded):
+    """A plain model of ``loaded``'s config that takes over ``loaded``'s tensors (no copy): built
+    with its parameters on the meta device, then given the loaded ones (``assign=True``)."""
+    import torch
+
+    with torch.device("meta"):
+        fresh = from_config(loaded.config)
+    fresh.load_state_dict(loaded.state_dict(), strict=False, assign=True)
+    getattr(fresh, "tie_weights", lambda: None)()
+    # buffers left out of the state dict (non-persistent: rotary frequencies, masks) come across as they are
+    for name, buffer in loaded.named_buffers(remove_duplicate=False):
+        owner, _, leaf = name.rpartition(".")
+        module = fresh.get_submodule(owner)
+        if leaf in module._buffers and module._buffers[leaf] is not None and module._buffers[leaf].is_meta:
+            module._buffers[leaf] = buffer
+    left = [n for n, t in [*fresh.named_parameters(), *fresh.named_buffers()] if t.is_meta]
+    if left:
+        raise SparktuneError(f"model.gguf_file: the GGUF model has no weights for {', '.join(left[:5])}; "
+                             "it does not match its own config")
+    return fresh
 
 
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout")
