@@ -173,6 +173,20 @@ def _resumed_record(cfg: TrainConfig, store: CheckpointStore, world_size: int, l
     return record
 
 
+def _check_table(cfg: TrainConfig, table: PinnedTable, task: Task) -> None:
+    """The table's properties against the model and the data settings (ConfigError)."""
+    from sparktune.train.checks import check_table_matches_model
+
+    problems = check_table_matches_model(table.properties, cfg)
+    raw = table.properties.get(TOKENIZED.prop_max_length)
+    tokenized_length = int(raw) if raw and str(raw).isdigit() else 0
+    if task is Task.INSTRUCTION and cfg.data.max_length and cfg.data.max_length < tokenized_length:
+        problems.append(f"data.max_length: {cfg.data.max_length} would cut instruction rows, which end with their "
+                        f"answer (tokenized at {tokenized_length}); leave it empty and set tokenize.max_length")
+    if problems:
+        raise ConfigError(problems)
+
+
 def pin_job(cfg: TrainConfig, world_size: int, *, location: str | None = None) -> PinnedJob:
     """Pin a job: its table snapshot, task, folders and where training starts (no MLflow run yet).
 
@@ -181,8 +195,6 @@ def pin_job(cfg: TrainConfig, world_size: int, *, location: str | None = None) -
     continues on the version it pinned. Checks the table against the model (ConfigError).
     Only one process may call it (it sets broken checkpoints aside).
     """
-    from sparktune.train.checks import check_table_matches_model
-
     location = location or path_location(cfg)
     output_dir = placed_output_dir(cfg)
     store = CheckpointStore(cfg.checkpoint.dir or os.path.join(output_dir, "checkpoints"))
@@ -195,9 +207,7 @@ def pin_job(cfg: TrainConfig, world_size: int, *, location: str | None = None) -
     table = latest if version is None or version == latest.version else snapshot_table(cfg.data.table, location,
                                                                                        version)
     task = resolve_task(cfg, table.properties)
-    problems = check_table_matches_model(table.properties, cfg)
-    if problems:
-        raise ConfigError(problems)
+    _check_table(cfg, table, task)
     resume = ResumeDecision(store.latest_complete(world_size, set_aside=True) if cfg.resume else None)
     return PinnedJob(table=table, task=task, world_size=world_size, output_dir=output_dir,
                      checkpoint_dir=store.dir, resume=resume,

@@ -161,18 +161,6 @@ def pin_here(cfg: TrainConfig, env: dist.DistEnv, tracker: Tracker | None) -> Pi
     return open_job_run(pinned, cfg, tracker)
 
 
-def _check_table(cfg: TrainConfig, pinned: PinnedJob) -> None:
-    """The table's properties against the model, on every rank (ConfigError)."""
-    props = pinned.table.properties
-    problems = check_table_matches_model(props, cfg)
-    tokenized_length = _int(props.get(TOKENIZED.prop_max_length))
-    if pinned.task is Task.INSTRUCTION and cfg.data.max_length and cfg.data.max_length < (tokenized_length or 0):
-        problems.append(f"data.max_length: {cfg.data.max_length} would cut instruction rows, which end with their "
-                        f"answer (tokenized at {tokenized_length}); leave it empty and set tokenize.max_length")
-    if problems:
-        raise ConfigError(problems)
-
-
 def _check_rows(cfg: TrainConfig, pinned: PinnedJob, env: dist.DistEnv, data: RankData, model) -> None:
     """What only the rows and the built model can tell: checked on every rank, so each one
     reports the same problems and none is left waiting for the others."""
@@ -222,7 +210,6 @@ def setup(cfg: TrainConfig, pinned: PinnedJob, env: dist.DistEnv, tracker: Track
 
     from sparktune.train.model import build_model, load_tokenizer
 
-    _check_table(cfg, pinned)
     if env.is_main and pinned.memory_plan is None:
         _plan_memory(cfg, env, pinned)  # the driver could not plan: before any weights or rows load
     set_seed(cfg.train.seed)
