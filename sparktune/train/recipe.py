@@ -610,7 +610,7 @@ def train(cfg, tracker: Tracker | None = None, pinned: PinnedJob | None = None) 
     """Run this process's rank of a training job; every rank returns rank 0's ``TrainResult``.
 
     ``cfg``: a ``TrainConfig`` or its ``to_dict()`` (never changed); ``tracker``: the job's
-    ``sparktune.tracking.Tracker`` (rank 0 builds one from ``cfg.mlflow`` when not given);
+    ``sparktune.tracking.Tracker`` (rank 0 builds one from ``cfg.mlflow`` when it pins the job);
     ``pinned``: the job the launcher pinned. Without one (plain torchrun, a function call) rank 0
     pins it (``pin_here``) and broadcasts it: the other ranks never decide.
     """
@@ -620,11 +620,11 @@ def train(cfg, tracker: Tracker | None = None, pinned: PinnedJob | None = None) 
     failures_dir = pinned.checkpoint_dir if pinned is not None else cfg.checkpoint_dir
     try:
         dist.init_process_group(cfg.distributor.backend, env)
-        if env.is_main and cfg.mlflow.enabled and tracker is None:
-            from sparktune.tracking import Tracker
-
-            tracker = Tracker(cfg.mlflow.tracking_uri or None, cfg.mlflow.experiment)
         if pinned is None:
+            if env.is_main and cfg.mlflow.enabled and tracker is None:
+                from sparktune.tracking import Tracker
+
+                tracker = Tracker(cfg.mlflow.tracking_uri or None, cfg.mlflow.experiment)
             pinned = dist.broadcast(pin_here(cfg, env, tracker) if env.is_main else None, env)
             assert pinned is not None
             failures_dir = pinned.checkpoint_dir
