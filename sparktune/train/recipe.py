@@ -407,7 +407,7 @@ def fit(job: Job) -> FitOutput:
         passed through ``accelerator.prepare``, which would shard the shard a second time."""
 
         def get_train_dataloader(self):
-            rows = cast("Dataset", tdata.RowsDataset(shard))  # a map-style dataset (len, getitem)
+            rows = cast("Dataset", tdata.ShardDataset(shard))  # a map-style dataset (len, getitem)
             return DataLoader(rows, batch_sampler=sampler, collate_fn=train_collator)
 
     trainer_class = _fsdp_trainer(ShardTrainer) if job.sharded else ShardTrainer
@@ -423,8 +423,8 @@ def fit(job: Job) -> FitOutput:
         model=job.model,
         args=training_arguments(job),
         data_collator=eval_collator,
-        train_dataset=tdata.RowsDataset(shard),
-        eval_dataset=tdata.RowsDataset(job.eval_rows) if job.eval_rows is not None else None,
+        train_dataset=tdata.ShardDataset(shard),
+        eval_dataset=tdata.ShardDataset(job.eval_rows) if job.eval_rows is not None else None,
         processing_class=job.tokenizer,
         compute_metrics=_classification_metrics if job.task is Task.CLASSIFICATION else None,
         callbacks=callbacks,
