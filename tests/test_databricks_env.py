@@ -269,21 +269,18 @@ def test_notebook_param_reads_the_environment_off_databricks(clean_env):
 
 def test_training_outputs_land_on_the_job_volume_on_databricks(monkeypatch):
     from sparktune.train.config import load_train_config
-    from sparktune.train.distribute import _place_outputs_on_volume
+    from sparktune.train.pinned import placed_output_dir
 
     def cfg(output_dir):
         return load_train_config(None, ["model.name=x", "data.table=/t", f"output_dir={output_dir}"])
 
     relative, absolute = cfg("./out/run1"), cfg("/dbfs/runs/run1")
-    _place_outputs_on_volume(relative)  # not on Databricks: left alone
-    assert relative.output_dir == "./out/run1"
+    assert placed_output_dir(relative) == "./out/run1"  # not on Databricks: left alone
     monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "17.3")
     monkeypatch.setenv("SPARKTUNE_VOLUME", "main.sparktune.files")
-    _place_outputs_on_volume(relative)
-    _place_outputs_on_volume(absolute)
-    assert relative.output_dir == "/Volumes/main/sparktune/files/sparktune/runs/out/run1"
-    assert relative.checkpoint_dir.startswith("/Volumes/main/sparktune/files/")
-    assert absolute.output_dir == "/dbfs/runs/run1"
+    assert placed_output_dir(relative) == "/Volumes/main/sparktune/files/sparktune/runs/out/run1"
+    assert placed_output_dir(absolute) == "/dbfs/runs/run1"
+    assert relative.output_dir == "./out/run1"  # the config is never changed
 
 
 def test_hub_token_reaches_ranks_only_in_memory_and_never_prints():

@@ -1,5 +1,6 @@
 """Real 2-process training under TorchDistributor (gloo, CPU) on local Spark, tracked in MLflow."""
 
+import copy
 import os
 
 import pandas as pd
@@ -95,8 +96,17 @@ def test_fault_killed_rank_resumes_from_checkpoint(spark, tmp_path, gpt2_tokeniz
         "distributor.max_restarts": 1, "mlflow.log_model": False,
     })
     cfg = load_train_config(data=_nest(overrides))
+    before = copy.deepcopy(cfg)
     result = run_training(cfg, spark)
 
+    # The driver pinned the job once; the relaunch continued it without touching the config.
+    assert cfg == before and cfg.to_dict() == before.to_dict()
+    assert cfg.model.task == "auto" and not cfg.resume and cfg.mlflow.run_id == "" and cfg.data.version is None
+    from sparktune.train.checkpoints import CheckpointStore
+
+    record = CheckpointStore(result.checkpoint_dir).read_job()
+    assert (record.run_id, record.version, record.world_size, record.task) == (result.run_id, 1, 2, "causal-lm")
+    assert result.version == 1 and result.location == record.location
     assert os.path.exists(os.path.join(result.checkpoint_dir, ".sparktune_test_killed"))
     assert result.attempts == 2 and len(result.failures) == 1
     assert result.resumed_from.endswith("checkpoint-4")

@@ -107,7 +107,9 @@ def test_multiline_config_error_in_ranks_reaches_the_user_whole(spark, tmp_path,
 
     import mlflow
 
-    run = mlflow.MlflowClient(mlflow_uri).get_run(cfg.mlflow.run_id)
+    from sparktune.train.checkpoints import CheckpointStore
+
+    run = mlflow.MlflowClient(mlflow_uri).get_run(CheckpointStore(cfg.checkpoint_dir).read_job().run_id)
     assert run.info.status == "FAILED"
 
 

@@ -53,6 +53,48 @@ def test_resume_continues_on_the_pinned_version_and_refuses_another(tmp_path, gp
     assert "data.version=2 was asked" in message
 
 
+@pytest.mark.timeout(300)
+def test_ranks_train_on_the_job_pinned_before_they_start(tmp_path, gpt2_tokenizer_path, single_process, mlflow_uri):
+    """The ranks take the table version, task, run and start point from the PinnedJob they are
+    handed, even when the table moved on meanwhile; the config is never changed."""
+    import copy
+    import dataclasses
+
+    import mlflow
+
+    from sparktune.tasks import Task
+    from sparktune.tracking import Tracker
+    from sparktune.train.checkpoints import CheckpointStore
+    from sparktune.train.pinned import ResumeDecision, open_job_run, pin_job
+    from sparktune.train.recipe import train
+
+    table = write_tokenized_table(tmp_path / "tok", gpt2_tokenizer_path, task="causal-lm", n_train=12, n_test=2,
+                                  max_length=24)
+    cfg = _cfg(tmp_path, table, **{"train.max_steps": 2, "mlflow.enabled": True, "mlflow.tracking_uri": mlflow_uri,
+                                   "mlflow.log_model": False})
+    before = copy.deepcopy(cfg)
+    tracker = Tracker(mlflow_uri, cfg.mlflow.experiment)
+    pinned = open_job_run(pin_job(cfg, 1), cfg, tracker)
+    assert pinned.table.version == 1 and pinned.task is Task.CAUSAL_LM and pinned.resume == ResumeDecision()
+    assert pinned.run_id and CheckpointStore(pinned.checkpoint_dir).read_job() == pinned.record()
+    assert _append_rows(table) == 2  # a new commit after the job was pinned
+
+    result = train(cfg, tracker=tracker, pinned=pinned)
+    assert (result.version, result.task, result.run_id) == (1, Task.CAUSAL_LM, pinned.run_id)
+    assert result.train_rows == 12 and result.resumed_from is None
+    run = mlflow.MlflowClient(mlflow_uri).get_run(pinned.run_id)
+    assert run.data.params["data.version"] == "1" and run.data.params["model.task"] == "causal-lm"
+    assert cfg == before and cfg.model.task == "auto" and cfg.data.version is None and cfg.mlflow.run_id == ""
+
+    # A relaunch is the same job with another start: the ranks resume where they are told.
+    checkpoint = CheckpointStore(pinned.checkpoint_dir).latest_complete(1)
+    assert checkpoint is not None and checkpoint.endswith("checkpoint-2")
+    again = train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=4)), tracker=tracker,
+                  pinned=dataclasses.replace(pinned, resume=ResumeDecision(checkpoint)))
+    assert again.resumed_from == checkpoint and again.global_step == 4 and again.version == 1
+    assert cfg == before
+
+
 @pytest.mark.timeout(400)
 def test_corrupt_newest_checkpoint_falls_back_and_world_size_change_is_refused(
         spark, tmp_path, gpt2_tokenizer_path, single_process):

@@ -1,7 +1,8 @@
 """Distributed fine-tuning: ``train(cfg)`` (Trainer, no Spark) and its TorchDistributor launcher.
 
 Modules: ``config`` (TrainConfig), ``data`` (per-rank Delta reading, sharding, batching),
-``recipe`` (``train(cfg)``: setup -> fit -> finish), ``dist`` (process group, collectives),
+``pinned`` (``PinnedJob``: what the driver decides once and hands to the ranks), ``recipe``
+(``train(cfg)``: setup -> fit -> finish), ``dist`` (process group, collectives),
 ``model`` (tokenizer, model, LoRA), ``callbacks``, ``checkpoints`` (verify, pick, job record),
 ``failures`` (rank failure records), ``checks`` (table vs model), ``result`` (TrainResult),
 ``train`` (the torchrun entry), ``distribute`` (launch plan and relaunch loop), ``tracking``
@@ -10,4 +11,4 @@ Modules: ``config`` (TrainConfig), ``data`` (per-rank Delta reading, sharding, b
 """
 
 __all__ = ["callbacks", "checkpoints", "checks", "cli", "config", "data", "dist", "distribute", "failures", "model",
-           "modelio", "recipe", "result", "tracking", "train"]
+           "modelio", "pinned", "recipe", "result", "tracking", "train"]

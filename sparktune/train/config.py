@@ -123,7 +123,7 @@ class DataConfig:
     version: int | None = None
     """Delta version to read; empty: the latest when the job starts (then pinned for every rank)."""
     location: str = ""
-    """Where the table's files are; filled by the launcher from ``table`` (set it to run without Spark)."""
+    """Where the table's files are; empty: found from ``table`` (set it to run a catalog-named table without Spark)."""
     train_split: str = "train"
     """Value of the ``split`` column for training rows."""
     eval_split: str = "test"
@@ -272,7 +272,7 @@ class MlflowConfig:
     run_name: str = ""
     """Run name; empty: MLflow picks one."""
     run_id: str = ""
-    """Continue this run instead of opening a new one (the launcher sets it for its ranks)."""
+    """Continue this MLflow run instead of opening a new one."""
     log_model: bool = True
     """Log the trained model as sparktune's pyfunc (``sparktune.model.pyfunc``: weights, tokenizer, labels,
     task), not the transformers flavor, whose pyfunc returns only the top label."""

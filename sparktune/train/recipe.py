@@ -4,12 +4,16 @@ Knows nothing about Spark: the launcher (``sparktune.train.distribute``) runs it
 TorchDistributor process, and it runs as well under plain torchrun
 (``python -m sparktune.train.train``) or as a function call in one process.
 
-- setup: join the process group; rank 0 pins the table version (continuing a resumed job on
-  the version it recorded), checks the table against the model, and opens or continues the
-  job's MLflow run; every rank loads the tokenizer, its rows and the model.
-- fit: Hugging Face ``Trainer`` over this rank's shard, resuming from the newest checkpoint
-  that verifies; rank 0's MLflow logging is transformers' own ``MLflowCallback``.
-- finish: evaluate, rank 0 saves/logs the model, every rank returns rank 0's ``TrainResult``.
+The job arrives pinned (``sparktune.train.pinned.PinnedJob``: table snapshot, task, folders,
+MLflow run, where training starts, memory plan), made once by the launcher; without a launcher
+rank 0 pins it and broadcasts it. Ranks never re-decide it, and nothing changes ``cfg``.
+
+- setup: join the process group; every rank checks the table against the model and loads the
+  tokenizer, its rows and the model (``Job``).
+- fit: Hugging Face ``Trainer`` over this rank's shard, from the pinned start (step 0 or a
+  verified checkpoint), then the evaluation (``FitOutput``); rank 0's MLflow logging is
+  transformers' own ``MLflowCallback``.
+- finish: rank 0 saves/logs the model, every rank returns rank 0's ``TrainResult``.
 
 A rank that fails writes a failure record (``sparktune.train.failures``) before it exits.
 """
@@ -17,90 +21,32 @@ A rank that fails writes a failure record (``sparktune.train.failures``) before 
 from __future__ import annotations
 
 import contextlib
-import inspect
+import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 from sparktune.errors import ConfigError, SparktuneError
 from sparktune.tasks import TOKENIZED, Task
 from sparktune.train import dist
-from sparktune.train.checkpoints import CheckpointStore, JobRecord, resume_problems
 from sparktune.train.checks import check_rows_fit_model, check_table_matches_model
 from sparktune.train.config import Parallelism, TrainConfig, train_config_from_dict
 from sparktune.train.failures import DataFilesGone, record_failure
+from sparktune.train.pinned import PinnedJob, open_job_run, pin_job
 from sparktune.train.result import TrainResult
 
-__all__ = ["train", "resolve_data", "prepare_resume", "table_identity", "check_table_matches_model"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+    from sparktune.tracking import Tracker
+    from sparktune.train.data import FlatRows, RankData
+    from sparktune.train.memory import MemoryPlan
+
+__all__ = ["train", "setup", "fit", "finish", "Job", "FitOutput", "pin_here", "train_bf16"]
 
 log = logging.getLogger("sparktune.train")
-
-
-# Table and resume ---------------------------------------------------------------------------
-def resolve_data(cfg: TrainConfig) -> TrainConfig:
-    """Fill ``data.location`` from a path-like ``data.table``; names need the launcher (Spark)."""
-    if cfg.data.location:
-        return cfg
-    from sparktune.tables import parse_table_ref
-
-    ref = parse_table_ref(cfg.data.table)
-    if ref.path is None:
-        raise SparktuneError(
-            f"data.table: {cfg.data.table!r} is a catalog name, which only Spark can resolve; launch with "
-            "`sparktune train` (it resolves the name) or set data.location to the table's folder"
-        )
-    cfg.data.location = ref.path
-    return cfg
-
-
-def table_identity(location: str) -> str:
-    """The Delta table id (it changes when a table is dropped and written again)."""
-    from deltalake import DeltaTable
-
-    try:
-        return str(DeltaTable(location).metadata().id)
-    except Exception:
-        return ""  # a missing table is reported, with what to do, by table_info
-
-
-def prepare_resume(cfg: TrainConfig, world_size: int, table_id: str) -> JobRecord | None:
-    """Check a ``resume=true`` job against its record and pin ``data.version`` to the recorded one.
-
-    Without resume, refuses a checkpoint folder that already holds checkpoints. Raises
-    ConfigError naming every problem.
-    """
-    store = CheckpointStore(cfg.checkpoint_dir)
-    if not cfg.resume:
-        if store.has_checkpoints():
-            raise SparktuneError(
-                f"checkpoint.dir: {cfg.checkpoint_dir} already holds checkpoints of an earlier job; pass resume=true "
-                "to continue it, or choose another output_dir / checkpoint.dir"
-            )
-        return None
-    record = store.read_job()
-    problems = resume_problems(record, location=cfg.data.location, table_id=table_id, version=cfg.data.version,
-                               world_size=world_size, written_world_size=store.written_world_size(),
-                               where=cfg.checkpoint_dir)
-    if problems:
-        raise ConfigError(problems)
-    if record is not None and record.version is not None and cfg.data.version is None:
-        cfg.data.version = int(record.version)
-        log.warning("sparktune train: resume continues on %s v%s, the version the job pinned",
-                    cfg.data.location, record.version)
-    return record
-
-
-def resolve_task(cfg: TrainConfig, props: dict) -> Task:
-    if cfg.model.task != "auto":
-        return Task.parse(cfg.model.task, "model.task")
-    task = TOKENIZED.task_of(props, "model.task")
-    if task is None:
-        raise ConfigError([f"model.task: is auto and table {cfg.data.table!r} has no {TOKENIZED.prop_task} "
-                           f"property; set model.task={Task.CLASSIFICATION.value} or "
-                           f"model.task={Task.CAUSAL_LM.value}"])
-    return task
 
 
 def train_bf16(cfg: TrainConfig, gpu: bool) -> bool:
@@ -120,49 +66,62 @@ def train_bf16(cfg: TrainConfig, gpu: bool) -> bool:
 # Setup --------------------------------------------------------------------------------------
 @dataclass
 class Job:
-    """Everything setup found or built, for fit and finish."""
+    """Everything setup built on this rank, for fit and finish; what was decided is in ``pinned``."""
 
     cfg: TrainConfig
+    """The config as the user gave it (``model.task`` may still be auto: the task is ``pinned.task``)."""
+    pinned: PinnedJob
     env: dist.DistEnv
-    task: Task
-    props: dict
-    run_id: str
-    tracker: Any
-    tokenizer: Any
-    model: Any
-    train_rows: int
-    """Training rows selected from the table (all ranks, before padding or dropping)."""
-    shard: Any
-    """This rank's training rows (``sparktune.train.data.FlatRows``)."""
-    eval_rows: Any
-    """The evaluation rows (``FlatRows``), or None without an eval split."""
-    resume_from: str | None
+    tracker: Tracker | None
+    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel
+    data: RankData
+    """This rank's training shard and the evaluation rows."""
     bf16: bool = False
     """bf16 autocast for this rank (``train_bf16``)."""
     sharded: bool = False
     """The model is FSDP2-sharded (``train.parallelism: fsdp``)."""
-    extra: dict = field(default_factory=dict)
+
+    @property
+    def task(self) -> Task:
+        return self.pinned.task
+
+    @property
+    def props(self) -> dict[str, str]:
+        return self.pinned.table.properties
+
+    @property
+    def run_id(self) -> str:
+        return self.pinned.run_id
+
+    @property
+    def shard(self) -> FlatRows:
+        return self.data.train.rows
+
+    @property
+    def eval_rows(self) -> FlatRows | None:
+        return self.data.eval.rows if self.data.eval is not None else None
 
     @property
     def logs_to_mlflow(self) -> bool:
-        return self.env.is_main and self.cfg.mlflow.enabled and bool(self.run_id)
+        return self.env.is_main and self.cfg.mlflow.enabled and bool(self.run_id) and self.tracker is not None
 
 
-def _load_data(cfg: TrainConfig, env: dist.DistEnv, task: Task):
+def _load_data(cfg: TrainConfig, pinned: PinnedJob, env: dist.DistEnv) -> RankData:
     """This rank's shard and the eval rows; a data file that vanished (VACUUM) is a user error."""
     from sparktune.staging import default_staging_dir
     from sparktune.train import data as tdata
 
     try:
-        return tdata.load_rank_data(cfg, env.rank, env.world_size, task,
-                                    staging_dir=cfg.data.staging_dir or default_staging_dir(cfg.output_dir))
+        return tdata.load_rank_data(pinned.bind(cfg), env.rank, env.world_size, pinned.task,
+                                    staging_dir=cfg.data.staging_dir or default_staging_dir(pinned.output_dir))
     except SparktuneError:
         raise
     except Exception as exc:
         text = str(exc)
         if isinstance(exc, FileNotFoundError) or "No such file or directory" in text:
             raise DataFilesGone(
-                f"data.table: a data file of {cfg.data.table or cfg.data.location} v{cfg.data.version} is gone "
+                f"data.table: a data file of {pinned.table.name} v{pinned.table.version} is gone "
                 f"({text.splitlines()[0][:300] if text else type(exc).__name__}); VACUUM probably removed it. Train "
                 "on the table's latest version (data.version empty; a resumed job must start anew in another "
                 "output_dir), or re-run `sparktune tokenize`"
@@ -170,27 +129,13 @@ def _load_data(cfg: TrainConfig, env: dist.DistEnv, task: Task):
         raise
 
 
-def _open_run(cfg: TrainConfig, tracker, task: Task, record: JobRecord | None) -> tuple[str, bool]:
-    """The job's MLflow run: the launcher's, the one a resumed job recorded, or a new one (torchrun)."""
-    from sparktune.train.tracking import log_job
-
-    run_id = cfg.mlflow.run_id or (record.run_id if record is not None and cfg.resume else "")
-    if run_id and tracker.run_exists(run_id):
-        return run_id, False
-    run_id = tracker.start_run(cfg.mlflow.run_name)
-    cfg.mlflow.run_id = run_id
-    log_job(tracker, run_id, cfg, task)
-    return run_id, True
-
-
-def _plan_memory(cfg: TrainConfig, env: dist.DistEnv, task: Task, props: dict):
+def _plan_memory(cfg: TrainConfig, env: dist.DistEnv, pinned: PinnedJob) -> MemoryPlan | None:
     """Rank 0's memory plan when the driver did not make one (plain torchrun, or executor GPUs
     the driver cannot see): against this machine's GPU or its share of host memory."""
-    from sparktune.env import env_flag
     from sparktune.train import memory
     from sparktune.train.config import MemoryCheck
 
-    if cfg.train.memory_check is MemoryCheck.OFF or env_flag(memory.PLANNED_ENV):
+    if cfg.train.memory_check is MemoryCheck.OFF:
         return None
     gpu = dist.use_gpu()
     gpu_total = None
@@ -198,9 +143,9 @@ def _plan_memory(cfg: TrainConfig, env: dist.DistEnv, task: Task, props: dict):
         import torch
 
         gpu_total = int(torch.cuda.get_device_properties(env.local_rank).total_memory)
-    shape = memory.model_shape(cfg, task)
-    seq_len = cfg.data.max_length or _int(props.get(TOKENIZED.prop_max_length)) or 512
-    plan = memory.plan_for_job(cfg, task, seq_len=seq_len, world_size=env.world_size, gpu=gpu,
+    shape = memory.model_shape(cfg, pinned.task)
+    seq_len = cfg.data.max_length or _int(pinned.table.properties.get(TOKENIZED.prop_max_length)) or 512
+    plan = memory.plan_for_job(cfg, pinned.task, seq_len=seq_len, world_size=env.world_size, gpu=gpu,
                                bf16=train_bf16(cfg, gpu), ranks_per_host=env.local_world_size,
                                gpu_total=gpu_total, shape=shape)
     log.warning("sparktune train: memory plan: %s", plan.figures())
@@ -208,69 +153,26 @@ def _plan_memory(cfg: TrainConfig, env: dist.DistEnv, task: Task, props: dict):
     return plan
 
 
-def setup(cfg: TrainConfig, env: dist.DistEnv, tracker=None) -> Job:
-    from transformers import set_seed
+def pin_here(cfg: TrainConfig, env: dist.DistEnv, tracker: Tracker | None) -> PinnedJob:
+    """Pin the job in this process (plain torchrun or a function call: no launcher pinned it);
+    rank 0 alone calls it, before any weights or rows load."""
+    pinned = pin_job(cfg, env.world_size)
+    pinned = dataclasses.replace(pinned, memory_plan=_plan_memory(cfg, env, pinned))
+    return open_job_run(pinned, cfg, tracker)
 
-    from sparktune.train.model import build_model, load_tokenizer, model_max_positions
 
-    resolve_data(cfg)
-    store = CheckpointStore(cfg.checkpoint_dir)
-    decided: dict | None = None
-    if env.is_main:
-        # Rank 0 decides (version, task, run) so every rank reads the same snapshot even if the
-        # table gets a new commit meanwhile; the others receive its decisions.
-        from sparktune.train.data import table_info
-
-        table_id = table_identity(cfg.data.location)
-        record = prepare_resume(cfg, env.world_size, table_id)
-        info = table_info(cfg.data.location, cfg.data.version)
-        cfg.data.version = info["version"]
-        task = resolve_task(cfg, info["properties"])
-        memory_plan = _plan_memory(cfg, env, task, info["properties"])  # before any weights or rows load
-        run_id = ""
-        if cfg.mlflow.enabled:
-            from sparktune.tracking import Tracker
-
-            tracker = tracker or Tracker(cfg.mlflow.tracking_uri or None, cfg.mlflow.experiment)
-            run_id, opened = _open_run(cfg, tracker, task, record)
-            if opened and memory_plan is not None:
-                from sparktune.train.memory import log_plan
-
-                log_plan(tracker, run_id, memory_plan)
-        os.makedirs(cfg.checkpoint_dir, exist_ok=True)
-        store.write_job(JobRecord(location=cfg.data.location, table=cfg.data.table, table_id=table_id,
-                                  version=cfg.data.version, world_size=env.world_size, task=task.value,
-                                  run_id=run_id, tracking_uri=str(tracker.tracking_uri) if tracker else ""))
-        resume_from = store.latest_complete(env.world_size, set_aside=True) if cfg.resume else None
-        decided = {"version": cfg.data.version, "props": info["properties"], "task": task, "run_id": run_id,
-                   "resume_from": resume_from}
-    decided = dist.broadcast(decided, env)
-    assert decided is not None
-    cfg.data.version = decided["version"]
-    cfg.mlflow.run_id = decided["run_id"]
-    task, props = decided["task"], decided["props"]
-    problems = check_table_matches_model(props, cfg)
-    tokenized_length = _int(props.get(TOKENIZED.prop_max_length))
-    if task is Task.INSTRUCTION and cfg.data.max_length and cfg.data.max_length < (tokenized_length or 0):
-        problems.append(f"data.max_length: {cfg.data.max_length} would cut instruction rows, which end with their "
-                        f"answer (tokenized at {tokenized_length}); leave it empty and set tokenize.max_length")
-    if problems:
-        raise ConfigError(problems)
-
-    set_seed(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg, props)
-    data = _load_data(cfg, env, task)
-    shard = data.train.rows
-    eval_rows = data.eval.rows if data.eval is not None else None
-    model = build_model(cfg, task, tokenizer)
-
-    # What only the rows and the built model can tell: checked on every rank, so each one
-    # reports the same problems and none is left waiting for the others.
-    problems = check_table_matches_model(props, cfg, model_max_positions=model_max_positions(model.config))
-    table = cfg.data.table or cfg.data.location
+def _check_rows(cfg: TrainConfig, pinned: PinnedJob, env: dist.DistEnv, data: RankData, model) -> None:
+    """What only the rows and the built model can tell: checked on every rank, so each one
+    reports the same problems and none is left waiting for the others."""
     import numpy as np
 
-    for split, rows in ((cfg.data.train_split, shard), (cfg.data.eval_split, eval_rows)):
+    from sparktune.train.model import model_max_positions
+
+    task = pinned.task
+    problems = check_table_matches_model(pinned.table.properties, cfg,
+                                         model_max_positions=model_max_positions(model.config))
+    eval_rows = data.eval.rows if data.eval is not None else None
+    for split, rows in ((cfg.data.train_split, data.train.rows), (cfg.data.eval_split, eval_rows)):
         if rows is None:
             continue
         # Each rank holds other rows: agree on their extremes so every rank raises the same problems.
@@ -281,24 +183,46 @@ def setup(cfg: TrainConfig, env: dist.DistEnv, tracker=None) -> Job:
             labels=sorted({x for _, labels in gathered for x in labels}) if task.has_labels else None,
             max_token_id=max(m for m, _ in gathered),
             vocab_size=model.get_input_embeddings().num_embeddings, num_labels=cfg.model.num_labels,
-            table=f"{table} v{cfg.data.version}", split=split)
+            table=f"{pinned.table.name} v{pinned.table.version}", split=split)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
+
+
+def _log_precision(job: Job, sharding) -> None:
+    """Rank 0: what ``train.bf16`` (often auto) and the FSDP units came to on this machine."""
+    if not job.logs_to_mlflow:
+        return
+    assert job.tracker is not None
+    from mlflow.exceptions import MlflowException
+
+    params = {"train.precision": "bf16" if job.bf16 else "fp32"}
+    if sharding is not None:
+        params["train.fsdp_units"] = sharding.describe()
+    try:
+        job.tracker.log_params(job.run_id, params)
+    except MlflowException as exc:  # a resumed job on another machine: keep the first value
+        log.warning("sparktune train: train.precision not logged (%s)", str(exc).splitlines()[0])
+
+
+def setup(cfg: TrainConfig, pinned: PinnedJob, env: dist.DistEnv, tracker: Tracker | None = None) -> Job:
+    """This rank's part of the pinned job: checks, tokenizer, rows, model (sharded under FSDP)."""
+    from transformers import set_seed
+
+    from sparktune.train.model import build_model, load_tokenizer
+
+    if env.is_main and pinned.memory_plan is None:
+        _plan_memory(cfg, env, pinned)  # the driver could not plan: before any weights or rows load
+    set_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg, pinned.table.properties)
+    data = _load_data(cfg, pinned, env)
+    model = build_model(cfg, pinned.task, tokenizer)
+    _check_rows(cfg, pinned, env, data, model)
     bf16 = train_bf16(cfg, dist.use_gpu())
     sharding = _shard(cfg, env, model, bf16) if cfg.train.parallelism is Parallelism.FSDP else None
-    if env.is_main and cfg.mlflow.enabled and decided["run_id"] and tracker is not None:
-        from mlflow.exceptions import MlflowException
-
-        try:  # what train.bf16 (often auto) came to on this machine
-            params = {"train.precision": "bf16" if bf16 else "fp32"}
-            if sharding is not None:
-                params["train.fsdp_units"] = sharding.describe()
-            tracker.log_params(decided["run_id"], params)
-        except MlflowException as exc:  # a resumed job on another machine: keep the first value
-            log.warning("sparktune train: train.precision not logged (%s)", str(exc).splitlines()[0])
-    return Job(cfg=cfg, env=env, task=task, props=props, run_id=decided["run_id"], tracker=tracker,
-               tokenizer=tokenizer, model=model, train_rows=data.train_rows, shard=shard, eval_rows=eval_rows,
-               resume_from=decided["resume_from"], bf16=bf16, sharded=sharding is not None)
+    job = Job(cfg=cfg, pinned=pinned, env=env, tracker=tracker if env.is_main else None, tokenizer=tokenizer,
+              model=model, data=data, bf16=bf16, sharded=sharding is not None)
+    _log_precision(job, sharding)
+    return job
 
 
 def _shard(cfg: TrainConfig, env: dist.DistEnv, model, bf16: bool):
@@ -333,7 +257,7 @@ def training_arguments(job: Job):
     cfg, t = job.cfg, job.cfg.train
     gpu = dist.use_gpu()
     return TrainingArguments(
-        output_dir=cfg.checkpoint_dir,
+        output_dir=job.pinned.checkpoint_dir,
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size,
         num_train_epochs=t.epochs,
@@ -432,6 +356,7 @@ def mlflow_run(job: Job):
     }
     import mlflow
 
+    assert job.tracker is not None  # logs_to_mlflow
     with _environ(env), job.tracker.active(job.run_id):
         try:
             yield
@@ -439,9 +364,27 @@ def mlflow_run(job: Job):
             mlflow.flush_async_logging()
 
 
-def fit(job: Job):
-    """Train on this rank's shard; returns (trainer, train output, eval metrics, seconds, callbacks)."""
-    from torch.utils.data import DataLoader
+@dataclass
+class FitOutput:
+    """What ``fit`` hands to ``finish``."""
+
+    trainer: Trainer
+    """The Trainer, holding the trained (possibly sharded) model."""
+    global_step: int
+    train_loss: float
+    """Mean training loss over the run (Trainer's ``training_loss``)."""
+    losses: list[float]
+    """``train/loss`` at each logging step."""
+    eval_metrics: dict[str, float]
+    """The end-of-training evaluation, named ``eval/<metric>``."""
+    seconds: float
+    samples_per_second: float | None
+    pad_share: float
+
+
+def fit(job: Job) -> FitOutput:
+    """Train on this rank's shard (from ``pinned.resume``), then evaluate."""
+    from torch.utils.data import DataLoader, Dataset
     from transformers import Trainer
 
     from sparktune.instruct import answer_lengths_of
@@ -464,7 +407,8 @@ def fit(job: Job):
         passed through ``accelerator.prepare``, which would shard the shard a second time."""
 
         def get_train_dataloader(self):
-            return DataLoader(tdata.ShardDataset(shard), batch_sampler=sampler, collate_fn=train_collator)
+            rows = cast("Dataset", tdata.ShardDataset(shard))  # a map-style dataset (len, getitem)
+            return DataLoader(rows, batch_sampler=sampler, collate_fn=train_collator)
 
     trainer_class = _fsdp_trainer(ShardTrainer) if job.sharded else ShardTrainer
 
@@ -474,7 +418,7 @@ def fit(job: Job):
         from transformers.integrations import MLflowCallback
 
         callbacks.append(MLflowCallback())
-    callbacks += [FsyncCallback(), *plugin_callbacks(cfg, env)]
+    callbacks += [FsyncCallback(), *plugin_callbacks(job.pinned.bind(cfg), env)]
     trainer = trainer_class(
         model=job.model,
         args=training_arguments(job),
@@ -486,14 +430,19 @@ def fit(job: Job):
         callbacks=callbacks,
     )
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=job.resume_from)
+    output = trainer.train(resume_from_checkpoint=job.pinned.resume.checkpoint)
     seconds = time.perf_counter() - started
     # MetricNamesCallback renamed evaluate()'s dict in place: keys are eval/<metric>.
     eval_metrics = trainer.evaluate() if job.eval_rows is not None else {}
-    return trainer, output, eval_metrics, seconds, throughput, names
+    return FitOutput(trainer=trainer, global_step=int(trainer.state.global_step),
+                     train_loss=float(output.training_loss), losses=names.series("train/loss"),
+                     eval_metrics={k: float(v) for k, v in eval_metrics.items()
+                                   if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                     seconds=seconds, samples_per_second=output.metrics.get("train_samples_per_second"),
+                     pad_share=throughput.pad_share)
 
 
-def _fsdp_trainer(base):
+def _fsdp_trainer(base: type) -> type:
     """``base`` taught to train an FSDP2-sharded model: no DDP around it, sharded checkpoints.
 
     Checkpoints keep Trainer's layout (trainer_state.json, scheduler.pt, rng_state_<rank>.pth)
@@ -568,16 +517,13 @@ def _consolidated(job: Job, model):
 
 # Finish -------------------------------------------------------------------------------------
 def _log_model(job: Job, model, model_dir: str) -> str:
-    """``modelio.log_model``, passing the extra arguments only to a version that takes them."""
+    """Rank 0: the model logged to the job's run (``modelio.log_model``); its URI."""
     from sparktune.instruct import spec_of
     from sparktune.train.modelio import log_model
 
-    wanted = {"tracker": job.tracker, "run_id": job.run_id, "label_names": job.cfg.model.label_names or None,
-              "max_length": _trained_length(job),
-              "prompt": spec_of(job.props), "max_shard_size": job.cfg.model.max_shard_size}
-    params = inspect.signature(log_model).parameters
-    extra = {k: v for k, v in wanted.items() if k in params}
-    return log_model(model, job.tokenizer, task=job.task, save_dir=model_dir, **extra)
+    return log_model(model, job.tokenizer, task=job.task, save_dir=model_dir, tracker=job.tracker, run_id=job.run_id,
+                     label_names=job.cfg.model.label_names or None, max_length=_trained_length(job),
+                     prompt=spec_of(job.props), max_shard_size=job.cfg.model.max_shard_size)
 
 
 def _trained_length(job: Job) -> int | None:
@@ -593,73 +539,101 @@ def _int(value) -> int | None:
         return None
 
 
-def finish(job: Job, trainer, output, eval_metrics: dict, seconds: float, throughput, names) -> TrainResult:
-    cfg, env = job.cfg, job.env
-    steps = dist.gather(trainer.state.global_step, env)
-    result = None
-    # every rank takes part in gathering a sharded model; rank 0 alone gets it
+def _final_model(job: Job, trainer: Trainer) -> Any:
+    """The trained model as one plain transformers model on rank 0 (LoRA merged if asked); None
+    elsewhere. Every rank takes part in gathering a sharded model."""
     consolidated = _consolidated(job, trainer.model) if job.sharded else None
+    if not job.env.is_main:
+        return None
+    final: Any = consolidated if job.sharded else trainer.model
+    assert final is not None  # rank 0 holds the consolidated model
+    if job.cfg.lora.enabled and job.cfg.lora.merge_on_save:
+        final = final.merge_and_unload()
+    return final
+
+
+def _save(job: Job, final: PreTrainedModel) -> tuple[str, str]:
+    """Rank 0: log the model to the job's run (or save it); ``(model_dir, model_uri)``."""
+    model_dir = os.path.join(job.pinned.output_dir, "model")
+    if job.logs_to_mlflow and job.cfg.mlflow.log_model:
+        return model_dir, _log_model(job, final, model_dir)
+    from sparktune.instruct import spec_of
+    from sparktune.train.modelio import save_model
+
+    save_model(final, job.tokenizer, model_dir, prompt=spec_of(job.props), max_length=_trained_length(job),
+               max_shard_size=job.cfg.model.max_shard_size)
+    return model_dir, ""
+
+
+def _log_row_counts(job: Job) -> None:
+    if not job.logs_to_mlflow:
+        return
+    assert job.tracker is not None
+    from mlflow.exceptions import MlflowException
+
+    try:  # row counts are facts about the inputs: params, not metrics
+        job.tracker.log_params(job.run_id, {
+            "data.train_rows": job.data.train_rows, "data.rows_per_rank": len(job.shard),
+            "data.eval_rows": len(job.eval_rows) if job.eval_rows is not None else 0})
+    except MlflowException as exc:  # a resumed job with other limits: keep the first values
+        log.warning("sparktune train: row counts not logged (%s)", str(exc).splitlines()[0])
+
+
+def finish(job: Job, fitted: FitOutput) -> TrainResult:
+    """Save/log the model (rank 0), write result.json; every rank returns rank 0's ``TrainResult``."""
+    pinned, env = job.pinned, job.env
+    steps = dist.gather(fitted.global_step, env)
+    final = _final_model(job, fitted.trainer)
+    result = None
     if env.is_main:
-        final = consolidated if job.sharded else trainer.model
-        assert final is not None  # rank 0 holds the consolidated model
-        if cfg.lora.enabled and cfg.lora.merge_on_save:
-            final = final.merge_and_unload()
-        model_dir = os.path.join(cfg.output_dir, "model")
-        model_uri = ""
-        if job.logs_to_mlflow and cfg.mlflow.log_model:
-            model_uri = _log_model(job, final, model_dir)
-        else:
-            from sparktune.instruct import spec_of
-            from sparktune.train.modelio import save_model
-
-            save_model(final, job.tokenizer, model_dir, prompt=spec_of(job.props), max_length=_trained_length(job),
-                       max_shard_size=job.cfg.model.max_shard_size)
-        if job.logs_to_mlflow:
-            from mlflow.exceptions import MlflowException
-
-            try:  # row counts are facts about the inputs: params, not metrics
-                job.tracker.log_params(job.run_id, {
-                    "data.train_rows": job.train_rows, "data.rows_per_rank": len(job.shard),
-                    "data.eval_rows": len(job.eval_rows) if job.eval_rows is not None else 0})
-            except MlflowException as exc:  # a resumed job with other limits: keep the first values
-                log.warning("sparktune train: row counts not logged (%s)", str(exc).splitlines()[0])
+        assert final is not None
+        model_dir, model_uri = _save(job, final)
+        _log_row_counts(job)
         result = TrainResult(
-            run_id=job.run_id, model_uri=model_uri, model_dir=model_dir, output_dir=cfg.output_dir,
-            checkpoint_dir=cfg.checkpoint_dir, task=job.task, table=cfg.data.table, location=cfg.data.location,
-            version=int(cfg.data.version or 0), world_size=env.world_size, global_step=trainer.state.global_step,
-            rank_steps=[int(s) for s in steps], train_rows=job.train_rows, rows_per_rank=len(job.shard),
-            eval_rows=len(job.eval_rows) if job.eval_rows is not None else 0,
-            train_loss=float(output.training_loss), losses=names.series("train/loss"),
-            eval_metrics={k: float(v) for k, v in eval_metrics.items()
-                          if isinstance(v, (int, float)) and not isinstance(v, bool)},
-            pad_share=throughput.pad_share, samples_per_second=output.metrics.get("train_samples_per_second"),
-            train_seconds=seconds, resumed_from=job.resume_from,
+            run_id=pinned.run_id, model_uri=model_uri, model_dir=model_dir, output_dir=pinned.output_dir,
+            checkpoint_dir=pinned.checkpoint_dir, task=pinned.task, table=pinned.table.table,
+            location=pinned.table.location, version=pinned.table.version, world_size=env.world_size,
+            global_step=fitted.global_step, rank_steps=[int(s) for s in steps], train_rows=job.data.train_rows,
+            rows_per_rank=len(job.shard), eval_rows=len(job.eval_rows) if job.eval_rows is not None else 0,
+            train_loss=fitted.train_loss, losses=fitted.losses, eval_metrics=fitted.eval_metrics,
+            pad_share=fitted.pad_share, samples_per_second=fitted.samples_per_second,
+            train_seconds=fitted.seconds, resumed_from=pinned.resume.checkpoint,
         )
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "result.json"), "w", encoding="utf-8") as handle:
+        os.makedirs(pinned.output_dir, exist_ok=True)
+        with open(os.path.join(pinned.output_dir, "result.json"), "w", encoding="utf-8") as handle:
             handle.write(result.to_json())
     return dist.broadcast(result, env)
 
 
 # The recipe ---------------------------------------------------------------------------------
-def train(cfg, tracker=None) -> TrainResult:
+def train(cfg, tracker: Tracker | None = None, pinned: PinnedJob | None = None) -> TrainResult:
     """Run this process's rank of a training job; every rank returns rank 0's ``TrainResult``.
 
-    ``cfg``: a ``TrainConfig`` or its ``to_dict()``; ``tracker``: the job's
-    ``sparktune.tracking.Tracker`` (rank 0 builds one from ``cfg.mlflow`` when not given).
+    ``cfg``: a ``TrainConfig`` or its ``to_dict()`` (never changed); ``tracker``: the job's
+    ``sparktune.tracking.Tracker`` (rank 0 builds one from ``cfg.mlflow`` when it pins the job);
+    ``pinned``: the job the launcher pinned. Without one (plain torchrun, a function call) rank 0
+    pins it (``pin_here``) and broadcasts it: the other ranks never decide.
     """
     cfg = cfg if isinstance(cfg, TrainConfig) else train_config_from_dict(cfg)
     env = dist.dist_env()
     dist.set_threads(cfg.train.num_threads, env)
+    failures_dir = pinned.checkpoint_dir if pinned is not None else cfg.checkpoint_dir
     try:
         dist.init_process_group(cfg.distributor.backend, env)
-        job = setup(cfg, env, tracker)
+        if pinned is None:
+            if env.is_main and cfg.mlflow.enabled and tracker is None:
+                from sparktune.tracking import Tracker
+
+                tracker = Tracker(cfg.mlflow.tracking_uri or None, cfg.mlflow.experiment)
+            pinned = dist.broadcast(pin_here(cfg, env, tracker) if env.is_main else None, env)
+            assert pinned is not None
+            failures_dir = pinned.checkpoint_dir
+        job = setup(cfg, pinned, env, tracker)
         with mlflow_run(job):
-            trainer, output, eval_metrics, seconds, throughput, names = fit(job)
-            return finish(job, trainer, output, eval_metrics, seconds, throughput, names)
+            return finish(job, fit(job))
     except BaseException as exc:
-        if not isinstance(exc, KeyboardInterrupt) and cfg.output_dir:
-            record_failure(cfg.checkpoint_dir, env.rank, env.world_size, exc)
+        if not isinstance(exc, KeyboardInterrupt) and failures_dir:
+            record_failure(failures_dir, env.rank, env.world_size, exc)
         raise
     finally:
         dist.destroy_process_group()

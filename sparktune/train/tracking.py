@@ -104,15 +104,22 @@ def split_rows(location: str, version: int, split: str, task, limit: int | None 
     return min(count, limit) if limit else count
 
 
-def log_job(tracker, run_id: str, cfg, task) -> None:
-    """The job's config (flattened, redacted) as params and its Delta inputs; once per job."""
+def log_job(tracker, run_id: str, cfg, pinned) -> None:
+    """The job's config (flattened, redacted, with what ``pinned`` decided: the table's location
+    and version, the task, the folders, the tracking store) as params and its Delta inputs; once
+    per job. ``pinned``: the job's ``sparktune.train.pinned.PinnedJob``."""
     import pandas as pd
 
     from sparktune.config import flatten_config
     from sparktune.tables import parse_table_ref
     from sparktune.train import data as tdata
 
-    tracker.log_params(run_id, flatten_config(cfg.to_dict()))
+    table = pinned.table
+    params = flatten_config(cfg.to_dict())
+    params.update({"data.location": table.location, "data.version": table.version, "model.task": pinned.task.value,
+                   "output_dir": pinned.output_dir, "mlflow.tracking_uri": str(tracker.tracking_uri),
+                   "mlflow.experiment": tracker.experiment})
+    tracker.log_params(run_id, params)
     try:
         ref = parse_table_ref(cfg.data.table) if cfg.data.table else None
         table_name = ref.name if ref is not None and not ref.is_path else None
@@ -122,12 +129,12 @@ def log_job(tracker, run_id: str, cfg, task) -> None:
     if cfg.data.eval_split:
         splits.append(("evaluation", cfg.data.eval_split, cfg.data.eval_limit))
     for context, split, limit in splits:
-        rows = tdata.read_split(cfg.data.location, cfg.data.version, split, task=task,
+        rows = tdata.read_split(table.location, table.version, split, task=pinned.task,
                                 limit=min(limit or 1000, 1000))
         sample = {"row_id": rows.row_ids, "n_tokens": [len(ids) for ids in rows.input_ids]}
         if rows.labels is not None:
             sample["label"] = rows.labels
-        log_delta_input(tracker, run_id, location=cfg.data.location, version=cfg.data.version,
-                        name=f"{cfg.data.table or cfg.data.location}@v{cfg.data.version}:{split}",
+        log_delta_input(tracker, run_id, location=table.location, version=table.version,
+                        name=f"{table.name}@v{table.version}:{split}",
                         context=context, table_name=table_name, sample=pd.DataFrame(sample), targets="label",
-                        rows=split_rows(cfg.data.location, cfg.data.version, split, task, limit))
+                        rows=split_rows(table.location, table.version, split, pinned.task, limit))

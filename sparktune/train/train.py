@@ -16,9 +16,9 @@ import sys
 from sparktune.errors import SparktuneError
 from sparktune.train.checkpoints import latest_complete_checkpoint
 from sparktune.train.config import load_train_config
-from sparktune.train.recipe import resolve_data, train
+from sparktune.train.recipe import train
 
-__all__ = ["train", "latest_complete_checkpoint", "resolve_data", "main"]
+__all__ = ["train", "latest_complete_checkpoint", "main"]
 
 
 def main(argv=None) -> int:
