@@ -93,8 +93,6 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("SPARKTUNE_FORWARD_ENV", None, "Comma-separated names of further variables the training ranks "
              "get from the driver (a callback plugin's own settings, NCCL tuning).", "train/plan.py",
              shown="none"),
-    Variable("SPARKTUNE_MEMORY_PLANNED", None, "Set by the driver for its ranks when it already made the "
-             "memory plan (internal: not a user setting).", "train/recipe.py", shown="unset"),
     Variable("SPARKTUNE_SERVE_LOG_LEVEL", "warning", "uvicorn's log level in `sparktune serve`.", "serve.py"),
     Variable("SPARKTUNE_TORCH_THREADS", None, "torch threads per model process (servers, Spark UDF workers).",
              "model/pyfunc.py (the artifact)", shown="torch's default"),

@@ -24,13 +24,11 @@ from sparktune.tasks import Task
 from sparktune.train.config import MemoryCheck, Parallelism, Quantization, TrainConfig
 
 __all__ = ["ModelShape", "MemoryPlan", "model_shape", "plan_memory", "plan_for_job", "check_memory",
-           "rank_memory", "ranks_per_host", "log_plan", "PLANNED_ENV", "GIB"]
+           "rank_memory", "ranks_per_host", "log_plan", "GIB"]
 
 log = logging.getLogger("sparktune.train")
 
 GIB = 1024 ** 3
-PLANNED_ENV = "SPARKTUNE_MEMORY_PLANNED"
-"""Set for the ranks when the driver already planned (and checked) the job's memory."""
 CPU_RUNTIME = int(1.15 * GIB)
 """A CPU rank's own footprint: the interpreter with torch, transformers, peft, pyarrow and the
 process group loaded; measured 1.12-1.34 GiB peak RSS for a 4M-parameter model
