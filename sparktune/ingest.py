@@ -60,7 +60,6 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import cast
 
 from sparktune.errors import SparktuneError, bounded
 from sparktune.redact import redact, redact_column
@@ -68,10 +67,12 @@ from sparktune.results import StageResult
 from sparktune.tables import (
     TableRef,
     check_writes,
+    last_commit,
     parse_table_ref,
+    read_snapshot,
+    read_table,
     spark_path,
     table_exists,
-    table_location,
     table_uri,
     write_table,
 )
@@ -735,39 +736,19 @@ def _load(spark, kind: str, location: str, fmt: str, split: str | None, text_col
     if kind in ("delta", "table"):
         if kind == "table" and not table_exists(spark, location):
             raise SparktuneError(f"--source {redact(location)!r}: no such table in the session's catalog")
-        path = location if kind == "delta" else table_location(spark, location)
-        from deltalake import DeltaTable
-
+        snapshot = read_snapshot(spark, location, what="--source")
+        version = snapshot.version
         try:
-            version = DeltaTable(path).version()
-            records = _count_delta(path, version)
+            records: int | None = _count_delta(snapshot.location, version)
             method = "Delta log row counts (deltalake)"
         except Exception:  # a store deltalake cannot open without credentials: Spark counts instead
-            version = None
             records = None
             method = "Spark count (deltalake could not open the table)"
-        reader = spark.read.format("delta")
-        if version is not None:
-            reader = reader.option("versionAsOf", version)
-        df = (
-            reader.load(path)
-            if kind == "delta"
-            else (
-                spark.sql(
-                    f"SELECT * FROM {parse_table_ref(location).sql}"
-                    + (f" VERSION AS OF {version}" if version is not None else "")
-                )
-            )
-        )
+        df = read_table(spark, location, version=version, what="--source")
         if records is None:
             records = df.count()
         frame, keep, dropped = _typed(df, text_column, label_column, split or "train")
-        pinned = {"sparktune.source_version": str(version) if version is not None else ""}
-        try:
-            # deltalake types Metadata.id as int; it is the table id string (a UUID)
-            pinned["sparktune.source_table_id"] = cast(str, DeltaTable(path).metadata().id)
-        except Exception:  # see above
-            pass
+        pinned = {"sparktune.source_version": str(version), "sparktune.source_table_id": snapshot.table_id}
         return _Loaded(frame, SourceCount(records, method), keep, dropped, pinned)
     if kind == "hf":
         df, records = _load_hf(spark, location)
@@ -921,8 +902,7 @@ def _check_targets(spark, output: TableRef, quarantine: TableRef, kind: str, loc
 
 def _committed_rows(spark, ref, version: int) -> int | None:
     ref = parse_table_ref(ref)
-    rows = spark.sql(f"DESCRIBE HISTORY {ref.sql}").where(f"version = {int(version)}").collect()
-    metrics = rows[0]["operationMetrics"] if rows else None
+    metrics = last_commit(spark, ref, version).get("operationMetrics")
     if not metrics or "numOutputRows" not in metrics:
         return None
     return int(metrics["numOutputRows"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from sparktune.encoding import token_lists_to_arrow, worker_tokenizer
 from sparktune.prompts import PromptEncoder, PromptSpec
 from sparktune.tasks import TOKENIZED, Task
 
@@ -21,10 +22,8 @@ _WORKER_ENCODERS: dict = {}
 def _worker_encoder(name: str, max_length: int, spec_json: str, gguf_file: str) -> PromptEncoder:
     key = (name, max_length, spec_json, gguf_file)
     if key not in _WORKER_ENCODERS:
-        from sparktune.tokenize import _worker_tokenizer
-
         # No backend truncation: the encoder cuts the text, never the template or the answer.
-        tokenizer = _worker_tokenizer(name, 0, gguf_file)
+        tokenizer = worker_tokenizer(name, 0, gguf_file)
         _WORKER_ENCODERS[key] = PromptEncoder(tokenizer, PromptSpec.from_json(spec_json), max_length)
     return _WORKER_ENCODERS[key]
 
@@ -36,13 +35,11 @@ def instruction_partition(name: str, max_length: int, spec: PromptSpec, gguf_fil
     def tokenize(batches):
         import pyarrow as pa
 
-        from sparktune.tokenize import _token_lists_to_arrow
-
         encoder = _worker_encoder(name, max_length, spec_json, gguf_file)
         for batch in batches:
             labels = batch.column("label").cast(pa.int32())
             ids, prompt_lens, truncated = encoder.pairs(batch.column("text").to_pylist(), labels.to_pylist())
-            input_ids, n_tokens = _token_lists_to_arrow(ids)
+            input_ids, n_tokens = token_lists_to_arrow(ids)
             yield pa.RecordBatch.from_arrays(
                 [batch.column("row_id"), batch.column("split"), labels, input_ids, n_tokens,
                  pa.array(truncated, type=pa.bool_()), pa.array(prompt_lens, type=pa.int32())],

@@ -56,24 +56,25 @@ def launch_once(plan: LaunchPlan, cfg: TrainConfig, tracker=None) -> TrainResult
     return cast(TrainResult, distributor.run(_rank_main, cfg.to_dict(), env, tracker))
 
 
-def _resolve_table(spark, cfg: TrainConfig, world_size: int) -> dict:
-    """Pin ``data.location``, ``data.version`` and ``model.task`` on the driver, before any rank starts."""
-    from sparktune.tables import parse_table_ref, table_location
+def _resolve_table(spark, cfg: TrainConfig, world_size: int):
+    """Pin ``data.location``, ``data.version`` and ``model.task`` on the driver, before any rank
+    starts; returns the pinned ``sparktune.tables.TableSnapshot`` (read through Spark)."""
+    from sparktune.tables import read_snapshot
     from sparktune.train.checks import check_table_matches_model
-    from sparktune.train.data import table_info
-    from sparktune.train.recipe import prepare_resume, resolve_task, table_identity
+    from sparktune.train.recipe import prepare_resume, resolve_task
 
-    if not cfg.data.location:
-        ref = parse_table_ref(cfg.data.table)
-        cfg.data.location = ref.path if ref.path is not None else table_location(spark, ref)
-    prepare_resume(cfg, world_size, table_identity(cfg.data.location))
-    info = table_info(cfg.data.location, cfg.data.version)
-    cfg.data.version = info["version"]
-    cfg.model.task = resolve_task(cfg, info["properties"]).value
-    problems = check_table_matches_model(info["properties"], cfg)
+    table = cfg.data.table or cfg.data.location
+    latest = read_snapshot(spark, table, what="data.table")
+    cfg.data.location = cfg.data.location or latest.location
+    prepare_resume(cfg, world_size, latest.table_id)
+    snapshot = latest if cfg.data.version in (None, latest.version) else \
+        read_snapshot(spark, table, cfg.data.version, "data.table")
+    cfg.data.version = snapshot.version
+    cfg.model.task = resolve_task(cfg, dict(snapshot.properties)).value
+    problems = check_table_matches_model(dict(snapshot.properties), cfg)
     if problems:
         raise ConfigError(problems)
-    return info["properties"]
+    return snapshot
 
 
 def _plan_memory(cfg: TrainConfig, plan: LaunchPlan, props: dict):
@@ -156,7 +157,6 @@ def run_training(cfg, spark=None, tracker=None, plan: LaunchPlan | None = None) 
     """
     from sparktune.train import failures
     from sparktune.train.checkpoints import CheckpointStore, JobRecord
-    from sparktune.train.recipe import table_identity
     from sparktune.train.tracking import log_job
 
     cfg = train_config_from_dict(cfg) if not isinstance(cfg, TrainConfig) else cfg
@@ -167,9 +167,9 @@ def run_training(cfg, spark=None, tracker=None, plan: LaunchPlan | None = None) 
     _place_outputs_on_volume(cfg)
     if plan is None:
         plan = build_launch_plan(cfg, **spark_facts(spark))
-    props = _resolve_table(spark, cfg, plan.num_processes)
+    snapshot = _resolve_table(spark, cfg, plan.num_processes)
     # Before any data is staged or any rank starts: refuse a job that cannot fit.
-    memory_plan = _plan_memory(cfg, plan, props)
+    memory_plan = _plan_memory(cfg, plan, dict(snapshot.properties))
     from sparktune.staging import default_staging_dir, stage_job_data
 
     if not plan.local_mode:
@@ -206,7 +206,7 @@ def run_training(cfg, spark=None, tracker=None, plan: LaunchPlan | None = None) 
                 log_plan(tracker, run_id, memory_plan)
         cfg.mlflow.run_id = run_id
     store.write_job(JobRecord(location=cfg.data.location, table=cfg.data.table,
-                              table_id=table_identity(cfg.data.location), version=cfg.data.version,
+                              table_id=snapshot.table_id, version=cfg.data.version,
                               world_size=plan.num_processes, task=cfg.model.task, run_id=run_id,
                               tracking_uri=cfg.mlflow.tracking_uri if run_id else ""))
     attempts: list[str] = []

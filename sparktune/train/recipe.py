@@ -56,13 +56,11 @@ def resolve_data(cfg: TrainConfig) -> TrainConfig:
 
 
 def table_identity(location: str) -> str:
-    """The Delta table id (it changes when a table is dropped and written again)."""
-    from deltalake import DeltaTable
+    """The Delta table id (it changes when a table is dropped and written again); a table that
+    cannot be read raises (never "", which would let resume pass its "table was recreated" check)."""
+    from sparktune.tables import read_snapshot
 
-    try:
-        return str(DeltaTable(location).metadata().id)
-    except Exception:
-        return ""  # a missing table is reported, with what to do, by table_info
+    return read_snapshot(None, location, what="data.table").table_id
 
 
 def prepare_resume(cfg: TrainConfig, world_size: int, table_id: str) -> JobRecord | None:
@@ -219,14 +217,14 @@ def setup(cfg: TrainConfig, env: dist.DistEnv, tracker=None) -> Job:
     if env.is_main:
         # Rank 0 decides (version, task, run) so every rank reads the same snapshot even if the
         # table gets a new commit meanwhile; the others receive its decisions.
-        from sparktune.train.data import table_info
+        from sparktune.tables import read_snapshot
 
         table_id = table_identity(cfg.data.location)
         record = prepare_resume(cfg, env.world_size, table_id)
-        info = table_info(cfg.data.location, cfg.data.version)
-        cfg.data.version = info["version"]
-        task = resolve_task(cfg, info["properties"])
-        memory_plan = _plan_memory(cfg, env, task, info["properties"])  # before any weights or rows load
+        snapshot = read_snapshot(None, cfg.data.location, cfg.data.version, "data.table")
+        cfg.data.version = snapshot.version
+        task = resolve_task(cfg, dict(snapshot.properties))
+        memory_plan = _plan_memory(cfg, env, task, dict(snapshot.properties))  # before any weights or rows load
         run_id = ""
         if cfg.mlflow.enabled:
             from sparktune.tracking import Tracker
@@ -242,7 +240,7 @@ def setup(cfg: TrainConfig, env: dist.DistEnv, tracker=None) -> Job:
                                   version=cfg.data.version, world_size=env.world_size, task=task.value,
                                   run_id=run_id, tracking_uri=str(tracker.tracking_uri) if tracker else ""))
         resume_from = store.latest_complete(env.world_size, set_aside=True) if cfg.resume else None
-        decided = {"version": cfg.data.version, "props": info["properties"], "task": task, "run_id": run_id,
+        decided = {"version": cfg.data.version, "props": dict(snapshot.properties), "task": task, "run_id": run_id,
                    "resume_from": resume_from}
     decided = dist.broadcast(decided, env)
     assert decided is not None
