@@ -248,6 +248,7 @@ def stage_training_data(spark, table, version: int, split: str, world_size: int,
     outside ``[0, num_labels)`` raise SparktuneError before anything is written.
     ``row_group_bytes`` bounds the Parquet row groups a rank reads at a time.
     """
+    # Long (~90 lines) on purpose: checks, the cached stage, one aggregate, then the write, as one readable story.
     from pyspark.sql import functions as F
 
     from sparktune import __version__

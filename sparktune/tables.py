@@ -213,9 +213,10 @@ class TableSnapshot:
     ``table``: the TABLE as given. ``location``: where its files are, as delta-rs and training
     ranks open them (``file:`` dropped). ``uri``: what provenance records, usable from any machine
     and session: a catalog table's full name, else the location as Spark qualifies it (``file:/...``,
-    ``dbfs:/...``, ``abfss://...``), never a relative path. ``table_id``: Delta's table id, new
-    each time the table is created anew (dropped or deleted, then written), so (id, version)
-    names one content for good. ``properties``: the table properties at ``version``.
+    ``dbfs:/...``, ``abfss://...``), never a relative path. ``table_id``: Delta's id of the table
+    as it is now (at any ``version``): a new one each time the table is created anew (deleted,
+    then written) or replaced (``CREATE OR REPLACE``), so (id, version) names one content for
+    good. ``properties``: the table properties at ``version``.
     ``name``: the catalog name, None for a path table.
     """
 
@@ -340,19 +341,22 @@ def _snapshot_from_log(ref: TableRef, version: int | None, what: str) -> TableSn
     if location.startswith("file:"):
         location = "/" + location[len("file:"):].lstrip("/")
     try:
-        table = DeltaTable(location, version=version)
+        table = DeltaTable(location)
     except TableNotFoundError:
         raise SparktuneError(f"{what}: no Delta table at {ref.raw!r}; create it first (e.g. with `sparktune "
                              "tokenize`) or check the path") from None
-    except Exception as exc:  # delta-rs raises plain exceptions for a missing version; the rest propagate
-        if version is not None and "version" in str(exc).lower():
-            raise SparktuneError(f"{what}: table {ref.raw!r} has no version {version} ({exc}); leave the version "
-                                 "empty for the latest") from None
-        raise
-    metadata = table.metadata()
+    table_id = str(table.metadata().id)  # the current id, as DESCRIBE DETAIL reports it
+    if version is not None and version != table.version():
+        try:
+            table.load_as_version(version)
+        except Exception as exc:  # delta-rs raises plain exceptions for a missing version; the rest propagate
+            if "version" in str(exc).lower():
+                raise SparktuneError(f"{what}: table {ref.raw!r} has no version {version} ({exc}); leave the "
+                                     "version empty for the latest") from None
+            raise
     uri = location if _URI.match(location) else "file:" + location
-    return TableSnapshot(table=ref.raw, location=location, uri=uri, table_id=str(metadata.id),
-                         version=int(table.version()), properties=dict(metadata.configuration or {}))
+    return TableSnapshot(table=ref.raw, location=location, uri=uri, table_id=table_id, version=int(table.version()),
+                         properties=dict(table.metadata().configuration or {}))
 
 
 def table_version(spark, ref) -> int:
@@ -467,6 +471,7 @@ def check_writes(spark, stage: str, *, tables: dict | None = None, folders: dict
     tokenize's output onto a raw table). ``spark`` may be None (before Spark starts): names are
     then compared by name only.
     """
+    # Long (~80 lines) on purpose: every refusal rule in one place, in the order a user's mistake is found.
     targets: list[tuple[str, str, str | None, str, TableRef | None]] = []  # (flag, raw, location, kind, ref)
     for flag, target in (tables or {}).items():
         if target is None or target == "":

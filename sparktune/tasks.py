@@ -149,6 +149,15 @@ class TokenizedTable:
     def schema_for(self, task: Task) -> str:
         return self.instruction_schema if task is Task.INSTRUCTION else self.schema
 
+    def arrow_schema(self, task: Task | None = None):
+        """The columns as a ``pyarrow.Schema`` (for writers without Spark: delta-rs, tests, benches)."""
+        import pyarrow as pa
+
+        types = {self.row_id: pa.string(), self.split: pa.string(), self.label: pa.int32(),
+                 self.input_ids: pa.list_(pa.int32()), self.n_tokens: pa.int32(), self.truncated: pa.bool_(),
+                 self.prompt_tokens: pa.int32()}
+        return pa.schema([(c, types[c]) for c in self.columns_for(task or Task.CLASSIFICATION)])
+
     def required_columns(self, task: Task) -> list[str]:
         """What a trainer or scorer of ``task`` needs from the table."""
         needed = [self.row_id, self.split, self.input_ids]

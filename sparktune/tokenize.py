@@ -226,6 +226,7 @@ def tokenize_table(
     ``gguf_file``: the tokenizer is inside this GGUF file of the ``tokenizer`` folder (SmolLM2).
     ``prompt``: a ``sparktune.prompts.PromptSpec``, required for ``Task.INSTRUCTION``.
     """
+    # Long (~90 lines) on purpose: checks, provenance, the up-to-date/incremental/full decision, read top to bottom.
 
     from sparktune import __version__
     from sparktune.models import load_tokenizer
