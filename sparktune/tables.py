@@ -189,6 +189,11 @@ def last_commit(spark, ref, version: int | None = None) -> dict:
     commit (or of the commit of ``version``; ``{}`` when the history no longer holds it)."""
     ref = parse_table_ref(ref)
     _require_exists(spark, ref, "table")
+    return _commit(spark, ref, version)
+
+
+def _commit(spark, ref: TableRef, version: int | None) -> dict:
+    """``last_commit`` of a table known to exist (the one place that reads a commit)."""
     history = spark.sql(f"DESCRIBE HISTORY {ref.sql}" + (" LIMIT 1" if version is None else ""))
     rows = (history if version is None else history.where(f"version = {int(version)}")).collect()
     if not rows:
@@ -264,7 +269,7 @@ def read_snapshot(spark, ref, version: int | None = None, what: str = "table") -
     detail = _detail(spark, ref)
     properties = dict(detail["properties"] or {})
     if version is None:
-        version = int(last_commit(spark, ref)["version"])
+        version = int(_commit(spark, ref, None)["version"])
     else:
         properties = _properties_at(spark, ref, int(version), properties, what)
     location = str(detail["location"])
