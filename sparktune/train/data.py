@@ -419,7 +419,7 @@ class ShardDataset:
         return len(self.rows)
 
     def __getitem__(self, i):
-        item = {"input_ids": self.rows.row(int(i))}
+        item: dict[str, Any] = {"input_ids": self.rows.row(int(i))}
         if self.rows.labels is not None:
             item["labels"] = int(self.rows.labels[i])
         return item
