@@ -54,9 +54,9 @@ VARIANTS = {
 
 
 def baseline_rows_per_s(texts, tokenizer_name, max_length, batch_size=1000):
-    from sparktune.tokenize import _worker_tokenizer, encode_batch
+    from sparktune.encoding import encode_batch, worker_tokenizer
 
-    tokenizer = _worker_tokenizer(tokenizer_name, max_length)
+    tokenizer = worker_tokenizer(tokenizer_name, max_length)
     start = time.perf_counter()
     for i in range(0, len(texts), batch_size):
         encode_batch(tokenizer, texts[i : i + batch_size])

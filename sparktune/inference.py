@@ -54,22 +54,19 @@ def input_column(df, text_column: str | None = None) -> InputColumn:
                          "`sparktune tokenize`) or `text` (raw text; name another with --text-column)")
 
 
-def _conf(spark, key: str, default: str | None = None) -> str | None:
-    try:
-        return spark.conf.get(key, default)
-    except Exception:  # noqa: BLE001  (Connect servers may refuse to show some keys)
-        return default
-
-
 def task_threads(spark) -> int:
     """Torch threads per Spark task: the cores a task holds (``spark.task.cpus``), so concurrent
     tasks on one executor split its cores instead of each using all of them and thrashing."""
-    return max(1, int(_conf(spark, "spark.task.cpus", "1") or 1))
+    from sparktune.spark import session_facts
+
+    return session_facts(spark).task_cpus
 
 
 def _partitions(spark) -> int:
-    value = _conf(spark, "spark.default.parallelism") or _conf(spark, "spark.sql.shuffle.partitions", "2")
-    return max(1, int(value or 2))
+    from sparktune.spark import session_facts
+
+    facts = session_facts(spark)
+    return max(1, facts.default_parallelism or facts.shuffle_partitions or 2)
 
 
 def score_spark(df, model: ResolvedModel, tracker=None, column: InputColumn | None = None, batch_size: int = 32,

@@ -9,7 +9,9 @@ are dropped before this runs.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
+from sparktune.encoding import token_lists_to_arrow, worker_tokenizer
 from sparktune.prompts import PromptEncoder, PromptSpec
 from sparktune.tasks import TOKENIZED, Task
 
@@ -21,10 +23,8 @@ _WORKER_ENCODERS: dict = {}
 def _worker_encoder(name: str, max_length: int, spec_json: str, gguf_file: str) -> PromptEncoder:
     key = (name, max_length, spec_json, gguf_file)
     if key not in _WORKER_ENCODERS:
-        from sparktune.tokenize import _worker_tokenizer
-
         # No backend truncation: the encoder cuts the text, never the template or the answer.
-        tokenizer = _worker_tokenizer(name, 0, gguf_file)
+        tokenizer = worker_tokenizer(name, 0, gguf_file)
         _WORKER_ENCODERS[key] = PromptEncoder(tokenizer, PromptSpec.from_json(spec_json), max_length)
     return _WORKER_ENCODERS[key]
 
@@ -36,13 +36,11 @@ def instruction_partition(name: str, max_length: int, spec: PromptSpec, gguf_fil
     def tokenize(batches):
         import pyarrow as pa
 
-        from sparktune.tokenize import _token_lists_to_arrow
-
         encoder = _worker_encoder(name, max_length, spec_json, gguf_file)
         for batch in batches:
             labels = batch.column("label").cast(pa.int32())
             ids, prompt_lens, truncated = encoder.pairs(batch.column("text").to_pylist(), labels.to_pylist())
-            input_ids, n_tokens = _token_lists_to_arrow(ids)
+            input_ids, n_tokens = token_lists_to_arrow(ids)
             yield pa.RecordBatch.from_arrays(
                 [batch.column("row_id"), batch.column("split"), labels, input_ids, n_tokens,
                  pa.array(truncated, type=pa.bool_()), pa.array(prompt_lens, type=pa.int32())],
@@ -62,13 +60,13 @@ def instruction_properties(tokenizer, spec: PromptSpec, max_length: int) -> dict
             TOKENIZED.prop_labels.name: json.dumps(list(spec.labels))}
 
 
-def answer_lengths_of(properties: dict) -> list[int] | None:
+def answer_lengths_of(properties: Mapping[str, str]) -> list[int] | None:
     """Tokens the loss covers per class (answer + EOS), from an instruction table's properties."""
     raw = properties.get(TOKENIZED.prop_answer_ids)
     return [len(a) + 1 for a in json.loads(raw)] if raw else None
 
 
-def spec_of(properties: dict) -> PromptSpec | None:
+def spec_of(properties: Mapping[str, str]) -> PromptSpec | None:
     """The prompt an instruction table was built with (None for other tables)."""
     if TOKENIZED.prop_template not in properties:
         return None

@@ -16,21 +16,29 @@ as they are in a Databricks workspace.
 
 from __future__ import annotations
 
+import enum
 import importlib.metadata
 import os
+import re
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from sparktune.compat import check_spark_version, delta_artifact
 from sparktune.env import env_int, env_value
 from sparktune.errors import SparktuneError
 
 __all__ = [
+    "SessionFacts",
+    "SessionKind",
     "check_shared_path",
     "delta_maven_coordinate",
     "delta_submit_args",
     "get_spark",
     "is_connect",
     "is_local_master",
+    "local_cores",
+    "session_facts",
     "spark_master",
     "sparktune_home",
 ]
@@ -114,6 +122,152 @@ def spark_master(spark) -> str:
 
 def is_local_master(master: str) -> bool:
     return master == "local" or master.startswith(("local[", "local-cluster["))
+
+
+# ---------------------------------------------------------------------------------------------
+# Session facts: what kind of session this is and how much it can run at once, worked out once.
+
+
+class SessionKind(str, enum.Enum):
+    LOCAL = "local"
+    """A local master (``local``, ``local[N]``, ``local[*]``, ``local-cluster[...]``)."""
+    CLUSTER = "cluster"
+    """A cluster master (``spark://``, ``yarn``, ``k8s://``...)."""
+    CONNECT = "connect"
+    """A Spark Connect client (``sc://``): no JVM here, the server's settings may be hidden."""
+    DATABRICKS = "databricks"
+    """A Databricks cluster or serverless compute (classic or Connect)."""
+
+
+_LOCAL = re.compile(r"^local(?:\[(\*|\d+)(?:,\s*\d+)?\])?$")
+_LOCAL_CLUSTER = re.compile(r"^local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,")
+
+
+def local_cores(master: str, cpu_count: int | None = None) -> int | None:
+    """Cores a local master runs tasks on: ``local`` 1, ``local[N]`` (and ``local[N,retries]``) N,
+    ``local[*]`` this machine's, ``local-cluster[workers,cores,mb]`` workers x cores; None for
+    any other master (a cluster: its scheduler knows)."""
+    master = (master or "").strip()
+    match = _LOCAL.match(master)
+    if match:
+        inner = match.group(1)
+        if inner is None:
+            return 1
+        return max(1, cpu_count or os.cpu_count() or 1) if inner == "*" else max(1, int(inner))
+    match = _LOCAL_CLUSTER.match(master)
+    if match:
+        return int(match.group(1)) * int(match.group(2))
+    return None
+
+
+# The settings session_facts reads (the launch plan's GPU settings among them).
+FACT_KEYS = (
+    "spark.master", "spark.default.parallelism", "spark.sql.shuffle.partitions", "spark.task.cpus",
+    "spark.executor.instances", "spark.executor.cores", "spark.driver.resource.gpu.amount",
+    "spark.driver.resource.gpu.discoveryScript", "spark.executor.resource.gpu.amount",
+    "spark.executor.resource.gpu.discoveryScript", "spark.task.resource.gpu.amount",
+    "spark.databricks.clusterUsageTags.clusterId",
+)
+
+
+def _int(value) -> int | None:
+    try:
+        return int(str(value).strip()) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _float(value) -> float:
+    try:
+        return float(value) if value not in (None, "") else 0.0
+    except ValueError:
+        return 0.0
+
+
+@dataclass(frozen=True)
+class SessionFacts:
+    """What a session is and what it can run at once, from its settings alone (no Spark job).
+
+    Build it with ``session_facts(spark)``, or ``SessionFacts.from_conf`` from settings already
+    read. ``conf`` holds the ``FACT_KEYS`` the session would show (unset ones are absent).
+    """
+
+    master: str
+    """The master URL; '' when the server will not say (some Connect servers)."""
+    kind: SessionKind
+    connect: bool
+    local_cores: int | None
+    """Cores of a local master (``local_cores``), None on a cluster or an unknown master."""
+    default_parallelism: int | None
+    """``spark.default.parallelism`` when set."""
+    shuffle_partitions: int | None
+    task_cpus: int
+    executor_instances: int | None
+    executor_cores: int | None
+    executor_gpus: float
+    task_gpus: float
+    driver_gpus: float
+    conf: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, str], *, connect: bool = False, cpu_count: int | None = None,
+                  environ: Mapping[str, str] | None = None) -> SessionFacts:
+        """The facts of a session with these settings (pure: for tests and for the launch plan)."""
+        env = os.environ if environ is None else environ
+        master = str(conf.get("spark.master") or "")
+        databricks = bool(conf.get("spark.databricks.clusterUsageTags.clusterId")
+                          or env.get("DATABRICKS_RUNTIME_VERSION"))
+        if databricks:
+            kind = SessionKind.DATABRICKS
+        elif connect or master.startswith("sc://"):
+            kind = SessionKind.CONNECT
+        elif is_local_master(master):
+            kind = SessionKind.LOCAL
+        else:
+            kind = SessionKind.CLUSTER
+        return cls(master=master, kind=kind, connect=connect or master.startswith("sc://"),
+                   local_cores=local_cores(master, cpu_count), default_parallelism=_int(conf.get(
+                       "spark.default.parallelism")), shuffle_partitions=_int(conf.get("spark.sql.shuffle.partitions")),
+                   task_cpus=max(1, _int(conf.get("spark.task.cpus")) or 1),
+                   executor_instances=_int(conf.get("spark.executor.instances")),
+                   executor_cores=_int(conf.get("spark.executor.cores")),
+                   executor_gpus=_float(conf.get("spark.executor.resource.gpu.amount")),
+                   task_gpus=_float(conf.get("spark.task.resource.gpu.amount")),
+                   driver_gpus=_float(conf.get("spark.driver.resource.gpu.amount")), conf=dict(conf))
+
+    @property
+    def is_local(self) -> bool:
+        return self.local_cores is not None
+
+    @property
+    def local_task_slots(self) -> int | None:
+        """Concurrent tasks a local master runs (cores / ``spark.task.cpus``); None on a cluster."""
+        return None if self.local_cores is None else self.local_cores // self.task_cpus
+
+    @property
+    def task_slots(self) -> int | None:
+        """Concurrent tasks, as far as the settings say: the default parallelism, a local master's
+        slots, or executors x cores / task cpus; None when they do not say."""
+        if self.default_parallelism:
+            return self.default_parallelism
+        if self.local_cores is not None:
+            return max(1, self.local_cores // self.task_cpus)
+        if self.executor_instances and self.executor_cores:
+            return max(1, self.executor_instances * self.executor_cores // self.task_cpus)
+        return None
+
+
+def session_facts(spark, cpu_count: int | None = None) -> SessionFacts:
+    """The ``SessionFacts`` of a live session (classic or Connect), read through ``spark.conf`` only."""
+    conf = {}
+    for key in FACT_KEYS:
+        try:
+            value = spark.conf.get(key, None)
+        except Exception:  # noqa: BLE001  (a Connect server may refuse to show a static setting: unknown)
+            value = None
+        if value is not None:
+            conf[key] = str(value)
+    return SessionFacts.from_conf(conf, connect=is_connect(spark), cpu_count=cpu_count)
 
 
 def _under_spark_submit() -> bool:

@@ -52,6 +52,7 @@ __all__ = [
     "StageManifest",
     "StagedData",
     "check_labels",
+    "check_stage_labels",
     "default_staging_dir",
     "find_staged",
     "stage_job_data",
@@ -138,17 +139,25 @@ def default_staging_dir(output_dir: str) -> str:
     return os.path.join(output_dir, "staging")
 
 
-def check_labels(manifest: StageManifest, num_labels: int | None, what: str) -> None:
-    """Raise a SparktuneError when a classification stage holds labels outside ``[0, num_labels)``."""
-    if num_labels is None or manifest.key.task != Task.CLASSIFICATION.value or manifest.label_max is None:
+def check_labels(label_min: int | None, label_max: int | None, num_labels: int | None, what: str) -> None:
+    """The one label check before training: a SparktuneError when ``what`` holds labels outside
+    ``[0, num_labels)`` (an IndexError on CPU, a device-side assert on GPU, and no retry fixes it).
+    ``label_min``/``label_max``: the smallest and largest label (None: no labelled rows)."""
+    if num_labels is None or label_max is None:
         return
-    if manifest.label_max >= num_labels or (manifest.label_min or 0) < 0:
+    if label_max >= num_labels or (label_min or 0) < 0:
         raise SparktuneError(
-            f"model.num_labels: {what} has labels from {manifest.label_min} to {manifest.label_max}, but "
+            f"model.num_labels: {what} has labels from {label_min} to {label_max}, but "
             f"model.num_labels={num_labels} allows only 0..{num_labels - 1}; set model.num_labels to at least "
-            f"{manifest.label_max + 1} (and model.label_names to match), or fix the labels and re-run "
+            f"{label_max + 1} (and model.label_names to match), or fix the labels and re-run "
             "`sparktune ingest` and `sparktune tokenize`"
         )
+
+
+def check_stage_labels(manifest: StageManifest, num_labels: int | None, what: str) -> None:
+    """``check_labels`` of a classification stage's labels (its manifest records their range)."""
+    if manifest.key.task == Task.CLASSIFICATION.value:
+        check_labels(manifest.label_min, manifest.label_max, num_labels, what)
 
 
 def _read_manifest(folder: str) -> StageManifest | None:
@@ -168,12 +177,6 @@ def find_staged(staging_dir: str, key: StageKey) -> StagedData | None:
     if any(not os.path.exists(os.path.join(folder, p)) for files in manifest.shards for p in files):
         return None  # files removed by hand: stage again rather than fail in a rank
     return StagedData(folder, manifest, True)
-
-
-def _table_id(spark, ref) -> str:
-    """The Delta table's id: a table dropped and recreated at the same path gets a new one."""
-    detail = spark.sql(f"DESCRIBE DETAIL {ref.sql}").select("id").first()
-    return str(detail["id"]) if detail is not None else ""
 
 
 def _select(spark, ref, version: int, split: str, task: Task, limit: int | None, max_length: int | None):
@@ -245,10 +248,11 @@ def stage_training_data(spark, table, version: int, split: str, world_size: int,
     outside ``[0, num_labels)`` raise SparktuneError before anything is written.
     ``row_group_bytes`` bounds the Parquet row groups a rank reads at a time.
     """
+    # Long (~90 lines) on purpose: checks, the cached stage, one aggregate, then the write, as one readable story.
     from pyspark.sql import functions as F
 
     from sparktune import __version__
-    from sparktune.tables import check_writes, parse_table_ref
+    from sparktune.tables import check_writes, parse_table_ref, read_snapshot
 
     check_writes(spark, "train", folders={"data.staging_dir": staging_dir}, inputs={"data.table": table})
     task = Task.parse(task, "model.task")
@@ -259,13 +263,14 @@ def stage_training_data(spark, table, version: int, split: str, world_size: int,
     if version is None:
         raise SparktuneError("data.version: staging needs a pinned table version (the launcher pins it)")
     ref = parse_table_ref(table)
-    key = StageKey(table_id=_table_id(spark, ref), version=int(version), split=split, task=task.value,
+    table_id = read_snapshot(spark, ref, what="data.table").table_id  # the same id at every version
+    key = StageKey(table_id=table_id, version=int(version), split=split, task=task.value,
                    limit=limit, max_length=max_length, world_size=world_size, seed=int(seed), uneven=uneven,
                    window_rows=int(window_rows), sparktune_version=__version__)
     what = f"split {split!r} of {ref.raw!r} v{version}"
     found = find_staged(staging_dir, key)
     if found is not None:
-        check_labels(found.manifest, num_labels, what)
+        check_stage_labels(found.manifest, num_labels, what)
         return found
 
     t = TOKENIZED
@@ -288,7 +293,7 @@ def stage_training_data(spark, table, version: int, split: str, world_size: int,
                           label_min=stats["lo"] if task.has_labels else None,
                           label_max=stats["hi"] if task.has_labels else None,
                           tokens=int(stats["tokens"] or 0), max_tokens=int(stats["longest"] or 0))
-    check_labels(draft, num_labels, what)
+    check_stage_labels(draft, num_labels, what)
 
     os.makedirs(staging_dir, exist_ok=True)
     final = os.path.join(staging_dir, key.folder_name())

@@ -10,16 +10,20 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from sparktune.errors import SparktuneError
 from sparktune.tasks import TOKENIZED
 
 __all__ = [
     "TableRef",
+    "TableSnapshot",
     "check_writes",
     "commit_metadata",
     "last_commit",
     "parse_table_ref",
+    "read_snapshot",
     "read_table",
     "spark_path",
     "table_exists",
@@ -159,7 +163,7 @@ def write_table(df, ref, properties: dict | None = None, user_metadata: dict | N
         raise
     finally:
         spark.catalog.dropTempView(view)
-    return table_version(spark, ref)
+    return last_commit(spark, ref)["version"]
 
 
 @contextlib.contextmanager
@@ -180,18 +184,21 @@ def commit_metadata(spark, user_metadata: dict | None):
             spark.conf.set(meta_key, previous)
 
 
-def table_id(spark, ref) -> str:
-    """The Delta table's id: a new one each time the table is created anew (dropped, deleted)."""
+def last_commit(spark, ref, version: int | None = None) -> dict:
+    """``version``, ``operation``, ``userMetadata`` and ``operationMetrics`` of the table's latest
+    commit (or of the commit of ``version``; ``{}`` when the history no longer holds it)."""
     ref = parse_table_ref(ref)
     _require_exists(spark, ref, "table")
-    return str(spark.sql(f"DESCRIBE DETAIL {ref.sql}").collect()[0]["id"])
+    return _commit(spark, ref, version)
 
 
-def last_commit(spark, ref) -> dict:
-    """``version``, ``operation``, ``userMetadata`` and ``operationMetrics`` of the table's latest commit."""
-    ref = parse_table_ref(ref)
-    _require_exists(spark, ref, "table")
-    row = spark.sql(f"DESCRIBE HISTORY {ref.sql} LIMIT 1").collect()[0]
+def _commit(spark, ref: TableRef, version: int | None) -> dict:
+    """``last_commit`` of a table known to exist (the one place that reads a commit)."""
+    history = spark.sql(f"DESCRIBE HISTORY {ref.sql}" + (" LIMIT 1" if version is None else ""))
+    rows = (history if version is None else history.where(f"version = {int(version)}")).collect()
+    if not rows:
+        return {}
+    row = rows[0]
     return {"version": int(row["version"]), "operation": row["operation"], "userMetadata": row["userMetadata"],
             "operationMetrics": dict(row["operationMetrics"] or {})}
 
@@ -200,41 +207,187 @@ def _sql_str(value) -> str:
     return str(value).replace("\\", "\\\\").replace("'", "\\'")
 
 
-def table_version(spark, ref) -> int:
+# ---------------------------------------------------------------------------------------------
+# The table snapshot: one type, one reader.
+
+
+@dataclass(frozen=True)
+class TableSnapshot:
+    """One Delta table at one version: what a stage pins, records and hands to training ranks.
+
+    ``table``: the TABLE as given. ``location``: where its files are, as delta-rs and training
+    ranks open them (``file:`` dropped). ``uri``: what provenance records, usable from any machine
+    and session: a catalog table's full name, else the location as Spark qualifies it (``file:/...``,
+    ``dbfs:/...``, ``abfss://...``), never a relative path. ``table_id``: Delta's id of the table
+    as it is now (at any ``version``): a new one each time the table is created anew (deleted,
+    then written) or replaced (``CREATE OR REPLACE``), so (id, version) names one content for
+    good. ``properties``: the table properties at ``version``.
+    ``name``: the catalog name, None for a path table.
+    """
+
+    table: str
+    location: str
+    uri: str
+    table_id: str
+    version: int
+    properties: Mapping[str, str] = field(default_factory=dict, hash=False)
+    name: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"table": self.table, "location": self.location, "uri": self.uri, "table_id": self.table_id,
+                "version": self.version, "properties": dict(self.properties), "name": self.name}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> TableSnapshot:
+        return cls(table=str(data["table"]), location=str(data["location"]), uri=str(data["uri"]),
+                   table_id=str(data["table_id"]), version=int(data["version"]),
+                   properties=dict(data.get("properties") or {}), name=data.get("name"))
+
+
+def read_snapshot(spark, ref, version: int | None = None, what: str = "table") -> TableSnapshot:
+    """The table ``ref`` at ``version`` (None: its latest), read one way.
+
+    With a session, Spark SQL only: ``DESCRIBE DETAIL`` (id, name, location, properties) and
+    ``DESCRIBE HISTORY`` (versions). It is the one reader that works wherever a stage runs: a
+    local session, a cluster, Spark Connect (the client has no JVM and often cannot open the
+    table's files) and Databricks (catalog names; storage credentials only the cluster holds).
+    Not ``SHOW TBLPROPERTIES``: it redacts values matching ``spark.redaction.regex`` ("token").
+    Properties at a version older than the latest are the latest ones when no later commit
+    changed them, else replayed from the history's CREATE/REPLACE/SET/UNSET TBLPROPERTIES commits.
+
+    ``spark=None`` is for a process without a session (a training rank under plain torchrun, a
+    write check before Spark starts): the same snapshot from the Delta log, with delta-rs, for a
+    path only.
+
+    Never partial, never swallowed: a missing table or version is a SparktuneError that names
+    ``what`` and says what to do; any other failure propagates.
+    """
     ref = parse_table_ref(ref)
-    _require_exists(spark, ref, "table")
-    row = spark.sql(f"DESCRIBE HISTORY {ref.sql} LIMIT 1").collect()[0]
-    return int(row["version"])
+    if spark is None:
+        return _snapshot_from_log(ref, version, what)
+    _require_exists(spark, ref, what)
+    detail = _detail(spark, ref)
+    properties = dict(detail["properties"] or {})
+    if version is None:
+        version = int(_commit(spark, ref, None)["version"])
+    else:
+        properties = _properties_at(spark, ref, int(version), properties, what)
+    location = str(detail["location"])
+    name = str(detail["name"]) if not ref.is_path and detail["name"] else None
+    return TableSnapshot(table=ref.raw, location=location[len("file:"):] if location.startswith("file:") else location,
+                         uri=name or location, table_id=str(detail["id"]), version=int(version),
+                         properties=properties, name=name)
+
+
+def _detail(spark, ref: TableRef):
+    """The ``DESCRIBE DETAIL`` row of an existing table (the one place that runs it)."""
+    return spark.sql(f"DESCRIBE DETAIL {ref.sql}").first()
+
+
+# Commits that change no table property (Spark's and delta-rs' operation names).
+_DATA_ONLY = frozenset({"WRITE", "STREAMING UPDATE", "DELETE", "UPDATE", "MERGE", "OPTIMIZE", "VACUUM START",
+                        "VACUUM END", "TRUNCATE", "FSCK", "COMPUTE STATS", "REORG"})
+
+
+def _properties_at(spark, ref: TableRef, version: int, latest: dict, what: str) -> dict:
+    """The properties at ``version`` (``latest``: the latest's), from the table's history."""
+    rows = sorted(spark.sql(f"DESCRIBE HISTORY {ref.sql}").select("version", "operation", "operationParameters")
+                  .collect(), key=lambda r: int(r["version"]))
+    if not any(int(r["version"]) == version for r in rows):
+        known = f"{int(rows[0]['version'])}..{int(rows[-1]['version'])}" if rows else "none"
+        raise SparktuneError(f"{what}: table {ref.raw!r} has no version {version} (versions in its history: "
+                             f"{known}); leave the version empty for the latest")
+    if all(r["operation"] in _DATA_ONLY for r in rows if int(r["version"]) > version):
+        return latest
+    props: dict | None = None
+    for row in (r for r in rows if int(r["version"]) <= version):
+        operation, params = str(row["operation"]), dict(row["operationParameters"] or {})
+        if operation in _DATA_ONLY:
+            continue
+        if "CREATE" in operation or "REPLACE" in operation:
+            props = _created_props(params)
+        elif operation == "SET TBLPROPERTIES" and props is not None:
+            props.update(_json_props(params.get("properties")))
+        elif operation == "UNSET TBLPROPERTIES" and props is not None:
+            for key in json.loads(params.get("properties") or "[]"):
+                props.pop(key, None)
+        else:
+            props = None  # a change this reader cannot replay: unknown from here on
+    if props is None:
+        raise SparktuneError(
+            f"{what}: the properties of table {ref.raw!r} at version {version} cannot be read: they changed after "
+            "it, and its history no longer shows how they were at that version; use the latest version")
+    return props
+
+
+def _created_props(params: dict) -> dict | None:
+    """All properties a CREATE/REPLACE commit set: Spark records them as ``properties``, delta-rs
+    as the ``metadata`` action's ``configuration``; None when neither says."""
+    if "properties" in params:
+        return _json_props(params["properties"])
+    if "metadata" in params:
+        return {str(k): str(v) for k, v in (json.loads(params["metadata"] or "{}").get("configuration") or {}).items()}
+    return None
+
+
+def _json_props(text) -> dict:
+    return {str(k): str(v) for k, v in (json.loads(text) if text else {}).items()}
+
+
+def _snapshot_from_log(ref: TableRef, version: int | None, what: str) -> TableSnapshot:
+    """``read_snapshot`` without a session: the Delta log of a path table, read with delta-rs."""
+    if ref.path is None:
+        raise SparktuneError(f"{what}: {ref.raw!r} is a catalog name, which only Spark can resolve; run with a Spark "
+                             "session (`sparktune train` resolves it) or give the table's folder")
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    location = ref.path
+    if location.startswith("file:"):
+        location = "/" + location[len("file:"):].lstrip("/")
+    try:
+        table = DeltaTable(location)
+    except TableNotFoundError:
+        raise SparktuneError(f"{what}: no Delta table at {ref.raw!r}; create it first (e.g. with `sparktune "
+                             "tokenize`) or check the path") from None
+    table_id = str(table.metadata().id)  # the current id, as DESCRIBE DETAIL reports it
+    if version is not None and version != table.version():
+        try:
+            table.load_as_version(version)
+        except Exception as exc:  # delta-rs raises plain exceptions for a missing version; the rest propagate
+            if "version" in str(exc).lower():
+                raise SparktuneError(f"{what}: table {ref.raw!r} has no version {version} ({exc}); leave the "
+                                     "version empty for the latest") from None
+            raise
+    uri = location if _URI.match(location) else "file:" + location
+    return TableSnapshot(table=ref.raw, location=location, uri=uri, table_id=table_id, version=int(table.version()),
+                         properties=dict(table.metadata().configuration or {}))
+
+
+def table_version(spark, ref) -> int:
+    """The table's latest version (``read_snapshot(spark, ref).version``)."""
+    return read_snapshot(spark, ref).version
+
+
+def table_id(spark, ref) -> str:
+    """The Delta table's id (``read_snapshot(spark, ref).table_id``)."""
+    return read_snapshot(spark, ref).table_id
 
 
 def table_properties(spark, ref) -> dict:
-    ref = parse_table_ref(ref)
-    _require_exists(spark, ref, "table")
-    # Not SHOW TBLPROPERTIES: it redacts any key or value matching spark.redaction.regex
-    # ("token" among them), which hides e.g. a source path with "tokens" in it.
-    return dict(spark.sql(f"DESCRIBE DETAIL {ref.sql}").collect()[0]["properties"] or {})
+    """The table's properties at its latest version (``read_snapshot(spark, ref).properties``)."""
+    return dict(read_snapshot(spark, ref).properties)
 
 
 def table_uri(spark, ref) -> str:
-    """The table as provenance records it, usable from any machine and session: a catalog table's
-    full name (``catalog.schema.table``), a path table's location as Spark qualifies it (a URI
-    with its scheme: ``file:/...``, ``dbfs:/...``, ``abfss://...``), never a relative path."""
-    ref = parse_table_ref(ref)
-    _require_exists(spark, ref, "table")
-    row = spark.sql(f"DESCRIBE DETAIL {ref.sql}").collect()[0]
-    if not ref.is_path and row["name"]:
-        return str(row["name"])
-    return str(row["location"])
+    """The table as provenance records it (``read_snapshot(spark, ref).uri``)."""
+    return read_snapshot(spark, ref).uri
 
 
 def table_location(spark, ref) -> str:
-    """Where the table's files are: what delta-rs (``deltalake``) opens without a JVM."""
+    """Where the table's files are (``read_snapshot(spark, ref).location``); a path needs no query."""
     ref = parse_table_ref(ref)
-    if ref.is_path:
-        return ref.path
-    _require_exists(spark, ref, "table")
-    location = spark.sql(f"DESCRIBE DETAIL {ref.sql}").collect()[0]["location"]
-    return location[len("file:"):] if location.startswith("file:") else location
+    return ref.path if ref.path is not None else read_snapshot(spark, ref).location
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +435,7 @@ def _resolved(spark, ref: TableRef) -> str | None:
     try:
         if not spark.catalog.tableExists(ref.name):
             return None
-        return _normal(spark.sql(f"DESCRIBE DETAIL {ref.sql}").collect()[0]["location"])
+        return _normal(str(_detail(spark, ref)["location"]))
     except Exception:  # a view or a table the session cannot describe: compared by name only
         return None
 
@@ -294,11 +447,9 @@ def _writer_kind(spark, ref: TableRef, location: str | None) -> str | None:
         if ref.is_path and location and not _URI.match(location):
             if not os.path.isdir(os.path.join(location, "_delta_log")):
                 return None
-            from deltalake import DeltaTable
-
-            props = dict(DeltaTable(location).metadata().configuration)
+            props = dict(read_snapshot(None, location).properties)  # no query, and works before Spark starts
         elif spark is not None and table_exists(spark, ref):
-            props = table_properties(spark, ref)
+            props = dict(read_snapshot(spark, ref).properties)
         else:
             return None
     except Exception:  # an unreadable log is reported by the stage's own read, with its message
@@ -325,6 +476,7 @@ def check_writes(spark, stage: str, *, tables: dict | None = None, folders: dict
     tokenize's output onto a raw table). ``spark`` may be None (before Spark starts): names are
     then compared by name only.
     """
+    # Long (~80 lines) on purpose: every refusal rule in one place, in the order a user's mistake is found.
     targets: list[tuple[str, str, str | None, str, TableRef | None]] = []  # (flag, raw, location, kind, ref)
     for flag, target in (tables or {}).items():
         if target is None or target == "":

@@ -9,6 +9,7 @@ read them through these names, never through string literals of their own.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sparktune.errors import ConfigError
@@ -149,6 +150,15 @@ class TokenizedTable:
     def schema_for(self, task: Task) -> str:
         return self.instruction_schema if task is Task.INSTRUCTION else self.schema
 
+    def arrow_schema(self, task: Task | None = None):
+        """The columns as a ``pyarrow.Schema`` (for writers without Spark: delta-rs, tests, benches)."""
+        import pyarrow as pa
+
+        types = {self.row_id: pa.string(), self.split: pa.string(), self.label: pa.int32(),
+                 self.input_ids: pa.list_(pa.int32()), self.n_tokens: pa.int32(), self.truncated: pa.bool_(),
+                 self.prompt_tokens: pa.int32()}
+        return pa.schema([(c, types[c]) for c in self.columns_for(task or Task.CLASSIFICATION)])
+
     def required_columns(self, task: Task) -> list[str]:
         """What a trainer or scorer of ``task`` needs from the table."""
         needed = [self.row_id, self.split, self.input_ids]
@@ -158,7 +168,7 @@ class TokenizedTable:
         """``provenance`` (keyed by ``PropertyKey.name``) as table properties (keyed as stored)."""
         return {PROPERTY_PREFIX + k: str(v) for k, v in provenance.items()}
 
-    def legacy_problems(self, properties: dict, table: str, key: str = "data.table") -> list[str]:
+    def legacy_problems(self, properties: Mapping[str, str], table: str, key: str = "data.table") -> list[str]:
         """A problem when ``properties`` are those of a table tokenized with the old property keys.
 
         Such a table is not read with guessed keys: tokenize rebuilds it (its properties differ
@@ -171,7 +181,7 @@ class TokenizedTable:
                 f"TBLPROPERTIES redacted the old keys); re-run `sparktune tokenize` with the same --input and "
                 "--output to rebuild it as a new version"]
 
-    def task_of(self, properties: dict, key: str = "model.task") -> Task | None:
+    def task_of(self, properties: Mapping[str, str], key: str = "model.task") -> Task | None:
         """The task recorded in the table's properties, or None when it has none."""
         raw = properties.get(self.prop_task)
         return Task.parse(raw, key) if raw else None

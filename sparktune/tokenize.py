@@ -38,22 +38,21 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 from dataclasses import dataclass
 
+from sparktune.encoding import encode_batch, token_lists_to_arrow, worker_tokenizer
 from sparktune.errors import ConfigError, SparktuneError
 from sparktune.incremental import ChangeSource, apply_changes, history_unreadable, last_provenance, source_changes
+from sparktune.instruct import instruction_partition, instruction_properties
 from sparktune.redact import redact, redact_mapping
 from sparktune.results import StageResult
+from sparktune.spark import session_facts
 from sparktune.tables import (
     check_writes,
     parse_table_ref,
+    read_snapshot,
     read_table,
     table_exists,
-    table_id,
-    table_properties,
-    table_uri,
-    table_version,
     write_table,
 )
 from sparktune.tasks import PROPERTY_PREFIX, TOKENIZED, Task
@@ -61,20 +60,13 @@ from sparktune.tasks import PROPERTY_PREFIX, TOKENIZED, Task
 __all__ = [
     "PROPERTY_PREFIX",
     "TOKENIZED_SCHEMA",
-    "LabelCheck",
     "TokenizeResult",
-    "check_labels",
     "tokenize_table",
     "tokenizer_fingerprint",
 ]
 
 TOKENIZED_SCHEMA = TOKENIZED.schema
 TOKENIZED_COLUMNS = TOKENIZED.columns
-
-# One tokenizer per Python worker process: Spark reuses workers across tasks, so the load
-# (a few hundred ms, more for big vocabularies) is paid once, not per batch.
-_WORKER_TOKENIZERS: dict = {}
-
 
 @dataclass
 class TokenizeResult(StageResult):
@@ -114,60 +106,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()[:16]
 
 
-def _worker_tokenizer(name: str, max_length: int, gguf_file: str = ""):
-    """The worker's tokenizer, truncating at ``max_length`` tokens (0: no truncation)."""
-    key = (name, max_length, gguf_file)
-    if key not in _WORKER_TOKENIZERS:
-        # One Rust thread per Spark task: Spark already runs one task per core.
-        os.environ.setdefault("RAYON_NUM_THREADS", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from sparktune.models import load_tokenizer
-
-        tokenizer = load_tokenizer(name, gguf_file or None)
-        backend = tokenizer.backend_tokenizer
-        backend.no_padding()
-        if max_length:
-            backend.enable_truncation(max_length)
-        else:
-            backend.no_truncation()
-        _WORKER_TOKENIZERS[key] = tokenizer
-    return _WORKER_TOKENIZERS[key]
-
-
-def encode_batch(tokenizer, texts, add_special_tokens: bool = True):
-    """(ids, truncated) per text, with the truncation the backend tokenizer was set up with."""
-    backend = tokenizer.backend_tokenizer
-    # encode_batch_fast (tokenizers >= 0.20) skips the character offsets, which nothing here reads:
-    # the same ids and overflow, ~15% faster for WordPiece (BENCHMARKS.md, issue 12).
-    encode = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
-    encodings = encode(list(texts), add_special_tokens=add_special_tokens)
-    return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
-
-
-def _token_lists_to_arrow(ids):
-    """(list<int32> array, int32 lengths) built from offsets: no per-row Python objects in Arrow."""
-    import itertools
-
-    import numpy as np
-    import pyarrow as pa
-
-    lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
-    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(offsets[-1]))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)), pa.array(lengths)
-
-
 def _tokenize_partition(name: str, max_length: int, add_special_tokens: bool, gguf_file: str = ""):
     # mapInArrow, not mapInPandas: the token lists go straight into an Arrow list column,
     # which is most of the difference between Spark's throughput and the bare tokenizer's.
     def tokenize(batches):
         import pyarrow as pa
 
-        tokenizer = _worker_tokenizer(name, max_length, gguf_file)
+        tokenizer = worker_tokenizer(name, max_length, gguf_file)
         for batch in batches:
             ids, truncated = encode_batch(tokenizer, batch.column("text").to_pylist(), add_special_tokens)
-            input_ids, n_tokens = _token_lists_to_arrow(ids)
+            input_ids, n_tokens = token_lists_to_arrow(ids)
             yield pa.RecordBatch.from_arrays(
                 [batch.column("row_id"), batch.column("split"), batch.column("label").cast(pa.int32()),
                  input_ids, n_tokens, pa.array(truncated, type=pa.bool_())],
@@ -220,12 +168,12 @@ def _pack_partition(block_size: int, separator: int | None):
                 out_ids.append(np.asarray(ids, dtype=np.int32))
             yield pd.DataFrame(
                 {
-                    "row_id": out_rows,
-                    "split": split,
-                    "label": np.full(len(out_ids), -1, dtype=np.int32),
-                    "input_ids": out_ids,
-                    "n_tokens": np.array([len(x) for x in out_ids], dtype=np.int32),
-                    "truncated": False,
+                    TOKENIZED.row_id: out_rows,
+                    TOKENIZED.split: split,
+                    TOKENIZED.label: np.full(len(out_ids), -1, dtype=np.int32),
+                    TOKENIZED.input_ids: out_ids,
+                    TOKENIZED.n_tokens: np.array([len(x) for x in out_ids], dtype=np.int32),
+                    TOKENIZED.truncated: False,
                 }
             )
 
@@ -233,7 +181,7 @@ def _pack_partition(block_size: int, separator: int | None):
 
 
 # Provenance entries that say which source version the content reflects, not how it was built.
-_STATE_KEYS = ("source_version", "incremental_from", "change_source")
+_STATE_KEYS = (TOKENIZED.prop_source_version.name, "incremental_from", "change_source")
 
 
 def _recorded_source_version(spark, output_ref, properties: dict, provenance: dict) -> int | None:
@@ -241,12 +189,12 @@ def _recorded_source_version(spark, output_ref, properties: dict, provenance: di
     build inputs (tokenizer, max length, task, source table id, sparktune version...); else None."""
     if not table_exists(spark, output_ref):
         return None
-    existing = table_properties(spark, output_ref)
+    existing = read_snapshot(spark, output_ref, what="--output").properties
     if any(existing.get(k) != v for k, v in properties.items() if k != TOKENIZED.prop_source_version):
         return None
     # The properties survive a DELETE/UPDATE/append by someone else; the latest commit does not.
     written, _ = last_provenance(spark, output_ref)
-    if written is None or "source_version" not in written:
+    if written is None or TOKENIZED.prop_source_version.name not in written:
         return None
 
     def build(entries: dict) -> dict:
@@ -255,90 +203,9 @@ def _recorded_source_version(spark, output_ref, properties: dict, provenance: di
     if build(written) != build(redact_mapping(provenance)):
         return None
     try:
-        return int(written["source_version"])
+        return int(written[TOKENIZED.prop_source_version.name])
     except (TypeError, ValueError):
         return None
-
-
-@dataclass
-class LabelCheck:
-    """Label counts of a table at a version, per split and label."""
-
-    rows: int
-    counts: dict  # {(split, label): rows}
-    problems: list
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def check_labels(
-    location: str,
-    version: int | None,
-    num_labels: int,
-    splits: list | None = None,
-    allow_unlabelled: bool = False,
-    storage_options: dict | None = None,
-    raise_on_error: bool = True,
-) -> LabelCheck:
-    """Check that every label of a tokenized (or raw) table is in ``0..num_labels-1``.
-
-    For training to call before it launches ranks: a label outside the model's classes is
-    an IndexError on CPU and a device-side assert on GPU, and no retry can fix it. Reads the
-    ``split`` and ``label`` columns of the Delta table at ``location`` (a path or URI; for a
-    catalog name pass ``sparktune.tables.table_location``) at ``version`` with deltalake, in
-    Arrow batches: no Spark, and only the per-(split, label) counts are kept in memory.
-    ``splits`` limits the check to those splits (e.g. the train and eval splits);
-    ``allow_unlabelled`` accepts -1 (unlabelled rows). Raises SparktuneError naming the bad
-    labels, their splits and counts, unless ``raise_on_error`` is false.
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    from deltalake import DeltaTable
-
-    table = DeltaTable(location, version=version, storage_options=storage_options)
-    dataset = table.to_pyarrow_dataset()
-    missing = {"split", "label"} - set(dataset.schema.names)
-    if missing:
-        raise SparktuneError(f"{redact(location)}: the table has no {', '.join(sorted(missing))} column; "
-                             "expected a table written by `sparktune tokenize` or `sparktune ingest`")
-    counts: dict = {}
-    rows = 0
-    for batch in dataset.to_batches(columns=["split", "label"]):
-        if splits is not None:
-            batch = batch.filter(pc.is_in(batch.column("split"), value_set=_string_array(splits)))
-        if batch.num_rows == 0:
-            continue
-        grouped = pa.Table.from_batches([batch]).group_by(["split", "label"], use_threads=False)
-        for group in grouped.aggregate([([], "count_all")]).to_pylist():
-            key = (group["split"], group["label"])
-            counts[key] = counts.get(key, 0) + group["count_all"]
-        rows += batch.num_rows
-    low = -1 if allow_unlabelled else 0
-    problems = []
-    for (split, label), count in sorted(counts.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
-        if label is None or split is None or not low <= label < num_labels:
-            problems.append(f"split {split!r}: {count:,} rows with label {label!r}")
-    at = f" at version {version}" if version is not None else ""
-    if splits is not None and rows == 0:
-        problems.append(f"no rows in the splits {', '.join(map(repr, splits))}")
-    result = LabelCheck(rows, counts, problems)
-    if problems and raise_on_error:
-        expected = f"{'-1 (unlabelled) or ' if allow_unlabelled else ''}0..{num_labels - 1}"
-        raise SparktuneError(
-            f"{redact(location)}{at}: labels must be {expected} for a model with num_labels={num_labels}; found "
-            + "; ".join(problems[:20])
-            + ". Fix num_labels in the training config, or re-ingest with --num-labels so that such rows are "
-            "quarantined."
-        )
-    return result
-
-
-def _string_array(values):
-    import pyarrow as pa
-
-    return pa.array([str(v) for v in values], type=pa.string())
 
 
 def tokenize_table(
@@ -359,6 +226,7 @@ def tokenize_table(
     ``gguf_file``: the tokenizer is inside this GGUF file of the ``tokenizer`` folder (SmolLM2).
     ``prompt``: a ``sparktune.prompts.PromptSpec``, required for ``Task.INSTRUCTION``.
     """
+    # Long (~90 lines) on purpose: checks, provenance, the up-to-date/incremental/full decision, read top to bottom.
 
     from sparktune import __version__
     from sparktune.models import load_tokenizer
@@ -386,7 +254,8 @@ def tokenize_table(
     if max_length is None:
         max_length = min(int(driver_tokenizer.model_max_length or 512), 512)
     block_size = block_size or max_length if pack else None
-    source_version = table_version(spark, input_ref)
+    source = read_snapshot(spark, input_ref, what="--input")
+    source_version = source.version
     t = TOKENIZED
     provenance = {
         t.prop_stage.name: t.stage_name,
@@ -396,16 +265,14 @@ def tokenize_table(
         t.prop_task.name: task.value,
         t.prop_pack.name: str(bool(pack)).lower(),
         t.prop_block_size.name: str(block_size or ""),
-        t.prop_source.name: redact(table_uri(spark, input_ref)),
+        t.prop_source.name: redact(source.uri),
         t.prop_source_version.name: str(source_version),
-        t.prop_source_table_id.name: table_id(spark, input_ref),
+        t.prop_source_table_id.name: source.table_id,
         t.prop_sparktune_version.name: __version__,
     }
     if gguf_file:
         provenance[t.prop_gguf_file.name] = gguf_file
     if task is Task.INSTRUCTION:
-        from sparktune.instruct import instruction_properties
-
         try:
             provenance.update(instruction_properties(driver_tokenizer, prompt, max_length))
         except ValueError as exc:
@@ -421,7 +288,7 @@ def tokenize_table(
     raw = raw.select(*_RAW_COLUMNS)
     recorded = None if force else _recorded_source_version(spark, output_ref, properties, provenance)
     if recorded is not None and recorded == source_version:
-        return TokenizeResult(output_ref, table_version(spark, output_ref), True, provenance)
+        return TokenizeResult(output_ref, read_snapshot(spark, output_ref).version, True, provenance)
     if recorded is not None and recorded < source_version and not pack:
         result = _tokenize_changes(spark, input_ref, output_ref, recorded, provenance, raw,
                                    lambda rows: _tokenized(spark, rows, tokenizer, task, max_length, pack, block_size,
@@ -456,8 +323,6 @@ def _tokenized(spark, raw, tokenizer: str, task: Task, max_length: int, pack: bo
     # Packed documents are not truncated: packing cuts the joined stream into blocks instead.
     truncate_at = 0 if pack else max_length
     if task is Task.INSTRUCTION:
-        from sparktune.instruct import instruction_partition
-
         # Only labelled rows have an answer to learn.
         tokenized = raw.where(F.col("label") >= 0).mapInArrow(
             instruction_partition(tokenizer, max_length, prompt, gguf_file), TOKENIZED.schema_for(task))
@@ -477,7 +342,7 @@ def _tokenized(spark, raw, tokenizer: str, task: Task, max_length: int, pack: bo
 def _tokenize_changes(spark, input_ref, output_ref, base_version: int, provenance: dict, raw, tokenize_rows):
     """Bring the output forward from source version ``base_version``: tokenize only the changed rows,
     one commit. None when the changes cannot be read (the old version vacuumed): rebuild in full."""
-    source_version = int(provenance["source_version"])
+    source_version = int(provenance[TOKENIZED.prop_source_version.name])
     try:
         changes = source_changes(spark, input_ref, base_version, source_version, list(_RAW_COLUMNS))
         # Appends only: the change feed's rows themselves; else every row of a changed row_id at the new version.
@@ -492,33 +357,10 @@ def _tokenize_changes(spark, input_ref, output_ref, base_version: int, provenanc
                           change_source=changes.via, rows_inserted=applied.inserted, rows_deleted=applied.deleted)
 
 
-def _conf_int(spark, key: str) -> int | None:
-    try:
-        value = spark.conf.get(key, None)
-        return int(value) if value else None
-    except Exception:  # noqa: BLE001  (unset, not a number, or a Connect server that will not show it)
-        return None
-
-
 def _session_cores(spark) -> int:
-    """Task slots of the session, from its settings where they say (no Spark job): the default
-    parallelism, a local master's thread count, executors x cores; else one small job."""
-    parallelism = _conf_int(spark, "spark.default.parallelism")
-    if parallelism:
-        return parallelism
-    try:
-        master = str(spark.conf.get("spark.master", "") or "")
-    except Exception:  # noqa: BLE001  (Connect servers may refuse static confs)
-        master = ""
-    if master == "local":
-        return 1
-    if master.startswith("local["):
-        inner = master[len("local["):].split("]")[0].split(",")[0]
-        return (os.cpu_count() or 1) if inner == "*" else max(1, int(inner))
-    executors, per_executor = _conf_int(spark, "spark.executor.instances"), _conf_int(spark, "spark.executor.cores")
-    if executors and per_executor:
-        return executors * per_executor // (_conf_int(spark, "spark.task.cpus") or 1)
-    return _task_count(spark.range(0, 1 << 16))
+    """Task slots of the session, from its settings where they say (``sparktune.spark.session_facts``:
+    the default parallelism, a local master's cores, executors x cores); else one small job."""
+    return session_facts(spark).task_slots or _task_count(spark.range(0, 1 << 16))
 
 
 def _task_count(df) -> int:

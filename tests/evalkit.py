@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from sparktune.tasks import TOKENIZED
+
 LABELS = {0: "negative", 1: "positive"}
 
 
@@ -49,45 +51,27 @@ def tokenized_frame(sample_dir: str, tokenizer_path: str, max_length: int = 128,
         raw = raw.head(n)
     full = tok(raw["text"].tolist(), truncation=False)["input_ids"]
     ids = tok(raw["text"].tolist(), truncation=True, max_length=max_length)["input_ids"]
+    t = TOKENIZED
     return pd.DataFrame(
         {
-            "row_id": [f"test-{i:04d}" for i in range(len(raw))],  # IMDB ids repeat across pos/neg
-            "split": "test",
-            "label": raw["label"].astype("int32"),
-            "input_ids": [list(map(int, x)) for x in ids],
-            "n_tokens": [len(x) for x in ids],
-            "truncated": [len(f) > max_length for f in full],
+            t.row_id: [f"test-{i:04d}" for i in range(len(raw))],  # IMDB ids repeat across pos/neg
+            t.split: "test",
+            t.label: raw["label"].astype("int32"),
+            t.input_ids: [list(map(int, x)) for x in ids],
+            t.n_tokens: [len(x) for x in ids],
+            t.truncated: [len(f) > max_length for f in full],
         }
     )
 
 
 def write_tokenized_table(spark, frame: pd.DataFrame, path: str) -> str:
-    from pyspark.sql.types import (
-        ArrayType,
-        BooleanType,
-        IntegerType,
-        StringType,
-        StructField,
-        StructType,
-    )
-
     from sparktune.tables import write_table
 
-    schema = StructType(
-        [
-            StructField("row_id", StringType()),
-            StructField("split", StringType()),
-            StructField("label", IntegerType()),
-            StructField("input_ids", ArrayType(IntegerType())),
-            StructField("n_tokens", IntegerType()),
-            StructField("truncated", BooleanType()),
-        ]
-    )
     rows = [
         (r.row_id, r.split, int(r.label), list(r.input_ids), int(r.n_tokens), bool(r.truncated))
         for r in frame.itertuples(index=False)
     ]
-    write_table(spark.createDataFrame(rows, schema), path)
+    write_table(spark.createDataFrame(rows, TOKENIZED.schema), path)
     return path
 
 

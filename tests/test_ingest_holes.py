@@ -17,8 +17,10 @@ from deltalake import DeltaTable
 
 from sparktune.errors import SparktuneError
 from sparktune.ingest import ingest
+from sparktune.staging import stage_training_data
 from sparktune.tables import table_properties
-from sparktune.tokenize import check_labels
+from sparktune.tasks import TOKENIZED
+from sparktune.tokenize import tokenize_table
 
 
 def _rows(path):
@@ -184,20 +186,23 @@ def test_aclimdb_badly_named_files_are_quarantined_one_by_one_under_ansi(spark, 
                                             "file name is not <id>_<rating>.txt: found review.txt"]
 
 
-def test_labels_outside_num_labels_are_quarantined_and_check_labels_catches_them(spark, tmp_path):
+def test_labels_outside_num_labels_are_quarantined_and_check_labels_catches_them(spark, gpt2_tokenizer_path,
+                                                                                 tmp_path):
     source = tmp_path / "three.jsonl"
     source.write_text("\n".join(json.dumps({"text": f"review {i}", "label": i % 3}) for i in range(9)) + "\n")
     result = ingest(spark, str(source), str(tmp_path / "raw"), num_labels=2)
     raw, _ = _check(result, 9)
     assert set(raw["label"]) == {0, 1} and result.reasons == {"label out of range": 3}
-    ok = check_labels(result.output, result.output_version, num_labels=2)
-    assert ok.ok and ok.rows == 6
     wide = ingest(spark, str(source), str(tmp_path / "raw3"), num_labels=3)
-    with pytest.raises(SparktuneError, match=r"num_labels=2.*3 rows with label 2"):
-        check_labels(wide.output, wide.output_version, num_labels=2)
-    report = check_labels(wide.output, None, num_labels=2, raise_on_error=False)
-    assert not report.ok and report.counts[("train", 2)] == 3
-    assert check_labels(wide.output, None, num_labels=3, splits=["train"]).ok
+    tokens = str(tmp_path / "tokens3")
+    tokenized = tokenize_table(spark, wide.output, tokens, gpt2_tokenizer_path, max_length=16)
+    staging = str(tmp_path / "staging")
+    # The one label check (sparktune.staging.check_labels) refuses the labels before any rank starts.
+    with pytest.raises(SparktuneError, match=r"labels from 0 to 2, but model.num_labels=2"):
+        stage_training_data(spark, tokens, tokenized.version, "train", 1, seed=0, staging_dir=staging, num_labels=2)
+    staged = stage_training_data(spark, tokens, tokenized.version, "train", 1, seed=0, staging_dir=staging,
+                                 num_labels=3)
+    assert (staged.manifest.rows, staged.manifest.label_min, staged.manifest.label_max) == (9, 0, 2)
 
 
 def test_every_argument_is_checked_before_the_first_write(spark, imdb_sample_path, tmp_path):
@@ -241,7 +246,7 @@ def test_stats_shows_null_splits_and_labels_instead_of_crashing(spark, tmp_path)
     table = str(tmp_path / "foreign_tokens")
     spark.createDataFrame(
         [("a", "train", 1, [1, 2], 2, False), ("b", None, None, [3], 1, False), ("c", "test", 0, None, None, None)],
-        "row_id string, split string, label int, input_ids array<int>, n_tokens int, truncated boolean",
+        TOKENIZED.schema,
     ).write.format("delta").save(table)
     stats = table_stats(spark, table)
     assert stats["rows"] == 3 and stats["splits"]["<null>"]["labels"] == {"None": 1}

@@ -50,18 +50,14 @@ def write_tokenized_table(path, tokenizer_path, *, task="classification", n_trai
                   add_special_tokens=task == "classification")
         for (_, row), ids in zip(frame.iterrows(), enc["input_ids"]):
             records.append({
-                "row_id": f"{split}/{int(row['id']):06d}",
-                "split": split,
-                "label": int(relabel(split, int(row["id"]), int(row["label"])) if relabel else row["label"]),
-                "input_ids": [int(i) for i in ids],
-                "n_tokens": len(ids),
-                "truncated": len(ids) >= max_length,
+                TOKENIZED.row_id: f"{split}/{int(row['id']):06d}",
+                TOKENIZED.split: split,
+                TOKENIZED.label: int(relabel(split, int(row["id"]), int(row["label"])) if relabel else row["label"]),
+                TOKENIZED.input_ids: [int(i) for i in ids],
+                TOKENIZED.n_tokens: len(ids),
+                TOKENIZED.truncated: len(ids) >= max_length,
             })
-    schema = pa.schema([
-        ("row_id", pa.string()), ("split", pa.string()), ("label", pa.int32()),
-        ("input_ids", pa.list_(pa.int32())), ("n_tokens", pa.int32()), ("truncated", pa.bool_()),
-    ])
-    table = pa.Table.from_pylist(records, schema=schema)
+    table = pa.Table.from_pylist(records, schema=TOKENIZED.arrow_schema())
     from deltalake import DeltaTable
 
     write_deltalake(str(path), table, mode="overwrite")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from sparktune.tasks import TOKENIZED
+
 
 def tokenized_arrow(n_train: int, n_test: int = 0, *, seed: int = 0, min_len: int = 1, max_len: int = 64,
                     num_labels: int = 2, vocab: int = 1000) -> pa.Table:
@@ -20,14 +22,15 @@ def tokenized_arrow(n_train: int, n_test: int = 0, *, seed: int = 0, min_len: in
     ids = pa.ListArray.from_arrays(
         pa.array(offsets), pa.array(rng.integers(0, vocab, int(offsets[-1]), dtype=np.int32))
     )
+    t = TOKENIZED
     return pa.table({
-        "row_id": pa.array([f"r{i:07d}" for i in range(n)]),
-        "split": pa.array(["train"] * n_train + ["test"] * n_test),
-        "label": pa.array(rng.integers(0, num_labels, n).astype(np.int32)),
-        "input_ids": ids,
-        "n_tokens": pa.array(lengths),
-        "truncated": pa.array(np.zeros(n, dtype=bool)),
-    })
+        t.row_id: pa.array([f"r{i:07d}" for i in range(n)]),
+        t.split: pa.array(["train"] * n_train + ["test"] * n_test),
+        t.label: pa.array(rng.integers(0, num_labels, n).astype(np.int32)),
+        t.input_ids: ids,
+        t.n_tokens: pa.array(lengths),
+        t.truncated: pa.array(np.zeros(n, dtype=bool)),
+    }, schema=t.arrow_schema())
 
 
 def write_tokenized_table(path: str, n_train: int, n_test: int = 0, **kwargs) -> pa.Table:

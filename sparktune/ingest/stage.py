@@ -61,7 +61,7 @@ from sparktune.ingest.result import IngestResult, default_quarantine_ref
 from sparktune.ingest.sources import Source, SourceKind, detect_source
 from sparktune.ingest.validate import mark_duplicates, validate
 from sparktune.redact import redact, redact_column
-from sparktune.tables import TableRef, check_writes, parse_table_ref, table_uri, write_table
+from sparktune.tables import TableRef, check_writes, last_commit, parse_table_ref, table_uri, write_table
 
 __all__ = ["add_cli", "ingest"]
 
@@ -213,9 +213,7 @@ def _write(spark, tagged, loaded: Loaded, found: Source, targets: _Targets) -> I
 
 
 def _committed_rows(spark, ref, version: int) -> int | None:
-    ref = parse_table_ref(ref)
-    rows = spark.sql(f"DESCRIBE HISTORY {ref.sql}").where(f"version = {int(version)}").collect()
-    metrics = rows[0]["operationMetrics"] if rows else None
+    metrics = last_commit(spark, parse_table_ref(ref), version).get("operationMetrics")
     if not metrics or "numOutputRows" not in metrics:
         return None
     return int(metrics["numOutputRows"])

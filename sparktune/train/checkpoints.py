@@ -286,7 +286,7 @@ def resume_problems(record: JobRecord | None, *, location: str, table_id: str, v
             f"data.table: resume=true continues the job in {where}, which trained on {record.location}, but "
             f"data.table now points at {location}; point data.table back, or start a new job elsewhere"
         )
-    elif record.table_id and table_id and record.table_id != table_id:
+    elif record.table_id and record.table_id != table_id:  # an unknown ("") id is a mismatch, never a pass
         problems.append(
             f"data.table: the table at {location} was recreated since the job in {where} started (Delta table id "
             f"{table_id}, recorded {record.table_id}), so the data the checkpoints were trained on is gone; "

@@ -8,6 +8,7 @@ needs the rows and the built model, so only a rank can run it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from sparktune.tasks import TOKENIZED, Task
 from sparktune.train.config import TrainConfig
@@ -32,7 +33,7 @@ def _same_source(a: str, b: str) -> bool:
     return pa == pb
 
 
-def check_table_matches_model(table_properties: dict, cfg: TrainConfig, *,
+def check_table_matches_model(table_properties: Mapping[str, str], cfg: TrainConfig, *,
                               model_max_positions: int | None = None) -> list[str]:
     """Problems (config key first) where the table's tokenizer, max length or task disagree with the model.
 

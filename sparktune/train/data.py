@@ -51,8 +51,6 @@ __all__ = [
     "read_split",
     "shard_indices",
     "stage_key_for",
-    "table_id",
-    "table_info",
 ]
 
 class _RowView:
@@ -148,23 +146,6 @@ def _open(location: str, version: int | None):
                 "leave data.version empty for the latest"
             ) from None
         raise
-
-
-def table_info(location: str, version: int | None = None) -> dict:
-    """``{"version", "properties", "columns", "id"}`` of the table at ``location``."""
-    table = _open(location, version)
-    metadata = table.metadata()
-    return {
-        "version": table.version(),
-        "properties": dict(metadata.configuration or {}),
-        "columns": [f.name for f in table.schema().fields],
-        "id": str(metadata.id),
-    }
-
-
-def table_id(location: str, version: int | None = None) -> str:
-    """The Delta table id (the same id Spark's ``DESCRIBE DETAIL`` reports)."""
-    return table_info(location, version)["id"]
 
 
 def read_split(location: str, version: int, split: str, *, task: str | Task, limit: int | None = None,
@@ -430,7 +411,7 @@ class ShardDataset:
         return len(self.rows)
 
     def __getitem__(self, i):
-        item = {"input_ids": self.rows.row(int(i))}
+        item: dict[str, Any] = {"input_ids": self.rows.row(int(i))}
         if self.rows.labels is not None:
             item["labels"] = int(self.rows.labels[i])
         return item
@@ -473,16 +454,10 @@ def _default_cache_dir() -> str:
     return env_value("SPARKTUNE_SHARD_CACHE") or os.path.join(tempfile.gettempdir(), "sparktune-shards")
 
 
-def _check_label_range(labels: np.ndarray | None, num_labels: int, what: str) -> None:
+def _label_range(labels: np.ndarray | None) -> tuple[int | None, int | None]:
     if labels is None or not len(labels):
-        return
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num_labels:
-        raise SparktuneError(
-            f"model.num_labels: {what} has labels from {lo} to {hi}, but model.num_labels={num_labels} allows "
-            f"only 0..{num_labels - 1}; set model.num_labels to at least {hi + 1}, or fix the labels and re-run "
-            "`sparktune ingest` and `sparktune tokenize`"
-        )
+        return None, None
+    return int(labels.min()), int(labels.max())
 
 
 def load_rank_data(cfg, rank: int, world_size: int, task: Task | str, *, staging_dir: str | None = None,
@@ -495,7 +470,8 @@ def load_rank_data(cfg, rank: int, world_size: int, task: Task | str, *, staging
     or the temp dir); otherwise reads the split from the table and keeps this rank's share.
     Labels outside ``[0, model.num_labels)`` raise SparktuneError (classification).
     """
-    from sparktune.staging import StagedData, check_labels, find_staged
+    from sparktune.staging import StagedData, check_labels, check_stage_labels, find_staged
+    from sparktune.tables import read_snapshot
 
     task = Task.parse(task, "model.task")
     d = cfg.data
@@ -503,13 +479,15 @@ def load_rank_data(cfg, rank: int, world_size: int, task: Task | str, *, staging
     where = f"table {d.table or d.location!r} v{d.version}"
     cache_root = cache_dir or _default_cache_dir()
 
+    table_id = read_snapshot(None, d.location, d.version, "data.table").table_id if staging_dir else ""
+
     def staged(split: str, world: int) -> StagedData | None:
         if not staging_dir:
             return None
-        return find_staged(staging_dir, stage_key_for(cfg, task, split, world, table_id(d.location, d.version)))
+        return find_staged(staging_dir, stage_key_for(cfg, task, split, world, table_id))
 
     def from_stage(stage: StagedData, shard: int) -> FlatRows:
-        check_labels(stage.manifest, num_labels, f"split {stage.manifest.key.split!r} of {where}")
+        check_stage_labels(stage.manifest, num_labels, f"split {stage.manifest.key.split!r} of {where}")
         folder = os.path.join(cache_root, f"{stage.manifest.digest}-rank{shard}")
         return read_shard(stage.shard_paths(shard), cache_dir=folder, has_labels=task.has_labels)
 
@@ -530,7 +508,7 @@ def load_rank_data(cfg, rank: int, world_size: int, task: Task | str, *, staging
                 f"split={d.train_split!r}; check data.train_split or re-run `sparktune tokenize`"
             )
         if num_labels is not None:
-            _check_label_range(rows.labels, num_labels, f"split {d.train_split!r} of {where}")
+            check_labels(*_label_range(rows.labels), num_labels, f"split {d.train_split!r} of {where}")
         shard = rows.select(shard_indices(len(rows), rank, world_size, d.uneven))
         train_rows, rows_per_rank = len(rows), len(shard)
     eval_set = None
@@ -542,7 +520,7 @@ def load_rank_data(cfg, rank: int, world_size: int, task: Task | str, *, staging
             eval_rows = read_split(d.location, d.version, d.eval_split, task=task, limit=d.eval_limit,
                                    max_length=d.max_length)
             if num_labels is not None:
-                _check_label_range(eval_rows.labels, num_labels, f"split {d.eval_split!r} of {where}")
+                check_labels(*_label_range(eval_rows.labels), num_labels, f"split {d.eval_split!r} of {where}")
         eval_set = ShardDataset(eval_rows) if len(eval_rows) else None
     return RankData(train=ShardDataset(shard), eval=eval_set, lengths=shard.lengths, train_rows=train_rows,
                     rows_per_rank=rows_per_rank, staged=train_stage is not None)

@@ -62,7 +62,7 @@ def _pin_on_driver(spark, cfg: TrainConfig, plan: LaunchPlan) -> PinnedJob:
     if not location:
         ref = parse_table_ref(cfg.data.table)
         location = ref.path if ref.path is not None else table_location(spark, ref)
-    pinned = pin_job(cfg, plan.num_processes, location=location)
+    pinned = pin_job(cfg, plan.num_processes, location=location, spark=spark)
     # Before any data is staged or any rank starts: refuse a job that cannot fit.
     return dataclasses.replace(pinned, memory_plan=_plan_memory(cfg, plan, pinned))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any
 
 from sparktune.compat import from_pretrained_dtype
@@ -30,7 +31,7 @@ def _load_error(key: str, what: str, exc: Exception) -> SparktuneError:
     )
 
 
-def load_tokenizer(cfg: TrainConfig, table_props: dict):
+def load_tokenizer(cfg: TrainConfig, table_props: Mapping[str, str]):
     """``model.tokenizer``, else the table's tokenizer property, else ``model.name``."""
     from transformers import AutoTokenizer
 

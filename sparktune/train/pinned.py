@@ -17,10 +17,12 @@ import copy
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sparktune.errors import ConfigError, SparktuneError
+from sparktune.tables import TableSnapshot, read_snapshot
 from sparktune.tasks import TOKENIZED, Task
 from sparktune.train.checkpoints import CheckpointStore, JobRecord, resume_problems
 from sparktune.train.config import TrainConfig
@@ -29,31 +31,10 @@ if TYPE_CHECKING:
     from sparktune.tracking import Tracker
     from sparktune.train.memory import MemoryPlan
 
-__all__ = ["PinnedTable", "ResumeDecision", "PinnedJob", "pin_job", "open_job_run", "snapshot_table",
+__all__ = ["ResumeDecision", "PinnedJob", "pin_job", "open_job_run", "snapshot_table",
            "placed_output_dir", "path_location"]
 
 log = logging.getLogger("sparktune.train")
-
-
-@dataclass(frozen=True)
-class PinnedTable:
-    """The tokenized Delta table at the version the job trains on (``snapshot_table`` makes it).
-
-    Kept to plain fields so that ``sparktune.tables``' snapshot type can take its place.
-    """
-
-    table: str
-    """``data.table`` as the user gave it (a path or a catalog name); may be empty."""
-    location: str
-    """Where the table's files are."""
-    version: int
-    table_id: str
-    """The Delta table id (it changes when a table is dropped and written again)."""
-    properties: dict[str, str] = field(default_factory=dict, compare=False)
-
-    @property
-    def name(self) -> str:
-        return self.table or self.location
 
 
 @dataclass(frozen=True)
@@ -75,7 +56,7 @@ class ResumeDecision:
 class PinnedJob:
     """Everything the ranks must agree on, decided once (``pin_job``, ``open_job_run``)."""
 
-    table: PinnedTable
+    table: TableSnapshot
     task: Task
     world_size: int
     output_dir: str
@@ -131,17 +112,15 @@ def path_location(cfg: TrainConfig) -> str:
     return ref.path
 
 
-def snapshot_table(table: str, location: str, version: int | None) -> PinnedTable:
-    """The table at ``location`` at ``version`` (None: the latest); a missing table or version is a
-    SparktuneError naming ``data.table`` / ``data.version``."""
-    from sparktune.train.data import table_info
-
-    info = table_info(location, version)
-    return PinnedTable(table=table, location=location, version=int(info["version"]), table_id=str(info["id"]),
-                       properties=dict(info["properties"]))
+def snapshot_table(spark, table: str, location: str, version: int | None) -> TableSnapshot:
+    """The table at ``location`` at ``version`` (None: the latest), read by ``tables.read_snapshot``
+    (Spark SQL with a session, the Delta log without one, as under plain torchrun); a missing
+    table or version is a SparktuneError. ``table`` stays as the user gave it (may be empty)."""
+    snapshot = read_snapshot(spark, location, version, what="data.table")
+    return dataclasses.replace(snapshot, table=table or snapshot.table)
 
 
-def resolve_task(cfg: TrainConfig, props: dict) -> Task:
+def resolve_task(cfg: TrainConfig, props: Mapping[str, str]) -> Task:
     """``model.task``, or with ``auto`` the task the table was tokenized for."""
     if cfg.model.task != "auto":
         return Task.parse(cfg.model.task, "model.task")
@@ -173,7 +152,7 @@ def _resumed_record(cfg: TrainConfig, store: CheckpointStore, world_size: int, l
     return record
 
 
-def _check_table(cfg: TrainConfig, table: PinnedTable, task: Task) -> None:
+def _check_table(cfg: TrainConfig, table: TableSnapshot, task: Task) -> None:
     """The table's properties against the model and the data settings (ConfigError)."""
     from sparktune.train.checks import check_table_matches_model
 
@@ -187,25 +166,26 @@ def _check_table(cfg: TrainConfig, table: PinnedTable, task: Task) -> None:
         raise ConfigError(problems)
 
 
-def pin_job(cfg: TrainConfig, world_size: int, *, location: str | None = None) -> PinnedJob:
+def pin_job(cfg: TrainConfig, world_size: int, *, location: str | None = None, spark=None) -> PinnedJob:
     """Pin a job: its table snapshot, task, folders and where training starts (no MLflow run yet).
 
     ``location``: where ``data.table`` is (the launcher resolves catalog names with Spark);
-    default ``path_location(cfg)``. A ``resume=true`` job is checked against its record and
+    default ``path_location(cfg)``. ``spark``: the driver's session, through which the table is
+    read (None under plain torchrun: the Delta log). A ``resume=true`` job is checked against its record and
     continues on the version it pinned. Checks the table against the model (ConfigError).
     Only one process may call it (it sets broken checkpoints aside).
     """
     location = location or path_location(cfg)
     output_dir = placed_output_dir(cfg)
     store = CheckpointStore(cfg.checkpoint.dir or os.path.join(output_dir, "checkpoints"))
-    latest = snapshot_table(cfg.data.table, location, None)  # a missing table is reported here
+    latest = snapshot_table(spark, cfg.data.table, location, None)  # a missing table is reported here
     record = _resumed_record(cfg, store, world_size, location, latest.table_id)
     version = cfg.data.version
     if version is None and record is not None and record.version is not None:
         version = int(record.version)
         log.warning("sparktune train: resume continues on %s v%s, the version the job pinned", location, version)
-    table = latest if version is None or version == latest.version else snapshot_table(cfg.data.table, location,
-                                                                                       version)
+    table = latest if version is None or version == latest.version else \
+        snapshot_table(spark, cfg.data.table, location, version)
     task = resolve_task(cfg, table.properties)
     _check_table(cfg, table, task)
     resume = ResumeDecision(store.latest_complete(world_size, set_aside=True) if cfg.resume else None)

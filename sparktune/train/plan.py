@@ -80,16 +80,9 @@ class LaunchPlan:
 
 def _task_slots(conf: dict, cpu_count: int) -> int | None:
     """Concurrent tasks a local master offers (local[N] / N cores per task), None if unknown."""
-    master = conf.get("spark.master", "")
-    cpus_per_task = int(conf.get("spark.task.cpus", "1") or 1)
-    if master == "local":
-        cores = 1
-    elif master.startswith("local["):
-        inner = master[len("local["):].split("]")[0].split(",")[0]
-        cores = cpu_count if inner == "*" else int(inner)
-    else:
-        return None  # a cluster: the scheduler knows, and fails the barrier stage if short
-    return max(cores // max(cpus_per_task, 1), 0)
+    from sparktune.spark import SessionFacts
+
+    return SessionFacts.from_conf(conf, cpu_count=cpu_count).local_task_slots
 
 
 def _amount(conf: dict, key: str) -> float:
@@ -232,14 +225,13 @@ def _local_gpus() -> tuple[int, bool]:
 
 def spark_facts(spark) -> dict:
     """The facts ``build_launch_plan`` needs, read from a live session (classic or Connect)."""
-    spark_conf = {}
-    for key in SPARK_CONF_KEYS:
-        value = spark.conf.get(key, None)
-        if value is not None:
-            spark_conf[key] = value
+    from sparktune.spark import session_facts
+
+    facts = session_facts(spark)
+    spark_conf = {key: value for key, value in facts.conf.items() if key in SPARK_CONF_KEYS}
     driver_gpus, bf16 = _local_gpus()
     return {"spark_conf": spark_conf, "driver_gpus": driver_gpus, "cpu_count": os.cpu_count() or 1,
-            "environ": dict(os.environ), "driver_bf16": bf16, "connect": is_connect_session(spark)}
+            "environ": dict(os.environ), "driver_bf16": bf16, "connect": facts.connect}
 
 
 _DISCOVERY_SCRIPT = """#!/usr/bin/env bash

@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -87,7 +88,7 @@ class Job:
         return self.pinned.task
 
     @property
-    def props(self) -> dict[str, str]:
+    def props(self) -> Mapping[str, str]:
         return self.pinned.table.properties
 
     @property
@@ -121,7 +122,8 @@ def _load_data(cfg: TrainConfig, pinned: PinnedJob, env: dist.DistEnv) -> RankDa
         text = str(exc)
         if isinstance(exc, FileNotFoundError) or "No such file or directory" in text:
             raise DataFilesGone(
-                f"data.table: a data file of {pinned.table.name} v{pinned.table.version} is gone "
+                f"data.table: a data file of {pinned.table.table or pinned.table.location} "
+                f"v{pinned.table.version} is gone "
                 f"({text.splitlines()[0][:300] if text else type(exc).__name__}); VACUUM probably removed it. Train "
                 "on the table's latest version (data.version empty; a resumed job must start anew in another "
                 "output_dir), or re-run `sparktune tokenize`"
@@ -183,7 +185,7 @@ def _check_rows(cfg: TrainConfig, pinned: PinnedJob, env: dist.DistEnv, data: Ra
             labels=sorted({x for _, labels in gathered for x in labels}) if task.has_labels else None,
             max_token_id=max(m for m, _ in gathered),
             vocab_size=model.get_input_embeddings().num_embeddings, num_labels=cfg.model.num_labels,
-            table=f"{pinned.table.name} v{pinned.table.version}", split=split)
+            table=f"{pinned.table.table or pinned.table.location} v{pinned.table.version}", split=split)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
 

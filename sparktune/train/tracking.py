@@ -135,6 +135,6 @@ def log_job(tracker, run_id: str, cfg, pinned) -> None:
         if rows.labels is not None:
             sample["label"] = rows.labels
         log_delta_input(tracker, run_id, location=table.location, version=table.version,
-                        name=f"{table.name}@v{table.version}:{split}",
+                        name=f"{table.table or table.location}@v{table.version}:{split}",
                         context=context, table_name=table_name, sample=pd.DataFrame(sample), targets="label",
                         rows=split_rows(table.location, table.version, split, pinned.task, limit))

@@ -1,0 +1,108 @@
+"""The one table snapshot (``sparktune.tables.read_snapshot``): the same answer through Spark SQL
+and through the Delta log, at any version; failures raise, and resume's "table was recreated"
+guard refuses a table whose identity differs or cannot be read."""
+
+import shutil
+
+import pytest
+
+from sparktune.errors import ConfigError, SparktuneError
+from sparktune.tables import TableSnapshot, read_snapshot, write_table
+
+
+def _write(spark, path, rows, **props):
+    df = spark.createDataFrame([(i, f"t{i}") for i in range(rows)], "id int, text string")
+    return write_table(df, path, properties={f"sparktune.{k}": v for k, v in props.items()})
+
+
+def _ours(props) -> dict:
+    return {k: v for k, v in props.items() if k.startswith("sparktune.")}
+
+
+def test_snapshot_is_the_same_through_spark_and_the_delta_log_at_every_version(spark, tmp_path):
+    from deltalake import DeltaTable
+
+    path = str(tmp_path / "t")
+    assert _write(spark, path, 3, vocab="a", source="/data/tokens") == 0  # "token" in a value: not redacted
+    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('sparktune.task' = 'classification')")  # v1
+    spark.sql(f"INSERT INTO delta.`{path}` VALUES (9, 'x')")  # v2: data only
+    assert _write(spark, path, 2, vocab="b") == 3  # a replace: new properties
+    spark.sql(f"ALTER TABLE delta.`{path}` UNSET TBLPROPERTIES ('sparktune.vocab')")  # v4
+    spark.sql(f"INSERT INTO delta.`{path}` VALUES (10, 'y')")  # v5
+
+    latest = read_snapshot(spark, path)
+    assert latest.version == 5 and latest.table_id == str(DeltaTable(path).metadata().id)
+    assert latest.location == path and latest.uri == "file:" + path and latest.name is None
+    expected = {0: {"sparktune.vocab": "a", "sparktune.source": "/data/tokens"},
+                1: {"sparktune.vocab": "a", "sparktune.source": "/data/tokens", "sparktune.task": "classification"}}
+    expected[2] = expected[1]
+    for version in range(6):
+        through_spark = read_snapshot(spark, path, version)
+        from_log = read_snapshot(None, path, version)
+        assert through_spark.version == from_log.version == version
+        assert through_spark.table_id == from_log.table_id == latest.table_id
+        assert (through_spark.location, through_spark.uri) == (from_log.location, from_log.uri)
+        assert _ours(through_spark.properties) == _ours(from_log.properties), version
+        if version in expected:
+            assert _ours(through_spark.properties) == expected[version]
+    assert _ours(read_snapshot(spark, path, 4).properties) == {}
+    assert TableSnapshot.from_dict(latest.to_dict()) == latest
+
+
+def test_snapshot_of_a_catalog_table_names_it(spark, tmp_path):
+    name = "snapshot_named_t"
+    spark.sql(f"DROP TABLE IF EXISTS {name}")
+    try:
+        _write(spark, name, 2, vocab="n")
+        snap = read_snapshot(spark, name)
+        assert snap.name is not None and snap.name.endswith(name) and snap.uri == snap.name
+        assert snap.version == 0 and snap.properties["sparktune.vocab"] == "n"
+        assert read_snapshot(None, snap.location).table_id == snap.table_id
+        with pytest.raises(SparktuneError, match="catalog name, which only Spark can resolve"):
+            read_snapshot(None, name, what="data.table")
+    finally:
+        spark.sql(f"DROP TABLE IF EXISTS {name}")
+
+
+def test_missing_table_or_version_is_a_user_error_both_ways(spark, tmp_path):
+    path = str(tmp_path / "t")
+    for session in (spark, None):
+        with pytest.raises(SparktuneError, match="data.table: no "):
+            read_snapshot(session, path, what="data.table")
+    _write(spark, path, 1)
+    for session in (spark, None):
+        with pytest.raises(SparktuneError, match="data.version: table .* has no version 7"):
+            read_snapshot(session, path, 7, what="data.version")
+
+
+def _resume_cfg(tmp_path, table):
+    from sparktune.train.config import load_train_config
+
+    return load_train_config(data={"output_dir": str(tmp_path / "out"), "resume": True, "model": {"name": "x"},
+                                   "data": {"table": table}, "mlflow": {"enabled": False}})
+
+
+def test_resume_refuses_a_recreated_table_and_one_whose_identity_cannot_be_read(spark, tmp_path):
+    from sparktune.tables import read_snapshot
+    from sparktune.train.checkpoints import CheckpointStore, JobRecord, resume_problems
+    from sparktune.train.pinned import pin_job
+
+    path = str(tmp_path / "t")
+    _write(spark, path, 3)
+    cfg = _resume_cfg(tmp_path, path)
+    first_id = read_snapshot(None, path).table_id
+    store = CheckpointStore(cfg.checkpoint_dir)
+    store.write_job(JobRecord(location=path, table=path, table_id=first_id, version=0, world_size=1))
+    assert pin_job(cfg, 1).table.table_id == first_id  # same table: resume goes on
+
+    shutil.rmtree(path)  # the table is deleted ...
+    with pytest.raises(SparktuneError, match="no Delta table"):
+        pin_job(cfg, 1)  # ... its identity cannot be read: an error, never "" (which passed the guard)
+    _write(spark, path, 3)  # ... and written again: same path, same version, new id
+    with pytest.raises(ConfigError, match="was recreated since the job"):
+        pin_job(cfg, 1)
+    # An unknown identity is a mismatch, not a pass.
+    record = JobRecord(location=path, table=path, table_id=first_id, version=0, world_size=1)
+    problems = resume_problems(record, location=path, table_id="", version=None, world_size=1,
+                               written_world_size=None, where="ck")
+    assert any("was recreated" in p for p in problems)
