@@ -43,6 +43,7 @@ __all__ = [
     "env_value",
     "forwarded_env",
     "render_table",
+    "sparktune_home",
 ]
 
 NOTEBOOK_PREFIX = "SPARKTUNE_NB_"
@@ -226,6 +227,14 @@ def render_table() -> str:
                         f"{'forwarded' if v.forwarded else ''} |")
     return "\n".join(rows) + "\n"
 
+
+
+def sparktune_home() -> str:
+    """``$SPARKTUNE_HOME`` as an absolute folder, created if missing (local state: metastore,
+    warehouse, the default MLflow store). Here, not in spark.py: tracking needs it without Spark."""
+    home = os.path.abspath(str(env_value("SPARKTUNE_HOME")))
+    os.makedirs(home, exist_ok=True)
+    return home
 
 if __name__ == "__main__":
     sys.stdout.write(render_table())

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sparktune.compat import check_spark_version, delta_artifact
-from sparktune.env import env_int, env_value
+from sparktune.env import env_int, env_value, sparktune_home
 from sparktune.errors import SparktuneError
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "local_cores",
     "session_facts",
     "spark_master",
-    "sparktune_home",
 ]
 
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
@@ -63,12 +62,6 @@ appender.console.target = SYSTEM_ERR
 appender.console.layout.type = PatternLayout
 appender.console.layout.pattern = %d{HH:mm:ss} %p %c{1}: %m%n
 """
-
-
-def sparktune_home() -> str:
-    home = os.path.abspath(str(env_value("SPARKTUNE_HOME")))
-    os.makedirs(home, exist_ok=True)
-    return home
 
 
 def _log4j_file(home: str) -> str:

@@ -55,7 +55,7 @@ _METRIC_CHARS = re.compile(r"[^A-Za-z0-9_\-./ ]")
 
 
 def default_tracking_uri() -> str:
-    from sparktune.spark import sparktune_home
+    from sparktune.env import sparktune_home
 
     return "sqlite:///" + os.path.join(sparktune_home(), "mlflow.db")
 

@@ -78,7 +78,8 @@ def test_missing_table_or_version_is_a_user_error_both_ways(spark, tmp_path):
 def _resume_cfg(tmp_path, table):
     from sparktune.train.config import load_train_config
 
-    return load_train_config(data={"output_dir": str(tmp_path / "out"), "resume": True, "model": {"name": "x"},
+    return load_train_config(data={"output_dir": str(tmp_path / "out"), "resume": True,
+                                   "model": {"name": "x", "task": "classification"},
                                    "data": {"table": table}, "mlflow": {"enabled": False}})
 
 
