@@ -214,6 +214,7 @@ _MISSING = object()
 
 
 def _coerce(value, tp, key: str, problems: list):
+    """``value`` converted to the type hint ``tp``; a mismatch appends a problem naming ``key``."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -224,78 +225,111 @@ def _coerce(value, tp, key: str, problems: list):
             return None
         return _build(tp, value, key + ".", problems)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _coerce(value, inner[0], key, problems)
-        for candidate in inner:
-            trial: list = []
-            result = _coerce(value, candidate, key, trial)
-            if not trial:
-                return result
-        names = [getattr(a, "__name__", str(a)) for a in inner]
-        problems.append(f"{key}: expected one of {names}, found {bounded(value)}")
-        return None
+        return _coerce_union(value, args, key, problems)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        parse = getattr(tp, "parse", None)
-        try:
-            return parse(value, key) if parse else tp(value)
-        except (ConfigError, ValueError):
-            problems.append(f"{key}: expected one of {[m.value for m in tp]}, found {bounded(value)}")
-            return None
+        return _coerce_enum(value, tp, key, problems)
     if origin is Literal:
         if value not in args:
             problems.append(f"{key}: expected one of {list(args)}, found {bounded(value)}")
         return value
     if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            problems.append(f"{key}: expected a list, found {bounded(value)}")
-            return None
-        item_tp = args[0] if args else Any
-        return [_coerce(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+        return _coerce_list(value, args[0] if args else Any, key, problems)
     if origin is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, found {bounded(value)}")
-            return None
-        val_tp = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(v, val_tp, f"{key}.{k}", problems) for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        problems.append(f"{key}: expected true or false, found {bounded(value)}")
-        return None
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
-            problems.append(f"{key}: expected an integer, found {bounded(value)}")
-            return None
-        try:
-            as_float = float(value)
-            if as_float != int(as_float):
-                raise ValueError
-            return int(as_float)
-        except (ValueError, OverflowError):
-            problems.append(f"{key}: expected an integer, found {bounded(value)}")
-            return None
-    if tp is float:
-        if isinstance(value, bool):
-            problems.append(f"{key}: expected a number, found {bounded(value)}")
-            return None
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            problems.append(f"{key}: expected a number, found {bounded(value)}")
-            return None
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            problems.append(f"{key}: expected a string, found {bounded(value)}")
-            return None
-        return "" if value is None else str(value)
+        return _coerce_dict(value, args[1] if len(args) == 2 else Any, key, problems)
+    for scalar_tp, convert in _SCALARS:
+        if tp is scalar_tp:
+            return convert(value, key, problems)
     return value
+
+
+def _coerce_union(value, args: tuple, key: str, problems: list):
+    """``Optional[X]`` is X or null; a wider union takes the first member that converts cleanly."""
+    if value is None and type(None) in args:
+        return None
+    inner = [a for a in args if a is not type(None)]
+    if len(inner) == 1:
+        return _coerce(value, inner[0], key, problems)
+    for candidate in inner:
+        trial: list = []
+        result = _coerce(value, candidate, key, trial)
+        if not trial:
+            return result
+    names = [getattr(a, "__name__", str(a)) for a in inner]
+    problems.append(f"{key}: expected one of {names}, found {bounded(value)}")
+    return None
+
+
+def _coerce_enum(value, tp: type[enum.Enum], key: str, problems: list):
+    """A member of ``tp``, through its ``parse(value, key)`` classmethod when it has one."""
+    parse = getattr(tp, "parse", None)
+    try:
+        return parse(value, key) if parse else tp(value)
+    except (ConfigError, ValueError):
+        problems.append(f"{key}: expected one of {[m.value for m in tp]}, found {bounded(value)}")
+        return None
+
+
+def _coerce_list(value, item_tp, key: str, problems: list):
+    """A list of ``item_tp``; a string is read as comma-separated items."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)):
+        problems.append(f"{key}: expected a list, found {bounded(value)}")
+        return None
+    return [_coerce(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+
+
+def _coerce_dict(value, val_tp, key: str, problems: list):
+    """A mapping with string keys and ``val_tp`` values."""
+    if not isinstance(value, dict):
+        problems.append(f"{key}: expected a mapping, found {bounded(value)}")
+        return None
+    return {str(k): _coerce(v, val_tp, f"{key}.{k}", problems) for k, v in value.items()}
+
+
+def _coerce_bool(value, key: str, problems: list):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    problems.append(f"{key}: expected true or false, found {bounded(value)}")
+    return None
+
+
+def _coerce_int(value, key: str, problems: list):
+    """An integer; a whole float or numeric string is accepted, a bool is not."""
+    if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+        problems.append(f"{key}: expected an integer, found {bounded(value)}")
+        return None
+    try:
+        as_float = float(value)
+        if as_float != int(as_float):
+            raise ValueError
+        return int(as_float)
+    except (ValueError, OverflowError):
+        problems.append(f"{key}: expected an integer, found {bounded(value)}")
+        return None
+
+
+def _coerce_float(value, key: str, problems: list):
+    if isinstance(value, bool):
+        problems.append(f"{key}: expected a number, found {bounded(value)}")
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        problems.append(f"{key}: expected a number, found {bounded(value)}")
+        return None
+
+
+def _coerce_str(value, key: str, problems: list):
+    if isinstance(value, (dict, list)):
+        problems.append(f"{key}: expected a string, found {bounded(value)}")
+        return None
+    return "" if value is None else str(value)
+
+
+_SCALARS = ((bool, _coerce_bool), (int, _coerce_int), (float, _coerce_float), (str, _coerce_str))
 
 
 def config_to_dict(cfg) -> dict:

@@ -222,18 +222,10 @@ def _write_one_file(lines, target: str, order_col: str) -> int:
 
 def export_chat_jsonl(spark, spec: ExportSpec, force: bool = False) -> ExportResult:
     """Write ``train.jsonl``, ``validation.jsonl`` and ``manifest.json`` under ``spec.output``."""
-    from pyspark.sql import functions as F
-
     from sparktune.tables import check_writes, read_table, table_version
 
     spec.check()
-    output = os.path.abspath(os.path.expanduser(spec.output))
-    if "://" in spec.output:
-        raise SparktuneError(
-            f"--output {spec.output!r}: the JSONL files are uploaded from this machine, so give a local or mounted "
-            "folder "
-            "(on Databricks a Unity Catalog volume such as /Volumes/main/default/openai)"
-        )
+    output = _local_output(spec.output)
     check_writes(spark, "openai export", folders={"--output": output}, inputs={"--table": spec.table})
     version = table_version(spark, spec.table)
     settings = spec.settings()
@@ -246,6 +238,36 @@ def export_chat_jsonl(spark, spec: ExportSpec, force: bool = False) -> ExportRes
                             manifest["files"]["train"]["rows"], manifest["files"]["validation"]["rows"], True)
 
     df = read_table(spark, spec.table, version=version, what="--table (raw table)")
+    train_df, validation_df = _split_examples(df, spec)
+    os.makedirs(output, exist_ok=True)
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)  # a half-finished re-export must never look up to date
+    train_rows = _write_one_file(_chat_lines(train_df, spec.template), train_path, "_key")
+    validation_rows = _write_one_file(_chat_lines(validation_df, spec.template), validation_path, "_key")
+    _check_exported_rows(df, spec, version, train_rows, validation_rows)
+    manifest = _manifest(spec.table, version, settings, train_path, train_rows, validation_path, validation_rows)
+    _write_json_atomically(manifest, manifest_path)
+    return ExportResult(
+        output, train_path, validation_path, manifest_path, spec.table, version, train_rows, validation_rows, False
+    )
+
+
+def _local_output(output: str) -> str:
+    """``output`` as an absolute local path; a URL is refused (the files are uploaded from this machine)."""
+    local = os.path.abspath(os.path.expanduser(output))
+    if "://" in output:
+        raise SparktuneError(
+            f"--output {output!r}: the JSONL files are uploaded from this machine, so give a local or mounted "
+            "folder "
+            "(on Databricks a Unity Catalog volume such as /Volumes/main/default/openai)"
+        )
+    return local
+
+
+def _split_examples(df, spec: ExportSpec):
+    """The (train, validation) frames of ``df``'s labelled rows, each with a seeded ``_key`` to order by."""
+    from pyspark.sql import functions as F
+
     missing = [c for c in ("row_id", "split", "text", "label") if c not in df.columns]
     if missing:
         raise SparktuneError(
@@ -271,12 +293,11 @@ def export_chat_jsonl(spark, spec: ExportSpec, force: bool = False) -> ExportRes
     validation_df = (
         validation_pool.orderBy("_key").limit(spec.validation_limit) if spec.validation_limit else validation_pool
     )
+    return train_df, validation_df
 
-    os.makedirs(output, exist_ok=True)
-    if os.path.exists(manifest_path):
-        os.remove(manifest_path)  # a half-finished re-export must never look up to date
-    train_rows = _write_one_file(_chat_lines(train_df, spec.template), train_path, "_key")
-    validation_rows = _write_one_file(_chat_lines(validation_df, spec.template), validation_path, "_key")
+
+def _check_exported_rows(df, spec: ExportSpec, version, train_rows: int, validation_rows: int) -> None:
+    """Refuse an export whose train or validation file came out empty, naming the setting to change."""
     if train_rows == 0:
         found = [r["split"] for r in df.select("split").distinct().collect()]
         raise SparktuneError(
@@ -289,19 +310,24 @@ def export_chat_jsonl(spark, spec: ExportSpec, force: bool = False) -> ExportRes
             f"{spec.validation_fraction} "
             f"selected nothing in {spec.table}; name a split that has labelled rows or raise the fraction"
         )
-    manifest = {
+
+
+def _manifest(table: str, version, settings: dict, train_path: str, train_rows: int, validation_path: str,
+              validation_rows: int) -> dict:
+    """The manifest that records what the two files were exported from, and their rows and hashes."""
+    return {
         "format": MANIFEST_FORMAT,
-        "source": {"table": spec.table, "version": version},
+        "source": {"table": table, "version": version},
         "settings": settings,
         "files": {
             "train": {"name": TRAIN_FILE, "rows": train_rows, "sha256": _sha256(train_path)},
             "validation": {"name": VALIDATION_FILE, "rows": validation_rows, "sha256": _sha256(validation_path)},
         },
     }
-    tmp = manifest_path + ".tmp"
+
+
+def _write_json_atomically(payload: dict, path: str) -> None:
+    tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=2, sort_keys=True)
-    os.replace(tmp, manifest_path)
-    return ExportResult(
-        output, train_path, validation_path, manifest_path, spec.table, version, train_rows, validation_rows, False
-    )
+        json.dump(payload, handle, indent=2, sort_keys=True)
+    os.replace(tmp, path)

@@ -191,18 +191,39 @@ def score_model(spark, creds, spec: ScoreSpec, tracker=None, run_id: str | None 
                 say=print) -> ScoreResult:
     """Score ``spec.model`` on ``spec.table``'s ``spec.split`` rows; log to ``run_id`` (or the job's
     run, or a new one) through ``tracker`` (None: no MLflow)."""
-    from pyspark.sql import functions as F
-
-    from sparktune.evaluate import EvaluateResult, log_evaluation
-    from sparktune.evaluate.metrics import class_names
-    from sparktune.openai.client import find_job_run
-    from sparktune.tables import check_writes, read_table, table_version, write_table
-    from sparktune.tasks import Task
+    from sparktune.tables import check_writes, read_table, table_version
 
     spec.check()
     check_writes(spark, "openai-score", tables={"--predictions": spec.predictions}, inputs={"--table": spec.table})
     version = table_version(spark, spec.table)
-    df = read_table(spark, spec.table, version=version, what="--table")
+    df = _rows_to_score(read_table(spark, spec.table, version=version, what="--table"), spec)
+    retries = _preflight(creds, spec)
+
+    partitions = min(spec.partitions, spec.concurrency)
+    threads = max(1, spec.concurrency // partitions)
+    say(f"scoring {spec.model} on {spec.table} (version {version}, split {spec.split or 'all'}): "
+        f"{partitions} Spark task(s) x {threads} request(s) in flight")
+    scored = df.repartition(partitions).mapInPandas(_partition_scorer(creds, spec, threads), PREDICTION_SCHEMA)
+    out, predictions_version = _store_predictions(spark, scored, spec, version)
+    try:
+        counts, computed, examples = _summarise(out, spec)
+    finally:
+        if not spec.predictions:
+            out.unpersist()
+
+    evaluation = _evaluation(spec, version, computed, predictions_version)
+    result = ScoreResult(spec.model, evaluation, int(counts["unparsed"] or 0), int(counts["errors"] or 0),
+                         retries + int(counts["retries"] or 0), None, examples)
+    if tracker is not None:
+        result.run_id = _log_score(tracker, creds, spec, result, run_id, job_id)
+    return result
+
+
+def _rows_to_score(df, spec: ScoreSpec):
+    """``df``'s labelled rows of ``spec.split`` (all splits when empty) as row_id, text, label; at most
+    ``spec.limit`` of them, picked by a hash of row_id."""
+    from pyspark.sql import functions as F
+
     missing = [c for c in ("row_id", "text", "label") + (("split",) if spec.split else ()) if c not in df.columns]
     if missing:
         raise SparktuneError(f"--table {spec.table}: missing column(s) {missing} (columns: {df.columns}); score a raw "
@@ -212,87 +233,101 @@ def score_model(spark, creds, spec: ScoreSpec, tracker=None, run_id: str | None 
     df = df.where(F.col("label") >= 0).select("row_id", "text", "label")
     if spec.limit:
         df = df.orderBy(F.xxhash64(F.col("row_id"))).limit(spec.limit)
-    retries = _preflight(creds, spec)
+    return df
 
-    partitions = min(spec.partitions, spec.concurrency)
-    threads = max(1, spec.concurrency // partitions)
-    say(f"scoring {spec.model} on {spec.table} (version {version}, split {spec.split or 'all'}): "
-        f"{partitions} Spark task(s) x {threads} request(s) in flight")
-    scored = df.repartition(partitions).mapInPandas(_partition_scorer(creds, spec, threads), PREDICTION_SCHEMA)
-    predictions_version = None
-    if spec.predictions:
-        predictions_version = write_table(
-            scored,
-            spec.predictions,
-            properties={
-                "sparktune.model": spec.model,
-                "sparktune.source_table": spec.table,
-                "sparktune.source_version": version,
-                "sparktune.split": spec.split or "",
-            },
-            user_metadata={
-                "stage": "openai-score",
-                "model": spec.model,
-                "source_table": spec.table,
-                "source_version": version,
-            },
-        )
-        out = read_table(spark, spec.predictions, version=predictions_version)
-    else:
-        out = scored.persist()  # the requests are sent once; the aggregations below read the cache
-    try:
-        counts = out.agg(
-            F.count(F.lit(1)).alias("n"),
-            F.sum((~F.col("parsed") & F.col("error").isNull()).cast("int")).alias("unparsed"),
-            F.sum(F.col("error").isNotNull().cast("int")).alias("errors"),
-            F.sum("retries").alias("retries"),
-        ).collect()[0]
-        if not counts["n"]:
-            raise SparktuneError(f"no labelled rows in {spec.table} split {spec.split!r}; pick a split with labels "
-                                 "(e.g. test)")
-        if counts["errors"] == counts["n"]:
-            first = out.where(F.col("error").isNotNull()).select("error").first()["error"]
-            raise SparktuneError(f"every request failed; the first error: {first}")
-        label_names = list(spec.template.label_names)
-        computed = _spark_metrics(out, label_names)
-        examples = [r.asDict() for r in out.where(~F.col("parsed")).select("row_id", "answer", "error").limit(5)
-                    .collect()]
-    finally:
-        if not spec.predictions:
-            out.unpersist()
 
-    split = spec.split or None
-    evaluation = EvaluateResult(
+def _store_predictions(spark, scored, spec: ScoreSpec, version):
+    """(the predictions to aggregate, the --predictions table's version or None). With --predictions
+    they are written and read back; without, ``scored`` is cached so each request is sent once (the
+    caller unpersists it)."""
+    from sparktune.tables import read_table, write_table
+
+    if not spec.predictions:
+        return scored.persist(), None  # the requests are sent once; the aggregations read the cache
+    predictions_version = write_table(
+        scored,
+        spec.predictions,
+        properties={
+            "sparktune.model": spec.model,
+            "sparktune.source_table": spec.table,
+            "sparktune.source_version": version,
+            "sparktune.split": spec.split or "",
+        },
+        user_metadata={
+            "stage": "openai-score",
+            "model": spec.model,
+            "source_table": spec.table,
+            "source_version": version,
+        },
+    )
+    return read_table(spark, spec.predictions, version=predictions_version), predictions_version
+
+
+def _summarise(out, spec: ScoreSpec):
+    """(row/unparsed/error/retry counts, evaluate's metrics, up to 5 unparsed examples) of the
+    predictions ``out``; no rows, or every request failed, is an error."""
+    from pyspark.sql import functions as F
+
+    counts = out.agg(
+        F.count(F.lit(1)).alias("n"),
+        F.sum((~F.col("parsed") & F.col("error").isNull()).cast("int")).alias("unparsed"),
+        F.sum(F.col("error").isNotNull().cast("int")).alias("errors"),
+        F.sum("retries").alias("retries"),
+    ).collect()[0]
+    if not counts["n"]:
+        raise SparktuneError(f"no labelled rows in {spec.table} split {spec.split!r}; pick a split with labels "
+                             "(e.g. test)")
+    if counts["errors"] == counts["n"]:
+        first = out.where(F.col("error").isNotNull()).select("error").first()["error"]
+        raise SparktuneError(f"every request failed; the first error: {first}")
+    computed = _spark_metrics(out, list(spec.template.label_names))
+    examples = [r.asDict() for r in out.where(~F.col("parsed")).select("row_id", "answer", "error").limit(5)
+                .collect()]
+    return counts, computed, examples
+
+
+def _evaluation(spec: ScoreSpec, version, computed: dict, predictions_version):
+    """Evaluate's result record for the hosted model's ``computed`` metrics."""
+    from sparktune.evaluate import EvaluateResult
+    from sparktune.evaluate.metrics import class_names
+    from sparktune.tasks import Task
+
+    return EvaluateResult(
         model_uri=f"openai:{spec.model}", model_version="", task=Task.CLASSIFICATION, table=spec.table,
-        table_version=version, split=split, rows=computed["n"],
+        table_version=version, split=spec.split or None, rows=computed["n"],
         metrics={k: computed[k] for k in ("accuracy", "precision", "recall", "f1")}, per_class=computed["per_class"],
-        labels=class_names(len(computed["confusion_matrix"]), label_names),
+        labels=class_names(len(computed["confusion_matrix"]), list(spec.template.label_names)),
         confusion_matrix=computed["confusion_matrix"], limit=spec.limit or None, predictions_table=spec.predictions,
         predictions_version=predictions_version,
     )
-    result = ScoreResult(spec.model, evaluation, int(counts["unparsed"] or 0), int(counts["errors"] or 0),
-                         retries + int(counts["retries"] or 0), None, examples)
-    if tracker is not None:
-        if run_id is None and job_id:
-            run_id = find_job_run(tracker, job_id)
-        created = run_id is None
-        if run_id is None:
-            run_id = tracker.start_run(f"openai score {spec.model}", tags={"sparktune.stage": "openai-score",
-                                                                           "sparktune.model_kind": "hosted"})
-        evaluation.run_id = run_id
-        log_evaluation(tracker, run_id, evaluation)  # evaluate's metric names, tags and report
-        prefix = split or "eval"
-        tracker.log_metrics(run_id, {f"{prefix}/unparsed": result.unparsed, f"{prefix}/errors": result.errors,
-                                     f"{prefix}/retries": result.retries})
-        tracker.set_tags(run_id, {"sparktune.openai.deployment": spec.model,
-                                  f"sparktune.{prefix}.predictions": spec.predictions or ""})
-        tracker.log_dict(run_id, {"unparsed": result.unparsed, "errors": result.errors, "retries": result.retries,
-                                  "examples": [{k: creds.scrub(v) for k, v in e.items()} for e in examples]},
-                         f"evaluation/{prefix}_hosted.json")
-        if created:
-            tracker.end_run(run_id)
-        result.run_id = run_id
-    return result
+
+
+def _log_score(tracker, creds, spec: ScoreSpec, result: ScoreResult, run_id: str | None, job_id: str | None) -> str:
+    """Log ``result`` to ``run_id``, else the fine-tuning job's run, else a new run (ended here); returns
+    the run's id."""
+    from sparktune.evaluate import log_evaluation
+    from sparktune.openai.client import find_job_run
+
+    if run_id is None and job_id:
+        run_id = find_job_run(tracker, job_id)
+    created = run_id is None
+    if run_id is None:
+        run_id = tracker.start_run(f"openai score {spec.model}", tags={"sparktune.stage": "openai-score",
+                                                                       "sparktune.model_kind": "hosted"})
+    evaluation = result.evaluation
+    evaluation.run_id = run_id
+    log_evaluation(tracker, run_id, evaluation)  # evaluate's metric names, tags and report
+    prefix = spec.split or "eval"
+    tracker.log_metrics(run_id, {f"{prefix}/unparsed": result.unparsed, f"{prefix}/errors": result.errors,
+                                 f"{prefix}/retries": result.retries})
+    tracker.set_tags(run_id, {"sparktune.openai.deployment": spec.model,
+                              f"sparktune.{prefix}.predictions": spec.predictions or ""})
+    tracker.log_dict(run_id, {"unparsed": result.unparsed, "errors": result.errors, "retries": result.retries,
+                              "examples": [{k: creds.scrub(v) for k, v in e.items()} for e in result.examples]},
+                     f"evaluation/{prefix}_hosted.json")
+    if created:
+        tracker.end_run(run_id)
+    return run_id
 
 
 _COMPARED = ("n", "accuracy", "precision", "recall", "f1")
