@@ -14,6 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Inference in fp32 unless a test asks for bf16: on a CPU with AMX, bf16 is the default ("auto"),
+# and its results move by ~1e-4 with the padding of the batch a row lands in, which tests that
+# compare two ways of scoring the same rows (Spark vs one process, incremental vs full) must not see.
+os.environ.setdefault("SPARKTUNE_BF16", "false")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 

@@ -20,10 +20,12 @@ __all__ = [
     "CLASSIFIER_OUT",
     "INSTRUCTION_OUT",
     "LM_OUT",
+    "SPARK_OUT",
     "InputColumn",
     "input_column",
     "predict_local",
     "score_spark",
+    "spark_columns",
     "task_threads",
 ]
 
@@ -31,6 +33,18 @@ CLASSIFIER_OUT = "prediction int, probabilities array<double>"
 LM_OUT = "loss_sum double, n_predicted long"
 INSTRUCTION_OUT = CLASSIFIER_OUT + ", " + LM_OUT
 """An instruction model: the classifier's answer (by scoring each class's answer) and the prompt's loss."""
+SPARK_OUT = {Task.CLASSIFICATION: CLASSIFIER_OUT, Task.CAUSAL_LM: LM_OUT, Task.INSTRUCTION: INSTRUCTION_OUT}
+"""The struct ``score_spark`` adds, per task: the fields of ``spark_columns`` it computes."""
+
+
+def spark_columns(out) -> dict:
+    """The columns of ``SPARK_OUT`` from ``hf.Predictions``, in that order (those the task computed)."""
+    columns: dict = {}
+    if out.probabilities is not None:
+        columns.update(prediction=out.prediction.astype("int32"), probabilities=list(out.probabilities))
+    if out.loss_sum is not None:
+        columns.update(loss_sum=out.loss_sum, n_predicted=out.n_predicted)
+    return columns
 
 
 @dataclass(frozen=True)
@@ -91,50 +105,18 @@ def score_spark(df, model: ResolvedModel, tracker=None, column: InputColumn | No
     tracking_uri = tracker.tracking_uri if tracker is not None else None
     registry_uri = tracker.registry_uri if tracker is not None else None
     is_text = column.is_text
+    schema = SPARK_OUT[model.task]
 
-    def load():
+    def run(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         from sparktune.model import hf
         from sparktune.model.resolve import fetch_model
 
-        return hf, hf.load(fetch_model(source, tracking_uri, registry_uri), task, max_length, threads=threads,
-                           bf16=bf16)
-
-    def ids_of(hf, core, values):
-        if is_text and core.prompt is not None:
-            return core.prompt.prompts(["" if v is None else v for v in values])[0]
-        if is_text:
-            return hf.encode(core.tokenizer, ["" if v is None else v for v in values], core.max_length)
-        # Rows longer than the model's bound (a table tokenized for another length) are cut.
-        return [list(v)[: core.max_length] if v is not None else [] for v in values]
-
-    if model.task is Task.CLASSIFICATION:
-        schema = CLASSIFIER_OUT
-
-        def run(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
-            hf, core = load()
-            for values in batches:
-                probs = hf.classify(core.model, ids_of(hf, core, values.tolist()), core.pad_id, batch_size)
-                yield pd.DataFrame({"prediction": probs.argmax(axis=1).astype("int32"), "probabilities": list(probs)})
-    elif model.task is Task.INSTRUCTION:
-        schema = INSTRUCTION_OUT
-
-        def run(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
-            hf, core = load()
-            for values in batches:
-                scores = hf.score_answers(core.model, ids_of(hf, core, values.tolist()), core.prompt.answer_ids,
-                                          core.pad_id, max(1, batch_size // 4))
-                probs = hf.softmax(scores.logprobs)
-                yield pd.DataFrame({"prediction": probs.argmax(axis=1).astype("int32"), "probabilities": list(probs),
-                                    "loss_sum": scores.loss_sum, "n_predicted": scores.n_predicted})
-    else:
-        schema = LM_OUT
-
-        def run(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
-            hf, core = load()
-            for values in batches:
-                loss_sum, counts = hf.lm_losses(core.model, ids_of(hf, core, values.tolist()), core.pad_id,
-                                                max(1, batch_size // 2))
-                yield pd.DataFrame({"loss_sum": loss_sum, "n_predicted": counts})
+        core = hf.load(fetch_model(source, tracking_uri, registry_uri), task, max_length, threads=threads, bf16=bf16)
+        for values in batches:
+            rows = values.tolist()
+            out = (hf.predict(core, rows, batch_size=batch_size) if is_text
+                   else hf.predict(core, ids=rows, batch_size=batch_size))
+            yield pd.DataFrame(spark_columns(out))
 
     # Real types, not the strings `from __future__ import annotations` leaves: pandas_udf reads them.
     run.__annotations__ = {"batches": Iterator[pd.Series], "return": Iterator[pd.DataFrame]}
@@ -144,16 +126,11 @@ def score_spark(df, model: ResolvedModel, tracker=None, column: InputColumn | No
 
 def predict_local(values, model: ResolvedModel, batch_size: int = 32, from_text: bool = False,
                   bf16: bool | str | None = None):
-    """The same inference in this process, no Spark: the baseline bench_batch_inference compares to."""
+    """The same inference in this process, no Spark (the baseline bench_batch_inference compares
+    to): ``sparktune.model.hf.Predictions`` of ``values``, texts when ``from_text``, else token ids."""
     from sparktune.model import hf
 
     core = hf.load(model.hf_dir, model.task.value, model.max_length, bf16=bf16)
-    ids = hf.encode(core.tokenizer, values, core.max_length) if from_text else [list(v)[: core.max_length]
-                                                                                  for v in values]
-    if model.task is Task.CLASSIFICATION:
-        return hf.classify(core.model, ids, core.pad_id, batch_size)
-    if model.task is Task.INSTRUCTION:
-        prompts = core.prompt.prompts(values)[0] if from_text else ids
-        return hf.softmax(hf.score_answers(core.model, prompts, core.prompt.answer_ids, core.pad_id,
-                                           max(1, batch_size // 4)).logprobs)
-    return hf.lm_losses(core.model, ids, core.pad_id, max(1, batch_size // 2))
+    if from_text:
+        return hf.predict(core, list(values), batch_size=batch_size)
+    return hf.predict(core, ids=list(values), batch_size=batch_size)

@@ -38,6 +38,7 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from sparktune.env import env_value
 from sparktune.errors import SparktuneError
@@ -51,6 +52,7 @@ __all__ = [
     "add_cli",
     "build_app",
     "export_model",
+    "load_options",
     "prepare_serving_model",
     "serve",
 ]
@@ -80,8 +82,8 @@ class ServeLimits:
     max_connections: int = 128
     max_header_bytes: int = 64 * 1024
     max_text_chars: int = 100_000
-    # Off until measured on a quiet machine: the one end-to-end run (loaded) had the batched server
-    # slower than one pass per request (BENCHMARKS.md, model server, micro-batching).
+    # Off by default: batched (32 rows, 5 ms) measured 1.33x / 1.47x `mlflow models serve`'s
+    # requests/s at 8 / 32 clients at a better p99, short of the 2x goal (BENCHMARKS.md, model server).
     batch_max_rows: int = 0
     batch_wait_ms: float = 5.0
 
@@ -581,7 +583,7 @@ class ServeGuard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        state = {"started": False, "status": 200, "headers": [], "error_body": []}
+        state: dict[str, Any] = {"started": False, "status": 200, "headers": [], "error_body": []}
 
         async def guarded_send(message):
             if message["type"] == "http.response.start":
@@ -716,14 +718,36 @@ def uvicorn_settings(limits: ServeLimits) -> dict:
     }
 
 
-def build_app(mlflow_model_dir: str, limits: ServeLimits):
-    """MLflow's scoring app for the model, behind ``ServeGuard``."""
+def load_options(mlflow_model_dir: str, options: dict) -> dict:
+    """``options`` (the pyfunc's load-time keys: ``sparktune.model.pyfunc.LOAD_OPTIONS``), checked
+    against the model: MLflow silently ignores a key its MLmodel was not logged with, and a model
+    logged before sparktune passed these at load has none of them."""
+    from mlflow.models import Model
+    from mlflow.models.model import MODEL_CONFIG
+
+    options = {key: value for key, value in options.items() if value is not None}
+    if not options:
+        return {}
+    flavor = Model.load(os.path.join(mlflow_model_dir, "MLmodel")).flavors.get("python_function", {})
+    missing = sorted(set(options) - set(flavor.get(MODEL_CONFIG) or {}))
+    if missing:
+        raise SparktuneError(f"the model at {mlflow_model_dir} takes no load-time {', '.join(missing)} (it was "
+                             "logged before sparktune passed these through MLflow's model_config, or it is not a "
+                             "sparktune model); log it again with this version, or leave the option out")
+    return options
+
+
+def build_app(mlflow_model_dir: str, limits: ServeLimits, model_config: dict | None = None):
+    """MLflow's scoring app for the model, behind ``ServeGuard``; ``model_config``: load-time
+    options of the pyfunc (``sparktune.model.pyfunc.LOAD_OPTIONS``), handed to MLflow's
+    ``load_model`` and read by the model's ``load_context``."""
     import mlflow
     from mlflow.pyfunc import scoring_server
 
     # MLflow's own timeout (it answers 504 but lets the work run on) must not fire before ours.
     os.environ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(int(limits.request_timeout_s) + 30)
-    model = mlflow.pyfunc.load_model(mlflow_model_dir)
+    model = mlflow.pyfunc.load_model(mlflow_model_dir, model_config=load_options(mlflow_model_dir,
+                                                                                 model_config or {}) or None)
     try:
         deadline_var = getattr(model.unwrap_python_model(), "DEADLINE", None)
     except Exception:  # noqa: BLE001  (any model that is not ours: no deadline hook)
@@ -735,20 +759,18 @@ def build_app(mlflow_model_dir: str, limits: ServeLimits):
 
 def serve(model_uri: str, tracker=None, host: str = "127.0.0.1", port: int = 5000,
           limits: ServeLimits | None = None, bf16: str | None = None) -> None:
-    """``bf16``: auto, true or false (None: ``$SPARKTUNE_BF16``, else auto); the model is loaded
-    in this process, which reads it from the environment (``sparktune.model.hf.resolve_bf16``)."""
+    """``bf16``: auto, true or false (None: the server's ``$SPARKTUNE_BF16``, else auto), handed to
+    the model as a load-time option (MLflow's ``model_config``)."""
     import uvicorn
 
     limits = limits or ServeLimits()
     limits.check()
-    if bf16 is not None:
-        os.environ[BF16_ENV] = bf16
     if not 0 < port < 65536:
         raise SparktuneError(f"--port must be 1..65535, got {port}")
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}: the endpoint has no authentication; put it behind one", file=sys.stderr)
     model_dir = prepare_serving_model(model_uri, tracker)
-    app = build_app(model_dir, limits)
+    app = build_app(model_dir, limits, {"bf16": bf16})
     print(f"serving {model_uri} on http://{host}:{port} (routes: /ping /health /version /invocations)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=str(env_value("SPARKTUNE_SERVE_LOG_LEVEL")),
                 **uvicorn_settings(limits))

@@ -95,7 +95,7 @@ def test_evaluate_writes_predictions_and_logs_to_mlflow(spark, tracker, classifi
     # Spark's distributed inference equals the same model run in this process.
     expected = labelled.sort_values("row_id").reset_index(drop=True)
     local = predict_local([list(x) for x in expected["input_ids"]], resolve_model(classifier))
-    np.testing.assert_allclose(np.stack(out["probabilities"].map(np.asarray)), local, atol=1e-5)
+    np.testing.assert_allclose(np.stack(out["probabilities"].map(np.asarray)), local.probabilities, atol=1e-5)
     assert out["label"].tolist() == expected["label"].tolist()
 
     m = result.metrics

@@ -115,7 +115,7 @@ def model_kwargs(hf_dir: str, task: Task | str, label_names=None, max_length: in
     if isinstance(example, (list, tuple)):
         example = pd.DataFrame({pyfunc.TEXT_COLUMN: list(example)})
     model_config = {"task": task.value, "max_length": int(max_length) if max_length else None, "labels": labels,
-                    "max_new_tokens": int(max_new_tokens) if task.is_causal else 0}
+                    "max_new_tokens": int(max_new_tokens) if task.is_causal else 0, **pyfunc.LOAD_OPTIONS}
     with tempfile.TemporaryDirectory(prefix="sparktune-code-") as code, _as_weights_folder(hf_dir) as weights:
         # The core travels as a top-level module so the model loads without sparktune installed.
         core = os.path.join(code, CORE_MODULE + ".py")

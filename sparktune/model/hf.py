@@ -7,6 +7,9 @@ Everything that turns a ``save_pretrained`` folder into numbers lives here, once
   (``max_length``);
 * ``pad_batch``: right-padding of unpadded id lists into ``input_ids`` + ``attention_mask``
   (the training collator can call it too);
+* ``predict``: the one task-dispatched prediction (texts or token ids in, ``Predictions`` out)
+  that the pyfunc, Spark inference and the in-process baseline all call, with the one rule for
+  rows per forward pass (``rows_per_pass``);
 * ``classify``: class probabilities; ``lm_losses``: per-row causal-LM losses;
   ``score_answers``: each class's continuation log-probability after a prompt (how an
   instruction-tuned decoder classifies: no free-form parsing), with the prompt's own loss;
@@ -48,6 +51,7 @@ __all__ = [
     "DEADLINE",
     "DeadlineExceeded",
     "Loaded",
+    "Predictions",
     "check_deadline",
     "classify",
     "device_for",
@@ -62,6 +66,9 @@ __all__ = [
     "pad_batch",
     "pad_id",
     "pip_requirements",
+    "predict",
+    "rows_per_pass",
+    "model_inputs",
     "resolve_bf16",
     "native_bf16",
     "read_config",
@@ -291,18 +298,19 @@ def load(path: str, task: str | None = None, configured_max_length: int | None =
                          "trained by sparktune's instruction task")
     device = device_for(device)
     use_bf16 = resolve_bf16(bf16, device)
+    import torch
+
+    if threads:  # a setting of this process, applied on every call (a cached model included)
+        torch.set_num_threads(int(threads))
     key = (os.path.abspath(path), task, device, configured_max_length, use_bf16)
     if key in _CACHE:
         return _CACHE[key]
-    import torch
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
     )
 
-    if threads:
-        torch.set_num_threads(int(threads))
     tokenizer = AutoTokenizer.from_pretrained(path)
     auto = AutoModelForSequenceClassification if task == CLASSIFICATION else AutoModelForCausalLM
     base = hf_config_dir(path)
@@ -371,15 +379,28 @@ def pad_batch(seqs, pad: int, pad_to_multiple_of: int | None = None, min_width: 
 
 
 def _length_batches(token_lists, batch_size: int, min_tokens: int = 0):
-    """Row indices in batches of ``batch_size``, shortest rows first, rows of fewer than
+    """Row indices in batches of at most ``batch_size``, shortest rows first, rows of fewer than
     ``min_tokens`` left out; the deadline is checked before each batch."""
-    # Sorting by length before batching pads each batch to similar lengths (on IMDB this
-    # halves the work compared to arrival order); callers put outputs back in input order.
+    # Sorting by length before batching pads each batch to similar lengths (on IMDB this halves
+    # the work compared to arrival order); callers put outputs back in input order. A batch also
+    # closes before a row longer than its shortest by more than a quarter (16 tokens at least):
+    # every row computes at the padded width, so one 512-token review in a batch of 100-token
+    # ones multiplies their work, while on CPU a single row of a few hundred tokens already
+    # fills the cores (measured: BENCHMARKS.md, model server).
     order = sorted((i for i in range(len(token_lists)) if len(token_lists[i]) >= min_tokens),
                    key=lambda i: len(token_lists[i]))
-    for start in range(0, len(order), batch_size):
+    batch: list[int] = []
+    for i in order:
+        if batch:
+            shortest = len(token_lists[batch[0]])
+            if len(batch) >= batch_size or len(token_lists[i]) - shortest > max(16, shortest // 4):
+                check_deadline()
+                yield batch
+                batch = []
+        batch.append(i)
+    if batch:
         check_deadline()
-        yield order[start:start + batch_size]
+        yield batch
 
 
 def classify(model, token_lists, pad: int, batch_size: int = 32):
@@ -525,3 +546,76 @@ def score_answers(model, prompt_lists, answer_ids, pad: int, batch_size: int = 8
                         total += logp[rows, lens - 1 + t, int(token)]
                     logprobs[idx, j] = total.double().cpu().numpy()
     return AnswerScores(logprobs, loss_sum, counts)
+
+
+# Rows per forward pass, per task, as a divisor of the caller's (classifier-sized) batch size.
+# A classifier's output is rows x classes; a decoder's is float32 logits of rows x tokens x
+# vocabulary (GPT-2: 50,257 x 512 x 4 bytes, ~100 MB a row). lm_losses holds those logits and
+# a per-token loss as large again, so it takes half the rows; score_answers holds the logits and
+# their log-softmax (and, for answers longer than one token, does so once per class), a quarter.
+_ROWS_DIVISOR = {CLASSIFICATION: 1, CAUSAL_LM: 2, INSTRUCTION: 4}
+
+
+def rows_per_pass(task: str, batch_size: int) -> int:
+    """Rows per forward pass for ``task`` when the caller asks for ``batch_size`` (see _ROWS_DIVISOR)."""
+    return max(1, int(batch_size) // _ROWS_DIVISOR[str(task)])
+
+
+@dataclass
+class Predictions:
+    """What ``predict`` computes for one call, in input order; a field the task does not compute is None."""
+
+    probabilities: Any = None
+    """Classifier and instruction model: (rows x classes) float64, class-id order."""
+    loss_sum: Any = None
+    """Causal LM and instruction model: per row, the summed next-token cross-entropy (the
+    instruction model's over its prompt)."""
+    n_predicted: Any = None
+    """Per row, the tokens ``loss_sum`` covers (int64)."""
+    generated: list[str] | None = None
+    """Causal LM and instruction model: greedy continuations, when ``max_new_tokens`` > 0."""
+
+    @property
+    def prediction(self):
+        """The class ids (int64): the most probable class of each row."""
+        return self.probabilities.argmax(axis=1)
+
+
+def model_inputs(loaded: Loaded, texts=None, ids=None) -> list[list[int]]:
+    """The token ids the task's forward pass reads: ``texts`` encoded (into the prompts an
+    instruction model was trained on), or ``ids`` (a tokenized table's ``input_ids``, an
+    instruction model's prompt ids) cut to the model's length. None stands for an empty row."""
+    if texts is not None:
+        texts = ["" if t is None else t for t in texts]
+        if loaded.prompt is not None:
+            return loaded.prompt.prompts(texts)[0]
+        return encode(loaded.tokenizer, texts, loaded.max_length)
+    return [list(v)[: loaded.max_length] if v is not None else [] for v in ids]
+
+
+def predict(loaded: Loaded, texts=None, *, ids=None, batch_size: int = 32, max_new_tokens: int = 0) -> Predictions:
+    """The one prediction of every task over ``texts`` (raw text) or ``ids`` (see ``model_inputs``).
+
+    Classifier: probabilities. Causal LM: per-row losses, and continuations of ``max_new_tokens``
+    tokens when > 0 (of the whole text, cut from the left to fit, when texts are given).
+    Instruction model: each class's answer scored after the prompt (probabilities) with the
+    prompt's loss, and continuations of the prompt when ``max_new_tokens`` > 0."""
+    if (texts is None) == (ids is None):
+        raise ValueError("predict: give texts or ids, not both")
+    if texts is not None:
+        texts = ["" if t is None else t for t in texts]
+    tokens = model_inputs(loaded, texts, ids)
+    rows = rows_per_pass(loaded.task, batch_size)
+    new_tokens = int(max_new_tokens or 0)
+    if loaded.task == CLASSIFICATION:
+        return Predictions(probabilities=classify(loaded.model, tokens, loaded.pad_id, rows))
+    if loaded.task == INSTRUCTION:
+        scores = score_answers(loaded.model, tokens, loaded.prompt.answer_ids, loaded.pad_id, rows)
+        generated = generate_ids(loaded, tokens, new_tokens) if new_tokens > 0 else None
+        return Predictions(softmax(scores.logprobs), scores.loss_sum, scores.n_predicted, generated)
+    loss_sum, counts = lm_losses(loaded.model, tokens, loaded.pad_id, rows)
+    generated = None
+    if new_tokens > 0:
+        generated = generate(loaded, texts, new_tokens) if texts is not None else generate_ids(loaded, tokens,
+                                                                                                  new_tokens)
+    return Predictions(None, loss_sum, counts, generated)

@@ -35,9 +35,14 @@ try:  # inside a logged model: the core shipped beside this file (code/ is on sy
 except ImportError:  # inside sparktune
     from sparktune.model import hf
 
-__all__ = ["HF_ARTIFACT", "TEXT_COLUMN", "SparktuneModel", "texts_from_input"]
+__all__ = ["HF_ARTIFACT", "LOAD_OPTIONS", "TEXT_COLUMN", "THREADS_ENV", "SparktuneModel", "texts_from_input"]
 
 HF_ARTIFACT = "hf_model"
+THREADS_ENV = "SPARKTUNE_TORCH_THREADS"
+"""Torch threads of a process that loads the model, where its ``torch_threads`` config is unset."""
+LOAD_OPTIONS = {"bf16": None, "torch_threads": None, "batch_size": None}
+"""Model-config keys a loader may set for its own process (``load_model(uri, model_config=...)``).
+Logged with every model, unset: MLflow only lets a loader override keys the MLmodel holds."""
 TEXT_COLUMN = "text"
 
 
@@ -79,54 +84,50 @@ def texts_from_input(model_input) -> list[str]:
 
 
 class SparktuneModel(PythonModel):
-    """Loads the save_pretrained folder once per process (on the GPU if there is one); predicts in batches."""
+    """Loads the save_pretrained folder once per process (on the GPU if there is one); predicts in batches.
+
+    Load-time options come from the model config (``context.model_config``): what training
+    logged (task, max length, labels, batch size, generation bound) and what a loader overrides
+    for its own process with ``mlflow.pyfunc.load_model(uri, model_config={...})`` (or, for
+    ``mlflow models serve``, ``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"bf16": "true"}'``):
+
+    * ``bf16``: auto, true or false (None: ``$SPARKTUNE_BF16``, else auto; see ``hf.resolve_bf16``);
+    * ``torch_threads``: torch threads (None or 0: ``$SPARKTUNE_TORCH_THREADS``, else torch's default);
+    * ``batch_size``: rows per forward pass (None: 32; ``hf.rows_per_pass`` divides it for decoders).
+    """
 
     DEADLINE = hf.DEADLINE
     """The context variable the server sets to stop a request's work between batches."""
 
     def load_context(self, context):
         cfg = dict(context.model_config or {})
-        threads = os.environ.get("SPARKTUNE_TORCH_THREADS")
+        threads = cfg.get("torch_threads") or os.environ.get(THREADS_ENV)
         self.core = hf.load(context.artifacts[HF_ARTIFACT], cfg.get("task"), cfg.get("max_length"),
-                            threads=int(threads) if threads else None)
+                            threads=int(threads) if threads else None, bf16=cfg.get("bf16"))
         self.batch_size = int(cfg.get("batch_size") or 32)
         self.max_new_tokens = int(cfg.get("max_new_tokens") or 0)
         self.labels = list(cfg.get("labels") or self.core.labels)
 
     def predict(self, context, model_input, params=None):
         texts = texts_from_input(model_input)
-        core = self.core
-        if core.task == hf.CLASSIFICATION:
-            ids = hf.encode(core.tokenizer, texts, core.max_length)
-            probs = hf.classify(core.model, ids, core.pad_id, self.batch_size)
-            preds = probs.argmax(axis=1)
-            return pd.DataFrame({
-                "label": [self.labels[p] for p in preds],
-                "prediction": preds.astype(np.int64),
-                "probabilities": [row.tolist() for row in probs],
-            })
+        task = self.core.task
         wanted = (params or {}).get("max_new_tokens")
-        if core.task == hf.INSTRUCTION:
-            new_tokens = 0 if wanted is None else max(0, min(int(wanted), self.max_new_tokens))
-            prompts, _ = core.prompt.prompts(texts)
-            scores = hf.score_answers(core.model, prompts, core.prompt.answer_ids, core.pad_id,
-                                      max(1, self.batch_size // 4))
-            probs = hf.softmax(scores.logprobs)
-            preds = probs.argmax(axis=1)
-            generated = hf.generate_ids(core, prompts, new_tokens) if new_tokens > 0 else [""] * len(texts)
-            return pd.DataFrame({
-                "label": [self.labels[p] for p in preds],
-                "prediction": preds.astype(np.int64),
-                "probabilities": [row.tolist() for row in probs],
-                "generated_text": generated,
-            })
-        new_tokens = self.max_new_tokens if wanted is None else max(0, min(int(wanted), self.max_new_tokens))
-        ids = hf.encode(core.tokenizer, texts, core.max_length)
-        loss_sum, counts = hf.lm_losses(core.model, ids, core.pad_id, max(1, self.batch_size // 2))
-        loss = np.where(counts > 0, loss_sum / np.maximum(counts, 1), np.nan)
-        generated = hf.generate(core, texts, new_tokens) if new_tokens > 0 else [""] * len(texts)
-        return pd.DataFrame({"generated_text": generated, "loss": loss.astype(np.float64),
-                             "n_tokens": counts.astype(np.int64)})
+        # A causal LM generates by default (its bound is the default); an instruction model only when asked.
+        default = self.max_new_tokens if task == hf.CAUSAL_LM else 0
+        new_tokens = default if wanted is None else max(0, min(int(wanted), self.max_new_tokens))
+        out = hf.predict(self.core, texts, batch_size=self.batch_size, max_new_tokens=new_tokens)
+        columns: dict = {}
+        if out.probabilities is not None:
+            preds = out.prediction
+            columns.update(label=[self.labels[p] for p in preds], prediction=preds.astype(np.int64),
+                           probabilities=[row.tolist() for row in out.probabilities])
+        if task != hf.CLASSIFICATION:
+            columns["generated_text"] = out.generated if out.generated is not None else [""] * len(texts)
+        if task == hf.CAUSAL_LM:
+            counts = out.n_predicted
+            loss = np.where(counts > 0, out.loss_sum / np.maximum(counts, 1), np.nan)
+            columns.update(loss=loss.astype(np.float64), n_tokens=counts.astype(np.int64))
+        return pd.DataFrame(columns)
 
 
 # Logged as model-from-code: MLflow imports this file under a generated module name and takes
