@@ -244,7 +244,8 @@ class Stage:
     """A subcommand: its name, settings class and function ``run(spark, settings, tracker)``.
 
     ``spark``/``tracker``: whether ``run`` gets a SparkSession / an MLflow ``Tracker`` (else None);
-    ``experiment``: the tracker's default experiment.
+    ``experiment``: the tracker's default experiment; ``check``: run on the settings before the
+    session starts (a missing credential fails before a JVM does).
     """
 
     name: str
@@ -256,6 +257,7 @@ class Stage:
     tracker: bool = False
     experiment: str = "sparktune"
     epilog: str | None = None
+    check: Callable[[Any], None] | None = None
 
 
 def add_stage(subparsers: Any, stage: Stage) -> argparse.ArgumentParser:
@@ -268,6 +270,8 @@ def add_stage(subparsers: Any, stage: Stage) -> argparse.ArgumentParser:
 
     def handler(args: argparse.Namespace, ctx: Any) -> Any:
         settings = from_args(stage.settings, args)
+        if stage.check is not None:
+            stage.check(settings)
         spark = ctx.spark() if stage.spark else None
         tracker = ctx.tracker(stage.experiment) if stage.tracker else None
         return stage.run(spark, settings, tracker)

@@ -361,7 +361,7 @@ def add_cli(subparsers) -> None:
               help="print a job's status and events until it ends; log its metrics to MLflow"),
         Stage("deploy", DeploySettings, deploy_stage, spark=False,
               help="create an Azure OpenAI deployment of the fine-tuned model and wait for it"),
-        Stage("score", ScoreSettings, score_stage, tracker=True,
+        Stage("score", ScoreSettings, score_stage, tracker=True, check=lambda s: _credentials(s.secret_scope),
               help="score the deployment on a table's test rows: metrics, predictions table, MLflow"),
     ):
         add_stage(sub, stage)
