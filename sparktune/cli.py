@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from sparktune.env import env_flag
 from sparktune.errors import SparktuneError, user_error
 from sparktune.redact import install_log_redaction, redact
 
@@ -160,7 +161,7 @@ def _emit(result: Any, as_json: bool) -> int:
 
 
 def _verbose(args) -> bool:
-    return bool(getattr(args, "verbose", False)) or os.environ.get("SPARKTUNE_VERBOSE", "") not in ("", "0")
+    return bool(getattr(args, "verbose", False)) or env_flag("SPARKTUNE_VERBOSE")
 
 
 def _quiet_jvm_logs(spark) -> None:

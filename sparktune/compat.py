@@ -13,9 +13,6 @@ dropped in one place when the oldest supported version moves up.
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 from packaging.version import Version
 
 from sparktune.errors import SparktuneError
@@ -79,33 +76,6 @@ def from_pretrained_dtype(dtype) -> dict:
     return {key: dtype}
 
 
-@contextlib.contextmanager
-def _process_uris(tracking_uri: str | None, registry_uri: str | None):
-    """Before 3.5, MLflow downloads a ``models:/`` URI through the process's registry URI (and 3.0
-    a ``runs:/`` URI through its tracking URI, whatever ``tracking_uri=`` says): set both for the
-    download, then put back exactly what was there (MLflow's module state and the environment
-    variables it mirrors them into)."""
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry
-    from mlflow.tracking._tracking_service import utils as tracking
-
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    saved = (tracking._tracking_uri, registry._registry_uri, [os.environ.get(name) for name in names])
-    try:
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        if registry_uri:
-            mlflow.set_registry_uri(registry_uri)
-        yield
-    finally:
-        tracking._tracking_uri, registry._registry_uri = saved[0], saved[1]
-        for name, value in zip(names, saved[2]):
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def download_artifacts(uri: str, dst: str, tracking_uri: str | None, registry_uri: str | None) -> str:
     """``mlflow.artifacts.download_artifacts`` of ``uri`` into ``dst`` with explicit tracking and registry URIs."""
     import mlflow
@@ -113,5 +83,7 @@ def download_artifacts(uri: str, dst: str, tracking_uri: str | None, registry_ur
     if _installed(mlflow) >= _MLFLOW_DOWNLOAD_REGISTRY_URI:
         return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri,
                                                    registry_uri=registry_uri)
-    with _process_uris(tracking_uri, registry_uri):
+    from sparktune.tracking import process_uris
+
+    with process_uris(tracking_uri, registry_uri):
         return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)

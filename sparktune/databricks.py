@@ -18,7 +18,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from sparktune.env import NOTEBOOK_PREFIX, env_value
 from sparktune.errors import ConfigError, SparktuneError
+from sparktune.redact import REDACTED, is_secret_key
 
 __all__ = [
     "TASK_VALUE_KEYS",
@@ -52,8 +54,6 @@ VOLUME_ENV = "SPARKTUNE_VOLUME"
 HUB_TOKEN_SCOPE, HUB_TOKEN_KEY = "sparktune", "hf-token"
 """``catalog.schema.volume``: the Unity Catalog Volume sparktune writes outputs under on Databricks."""
 
-# Keys whose values are credentials: masked wherever sparktune shows a mapping.
-_SECRET_KEY = re.compile(r"(token(?!iz)|password|secret|api[_-]?key|credential)", re.IGNORECASE)
 # Unity Catalog identifiers inside a /Volumes path: one path segment each, no dots (the dot
 # separates catalog.schema.volume in SQL), no spaces or control characters.
 _UC_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
@@ -153,7 +153,7 @@ class SecretEnv(dict):
     so logging the mapping (or a dataclass holding it) cannot leak them."""
 
     def __repr__(self) -> str:
-        shown = {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in self.items()}
+        shown = {k: (REDACTED if is_secret_key(k) else v) for k, v in self.items()}
         return f"SecretEnv({shown!r})"
 
     __str__ = __repr__
@@ -253,7 +253,7 @@ def default_volume_path(catalog: str, schema: str, volume: str, *parts: str) -> 
 def volume_from_env(environ: Mapping[str, str] | None = None) -> tuple[str, str, str] | None:
     """``$SPARKTUNE_VOLUME`` (``catalog.schema.volume``) as three names, or None when unset."""
     env = os.environ if environ is None else environ
-    value = env.get(VOLUME_ENV, "").strip()
+    value = (env_value(VOLUME_ENV, env) or "").strip()
     if not value:
         return None
     names = value.split(".")
@@ -312,7 +312,7 @@ def task_values(values: Mapping[str, Any], *, keys: tuple[str, ...] | None = Non
     when given, never a credential-like key."""
     return {
         k: str(v) for k, v in values.items()
-        if (keys is None or k in keys) and isinstance(v, (str, int, float, bool)) and not _SECRET_KEY.search(k)
+        if (keys is None or k in keys) and isinstance(v, (str, int, float, bool)) and not is_secret_key(k)
     }
 
 
@@ -357,4 +357,4 @@ def notebook_param(name: str, default: str, *, environ: Mapping[str, str] | None
     if dbutils is not None:
         dbutils.widgets.text(name, default)
         return str(dbutils.widgets.get(name))
-    return env.get("SPARKTUNE_NB_" + re.sub(r"\W", "_", name).upper(), default)
+    return env_value(NOTEBOOK_PREFIX + re.sub(r"\W", "_", name).upper(), env) or default

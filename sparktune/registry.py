@@ -9,17 +9,16 @@ either way, and tagged with the decision.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 from sparktune.errors import SparktuneError
 from sparktune.results import StageResult
 from sparktune.settings import Stage, add_stage, option
+from sparktune.tracking import process_uris
 
 __all__ = [
     "RegisterResult",
@@ -130,24 +129,6 @@ def _decide(metric: str, candidate: float, current, higher: bool, holder_version
                    f"{alias!r} stays on version {holder_version}")
 
 
-@contextlib.contextmanager
-def _global_uris(tracker) -> Iterator[None]:
-    """The process's MLflow URIs pointed at ``tracker``'s for the block, then restored.
-
-    A registry store resolves a ``models:/m-...`` source through the process's global tracking
-    URI, not through the client that called it (MLflow's own TODO in its SQL and file stores)."""
-    import mlflow
-
-    previous, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(str(tracker.tracking_uri))
-    mlflow.set_registry_uri(tracker.registry_uri or str(tracker.tracking_uri))
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-        mlflow.set_registry_uri(previous_registry)
-
-
 def _create_version(client, tracker, name: str, logged, run_id: str, tags: dict):
     """A new version of ``name`` whose source is the LoggedModel's URI (``models:/m-...``), as
     ``mlflow.register_model`` makes it: the registry links the version to the model (its
@@ -163,7 +144,9 @@ def _create_version(client, tracker, name: str, logged, run_id: str, tags: dict)
             client.create_registered_model(name)
         except MlflowException:
             pass  # created meanwhile by another register
-    with _global_uris(tracker):
+    # A registry store resolves a ``models:/m-...`` source through the process's global tracking
+    # URI, not through the client that called it (MLflow's own TODO in its SQL and file stores).
+    with process_uris(str(tracker.tracking_uri), tracker.registry_uri or str(tracker.tracking_uri)):
         version = client.create_model_version(name, source=f"models:/{logged.model_id}", run_id=run_id, tags=tags,
                                               model_id=logged.model_id)
     listed = json.loads(client.get_logged_model(logged.model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")

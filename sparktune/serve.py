@@ -40,6 +40,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
+from sparktune.env import env_value
 from sparktune.errors import SparktuneError
 from sparktune.model.hf import BF16_ENV
 from sparktune.results import StageResult
@@ -756,7 +757,7 @@ def serve(model_uri: str, tracker=None, host: str = "127.0.0.1", port: int = 500
     model_dir = prepare_serving_model(model_uri, tracker)
     app = build_app(model_dir, limits)
     print(f"serving {model_uri} on http://{host}:{port} (routes: /ping /health /version /invocations)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=os.environ.get("SPARKTUNE_SERVE_LOG_LEVEL", "warning"),
+    uvicorn.run(app, host=host, port=port, log_level=str(env_value("SPARKTUNE_SERVE_LOG_LEVEL")),
                 **uvicorn_settings(limits))
 
 

@@ -21,6 +21,7 @@ import os
 import uuid
 
 from sparktune.compat import check_spark_version, delta_artifact
+from sparktune.env import env_int, env_value
 from sparktune.errors import SparktuneError
 
 __all__ = [
@@ -57,7 +58,7 @@ appender.console.layout.pattern = %d{HH:mm:ss} %p %c{1}: %m%n
 
 
 def sparktune_home() -> str:
-    home = os.path.abspath(os.environ.get("SPARKTUNE_HOME", ".sparktune"))
+    home = os.path.abspath(str(env_value("SPARKTUNE_HOME")))
     os.makedirs(home, exist_ok=True)
     return home
 
@@ -81,7 +82,7 @@ def delta_maven_coordinate() -> str:
 
 
 def _ivy_dir() -> str:
-    return os.environ.get("SPARKTUNE_IVY_DIR", os.path.expanduser("~/.ivy2"))
+    return env_value("SPARKTUNE_IVY_DIR") or os.path.expanduser("~/.ivy2")
 
 
 def delta_submit_args() -> list:
@@ -117,7 +118,7 @@ def is_local_master(master: str) -> bool:
 
 def _under_spark_submit() -> bool:
     # spark-submit starts the JVM first and hands the Python process its gateway.
-    return bool(os.environ.get("PYSPARK_GATEWAY_PORT"))
+    return bool(env_value("PYSPARK_GATEWAY_PORT"))
 
 
 def get_spark(master: str | None = None, app_name: str = "sparktune", conf: dict | None = None,
@@ -133,7 +134,7 @@ def get_spark(master: str | None = None, app_name: str = "sparktune", conf: dict
     from pyspark.sql import SparkSession
 
     check_spark_version(pyspark.__version__)  # before any session: Spark 3.5 fails later, less clearly
-    remote = remote or os.environ.get("SPARK_REMOTE")
+    remote = remote or env_value("SPARK_REMOTE")
     if remote:
         return _connect_session(remote, conf)
 
@@ -150,7 +151,7 @@ def get_spark(master: str | None = None, app_name: str = "sparktune", conf: dict
             f"jdbc:derby:;databaseName={os.path.join(home, 'metastore_db')};create=true"
         ),
         "spark.ui.showConsoleProgress": "false",
-        "spark.sql.shuffle.partitions": os.environ.get("SPARKTUNE_SHUFFLE_PARTITIONS", "8"),
+        "spark.sql.shuffle.partitions": str(env_int("SPARKTUNE_SHUFFLE_PARTITIONS")),
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.databricks.delta.schema.autoMerge.enabled": "false",
         # Delta rebuilds table state after each commit with this many tasks (default 50):
@@ -160,13 +161,13 @@ def get_spark(master: str | None = None, app_name: str = "sparktune", conf: dict
     if _under_spark_submit():
         return _submitted_session(app_name, settings, conf or {})
 
-    master = master or os.environ.get("SPARKTUNE_SPARK_MASTER") or "local[*]"
+    master = master or str(env_value("SPARKTUNE_SPARK_MASTER"))
     log4j = _log4j_file(home)
     java_opts = f"-Dlog4j.configurationFile=file:{log4j} -Dderby.system.home={home}"
     settings.update({
         "spark.driver.extraJavaOptions": java_opts,
         "spark.ui.enabled": "false",
-        "spark.driver.memory": os.environ.get("SPARKTUNE_DRIVER_MEMORY", "4g"),
+        "spark.driver.memory": str(env_value("SPARKTUNE_DRIVER_MEMORY")),
         "spark.jars.ivy": _ivy_dir(),
     })
     if is_local_master(master):
@@ -185,12 +186,12 @@ def get_spark(master: str | None = None, app_name: str = "sparktune", conf: dict
         from delta import configure_spark_with_delta_pip
 
         ivy_settings = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ivysettings.xml")
-        builder = builder.config("spark.jars.ivySettings", os.environ.get("SPARKTUNE_IVY_SETTINGS", ivy_settings))
+        builder = builder.config("spark.jars.ivySettings", env_value("SPARKTUNE_IVY_SETTINGS") or ivy_settings)
         builder = configure_spark_with_delta_pip(builder)
     spark = builder.getOrCreate()
     if not jars:
         _remember_delta_jars(spark, settings["spark.jars.ivy"])
-    spark.sparkContext.setLogLevel(os.environ.get("SPARKTUNE_SPARK_LOG_LEVEL", "ERROR"))
+    spark.sparkContext.setLogLevel(env_value("SPARKTUNE_SPARK_LOG_LEVEL") or "ERROR")
     return spark
 
 
@@ -241,7 +242,7 @@ def _submitted_session(app_name: str, settings: dict, conf: dict):
             "(or the output of `python -m sparktune.spark`, which uses the jars cached in ~/.ivy2)"
         )
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(os.environ.get("SPARKTUNE_SPARK_LOG_LEVEL", "WARN"))
+    spark.sparkContext.setLogLevel(env_value("SPARKTUNE_SPARK_LOG_LEVEL") or "WARN")
     return spark
 
 

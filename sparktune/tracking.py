@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sparktune.env import env_value
 from sparktune.errors import SparktuneError
 from sparktune.redact import REDACTED, is_secret_key, redact
 
@@ -37,6 +38,7 @@ __all__ = [
     "metric_key",
     "clean_params",
     "MAX_PARAM_VALUE",
+    "process_uris",
 ]
 
 # MLflow rejects longer param values (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH) and keys.
@@ -62,9 +64,9 @@ def resolve_tracking_uri(configured: str | None = "") -> str:
     """config > $MLFLOW_TRACKING_URI > 'databricks' on Databricks > local SQLite store."""
     if configured:
         return configured
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    if os.environ.get("DATABRICKS_RUNTIME_VERSION"):
+    if env_value("MLFLOW_TRACKING_URI"):
+        return str(env_value("MLFLOW_TRACKING_URI"))
+    if env_value("DATABRICKS_RUNTIME_VERSION"):
         return "databricks"
     return default_tracking_uri()
 
@@ -117,8 +119,8 @@ class Tracker:
     def __post_init__(self) -> None:
         self.tracking_uri = resolve_tracking_uri(self.tracking_uri)
         if self.registry_uri is None:
-            if os.environ.get("MLFLOW_REGISTRY_URI"):
-                self.registry_uri = os.environ["MLFLOW_REGISTRY_URI"]
+            if env_value("MLFLOW_REGISTRY_URI"):
+                self.registry_uri = env_value("MLFLOW_REGISTRY_URI")
             elif self.tracking_uri == "databricks":
                 self.registry_uri = "databricks-uc"  # Unity Catalog names: catalog.schema.model
 
@@ -187,7 +189,8 @@ class Tracker:
         """Make ``run_id`` MLflow's active run in this process, for fluent-only APIs.
 
         ``mlflow.<flavor>.log_model`` and transformers' MLflow integration log to the active
-        run; everything else goes through the client. The previous tracking URI is restored.
+        run; everything else goes through the client. The process's tracking and registry URIs
+        (MLflow's module state and the variables it mirrors them into) are restored afterwards.
         """
         import mlflow
 
@@ -195,24 +198,8 @@ class Tracker:
         if current is not None and current.info.run_id == run_id:
             yield  # already active here (training keeps its run active for transformers' callback)
             return
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(str(self.tracking_uri))
-        if self.registry_uri:
-            mlflow.set_registry_uri(self.registry_uri)
-        try:
-            with mlflow.start_run(run_id=run_id):
-                yield
-        finally:
-            mlflow.set_tracking_uri(previous)
-
-    def run_env(self, run_id: str) -> dict[str, str]:
-        """Environment that makes another process log into ``run_id`` (transformers' MLflowCallback
-        reads these); holds no credential."""
-        env = {"MLFLOW_TRACKING_URI": str(self.tracking_uri), "MLFLOW_RUN_ID": run_id,
-               "MLFLOW_EXPERIMENT_NAME": self.experiment}
-        if self.registry_uri:
-            env["MLFLOW_REGISTRY_URI"] = self.registry_uri
-        return env
+        with process_uris(str(self.tracking_uri), self.registry_uri), mlflow.start_run(run_id=run_id):
+            yield
 
     # Logging ----------------------------------------------------------------------------
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
@@ -290,3 +277,32 @@ def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
             f"the MLflow tracking server {redact(uri)} is unreachable ({kind} within {timeout:g} s); nothing was "
             "logged or registered. Check --tracking-uri / MLFLOW_TRACKING_URI and that the server is running"
         ) from None
+
+
+@contextlib.contextmanager
+def process_uris(tracking_uri: str | None, registry_uri: str | None):
+    """MLflow's process-wide tracking and registry URIs set for a block (a falsy one is left as it
+    is), then put back exactly as they were: MLflow's module state and the environment variables
+    it mirrors them into.
+
+    Needed where MLflow reads only those: fluent APIs (``Tracker.active``), a registry store
+    resolving a ``models:/m-...`` source (``registry``), downloads before MLflow 3.5 (``compat``)."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = (tracking._tracking_uri, registry._registry_uri, [os.environ.get(name) for name in names])
+    try:
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        if registry_uri:
+            mlflow.set_registry_uri(registry_uri)
+        yield
+    finally:
+        tracking._tracking_uri, registry._registry_uri = saved[0], saved[1]
+        for name, value in zip(names, saved[2]):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -183,9 +183,11 @@ def test_default_output_root(clean_env):
 
 def test_task_values_publish_only_plain_non_secret_fields(clean_env, caplog):
     result = {"run_id": "abc", "model_uri": "runs:/abc/model", "global_step": 10, "eval_loss": 0.5,
-              "metrics": {"a": 1}, "api_key": "k", "hf_token": "t", "tokenizer": "gpt2"}
+              "metrics": {"a": 1}, "api_key": "k", "hf_token": "t", "tokenizer": "gpt2", "total_tokens": 99,
+              "db_passwd": "p", "storage_sas": "sv=x"}
+    # One notion of a secret key (sparktune.redact): a token count is published, a password is not.
     assert dbx.task_values(result) == {"run_id": "abc", "model_uri": "runs:/abc/model", "global_step": "10",
-                                       "eval_loss": "0.5", "tokenizer": "gpt2"}
+                                       "eval_loss": "0.5", "tokenizer": "gpt2", "total_tokens": "99"}
     assert dbx.task_values(result, keys=dbx.TASK_VALUE_KEYS) == {"run_id": "abc", "model_uri": "runs:/abc/model"}
     assert dbx.publish_task_values(result) == {}  # not on Databricks: nothing to publish to
     clean_env.setenv("DATABRICKS_RUNTIME_VERSION", "17.3")

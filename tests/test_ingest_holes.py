@@ -223,7 +223,7 @@ def test_every_argument_is_checked_before_the_first_write(spark, imdb_sample_pat
 
 def test_counts_that_disagree_with_the_source_refuse_to_write(spark, tmp_path, monkeypatch):
     """Fault injection: the independent count says 4 (the file counted twice), Spark reads 2."""
-    from sparktune import ingest as ingest_module
+    from sparktune.ingest import files_reader as ingest_module
 
     folder = tmp_path / "parts"
     folder.mkdir()

@@ -75,13 +75,11 @@ def test_cli_local_mode_tiny_gpt2_uneven_shards_one_mlflow_run(spark, tmp_path, 
     assert '"delta_table_version": 1' in inputs[0].dataset.source
 
 
-@pytest.mark.timeout(500)
 def _fault_plugin(monkeypatch, step: int) -> None:
     """Rank processes load tests/train_faults.py through the callback plugin variable."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("SPARKTUNE_TRAIN_CALLBACKS", "train_faults:kill_at_step")
-    monkeypatch.setenv("SPARKTUNE_TEST_KILL_AT_STEP", str(step))
+    from train_faults import kill_switch
+
+    kill_switch(monkeypatch, step)
 
 
 def test_fault_killed_rank_resumes_from_checkpoint(spark, tmp_path, gpt2_tokenizer_path, mlflow_uri, monkeypatch):

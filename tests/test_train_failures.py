@@ -8,6 +8,7 @@ import re
 
 import pytest
 from test_train_support import nest, tiny_gpt2_overrides, write_tokenized_table
+from train_faults import kill_switch
 
 
 def test_failures_classified_from_real_errors(tmp_path):
@@ -133,10 +134,7 @@ def test_after_the_last_restart_the_user_gets_a_message_not_a_traceback(spark, t
     from sparktune.train.config import load_train_config
     from sparktune.train.distribute import run_training
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("SPARKTUNE_TRAIN_CALLBACKS", "train_faults:kill_at_step")
-    monkeypatch.setenv("SPARKTUNE_TEST_KILL_AT_STEP", "1")
+    kill_switch(monkeypatch, 1)
     table = write_tokenized_table(tmp_path / "tok", gpt2_tokenizer_path, task="causal-lm", n_train=8, n_test=2,
                                   max_length=16)
     cfg = load_train_config(data=nest(tiny_gpt2_overrides(tmp_path, table, "", **{

@@ -3,7 +3,9 @@
 ``SPARKTUNE_TRAIN_CALLBACKS=train_faults:kill_at_step`` (with this folder on PYTHONPATH) and
 ``SPARKTUNE_TEST_KILL_AT_STEP=N`` make the last rank SIGKILL itself after optimizer step N,
 once per checkpoint folder (a marker file there remembers), so the fault tests can check
-resume-after-failure on real processes. The library never imports this module.
+resume-after-failure on real processes. The library never imports this module nor reads its
+variable: ``kill_switch`` sets both variables and names the step's in ``SPARKTUNE_FORWARD_ENV``,
+the library's general way to hand a plugin's settings to ranks (they reach executors too).
 """
 
 import os
@@ -30,3 +32,13 @@ class KillAtStep(TrainerCallback):
 def kill_at_step(cfg, env):
     step = os.environ.get(KILL_ENV)
     return KillAtStep(int(step), env.rank, env.world_size, cfg.checkpoint_dir) if step else None
+
+
+def kill_switch(monkeypatch, step: int) -> None:
+    """Make the last rank of the next launch SIGKILL itself after optimizer step ``step``
+    (this folder goes on the ranks' PYTHONPATH; the step variable is forwarded to them)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("SPARKTUNE_TRAIN_CALLBACKS", "train_faults:kill_at_step")
+    monkeypatch.setenv("SPARKTUNE_FORWARD_ENV", KILL_ENV)
+    monkeypatch.setenv(KILL_ENV, str(step))

@@ -24,6 +24,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 
+from sparktune.env import env_value
 from sparktune.errors import SparktuneError
 from sparktune.tasks import Task
 
@@ -189,7 +190,7 @@ _FETCHED: dict = {}
 
 def _cache_root() -> str:
     # SPARK_LOCAL_DIRS is the executor's scratch space on a cluster; else the machine's tmp.
-    base = (os.environ.get("SPARKTUNE_MODEL_CACHE") or (os.environ.get("SPARK_LOCAL_DIRS") or "").split(",")[0]
+    base = (env_value("SPARKTUNE_MODEL_CACHE") or (env_value("SPARK_LOCAL_DIRS") or "").split(",")[0]
             or tempfile.gettempdir())
     return os.path.join(base, "sparktune-models")
 

@@ -57,9 +57,6 @@ JOB_FILE = "job.json"  # beside the exported files: what `follow`, `deploy` and 
 JOB_ID_TAG = "sparktune.openai.job_id"  # the MLflow tag that finds a job's run again
 EVENT_PAGE = 100  # events per request (the service's default is 20)
 
-ENV_NAMES = ("AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_AD_TOKEN", "OPENAI_API_VERSION",
-             "OPENAI_API_KEY", "OPENAI_BASE_URL")
-
 
 class Provider(str, Enum):
     AZURE = "azure"

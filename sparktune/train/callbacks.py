@@ -6,9 +6,10 @@ renames Trainer's keys to sparktune's ``<split>/<metric>`` (``loss`` -> ``train/
 ``eval_accuracy`` -> ``eval/accuracy``); then transformers' own ``MLflowCallback`` (rank 0
 only) logs them to the job's run. ``FsyncCallback`` makes each saved checkpoint durable.
 
-Extra callbacks (profilers, fault injection in tests) come from ``$SPARKTUNE_TRAIN_CALLBACKS``:
+Extra callbacks (profilers, probes, fault injection) come from ``$SPARKTUNE_TRAIN_CALLBACKS``:
 comma-separated ``module:callable`` names; each callable gets ``(cfg, env)`` and returns a
-callback, a list of them, or None.
+callback, a list of them, or None. The driver forwards that variable to the ranks, and the
+variables named in ``$SPARKTUNE_FORWARD_ENV`` for a plugin's own settings (``sparktune.env``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 
 from transformers import TrainerCallback
 
+from sparktune.env import env_value
 from sparktune.errors import ConfigError
 from sparktune.tracking import metric_key
 from sparktune.train.checkpoints import fsync_tree
@@ -127,7 +129,7 @@ class FsyncCallback(TrainerCallback):
 
 def plugin_callbacks(cfg, env: DistEnv, environ=None) -> list:
     """Callbacks named in ``$SPARKTUNE_TRAIN_CALLBACKS`` (``module:callable``, comma-separated)."""
-    spec = (os.environ if environ is None else environ).get(PLUGINS_ENV, "")
+    spec = env_value(PLUGINS_ENV, environ) or ""
     found: list = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         module_name, _, attr = item.partition(":")

@@ -12,7 +12,7 @@ import argparse
 from sparktune.cli import stage_parser
 from sparktune.tables import check_writes
 
-__all__ = ["add_cli", "run_cli", "format_summary"]
+__all__ = ["add_cli", "run_cli"]
 
 _EPILOG = """\
 overrides (dotted keys of the config), e.g.:
@@ -35,11 +35,6 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="YAML training config (see jobs/configs/)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     parser.set_defaults(func=run_cli)
-
-
-def format_summary(result) -> str:
-    """``result.summary()`` (kept for callers of the old name)."""
-    return result.summary()
 
 
 def run_cli(args, ctx):

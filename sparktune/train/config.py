@@ -274,7 +274,8 @@ class MlflowConfig:
     run_id: str = ""
     """Continue this run instead of opening a new one (the launcher sets it for its ranks)."""
     log_model: bool = True
-    """Log the trained model and tokenizer with the transformers flavor."""
+    """Log the trained model as sparktune's pyfunc (``sparktune.model.pyfunc``: weights, tokenizer, labels,
+    task), not the transformers flavor, whose pyfunc returns only the top label."""
     system_metrics: bool = True
     """Log CPU/GPU/memory metrics while training (needs psutil)."""
 

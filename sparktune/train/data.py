@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from sparktune.env import env_value
 from sparktune.errors import SparktuneError
 from sparktune.tasks import TOKENIZED, Task
 
@@ -43,9 +44,7 @@ __all__ = [
     "FlatRows",
     "LengthGroupedBatchSampler",
     "RankData",
-    "RowsDataset",
     "ShardDataset",
-    "TokenizedSplit",
     "load_rank_data",
     "pad_share",
     "read_shard",
@@ -55,9 +54,6 @@ __all__ = [
     "table_id",
     "table_info",
 ]
-
-REQUIRED_COLUMNS = ("row_id", "split", "input_ids")
-
 
 class _RowView:
     """``rows.input_ids[i]``: row i's ids as a numpy view (sequence-like, for older callers)."""
@@ -133,9 +129,6 @@ class FlatRows:
             row_ids = row_ids.combine_chunks()
         return cls(offsets, ids, labs, row_ids)
 
-
-TokenizedSplit = FlatRows
-"""The old name of a split's rows (callers used ``len``, ``select`` and ``input_ids``)."""
 
 
 def _open(location: str, version: int | None):
@@ -432,7 +425,6 @@ class ShardDataset:
 
     def __init__(self, rows: FlatRows):
         self.rows = rows
-        self.split = rows  # the old RowsDataset attribute
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -448,9 +440,6 @@ class ShardDataset:
         return [self[i] for i in indices]
 
 
-RowsDataset = ShardDataset
-"""The old name."""
-
 
 @dataclass
 class RankData:
@@ -465,7 +454,6 @@ class RankData:
     rows_per_rank: int
     staged: bool
     """True when read from a Spark stage, False when read from the table (``read_split``)."""
-    stage_dir: str = ""
 
 
 def stage_key_for(cfg, task: Task, split: str, world_size: int, table_id_: str):
@@ -482,7 +470,7 @@ def stage_key_for(cfg, task: Task, split: str, world_size: int, table_id_: str):
 
 
 def _default_cache_dir() -> str:
-    return os.environ.get("SPARKTUNE_SHARD_CACHE") or os.path.join(tempfile.gettempdir(), "sparktune-shards")
+    return env_value("SPARKTUNE_SHARD_CACHE") or os.path.join(tempfile.gettempdir(), "sparktune-shards")
 
 
 def _check_label_range(labels: np.ndarray | None, num_labels: int, what: str) -> None:
@@ -557,5 +545,4 @@ def load_rank_data(cfg, rank: int, world_size: int, task: Task | str, *, staging
                 _check_label_range(eval_rows.labels, num_labels, f"split {d.eval_split!r} of {where}")
         eval_set = ShardDataset(eval_rows) if len(eval_rows) else None
     return RankData(train=ShardDataset(shard), eval=eval_set, lengths=shard.lengths, train_rows=train_rows,
-                    rows_per_rank=rows_per_rank, staged=train_stage is not None,
-                    stage_dir=train_stage.directory if train_stage is not None else "")
+                    rows_per_rank=rows_per_rank, staged=train_stage is not None)

@@ -18,16 +18,10 @@ from typing import cast
 
 from sparktune.errors import ConfigError, SparktuneError
 from sparktune.train.config import TrainConfig, train_config_from_dict
-from sparktune.train.plan import (  # noqa: F401  (moved to plan.py; re-exported for callers)
-    FORWARDED_ENV,
-    LaunchPlan,
-    _task_slots,
-    build_launch_plan,
-    spark_facts,
-)
+from sparktune.train.plan import LaunchPlan, build_launch_plan, spark_facts
 from sparktune.train.result import TrainResult
 
-__all__ = ["LaunchPlan", "build_launch_plan", "run_training", "launch_once", "spark_facts"]
+__all__ = ["run_training", "launch_once"]
 
 log = logging.getLogger("sparktune.train")
 

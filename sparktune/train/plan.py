@@ -20,11 +20,11 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from sparktune.env import forwarded_env
 from sparktune.errors import SparktuneError
 from sparktune.train.config import TrainConfig
 
 __all__ = [
-    "FORWARDED_ENV",
     "SPARK_CONF_KEYS",
     "LaunchPlan",
     "build_launch_plan",
@@ -34,19 +34,6 @@ __all__ = [
     "write_gpu_discovery_script",
 ]
 
-# Environment variables the ranks get from the driver when set there. Only these: the
-# driver's environment may hold credentials, so it is never forwarded wholesale.
-FORWARDED_ENV = (
-    "SPARKTUNE_HOME",
-    "HF_HUB_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
-    "HF_DATASETS_OFFLINE",
-    "HF_HOME",
-    "SPARKTUNE_TEST_KILL_AT_STEP",
-    "NCCL_DEBUG",
-    "NCCL_SOCKET_IFNAME",
-    "NCCL_IB_DISABLE",
-)
 
 DRIVER_GPU_AMOUNT = "spark.driver.resource.gpu.amount"
 DRIVER_GPU_SCRIPT = "spark.driver.resource.gpu.discoveryScript"
@@ -155,7 +142,7 @@ def build_launch_plan(cfg: TrainConfig, *, spark_conf: dict, driver_gpus: int, c
 
     ``spark_conf``: the Spark settings in ``SPARK_CONF_KEYS`` that are set; ``driver_gpus``: CUDA
     devices the driver sees; ``driver_bf16``: whether they support bf16; ``environ``: the
-    driver's environment (only ``FORWARDED_ENV`` keys are passed on); ``connect``: the session
+    driver's environment (only ``sparktune.env.forwarded_env`` of it is passed on); ``connect``: the session
     is a Spark Connect client.
     """
     d = cfg.distributor
@@ -202,7 +189,7 @@ def build_launch_plan(cfg: TrainConfig, *, spark_conf: dict, driver_gpus: int, c
     if backend == "nccl" and not use_gpu:
         raise SparktuneError("distributor.backend: nccl needs GPUs; use gloo (or auto) for CPU training")
 
-    env = {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
+    env = forwarded_env(environ)
     env["TOKENIZERS_PARALLELISM"] = "false"
     if use_gpu:
         # A rank that dies must fail the others' collectives instead of leaving them hung in NCCL.

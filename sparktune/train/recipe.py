@@ -137,7 +137,6 @@ class Job:
     eval_rows: Any
     """The evaluation rows (``FlatRows``), or None without an eval split."""
     resume_from: str | None
-    opened_run: bool = False
     bf16: bool = False
     """bf16 autocast for this rank (``train_bf16``)."""
     sharded: bool = False
@@ -187,10 +186,11 @@ def _open_run(cfg: TrainConfig, tracker, task: Task, record: JobRecord | None) -
 def _plan_memory(cfg: TrainConfig, env: dist.DistEnv, task: Task, props: dict):
     """Rank 0's memory plan when the driver did not make one (plain torchrun, or executor GPUs
     the driver cannot see): against this machine's GPU or its share of host memory."""
+    from sparktune.env import env_flag
     from sparktune.train import memory
     from sparktune.train.config import MemoryCheck
 
-    if cfg.train.memory_check is MemoryCheck.OFF or os.environ.get(memory.PLANNED_ENV):
+    if cfg.train.memory_check is MemoryCheck.OFF or env_flag(memory.PLANNED_ENV):
         return None
     gpu = dist.use_gpu()
     gpu_total = None
@@ -464,7 +464,7 @@ def fit(job: Job):
         passed through ``accelerator.prepare``, which would shard the shard a second time."""
 
         def get_train_dataloader(self):
-            return DataLoader(tdata.RowsDataset(shard), batch_sampler=sampler, collate_fn=train_collator)
+            return DataLoader(tdata.ShardDataset(shard), batch_sampler=sampler, collate_fn=train_collator)
 
     trainer_class = _fsdp_trainer(ShardTrainer) if job.sharded else ShardTrainer
 
@@ -479,8 +479,8 @@ def fit(job: Job):
         model=job.model,
         args=training_arguments(job),
         data_collator=eval_collator,
-        train_dataset=tdata.RowsDataset(shard),
-        eval_dataset=tdata.RowsDataset(job.eval_rows) if job.eval_rows is not None else None,
+        train_dataset=tdata.ShardDataset(shard),
+        eval_dataset=tdata.ShardDataset(job.eval_rows) if job.eval_rows is not None else None,
         processing_class=job.tokenizer,
         compute_metrics=_classification_metrics if job.task is Task.CLASSIFICATION else None,
         callbacks=callbacks,
