@@ -24,8 +24,9 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from sparktune.config import deep_merge, load_config, raise_if, require
+from sparktune.config import deep_merge, load_config, raise_if
 from sparktune.evaluate.spark_eval import EvaluateSettings, evaluate_stage
+from sparktune.ingest import IngestSettings, ingest_stage
 from sparktune.registry import RegisterSettings, register_stage
 from sparktune.results import StageResult
 from sparktune.tasks import Task
@@ -46,41 +47,13 @@ DEFAULT_PIPELINE_CONFIG = os.path.join("jobs", "configs", "pipeline_local.yaml")
 
 
 @dataclass
-class IngestSection:
-    source: str = os.path.join("..", "shared", "data", "imdb")
-    """What to read: a folder of split files, aclImdb/, a file, hf:NAME, a Delta path or a table name."""
-    output: str = "./data/imdb_raw"
-    """Raw Delta table (path or catalog name)."""
-    quarantine: str = ""
-    """Table for rejected rows; empty: OUTPUT_quarantine."""
-    format: str = "auto"
-    """auto, parquet, csv, json, aclimdb, delta, hf or table."""
-    text_column: str = "text"
-    """The source's column holding the text."""
-    label_column: str = "label"
-    """The source's column holding the label."""
-    split: str = ""
-    """Split name for sources without one; empty: from the file name, else train."""
-    num_labels: int = 2
-    """Labels must be in 0..num_labels-1 (or -1 for unlabelled)."""
-
-    def __post_init__(self):
-        problems: list = []
-        require(problems, bool(self.source), "source",
-                "required: the corpus to read (a folder, a file, hf:NAME or a table)")
-        require(problems, bool(self.output), "output", "required: the raw Delta table to write (e.g. ./data/raw)")
-        require(problems, self.num_labels >= 1, "num_labels", f"must be >= 1, found {self.num_labels}")
-        raise_if(problems)
-
-
-@dataclass
 class PipelineConfig:
     """The pipeline's sections: each stage's own settings class (its flags' declaration), train's
     the training config."""
 
     # Sections have no defaults so the loader builds each itself and prefixes its problems
     # with the section name (train.model.name, not model.name).
-    ingest: IngestSection
+    ingest: IngestSettings
     tokenize: TokenizeSettings
     train: TrainConfig
     evaluate: EvaluateSettings
@@ -90,7 +63,7 @@ class PipelineConfig:
         raise_if(sections_disagree(self))
 
 
-PIPELINE_SECTIONS = {"ingest": IngestSection, "tokenize": TokenizeSettings, "train": TrainConfig,
+PIPELINE_SECTIONS = {"ingest": IngestSettings, "tokenize": TokenizeSettings, "train": TrainConfig,
                      "evaluate": EvaluateSettings, "register": RegisterSettings}
 
 # A stage's inputs that the pipeline wires from an earlier stage. Known from the config: filled in
@@ -280,7 +253,6 @@ class PipelineResult(StageResult):
 
 def run_pipeline(cfg: PipelineConfig, spark=None, tracker=None, say=print) -> PipelineResult:
     """Run every stage in order with one SparkSession and one MLflow tracker."""
-    from sparktune.ingest import ingest
     from sparktune.spark import get_spark
     from sparktune.tracking import Tracker
     from sparktune.train.distribute import run_training
@@ -305,9 +277,7 @@ def run_pipeline(cfg: PipelineConfig, spark=None, tracker=None, say=print) -> Pi
 
     ing = cfg.ingest
     say(f"[1/5] ingest {ing.source} -> {ing.output}")
-    result.ingest = ingest(spark, ing.source, ing.output, quarantine=ing.quarantine or None, fmt=ing.format,
-                           text_column=ing.text_column, label_column=ing.label_column, split=ing.split or None,
-                           num_labels=ing.num_labels)
+    result.ingest = ingest_stage(spark, ing, tracker)
     say(result.ingest.summary())
     lap("ingest")
 

@@ -65,15 +65,17 @@ _META = "sparktune.cli"
 
 def option(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
            aliases: tuple[str, ...] = (), positional: bool = False, metavar: str | None = None,
-           cli_required: bool = False) -> Any:
+           cli_required: bool = False, choices: tuple[str, ...] | None = None) -> Any:
     """A settings field with command-line details (its help is still the field's docstring).
 
     ``aliases``: more flag names (``--full`` for ``force``); ``positional``: an argument without a
     flag (``sparktune sql QUERY``); ``cli_required``: the command line must give it although the
-    field has a default (the pipeline wires it, or its empty default means "skip" there).
+    field has a default (the pipeline wires it, or its empty default means "skip" there);
+    ``choices``: the flag's choices for a ``str`` field (its ``__post_init__`` checks them for the
+    pipeline).
     """
     meta = {_META: {"aliases": tuple(aliases), "positional": positional, "metavar": metavar,
-                    "cli_required": cli_required}}
+                    "cli_required": cli_required, "choices": choices}}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -193,8 +195,8 @@ def add_arguments(parser: argparse.ArgumentParser | Any, cls: type) -> None:
         elif origin in (list, tuple):
             kwargs["action"] = "append"  # repeatable, each value comma-separated (the loader splits it)
             kwargs.setdefault("metavar", "A,B,...")
-        elif _choices(tp) is not None:
-            kwargs["choices"] = _choices(tp)
+        elif _choices(tp) is not None or meta.get("choices"):
+            kwargs["choices"] = _choices(tp) or list(meta["choices"])
         elif tp in (int, float):
             kwargs["type"] = tp
         elif tp is not str:
