@@ -822,10 +822,32 @@ class ServeResult(StageResult):
         return f"stopped serving {self.model_uri} on {self.url}"
 
 
+class _Stopped(Exception):
+    """SIGTERM, re-raised by uvicorn once it has shut down."""
+
+
 def serve_stage(spark, settings: ServeSettings, tracker=None) -> ServeResult:
-    """``sparktune serve``: serves until stopped (Ctrl-C, SIGTERM), then returns (no Spark: ``spark`` is unused)."""
+    """``sparktune serve``: serves until stopped (Ctrl-C, SIGTERM), then returns (no Spark: ``spark`` is unused).
+
+    uvicorn shuts down gracefully on SIGINT/SIGTERM and then raises the signal again with the
+    handler it found; the one set here turns that into a return, so the result is still printed.
+    """
+    import signal
+    import threading
+
+    def stopped(signum, frame):
+        raise _Stopped
+
     s = settings
-    serve(s.model, tracker, host=s.host, port=s.port, limits=s.limits(), bf16=s.bf16)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stopped) if main_thread else None
+    try:
+        serve(s.model, tracker, host=s.host, port=s.port, limits=s.limits(), bf16=s.bf16)
+    except (KeyboardInterrupt, _Stopped):
+        pass
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return ServeResult(s.model, f"http://{s.host}:{s.port}")
 
 
