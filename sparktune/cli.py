@@ -6,8 +6,13 @@ takes ``(args, ctx)`` and returns its typed result (``sparktune.results.StageRes
 module prints ``result.summary()`` or, with ``--json``, one JSON object. ``ctx`` builds the
 SparkSession and the MLflow ``Tracker`` from the common flags, once, on first use.
 
-Stage modules are imported lazily so ``sparktune --help`` stays fast and a stage's heavy
-imports (torch, pyspark) load only when that stage runs.
+A stage's flags are generated from its settings dataclass (``sparktune.settings``), the same
+class that is its section of the pipeline config. With ``--json`` stdout holds exactly one JSON
+object: the result, or on failure ``{"error": ..., "kind": "usage"|"user"|"internal", ...}``.
+
+Stage modules keep their heavy imports (torch, pyspark) inside functions, so ``sparktune --help``
+stays fast; a stage module that fails to import stops the command with its name (a typo never
+hides a subcommand).
 """
 
 from __future__ import annotations
@@ -16,16 +21,17 @@ import argparse
 import contextlib
 import importlib
 import inspect
+import json
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from sparktune.env import env_flag
-from sparktune.errors import user_error
+from sparktune.errors import SparktuneError, user_error
 from sparktune.redact import install_log_redaction, redact
 
-__all__ = ["main", "build_parser", "stage_parser", "Context", "common_parser"]
+__all__ = ["main", "build_parser", "stage_parser", "Context", "common_parser", "StageImportError"]
 
 # The order here is the order --help lists them.
 STAGE_MODULES = [
@@ -74,11 +80,8 @@ class Context:
         if self._spark is None:
             from sparktune.spark import get_spark
 
-            kwargs = {"master": getattr(self.args, "master", None)}
-            remote = getattr(self.args, "remote", None)
-            if remote:
-                kwargs["remote"] = remote
-            self._spark = get_spark(**kwargs)
+            self._spark = get_spark(master=getattr(self.args, "master", None),
+                                    remote=getattr(self.args, "remote", None) or None)
             if not _verbose(self.args):
                 _quiet_jvm_logs(self._spark)
         return self._spark
@@ -92,8 +95,22 @@ class Context:
         return self._tracker
 
 
+class StageImportError(SparktuneError):
+    """A stage module of ``STAGE_MODULES`` could not be imported: an installation or code error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Remembers a usage error's message, so that ``--json`` can report it as one JSON object."""
+
+    usage_error: str | None = None
+
+    def error(self, message: str):
+        _Parser.usage_error = message
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sparktune",
         description="Fine-tune language models on Spark and Delta Lake tables.",
     )
@@ -101,10 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name in STAGE_MODULES:
         try:
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue  # a stage not built in this checkout
-            raise
+        except Exception as exc:  # any failure, a missing module included: never a silently missing subcommand
+            raise StageImportError(f"the stage module {module_name} failed to import: {type(exc).__name__}: "
+                                   f"{exc}") from exc
         module.add_cli(subparsers)
     return parser
 
@@ -172,14 +188,41 @@ def _quiet_python_logs() -> None:
         logging.getLogger(name).disabled = True
 
 
+def _command(args) -> str:
+    """``tokenize``, ``openai score``: the subcommand, for messages."""
+    return " ".join(str(part) for part in (getattr(args, "command", None), getattr(args, "openai_command", None))
+                    if part)
+
+
+def _emit_error(as_json: bool, command: str, kind: str, message: str, code: int) -> int:
+    """With ``--json`` a failure is one JSON object on stdout too (the message also went to stderr)."""
+    if as_json:
+        print(json.dumps({"error": message, "kind": kind, "command": command, "exit_code": code}, sort_keys=True))
+        sys.stdout.flush()
+    return code
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        parser = build_parser()
+    except StageImportError as exc:
+        print(f"sparktune: error: {exc} (a broken installation or a bug: reinstall, or run with that module fixed)",
+              file=sys.stderr)
+        return _emit_error("--json" in argv, "", "internal", str(exc), 1)
+    _Parser.usage_error = None
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed to stderr)
+        if exc.code and _Parser.usage_error is not None:
+            return _emit_error("--json" in argv, "", "usage", _Parser.usage_error, int(exc.code))
+        raise
     func = getattr(args, "func", None)
     if not func:
         parser.print_help()
         return 2
     as_json = getattr(args, "json", False)
+    command = _command(args)
     verbose = _verbose(args)
     install_log_redaction()
     if not verbose:
@@ -200,15 +243,16 @@ def main(argv=None) -> int:
             traceback.print_exc(file=sys.stderr)
         if known is not None:
             # Every message is redacted here, whoever raised it: a URI's password never reaches the terminal.
-            print(f"sparktune {args.command}: error: {redact(str(known))}", file=sys.stderr)
-            return 2
-        if verbose:
+            message = redact(str(known))
+            print(f"sparktune {command}: error: {message}", file=sys.stderr)
+            return _emit_error(as_json, command, "user", message, 2)
+        if verbose and not as_json:
             raise
-        first = next((line for line in str(exc).splitlines() if line.strip()), "")
-        print(f"sparktune {args.command}: internal error: {type(exc).__name__}: {redact(first)[:500]}\n"
+        first = f"{type(exc).__name__}: {redact(next((line for line in str(exc).splitlines() if line.strip()), ''))}"
+        print(f"sparktune {command}: internal error: {first[:500]}\n"
               "(a bug, or a failure sparktune does not explain yet: run again with --verbose for the full trace and "
               "report it)", file=sys.stderr)
-        return 1
+        return _emit_error(as_json, command, "internal", first[:500], 1)
 
 
 if __name__ == "__main__":

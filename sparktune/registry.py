@@ -13,17 +13,21 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from sparktune.errors import SparktuneError
 from sparktune.results import StageResult
+from sparktune.settings import Stage, add_stage, option
 from sparktune.tracking import process_uris
 
 __all__ = [
     "RegisterResult",
+    "RegisterSettings",
     "add_cli",
     "find_run_model",
     "metric_greater_is_better",
     "register_model",
+    "register_stage",
     "run_lineage_tags",
 ]
 
@@ -229,30 +233,39 @@ def register_model(
     return result
 
 
-def _run(args, ctx) -> RegisterResult:
-    return register_model(args.run_id, args.name, tracker=ctx.tracker(), alias=args.alias or None,
-                          promote_if_better=args.promote_if_better,
-                          greater_is_better={"higher": True, "lower": False}.get(args.better),
-                          model_name=args.model_name)
+@dataclass(frozen=True, kw_only=True)
+class RegisterSettings:
+    """``sparktune register``'s flags and the pipeline's ``register`` section."""
+
+    run_id: str = option("", cli_required=True)
+    """The MLflow run whose model to register: the run id `sparktune train` printed (the pipeline registers train's
+    run)."""
+    name: str = option("", cli_required=True)
+    """Registered model name (catalog.schema.model under Databricks Unity Catalog); in the pipeline, empty: skip
+    registering."""
+    alias: str = "champion"
+    """Alias to point at the new version; empty: none."""
+    promote_if_better: str = option("", metavar="METRIC")
+    """Move the alias only when the run's METRIC (e.g. test/f1) beats the alias holder's; empty: always."""
+    better: Literal["higher", "lower"] | None = None
+    """Direction of promote_if_better's metric; empty: lower for loss/perplexity, else higher."""
+    model_name: str = ""
+    """Name the model was logged under in the run, if it logged several."""
+
+
+def register_stage(spark, settings: RegisterSettings, tracker=None) -> RegisterResult:
+    """The register stage: ``sparktune register`` and the pipeline's last step (no Spark: ``spark`` is unused)."""
+    s = settings
+    if not s.name:
+        raise SparktuneError("--name: required, the registered model name")
+    return register_model(s.run_id, s.name, tracker=tracker, alias=s.alias or None,
+                          promote_if_better=s.promote_if_better or None,
+                          greater_is_better={"higher": True, "lower": False}.get(s.better or ""),
+                          model_name=s.model_name or None)
 
 
 def add_cli(subparsers) -> None:
-    from sparktune.cli import stage_parser
-
-    p = stage_parser(
-        subparsers,
-        "register",
+    add_stage(subparsers, Stage(
+        "register", RegisterSettings, register_stage, spark=False, tracker=True,
         help="register a training run's model in the MLflow Model Registry and set an alias",
-        description="Register the model a run logged, tag it with the run's metrics and data versions, set an alias.",
-    )
-    p.add_argument("--run-id", required=True, help="the MLflow run id that `sparktune train` printed")
-    p.add_argument("--name", required=True, help="registered model name (catalog.schema.model on Databricks Unity "
-                                                 "Catalog)")
-    p.add_argument("--alias", default="champion", help="alias to point at the new version (default champion; '' for "
-                                                       "none)")
-    p.add_argument("--promote-if-better", metavar="METRIC", help="move the alias only if the run's METRIC beats the "
-                                                                 "alias holder's")
-    p.add_argument("--better", choices=["higher", "lower"], help="direction of METRIC (default: lower for "
-                                                                 "loss/perplexity, else higher)")
-    p.add_argument("--model-name", help="name the model was logged under in the run, if it logged several")
-    p.set_defaults(func=_run)
+        description="Register the model a run logged, tag it with the run's metrics and data versions, set an alias."))

@@ -38,23 +38,28 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sparktune.env import env_value
 from sparktune.errors import SparktuneError
-from sparktune.model.hf import BF16_ENV
 from sparktune.results import StageResult
+from sparktune.settings import Stage, add_stage
 
 __all__ = [
+    "ExportModelSettings",
     "ExportResult",
     "ServeGuard",
     "ServeLimits",
+    "ServeResult",
+    "ServeSettings",
     "add_cli",
     "build_app",
     "export_model",
     "load_options",
+    "export_model_stage",
     "prepare_serving_model",
     "serve",
+    "serve_stage",
 ]
 
 # Past this many bytes an oversized body is no longer read (to answer 413 on a clean
@@ -776,68 +781,118 @@ def serve(model_uri: str, tracker=None, host: str = "127.0.0.1", port: int = 500
                 **uvicorn_settings(limits))
 
 
-def _serve_cli(args, ctx) -> int:
-    limits = ServeLimits(int(args.max_body_mb * 1024 * 1024), args.max_rows, args.request_timeout,
-                         args.body_timeout, args.header_timeout, args.keep_alive, args.max_connections,
-                         int(args.max_header_kb * 1024), args.max_text_chars, args.batch_max_rows,
-                         args.batch_wait_ms)
-    serve(args.model, ctx.tracker(), host=args.host, port=args.port, limits=limits, bf16=args.bf16)
-    return 0
+# CLI ---------------------------------------------------------------------------------------------
+
+_LIMITS = ServeLimits()
 
 
-def _export_cli(args, ctx) -> ExportResult:
-    return export_model(args.model, args.output, ctx.tracker())
+@dataclass(frozen=True, kw_only=True)
+class ServeSettings:
+    """``sparktune serve``'s flags (the limits' defaults are ``ServeLimits``')."""
+
+    model: str
+    """models:/<name>@<alias>, runs:/<run_id>/model, models:/m-<id> or a model folder."""
+    host: str = "127.0.0.1"
+    """Interface to bind (127.0.0.1: this machine only)."""
+    port: int = 5000
+    """Port to listen on."""
+    max_body_mb: float = _LIMITS.max_body_bytes / 1024 / 1024
+    """Largest request body accepted, in MB (413 above)."""
+    max_rows: int = _LIMITS.max_rows
+    """Most rows per request (413 above)."""
+    request_timeout: float = _LIMITS.request_timeout_s
+    """Seconds a request may compute before it is stopped and answered 504."""
+    body_timeout: float = _LIMITS.body_timeout_s
+    """Seconds a client has to send the whole body before 408."""
+    header_timeout: float = _LIMITS.header_timeout_s
+    """Seconds a client has to send a request's whole head (line and headers) before the connection is answered 408
+    and closed."""
+    keep_alive: float = _LIMITS.keep_alive_s
+    """Seconds an idle keep-alive connection is held."""
+    max_connections: int = _LIMITS.max_connections
+    """Most connections held at once; past it a request or a new connection gets 503."""
+    max_header_kb: float = _LIMITS.max_header_bytes / 1024
+    """Largest request head, in KB (400 above)."""
+    max_text_chars: int = _LIMITS.max_text_chars
+    """Longest text accepted, in characters (413 above: the model reads only a text's first tokens)."""
+    batch_max_rows: int = _LIMITS.batch_max_rows
+    """Micro-batching: concurrent requests are scored together in one forward pass of up to this many rows (0: one
+    pass per request, through MLflow's app)."""
+    batch_wait_ms: float = _LIMITS.batch_wait_ms
+    """Micro-batching: a batch closes at most this long after its first request arrived."""
+    bf16: Literal["auto", "true", "false"] | None = None
+    """Run the model in bfloat16: auto (on where bf16 is faster than fp32: a GPU with bf16, a CPU with AMX), true
+    or false; empty: $SPARKTUNE_BF16, else auto."""
+
+    def limits(self) -> ServeLimits:
+        return ServeLimits(int(self.max_body_mb * 1024 * 1024), self.max_rows, self.request_timeout,
+                           self.body_timeout, self.header_timeout, self.keep_alive, self.max_connections,
+                           int(self.max_header_kb * 1024), self.max_text_chars, self.batch_max_rows,
+                           self.batch_wait_ms)
+
+
+@dataclass
+class ServeResult(StageResult):
+    """What ``sparktune serve`` served, once the server has stopped."""
+
+    model_uri: str
+    url: str
+
+    def summary(self) -> str:
+        return f"stopped serving {self.model_uri} on {self.url}"
+
+
+class _Stopped(Exception):
+    """SIGTERM, re-raised by uvicorn once it has shut down."""
+
+
+def serve_stage(spark, settings: ServeSettings, tracker=None) -> ServeResult:
+    """``sparktune serve``: serves until stopped (Ctrl-C, SIGTERM), then returns (no Spark: ``spark`` is unused).
+
+    uvicorn shuts down gracefully on SIGINT/SIGTERM and then raises the signal again with the
+    handler it found; the one set here turns that into a return, so the result is still printed.
+    """
+    import signal
+    import threading
+
+    def stopped(signum, frame):
+        raise _Stopped
+
+    s = settings
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stopped) if main_thread else None
+    try:
+        serve(s.model, tracker, host=s.host, port=s.port, limits=s.limits(), bf16=s.bf16)
+    except (KeyboardInterrupt, _Stopped):
+        pass
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    return ServeResult(s.model, f"http://{s.host}:{s.port}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportModelSettings:
+    """``sparktune export-model``'s flags."""
+
+    model: str
+    """A model URI or folder, as for serve."""
+    output: str
+    """New folder to write."""
+
+
+def export_model_stage(spark, settings: ExportModelSettings, tracker=None) -> ExportResult:
+    """``sparktune export-model`` (no Spark: ``spark`` is unused)."""
+    return export_model(settings.model, settings.output, tracker)
 
 
 def add_cli(subparsers) -> None:
-    from sparktune.cli import stage_parser
-
-    defaults = ServeLimits()
-    p = stage_parser(subparsers, "serve",
-                     help="serve a model over HTTP with MLflow's scoring server (/ping, /health, /invocations)",
-                     description="Serve the model: POST text to /invocations, get label and class probabilities "
-                                 "(or generated text and loss) back.")
-    p.add_argument("--model", required=True,
-                   help="models:/<name>@<alias>, runs:/<run_id>/model, models:/m-<id> or a model folder")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
-    p.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / 1024 / 1024,
-                   help="largest request body accepted (default 10 MB; 413 above)")
-    p.add_argument("--max-rows", type=int, default=defaults.max_rows,
-                   help=f"most rows per request (default {defaults.max_rows}; 413 above)")
-    p.add_argument("--request-timeout", type=float, default=defaults.request_timeout_s,
-                   help=f"seconds a request may compute before it is stopped and answered 504 "
-                        f"(default {defaults.request_timeout_s:g})")
-    p.add_argument("--body-timeout", type=float, default=defaults.body_timeout_s,
-                   help=f"seconds a client has to send the whole body before 408 (default {defaults.body_timeout_s:g})")
-    p.add_argument("--header-timeout", type=float, default=defaults.header_timeout_s,
-                   help="seconds a client has to send a request's whole head (line and headers) before the "
-                        f"connection is answered 408 and closed (default {defaults.header_timeout_s:g})")
-    p.add_argument("--keep-alive", type=float, default=defaults.keep_alive_s,
-                   help=f"seconds an idle keep-alive connection is held (default {defaults.keep_alive_s:g})")
-    p.add_argument("--max-connections", type=int, default=defaults.max_connections,
-                   help="most connections held at once; past it a request or a new connection gets 503 "
-                        f"(default {defaults.max_connections})")
-    p.add_argument("--max-header-kb", type=float, default=defaults.max_header_bytes / 1024,
-                   help=f"largest request head (default {defaults.max_header_bytes // 1024} KB; 400 above)")
-    p.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars,
-                   help="longest text accepted, in characters (default "
-                        f"{defaults.max_text_chars}; 413 above: the model reads only a text's first tokens)")
-    p.add_argument("--batch-max-rows", type=int, default=defaults.batch_max_rows,
-                   help="micro-batching: concurrent requests are scored together in one forward pass of up to "
-                        f"this many rows (default {defaults.batch_max_rows}; 0: one pass per request, "
-                        "through MLflow's app)")
-    p.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms,
-                   help="micro-batching: a batch closes at most this long after its first request arrived "
-                        f"(default {defaults.batch_wait_ms:g})")
-    p.add_argument("--bf16", choices=("auto", "true", "false"), default=None,
-                   help="run the model in bfloat16: auto (default; on where bf16 is faster than fp32: a GPU "
-                        f"with bf16, a CPU with AMX), true or false; also ${BF16_ENV}")
-    p.set_defaults(func=_serve_cli)
-
-    e = stage_parser(subparsers, "export-model",
-                     help="write the MLflow model folder for Databricks Model Serving / Azure ML",
-                     description="Copy the registered model (a self-contained MLflow pyfunc) to a folder.")
-    e.add_argument("--model", required=True, help="a model URI or folder, as for serve")
-    e.add_argument("--output", required=True, help="new folder to write")
-    e.set_defaults(func=_export_cli)
+    add_stage(subparsers, Stage(
+        "serve", ServeSettings, serve_stage, spark=False, tracker=True,
+        help="serve a model over HTTP with MLflow's scoring server (/ping, /health, /invocations)",
+        description="Serve the model: POST text to /invocations, get label and class probabilities (or generated "
+                    "text and loss) back."))
+    add_stage(subparsers, Stage(
+        "export-model", ExportModelSettings, export_model_stage, spark=False, tracker=True,
+        help="write the MLflow model folder for Databricks Model Serving / Azure ML",
+        description="Copy the registered model (a self-contained MLflow pyfunc) to a folder."))

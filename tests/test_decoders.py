@@ -145,7 +145,8 @@ def test_pipeline_instruction_needs_class_names(tmp_path, gpt2_tokenizer_path):
     from sparktune.errors import ConfigError
     from sparktune.pipeline import load_pipeline_config
 
-    base = [f"ingest.output={tmp_path / 'raw'}", f"train.output_dir={tmp_path}", "tokenize.task=instruction",
+    base = [f"ingest.source={tmp_path / 'in'}", f"ingest.output={tmp_path / 'raw'}", f"train.output_dir={tmp_path}",
+            f"tokenize.output={tmp_path / 'tokens'}", "tokenize.task=instruction",
             "train.model.task=instruction",
             f"tokenize.tokenizer={gpt2_tokenizer_path}", f"train.model.name={gpt2_tokenizer_path}",
             "train.model.config_overrides={model_type: gpt2, n_layer: 1, n_embd: 16, n_head: 1}"]

@@ -23,6 +23,7 @@ from sparktune.evaluate.metrics import (
     metrics_from_confusion,
 )
 from sparktune.results import StageResult
+from sparktune.settings import Stage, add_stage, option
 from sparktune.tasks import TOKENIZED, Task
 from sparktune.tracking import metric_key
 
@@ -30,11 +31,15 @@ __all__ = [
     "PREDICTIONS_COLUMNS",
     "PREDICT_COLUMNS",
     "EvaluateResult",
+    "EvaluateSettings",
     "PredictResult",
+    "PredictSettings",
     "add_cli",
     "confusion_counts",
     "evaluate_model",
+    "evaluate_stage",
     "log_evaluation",
+    "predict_stage",
     "predict_table",
 ]
 
@@ -494,48 +499,85 @@ def _predicted_version(spark, output: str, provenance: dict) -> int | None:
 
 # CLI -------------------------------------------------------------------------------------------
 
-def _evaluate_cli(args, ctx) -> EvaluateResult:
-    return evaluate_model(ctx.spark(), args.model, args.table, tracker=ctx.tracker("sparktune-evaluate"),
-                          split=args.split or None, predictions_table=args.predictions, batch_size=args.batch_size,
-                          log_to_mlflow=not args.no_mlflow, run_id=args.run_id, limit=args.limit)
+@dataclass(frozen=True, kw_only=True)
+class EvaluateSettings:
+    """``sparktune evaluate``'s flags and the pipeline's ``evaluate`` section."""
+
+    model: str = option("", cli_required=True)
+    """models:/<name>@<alias>, models:/<name>/<version>, models:/m-<id>, runs:/<run_id>/model or a folder (the
+    pipeline scores the model train logged)."""
+    table: str = option("", cli_required=True)
+    """Delta table (path or name) with input_ids or text, and label (the pipeline reads tokenize.output)."""
+    split: str = "test"
+    """The value of the `split` column to score; empty: every row."""
+    limit: int | None = None
+    """Score only the first N rows of the split by row_id (the same rows every time); empty: all of them."""
+    predictions_table: str = option("", aliases=("--predictions",), metavar="TABLE")
+    """Delta table for the per-row predictions; empty: none written."""
+    batch_size: int = 32
+    """Rows per forward pass in each Spark task."""
+    run_id: str = ""
+    """MLflow run to log to; empty: the training run of a runs:/ URI, else a new run (the pipeline logs to train's
+    run)."""
+    mlflow: bool = True
+    """Log the metrics, the confusion matrix and the predictions table's version to MLflow."""
+
+    def __post_init__(self):
+        from sparktune.config import raise_if, require
+
+        problems: list = []
+        require(problems, self.limit is None or self.limit >= 1, "limit", f"must be >= 1 or empty, found {self.limit}")
+        require(problems, self.batch_size >= 1, "batch_size", f"must be >= 1, found {self.batch_size}")
+        raise_if(problems)
 
 
-def _predict_cli(args, ctx) -> PredictResult:
-    return predict_table(ctx.spark(), args.model, args.table, args.output, tracker=ctx.tracker(),
-                         text_column=args.text_column, batch_size=args.batch_size, full=args.full)
+def evaluate_stage(spark, settings: EvaluateSettings, tracker=None) -> EvaluateResult:
+    """The evaluate stage: ``sparktune evaluate`` and the pipeline's fourth step."""
+    s = settings
+    return evaluate_model(spark, s.model, s.table, tracker=tracker, split=s.split or None,
+                          predictions_table=s.predictions_table or None, batch_size=s.batch_size,
+                          log_to_mlflow=s.mlflow, run_id=s.run_id or None, limit=s.limit)
 
 
-_MODEL_HELP = "models:/<name>@<alias>, models:/<name>/<version>, models:/m-<id>, runs:/<run_id>/model or a folder"
+@dataclass(frozen=True, kw_only=True)
+class PredictSettings:
+    """``sparktune predict``'s flags."""
+
+    model: str
+    """models:/<name>@<alias>, models:/<name>/<version>, models:/m-<id>, runs:/<run_id>/model or a folder."""
+    table: str
+    """Delta table (path or name) with a text column or input_ids."""
+    output: str
+    """Delta table (path or name) to write the predictions to."""
+    text_column: str = ""
+    """Column holding the text; empty: input_ids, else text."""
+    batch_size: int = 32
+    """Rows per forward pass in each Spark task."""
+    full: bool = False
+    """Score every row, even when output holds this model's predictions for an older version of table (by default
+    only the rows changed since are scored)."""
+
+    def __post_init__(self):
+        from sparktune.config import raise_if, require
+
+        problems: list = []
+        require(problems, self.batch_size >= 1, "batch_size", f"must be >= 1, found {self.batch_size}")
+        raise_if(problems)
+
+
+def predict_stage(spark, settings: PredictSettings, tracker=None) -> PredictResult:
+    """The predict stage: ``sparktune predict``."""
+    s = settings
+    return predict_table(spark, s.model, s.table, s.output, tracker=tracker, text_column=s.text_column or None,
+                         batch_size=s.batch_size, full=s.full)
 
 
 def add_cli(subparsers) -> None:
-    from sparktune.cli import stage_parser
-
-    p = stage_parser(subparsers, "evaluate",
-                     help="score a model on a Delta table: accuracy/P/R/F1 (or perplexity), MLflow, predictions table",
-                     description="Run the model over a tokenized (or raw `text`) Delta table in Spark and report "
-                                 "metrics.")
-    p.add_argument("--model", required=True, help=_MODEL_HELP)
-    p.add_argument("--table", required=True, help="Delta table (path or name) with input_ids or text, and label")
-    p.add_argument("--split", default="test", help="value of the `split` column to score (default test; '' for all)")
-    p.add_argument("--predictions", metavar="TABLE", help="write a predictions Delta table here")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="score the first N rows by row_id (the same rows every time)")
-    p.add_argument("--run-id", default=None,
-                   help="MLflow run to log to (default: the training run of a runs:/ URI, else a new run)")
-    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    p.set_defaults(func=_evaluate_cli)
-
-    q = stage_parser(subparsers, "predict", help="score unlabelled text with a model and write a predictions table",
-                     description="Batch inference in Spark: every row of --table, predictions to --output.")
-    q.add_argument("--model", required=True, help=_MODEL_HELP)
-    q.add_argument("--table", required=True, help="Delta table (path or name) with a text column or input_ids")
-    q.add_argument("--output", required=True, help="Delta table (path or name) to write the predictions to")
-    q.add_argument("--text-column", default=None, help="column holding the text (default: input_ids, else text)")
-    q.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
-    q.add_argument("--full", action="store_true",
-                   help="score every row, even when --output holds this model's predictions for an older version of "
-                        "--table (by default only the rows changed since are scored)")
-    q.set_defaults(func=_predict_cli)
-
+    add_stage(subparsers, Stage(
+        "evaluate", EvaluateSettings, evaluate_stage, tracker=True, experiment="sparktune-evaluate",
+        help="score a model on a Delta table: accuracy/P/R/F1 (or perplexity), MLflow, predictions table",
+        description="Run the model over a tokenized (or raw `text`) Delta table in Spark and report metrics."))
+    add_stage(subparsers, Stage(
+        "predict", PredictSettings, predict_stage, tracker=True,
+        help="score unlabelled text with a model and write a predictions table",
+        description="Batch inference in Spark: every row of --table, predictions to --output."))

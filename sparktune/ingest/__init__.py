@@ -10,7 +10,8 @@ Modules, each importing only those above it:
   one reader per kind; ``readers.read_source`` dispatches on the kind.
 - ``validate``: reasons, normalised split and label, ``row_id`` and duplicates.
 - ``result``: ``IngestResult``.
-- ``stage``: ``ingest()`` (setup -> read -> validate -> write) and its CLI.
+- ``stage``: ``ingest()`` (setup -> read -> validate -> write), ``IngestSettings`` (its flags and
+  pipeline section) and ``ingest_stage``.
 """
 
 from sparktune.ingest.csv_reader import csv_records
@@ -19,12 +20,13 @@ from sparktune.ingest.frame import SourceCount
 from sparktune.ingest.result import IngestResult, default_quarantine_ref
 from sparktune.ingest.rules import LABEL_NAMES, UNLABELLED_SPLITS, Reason, is_blank
 from sparktune.ingest.sources import Source, SourceKind, detect_source
-from sparktune.ingest.stage import add_cli, ingest
+from sparktune.ingest.stage import IngestSettings, add_cli, ingest, ingest_stage
 
 __all__ = [
     "LABEL_NAMES",
     "UNLABELLED_SPLITS",
     "IngestResult",
+    "IngestSettings",
     "Reason",
     "Source",
     "SourceCount",
@@ -35,5 +37,6 @@ __all__ = [
     "default_quarantine_ref",
     "detect_source",
     "ingest",
+    "ingest_stage",
     "is_blank",
 ]

@@ -49,7 +49,6 @@ fails, the quarantine holds a commit whose run id no raw version names.
 
 from __future__ import annotations
 
-import argparse
 import re
 import uuid
 from dataclasses import dataclass
@@ -58,12 +57,13 @@ from sparktune.errors import SparktuneError
 from sparktune.ingest.frame import Loaded, ReadOptions
 from sparktune.ingest.readers import read_source
 from sparktune.ingest.result import IngestResult, default_quarantine_ref
-from sparktune.ingest.sources import Source, SourceKind, detect_source
+from sparktune.ingest.sources import FORMATS, Source, SourceKind, detect_source
 from sparktune.ingest.validate import mark_duplicates, validate
 from sparktune.redact import redact, redact_column
+from sparktune.settings import Stage, add_stage, option
 from sparktune.tables import TableRef, check_writes, last_commit, parse_table_ref, table_uri, write_table
 
-__all__ = ["add_cli", "ingest"]
+__all__ = ["IngestSettings", "add_cli", "ingest", "ingest_stage"]
 
 _COLUMN_ARG = re.compile(r"^[\w .-]+$")
 
@@ -219,38 +219,45 @@ def _committed_rows(spark, ref, version: int) -> int | None:
     return int(metrics["numOutputRows"])
 
 
+@dataclass(frozen=True, kw_only=True)
+class IngestSettings:
+    """``sparktune ingest``'s flags and the pipeline's ``ingest`` section."""
+
+    source: str
+    """What to read: a file, a folder of split files, an aclImdb/ folder, a Delta path, hf:NAME or a table name."""
+    output: str
+    """Raw TABLE to write (a path or a catalog name)."""
+    quarantine: str = ""
+    """TABLE for rejected rows; empty: OUTPUT_quarantine."""
+    format: str = option("auto", choices=FORMATS)
+    """The source's format; auto: from the source (its files' extensions, a _delta_log, aclImdb's layout)."""
+    text_column: str = "text"
+    """The source's column holding the text."""
+    label_column: str = "label"
+    """The source's column holding the label."""
+    split: str = ""
+    """Split name for sources without one; empty: from the file name, else train."""
+    num_labels: int = 2
+    """Labels must be in 0..num_labels-1 (or -1 for unlabelled)."""
+
+    def __post_init__(self):
+        from sparktune.config import raise_if, require
+
+        problems: list = []
+        require(problems, self.num_labels >= 1, "num_labels", f"must be at least 1, found {self.num_labels}")
+        require(problems, self.format in FORMATS, "format", f"expected one of {list(FORMATS)}, found {self.format!r}")
+        raise_if(problems)
+
+
+def ingest_stage(spark, settings: IngestSettings, tracker=None) -> IngestResult:
+    """The ingest stage: ``sparktune ingest`` and the pipeline's first step (logs nothing to MLflow)."""
+    s = settings
+    return ingest(spark, s.source, s.output, quarantine=s.quarantine or None, fmt=s.format,
+                  text_column=s.text_column, label_column=s.label_column, split=s.split or None,
+                  num_labels=s.num_labels)
+
+
 def add_cli(subparsers) -> None:
-    from sparktune.cli import stage_parser
-
-    parser = stage_parser(
-        subparsers,
-        "ingest",
-        help="read a corpus into a raw Delta table, quarantining bad rows",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--source", required=True, help="file, folder, aclImdb/ folder, Delta path, hf:NAME or table "
-                                                        "name")
-    parser.add_argument("--output", required=True, help="raw TABLE (a path or a catalog name)")
-    parser.add_argument("--quarantine", help="TABLE for rejected rows (default: OUTPUT_quarantine)")
-    parser.add_argument("--format", default="auto", dest="fmt", help="auto (default), parquet, csv, json, aclimdb, "
-                                                                     "delta, hf, table")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--label-column", default="label")
-    parser.add_argument("--split", help="split name for sources without one (default: the file name, else 'train')")
-    parser.add_argument("--num-labels", type=int, default=2, help="labels must be in 0..N-1 (or -1 for unlabelled)")
-    parser.set_defaults(func=_run_cli)
-
-
-def _run_cli(args, ctx) -> IngestResult:
-    return ingest(
-        ctx.spark(),
-        args.source,
-        args.output,
-        quarantine=args.quarantine,
-        fmt=args.fmt,
-        text_column=args.text_column,
-        label_column=args.label_column,
-        split=args.split,
-        num_labels=args.num_labels,
-    )
+    add_stage(subparsers, Stage("ingest", IngestSettings, ingest_stage,
+                                help="read a corpus into a raw Delta table, quarantining bad rows",
+                                description=__doc__))

@@ -17,262 +17,353 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass, field
 
 from sparktune.errors import SparktuneError
+from sparktune.openai.client import DEFAULT_BASE_MODEL
+from sparktune.openai.export import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_TEMPLATE
+from sparktune.openai.validate import DEFAULT_PRICE_PER_MILLION
+from sparktune.settings import Stage, add_stage, option
 
-__all__ = ["add_cli"]
-
-
-def _template_args(p) -> None:
-    from sparktune.openai.export import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_TEMPLATE
-
-    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system message ('' for none)")
-    p.add_argument("--user-template", default=DEFAULT_USER_TEMPLATE, help="user message; {text} is replaced by the "
-                                                                          "review")
-    p.add_argument("--label-names", default="negative,positive", help="answers for labels 0,1,... (comma-separated)")
-
-
-def _template(args):
-    from sparktune.openai.export import PromptTemplate
-
-    return PromptTemplate(args.system_prompt, args.user_template.replace("\\n", "\n"),
-                          tuple(n.strip() for n in args.label_names.split(",")))
-
-
-def _validation_args(p) -> None:
-    from sparktune.openai.client import DEFAULT_BASE_MODEL
-    from sparktune.openai.validate import DEFAULT_PRICE_PER_MILLION
-
-    p.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="base model to fine-tune (default "
-                                                                    f"{DEFAULT_BASE_MODEL})")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the service chooses from the "
-                                                            "example count)")
-    p.add_argument("--price-per-million", type=float, default=DEFAULT_PRICE_PER_MILLION,
-                   help=f"USD per 1M training tokens for the cost estimate (default {DEFAULT_PRICE_PER_MILLION:g}; "
-                        "check your price list)")
+__all__ = [
+    "DeploySettings",
+    "ExportSettings",
+    "FollowSettings",
+    "ScoreSettings",
+    "SubmitSettings",
+    "ValidateSettings",
+    "add_cli",
+    "deploy_stage",
+    "export_stage",
+    "follow_stage",
+    "score_stage",
+    "submit_stage",
+    "validate_stage",
+]
 
 
-def _service_args(p) -> None:
-    p.add_argument("--secret-scope", help="on Databricks: read the AZURE_OPENAI_* values from this secret scope")
-    p.add_argument("--poll-interval", type=float, default=10.0, help="seconds between status checks (default 10)")
-    p.add_argument("--timeout", type=float, default=0.0, help="stop waiting after this many seconds (default 0: no "
-                                                              "limit)")
+# Settings shared by several steps -----------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class TemplateSettings:
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    """The system message; empty: none."""
+    user_template: str = DEFAULT_USER_TEMPLATE
+    """The user message; {text} is replaced by the review, \\n is a new line."""
+    label_names: list[str] = field(default_factory=lambda: ["negative", "positive"])
+    """The answers for labels 0, 1, ... (comma-separated)."""
+
+    def template(self):
+        from sparktune.openai.export import PromptTemplate
+
+        return PromptTemplate(self.system_prompt, self.user_template.replace("\\n", "\n"), tuple(self.label_names))
 
 
-def _files(args) -> tuple[str, str | None]:
+@dataclass(frozen=True, kw_only=True)
+class ValidationSettings:
+    base_model: str = DEFAULT_BASE_MODEL
+    """Base model to fine-tune."""
+    epochs: int | None = None
+    """Training epochs; empty: the service chooses from the example count."""
+    price_per_million: float = DEFAULT_PRICE_PER_MILLION
+    """USD per 1M training tokens for the cost estimate (check your price list)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceSettings:
+    secret_scope: str = ""
+    """On Databricks: read the AZURE_OPENAI_* values from this secret scope."""
+    poll_interval: float = 10.0
+    """Seconds between status checks."""
+    timeout: float = 0.0
+    """Stop waiting after this many seconds (0: no limit)."""
+
+
+# The steps -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class ExportSettings(TemplateSettings, ValidationSettings):
+    """``sparktune openai export``'s flags."""
+
+    table: str
+    """Raw TABLE (row_id, split, text, label)."""
+    output: str
+    """Folder for train.jsonl, validation.jsonl and manifest.json."""
+    train_split: str = "train"
+    """Split whose rows become training examples."""
+    validation_split: str = ""
+    """Split for validation; empty: carve validation_fraction of the training split."""
+    validation_fraction: float = 0.1
+    """Share of the training split held out."""
+    limit: int = 0
+    """At most this many training examples (0: all)."""
+    validation_limit: int = 0
+    """At most this many validation examples (0: all)."""
+    seed: int = 42
+    """Seed of the shuffle and of the held-out choice."""
+    force: bool = False
+    """Rewrite even when the files are up to date."""
+    validate: bool = True
+    """Validate the files and print their summary: examples, tokens, cost."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidateSettings(ValidationSettings):
+    """``sparktune openai validate``'s flags."""
+
+    data: str = ""
+    """An export folder (train.jsonl + validation.jsonl)."""
+    train: str = ""
+    """A training JSONL file (instead of data)."""
+    validation: str = ""
+    """A validation JSONL file (with train)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubmitSettings(ValidationSettings, ServiceSettings):
+    """``sparktune openai submit``'s flags."""
+
+    data: str
+    """The export folder."""
+    batch_size: int | None = None
+    """Training batch size; empty: the service chooses."""
+    learning_rate_multiplier: float | None = None
+    """Learning rate multiplier; empty: the service chooses."""
+    suffix: str = ""
+    """Added to the fine-tuned model's name (at most 40 characters)."""
+    seed: int | None = None
+    """The job's seed, for reproducible runs."""
+    wait: bool = False
+    """Follow the job until it ends."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FollowSettings(ServiceSettings):
+    """``sparktune openai follow``'s flags."""
+
+    job: str = ""
+    """Fine-tuning job id; empty: the one in data's job.json."""
+    data: str = ""
+    """The export folder `submit` wrote job.json into."""
+    run_id: str = ""
+    """MLflow run of the job; empty: found by the job id."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeploySettings(ServiceSettings):
+    """``sparktune openai deploy``'s flags."""
+
+    name: str
+    """Deployment name (what score's --deployment takes)."""
+    model: str = ""
+    """Fine-tuned model name; empty: from data's job.json."""
+    data: str = ""
+    """The export folder `follow` recorded the model in."""
+    sku: str = "standard"
+    """Deployment SKU: standard, globalstandard, developer ..."""
+    capacity: int = 1
+    """Capacity units (thousands of tokens per minute)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreSettings(TemplateSettings):
+    """``sparktune openai score``'s flags."""
+
+    table: str
+    """Raw TABLE with row_id, split, text, label."""
+    deployment: str
+    """Azure deployment name (on OpenAI: the fine-tuned model name)."""
+    data: str = ""
+    """The export folder: score with its prompt template, log into its job's MLflow run."""
+    split: str = "test"
+    """Split to score; empty: all rows."""
+    limit: int = 0
+    """Score at most this many rows (0: all)."""
+    predictions: str = option("", metavar="TABLE")
+    """Write the predictions Delta table here; empty: none."""
+    concurrency: int = 8
+    """Requests in flight at most, in total."""
+    partitions: int = 2
+    """Spark tasks sharing them."""
+    max_retries: int = 6
+    """Retries per request on 429/5xx, with backoff."""
+    max_tokens: int = 5
+    """Longest answer, in tokens."""
+    run_id: str = ""
+    """MLflow run to log to; empty: the job's run from data, else a new run."""
+    compare: list[str] = option(default_factory=list, metavar="RUN_ID")
+    """Print these runs' metrics beside (repeatable)."""
+    mlflow: bool = True
+    """Log the metrics and the predictions table's version to MLflow."""
+    secret_scope: str = ""
+    """On Databricks: read missing AZURE_OPENAI_* values from this secret scope."""
+
+
+def _files(s) -> tuple[str, str | None]:
     from sparktune.openai.export import TRAIN_FILE, VALIDATION_FILE
 
-    if getattr(args, "train", None):
-        return args.train, args.validation
-    if not args.data:
+    if getattr(s, "train", ""):
+        return s.train, s.validation or None
+    if not s.data:
         raise SparktuneError("give --data DIR (an export folder) or --train FILE [--validation FILE]")
-    return os.path.join(args.data, TRAIN_FILE), os.path.join(args.data, VALIDATION_FILE)
+    return os.path.join(s.data, TRAIN_FILE), os.path.join(s.data, VALIDATION_FILE)
 
 
-def _validate(args, train: str, validation: str | None):
+def _validate(s: ValidationSettings, train: str, validation: str | None):
     from sparktune.openai.validate import validate_files
 
-    return validate_files(train, validation, base_model=args.base_model, epochs=args.epochs,
-                          price_per_million=args.price_per_million)
+    return validate_files(train, validation, base_model=s.base_model, epochs=s.epochs,
+                          price_per_million=s.price_per_million)
 
 
-def _run_export(args, ctx):
+def export_stage(spark, settings: ExportSettings, tracker=None):
+    """``sparktune openai export``: a raw table -> chat JSONL (train + validation), then validated."""
     from sparktune.openai.export import ExportSpec, export_chat_jsonl
 
+    s = settings
     spec = ExportSpec(
-        table=args.table, output=args.output, train_split=args.train_split, validation_split=args.validation_split,
-        validation_fraction=args.validation_fraction, limit=args.limit, validation_limit=args.validation_limit,
-        seed=args.seed, template=_template(args),
+        table=s.table, output=s.output, train_split=s.train_split, validation_split=s.validation_split,
+        validation_fraction=s.validation_fraction, limit=s.limit, validation_limit=s.validation_limit,
+        seed=s.seed, template=s.template(),
     )
     spec.check()
-    result = export_chat_jsonl(ctx.spark(), spec, force=args.force)
-    if not args.no_validate:
-        result.validation = _validate(args, result.train_path, result.validation_path)
+    result = export_chat_jsonl(spark, spec, force=s.force)
+    if s.validate:
+        result.validation = _validate(s, result.train_path, result.validation_path)
     return result
 
 
-def _run_validate(args, ctx):
-    train, validation = _files(args)
-    return _validate(args, train, validation)
+def validate_stage(spark, settings: ValidateSettings, tracker=None):
+    """``sparktune openai validate`` (offline: no Spark, no service)."""
+    train, validation = _files(settings)
+    return _validate(settings, train, validation)
 
 
-def _credentials(args):
+def _credentials(secret_scope: str):
     from sparktune.openai.client import credentials_from_env
 
-    return credentials_from_env(getattr(args, "secret_scope", None))
+    return credentials_from_env(secret_scope or None)
 
 
-def _run_submit(args, ctx):
+def submit_stage(spark, settings: SubmitSettings, tracker=None):
+    """``sparktune openai submit``: validate, upload, create the job (and follow it with ``wait``)."""
     from sparktune.openai.client import JobSpec, follow_job, submit_job
 
-    creds = _credentials(args)  # before any work: a missing key fails here
-    spec = JobSpec(args.base_model, args.epochs, args.batch_size, args.learning_rate_multiplier, args.suffix, args.seed)
+    s = settings
+    creds = _credentials(s.secret_scope)  # before any work: a missing key fails here
+    spec = JobSpec(s.base_model, s.epochs, s.batch_size, s.learning_rate_multiplier, s.suffix, s.seed)
     spec.check()
-    train, validation = _files(args)
-    report = _validate(args, train, validation)
-    tracker = ctx.tracker()
-    result = submit_job(creds, args.data, spec, tracker, report, poll_interval=min(args.poll_interval, 5.0))
+    train, validation = _files(s)
+    report = _validate(s, train, validation)
+    result = submit_job(creds, s.data, spec, tracker, report, poll_interval=min(s.poll_interval, 5.0))
     print(f"job_id: {result.job_id}")
     print(f"run_id: {result.run_id}")
     sys.stdout.flush()
-    if args.wait:
-        result.followed = follow_job(creds, result.job_id, tracker, result.run_id, args.poll_interval, args.timeout,
-                                     data_dir=args.data)
+    if s.wait:
+        result.followed = follow_job(creds, result.job_id, tracker, result.run_id, s.poll_interval, s.timeout,
+                                     data_dir=s.data)
         result.status = result.followed.status
     return result
 
 
-def _job_record(args) -> dict:
+def _job_record(data: str) -> dict:
     from sparktune.openai.client import read_job_file
 
-    return read_job_file(args.data) if getattr(args, "data", None) else {}
+    return read_job_file(data) if data else {}
 
 
-def _run_follow(args, ctx):
+def follow_stage(spark, settings: FollowSettings, tracker=None):
+    """``sparktune openai follow``: a job's status and events until it ends; its metrics to MLflow."""
     from sparktune.openai.client import follow_job
 
-    creds = _credentials(args)
-    record = _job_record(args)
-    job_id = args.job or record.get("job_id")
+    s = settings
+    creds = _credentials(s.secret_scope)
+    record = _job_record(s.data)
+    job_id = s.job or record.get("job_id")
     if not job_id:
         raise SparktuneError("give --job JOB_ID or --data DIR (an export folder that `submit` wrote job.json into)")
-    return follow_job(creds, job_id, ctx.tracker(), args.run_id or record.get("run_id"), args.poll_interval,
-                      args.timeout, data_dir=args.data)
+    return follow_job(creds, job_id, tracker, s.run_id or record.get("run_id"), s.poll_interval, s.timeout,
+                      data_dir=s.data or None)
 
 
-def _run_deploy(args, ctx):
+def deploy_stage(spark, settings: DeploySettings, tracker=None):
+    """``sparktune openai deploy``: an Azure OpenAI deployment of the fine-tuned model."""
     from sparktune.openai.client import Provider
     from sparktune.openai.deploy import DeploymentSpec, DeployResult, deploy_model, management_from_env
 
-    creds = _credentials(args)
-    model = args.model or _job_record(args).get("fine_tuned_model")
+    s = settings
+    creds = _credentials(s.secret_scope)
+    model = s.model or _job_record(s.data).get("fine_tuned_model")
     if not model:
         raise SparktuneError("give --model (the fine-tuned model name) or --data DIR after `sparktune openai follow` "
                              "recorded it")
     if creds.provider == Provider.OPENAI:
         return DeployResult(model, model, creds.provider.value, "served by name")
-    spec = DeploymentSpec(args.name, model, args.sku, args.capacity)
-    return deploy_model(management_from_env(), spec, poll_interval=args.poll_interval, timeout=args.timeout or 3600.0)
+    spec = DeploymentSpec(s.name, model, s.sku, s.capacity)
+    return deploy_model(management_from_env(), spec, poll_interval=s.poll_interval, timeout=s.timeout or 3600.0)
 
 
-def _run_score(args, ctx):
+def score_stage(spark, settings: ScoreSettings, tracker=None):
+    """``sparktune openai score``: the deployment on a table's rows, scored like ``sparktune evaluate``."""
     from sparktune.openai.export import PromptTemplate, read_manifest
     from sparktune.openai.score import ScoreSpec, run_row, score_model
 
-    creds = _credentials(args)
-    template = _template(args)
+    s = settings
+    creds = _credentials(s.secret_scope)
+    template = s.template()
     record = {}
-    if args.data:
-        manifest = read_manifest(args.data)
+    if s.data:
+        manifest = read_manifest(s.data)
         if manifest is None:
-            raise SparktuneError(f"--data {args.data}: no manifest.json there; give the folder `sparktune openai "
+            raise SparktuneError(f"--data {s.data}: no manifest.json there; give the folder `sparktune openai "
                                  "export` wrote")
         t = manifest["settings"]["template"]
         template = PromptTemplate(t["system"], t["user"], tuple(t["label_names"]))  # score with the prompt it learnt
-        record = _job_record(args) if os.path.isfile(os.path.join(args.data, "job.json")) else {}
+        record = _job_record(s.data) if os.path.isfile(os.path.join(s.data, "job.json")) else {}
     spec = ScoreSpec(
-        table=args.table,
-        model=args.deployment,
-        split=args.split,
-        limit=args.limit,
-        predictions=args.predictions,
-        concurrency=args.concurrency,
-        partitions=args.partitions,
-        max_retries=args.max_retries,
-        max_tokens=args.max_tokens,
+        table=s.table,
+        model=s.deployment,
+        split=s.split,
+        limit=s.limit,
+        predictions=s.predictions or None,
+        concurrency=s.concurrency,
+        partitions=s.partitions,
+        max_retries=s.max_retries,
+        max_tokens=s.max_tokens,
         template=template,
     )
     spec.check()
-    tracker = None if args.no_mlflow else ctx.tracker()
-    result = score_model(ctx.spark(), creds, spec, tracker, run_id=args.run_id or record.get("run_id"),
+    tracker = tracker if s.mlflow else None
+    result = score_model(spark, creds, spec, tracker, run_id=s.run_id or record.get("run_id"),
                          job_id=record.get("job_id"))
     if tracker is not None and result.run_id:
         split = spec.split or "eval"
         result.comparison = [run_row(tracker, result.run_id, split, f"{result.model} (hosted)")]
-        result.comparison += [run_row(tracker, run_id, split) for run_id in args.compare or []]
+        result.comparison += [run_row(tracker, run_id, split) for run_id in s.compare]
     return result
 
 
 def add_cli(subparsers) -> None:
-    from sparktune.cli import stage_parser
-
     parser = subparsers.add_parser(
         "openai", help="fine-tune a hosted model (Azure OpenAI / OpenAI) from the same tables and score it",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="openai_command", metavar="STEP")
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+    for stage in (
+        Stage("export", ExportSettings, export_stage,
+              help="raw Delta table -> chat JSONL (train + validation), then validate"),
+        Stage("validate", ValidateSettings, validate_stage, spark=False,
+              help="check chat JSONL and count tokens offline: examples, tokens, cost"),
+        Stage("submit", SubmitSettings, submit_stage, spark=False, tracker=True,
+              help="validate, upload the files and create the fine-tuning job (--wait: follow it)"),
+        Stage("follow", FollowSettings, follow_stage, spark=False, tracker=True,
+              help="print a job's status and events until it ends; log its metrics to MLflow"),
+        Stage("deploy", DeploySettings, deploy_stage, spark=False,
+              help="create an Azure OpenAI deployment of the fine-tuned model and wait for it"),
+        Stage("score", ScoreSettings, score_stage, tracker=True, check=lambda s: _credentials(s.secret_scope),
+              help="score the deployment on a table's test rows: metrics, predictions table, MLflow"),
+    ):
+        add_stage(sub, stage)
 
-    p = stage_parser(sub, "export", help="raw Delta table -> chat JSONL (train + validation), then validate")
-    p.add_argument("--table", required=True, help="raw TABLE (row_id, split, text, label)")
-    p.add_argument("--output", required=True, help="folder for train.jsonl, validation.jsonl and manifest.json")
-    p.add_argument("--train-split", default="train", help="split whose rows become training examples (default train)")
-    p.add_argument("--validation-split", default="", help="split for validation (default: carve --validation-fraction "
-                                                          "of the training split)")
-    p.add_argument("--validation-fraction", type=float, default=0.1, help="share of the training split held out "
-                                                                          "(default 0.1)")
-    p.add_argument("--limit", type=int, default=0, help="at most this many training examples (default 0: all)")
-    p.add_argument("--validation-limit", type=int, default=0, help="at most this many validation examples (default 0: "
-                                                                   "all)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the shuffle and the held-out choice (default 42)")
-    p.add_argument("--force", action="store_true", help="rewrite even when the files are up to date")
-    p.add_argument("--no-validate", action="store_true", help="skip the validation summary")
-    _template_args(p)
-    _validation_args(p)
-    p.set_defaults(func=_run_export)
 
-    p = stage_parser(sub, "validate", help="check chat JSONL and count tokens offline: examples, tokens, cost")
-    p.add_argument("--data", help="an export folder (train.jsonl + validation.jsonl)")
-    p.add_argument("--train", help="a training JSONL file (instead of --data)")
-    p.add_argument("--validation", help="a validation JSONL file (with --train)")
-    _validation_args(p)
-    p.set_defaults(func=_run_validate)
-
-    p = stage_parser(sub, "submit",
-                     help="validate, upload the files and create the fine-tuning job (--wait: follow it)")
-    p.add_argument("--data", required=True, help="the export folder")
-    _validation_args(p)
-    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the service chooses)")
-    p.add_argument("--learning-rate-multiplier", type=float, default=None, help="(default: the service chooses)")
-    p.add_argument("--suffix", default="", help="added to the fine-tuned model's name (at most 40 characters)")
-    p.add_argument("--seed", type=int, default=None, help="the job's seed, for reproducible runs")
-    p.add_argument("--wait", action="store_true", help="follow the job until it ends")
-    _service_args(p)
-    p.set_defaults(func=_run_submit)
-
-    p = stage_parser(sub, "follow", help="print a job's status and events until it ends; log its metrics to MLflow")
-    p.add_argument("--job", help="fine-tuning job id (default: the one in --data's job.json)")
-    p.add_argument("--data", help="the export folder `submit` wrote job.json into")
-    p.add_argument("--run-id", help="MLflow run of the job (default: found by the job id)")
-    _service_args(p)
-    p.set_defaults(func=_run_follow)
-
-    p = stage_parser(sub, "deploy", help="create an Azure OpenAI deployment of the fine-tuned model and wait for it")
-    p.add_argument("--name", required=True, help="deployment name (what score's --deployment takes)")
-    p.add_argument("--model", help="fine-tuned model name (default: from --data's job.json)")
-    p.add_argument("--data", help="the export folder `follow` recorded the model in")
-    p.add_argument("--sku", default="standard", help="deployment SKU: standard, globalstandard, developer ... (default "
-                                                     "standard)")
-    p.add_argument("--capacity", type=int, default=1, help="capacity units (thousands of tokens per minute; default 1)")
-    _service_args(p)
-    p.set_defaults(func=_run_deploy)
-
-    p = stage_parser(sub, "score",
-                     help="score the deployment on a table's test rows: metrics, predictions table, MLflow")
-    p.add_argument("--table", required=True, help="raw TABLE with row_id, split, text, label")
-    p.add_argument("--deployment", required=True, help="Azure deployment name (on OpenAI: the fine-tuned model name)")
-    p.add_argument("--data", help="the export folder: score with its prompt template, log into its job's MLflow run")
-    p.add_argument("--split", default="test", help="split to score (default test; '' for all rows)")
-    p.add_argument("--limit", type=int, default=0, help="score at most this many rows (default 0: all)")
-    p.add_argument("--predictions", metavar="TABLE", help="write the predictions Delta table here")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at most, in total (default 8)")
-    p.add_argument("--partitions", type=int, default=2, help="Spark tasks sharing them (default 2)")
-    p.add_argument("--max-retries", type=int, default=6, help="retries per request on 429/5xx, with backoff (default "
-                                                              "6)")
-    p.add_argument("--max-tokens", type=int, default=5, help="longest answer (default 5 tokens)")
-    p.add_argument("--run-id", help="MLflow run to log to (default: the job's run from --data, else a new run)")
-    p.add_argument("--compare", action="append", metavar="RUN_ID", help="print this run's metrics beside (repeatable)")
-    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    p.add_argument("--secret-scope", help="on Databricks: read missing AZURE_OPENAI_* values from this secret scope")
-    _template_args(p)
-    p.set_defaults(func=_run_score)
