@@ -266,11 +266,10 @@ def evaluate_model(spark, model, table: str, *, tracker=None, split: str | None 
     Metrics go to ``run_id`` when given, else to the training run of a ``runs:/`` URI, else to a
     new run linked to the model's run.
     """
-    from pyspark.sql import functions as F
 
     from sparktune.inference import input_column, score_spark
     from sparktune.model.resolve import ResolvedModel, resolve_model
-    from sparktune.tables import check_writes, read_table, table_uri, table_version, write_table
+    from sparktune.tables import check_writes, read_table, table_version
     from sparktune.tracking import Tracker
 
     check_writes(spark, "evaluate", tables={"--predictions": predictions_table}, inputs={"--table": table})
@@ -291,70 +290,87 @@ def evaluate_model(spark, model, table: str, *, tracker=None, split: str | None 
     base: dict[str, Any] = {"model_uri": resolved.uri, "model_version": resolved.version_label, "task": resolved.task,
             "table": table, "table_version": source_version, "split": split or None, "limit": limit}
     if is_classifier:
-        if predictions_table and TOKENIZED.row_id not in df.columns:
-            raise SparktuneError(f"--predictions needs a `row_id` column to identify rows; table {table} has "
-                                 f"{df.columns}")
-        names = F.array(*[F.lit(n) for n in resolved.labels]) if resolved.labels else None
-        out = scored.select(
-            (F.col("row_id").cast("string") if "row_id" in df.columns else F.lit(None).cast("string")).alias("row_id"),
-            F.col("label").cast("int").alias("label"),
-            F.col("_out.prediction").alias("prediction"),
-            (F.element_at(names, F.col("_out.prediction") + 1) if names is not None
-             else F.col("_out.prediction").cast("string")).alias("predicted_label"),
-            F.col("_out.probabilities").alias("probabilities"),
-            F.lit(resolved.uri).alias("model_uri"),
-            F.lit(resolved.version_label).cast("string").alias("model_version"),
-        )
-        cached = None
-        if predictions_table:
-            # Write once, then read the table back: inference runs once and the metrics
-            # describe exactly the rows that were stored.
-            version = write_table(out, predictions_table, properties={
-                "sparktune.model_uri": resolved.uri, "sparktune.source_table": table_uri(spark, table),
-                "sparktune.source_version": source_version, "sparktune.split": split or ""},
-                user_metadata={"stage": "evaluate", "model_uri": resolved.uri, "source_table": table,
-                               "source_version": source_version})
-            base.update(predictions_table=predictions_table, predictions_version=version)
-            out = read_table(spark, predictions_table)
-        else:
-            cached = out = out.persist()  # scored once, aggregated twice
-        try:
-            confusion = confusion_counts(out, len(resolved.labels))
-            computed = metrics_from_confusion(confusion, resolved.labels)
-            auc = _roc_auc(out) if len(confusion) == 2 else None
-        finally:
-            if cached is not None:
-                cached.unpersist()
-        metrics = {k: computed[k] for k in ("accuracy", "precision", "recall", "f1")}
-        if auc is not None:
-            metrics["roc_auc"] = auc
-        n_tokens = 0
-        if lm_cached is not None:
-            lm = _lm_metrics(lm_cached)
-            lm_cached.unpersist()
-            metrics.update(eval_loss=lm["eval_loss"], perplexity=lm["perplexity"])
-            n_tokens = lm["n_tokens"]
-        result = EvaluateResult(rows=computed["n"], metrics=metrics, per_class=computed["per_class"],
-                                labels=class_names(len(confusion), resolved.labels), confusion_matrix=confusion,
-                                n_tokens=n_tokens, **base)
+        result = _classifier_result(spark, scored, lm_cached, df, resolved, table, split, predictions_table,
+                                    source_version, base)
     else:
         lm = _lm_metrics(scored)
         result = EvaluateResult(rows=lm["n"], n_tokens=lm["n_tokens"],
                                 metrics={"eval_loss": lm["eval_loss"], "perplexity": lm["perplexity"]}, **base)
-
     if log_to_mlflow:
-        created = False
-        if run_id is None and resolved.uri.startswith("runs:/") and resolved.run_id:
-            run_id = resolved.run_id
-        if run_id is None:
-            run_id, created = _evaluation_run(tracker, resolved, table), True
-        model_id = _logged_model_id(tracker, resolved)
-        dataset = _log_test_input(spark, tracker, run_id, result, model_id, model_input=run_id != resolved.run_id)
-        log_evaluation(tracker, run_id, result, model_id=model_id, dataset=dataset)
-        if created:
-            tracker.end_run(run_id)
-        result.run_id = run_id
+        result.run_id = _log_evaluate(spark, tracker, resolved, table, result, run_id)
     return result
+
+
+def _classifier_result(spark, scored, lm_cached, df, resolved, table: str, split: str | None,
+                       predictions_table: str | None, source_version: int, base: dict) -> EvaluateResult:
+    """A classifier's metrics from its scored rows (stored first when ``predictions_table``)."""
+    from pyspark.sql import functions as F
+
+    from sparktune.tables import read_table, table_uri, write_table
+
+    if predictions_table and TOKENIZED.row_id not in df.columns:
+        raise SparktuneError(f"--predictions needs a `row_id` column to identify rows; table {table} has "
+                             f"{df.columns}")
+    names = F.array(*[F.lit(n) for n in resolved.labels]) if resolved.labels else None
+    out = scored.select(
+        (F.col("row_id").cast("string") if "row_id" in df.columns else F.lit(None).cast("string")).alias("row_id"),
+        F.col("label").cast("int").alias("label"),
+        F.col("_out.prediction").alias("prediction"),
+        (F.element_at(names, F.col("_out.prediction") + 1) if names is not None
+         else F.col("_out.prediction").cast("string")).alias("predicted_label"),
+        F.col("_out.probabilities").alias("probabilities"),
+        F.lit(resolved.uri).alias("model_uri"),
+        F.lit(resolved.version_label).cast("string").alias("model_version"),
+    )
+    cached = None
+    if predictions_table:
+        # Write once, then read the table back: inference runs once and the metrics
+        # describe exactly the rows that were stored.
+        version = write_table(out, predictions_table, properties={
+            "sparktune.model_uri": resolved.uri, "sparktune.source_table": table_uri(spark, table),
+            "sparktune.source_version": source_version, "sparktune.split": split or ""},
+            user_metadata={"stage": "evaluate", "model_uri": resolved.uri, "source_table": table,
+                           "source_version": source_version})
+        base.update(predictions_table=predictions_table, predictions_version=version)
+        out = read_table(spark, predictions_table)
+    else:
+        cached = out = out.persist()  # scored once, aggregated twice
+    try:
+        confusion = confusion_counts(out, len(resolved.labels))
+        computed = metrics_from_confusion(confusion, resolved.labels)
+        auc = _roc_auc(out) if len(confusion) == 2 else None
+    finally:
+        if cached is not None:
+            cached.unpersist()
+    metrics = {k: computed[k] for k in ("accuracy", "precision", "recall", "f1")}
+    if auc is not None:
+        metrics["roc_auc"] = auc
+    n_tokens = 0
+    if lm_cached is not None:
+        lm = _lm_metrics(lm_cached)
+        lm_cached.unpersist()
+        metrics.update(eval_loss=lm["eval_loss"], perplexity=lm["perplexity"])
+        n_tokens = lm["n_tokens"]
+    result = EvaluateResult(rows=computed["n"], metrics=metrics, per_class=computed["per_class"],
+                            labels=class_names(len(confusion), resolved.labels), confusion_matrix=confusion,
+                            n_tokens=n_tokens, **base)
+    return result
+
+
+def _log_evaluate(spark, tracker, resolved, table: str, result: EvaluateResult, run_id: str | None) -> str:
+    """Log ``result`` to ``run_id``, else the training run of a ``runs:/`` URI, else a new run
+    linked to the model's run (ended here); returns the run logged to."""
+    created = False
+    if run_id is None and resolved.uri.startswith("runs:/") and resolved.run_id:
+        run_id = resolved.run_id
+    if run_id is None:
+        run_id, created = _evaluation_run(tracker, resolved, table), True
+    model_id = _logged_model_id(tracker, resolved)
+    dataset = _log_test_input(spark, tracker, run_id, result, model_id, model_input=run_id != resolved.run_id)
+    log_evaluation(tracker, run_id, result, model_id=model_id, dataset=dataset)
+    if created:
+        tracker.end_run(run_id)
+    return run_id
 
 
 def _lm_metrics(scored) -> dict:
