@@ -35,7 +35,7 @@ FORMATS = ("auto", "parquet", "csv", "json", "aclimdb", "delta", "hf", "table")
 
 
 class SourceKind(str, Enum):
-    """The kinds of source ingest reads; each has one reader (``sparktune.ingest.read``)."""
+    """The kinds of source ingest reads; each has one reader (``sparktune.ingest.readers.READERS``)."""
 
     ACLIMDB = "aclimdb"  # an aclImdb/ folder: train|test/pos|neg|unsup/<id>_<rating>.txt
     SPLIT_FILES = "split-files"  # a folder of train.parquet, test.csv, ...: the file name is the split
