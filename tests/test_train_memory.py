@@ -2,6 +2,8 @@
 before anything is staged or launched, and the 7-8B job configs loading as valid configs."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -118,3 +120,46 @@ def test_7b_job_configs_load_with_a_tiny_model_of_the_same_architecture(name):
                                ranks_per_host=full.distributor.num_processes,
                                gpu_total=(80 if "fsdp" in name else 24) * memory.GIB, shape=real)
     assert plan.fits, plan.figures()
+
+
+FREED = r"""
+import sys, torch
+from sparktune.train.model import return_freed_memory
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+set_it = sys.argv[1] == "1"
+print(return_freed_memory(gpu=False) if set_it else False)
+torch.ones(8 << 20, dtype=torch.uint8)  # glibc's dynamic mmap threshold climbs to 8 MiB when this is freed
+base = rss()
+big, small = [], []
+for _ in range(64):  # 256 MiB in 4 MiB blocks, a small live block after each (the heap cannot shrink past it)
+    big.append(torch.ones(4 << 20, dtype=torch.uint8))
+    small.append(torch.ones(64 << 10, dtype=torch.uint8))
+del big
+print((rss() - base) / 2**20)
+"""
+
+
+def test_cpu_ranks_give_freed_blocks_back_to_the_system():
+    """What ``return_freed_memory`` is for: after 256 MiB of 4 MiB blocks are freed (FSDP's
+    gathered weights and gradients, DDP's bucket copies), the rank's resident memory drops back
+    on glibc; without it glibc's heap keeps them."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt")
+    from sparktune.train.model import return_freed_memory
+
+    assert return_freed_memory(gpu=True) is False  # GPU ranks: the big tensors are not in the C heap
+    kept = {}
+    for flag in ("0", "1"):
+        done = subprocess.run([sys.executable, "-c", FREED, flag], capture_output=True, text=True, timeout=120,
+                              env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
+        assert done.returncode == 0, done.stderr[-2000:]
+        was_set, grown = done.stdout.split()
+        kept[flag] = float(grown)
+        if flag == "1":
+            assert was_set == "True"
+    assert kept["0"] > 200, kept  # glibc's default: the freed blocks stay resident
+    assert kept["1"] < 32, kept  # 64 small blocks (4 MiB) and some slack

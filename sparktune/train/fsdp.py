@@ -196,29 +196,6 @@ def _scatter(model, state: dict, buffers: dict | None, device) -> int:
     return max((int(p.numel()) for p in model.parameters()), default=0)
 
 
-CPU_MMAP_THRESHOLD = 256 * 1024
-"""On CPU, blocks of this size and above are mmap-ed (and unmapped when freed), see ``_return_freed_memory``."""
-
-
-def _return_freed_memory() -> bool:
-    """On CPU (glibc): serve blocks >= ``CPU_MMAP_THRESHOLD`` with mmap, so freed memory goes back to the system.
-
-    FSDP gathers each unit's weights and gradients and frees them again twice a step; glibc's
-    heap keeps what they freed (its dynamic mmap threshold climbs to 32 MiB), so the process's
-    resident memory grew by ~1.3 GiB per rank over DDP's sharded state for SmolLM2-135M
-    (bench/bench_fsdp_memory.py: peak 3.7 GiB without, 2.4 GiB with). False where glibc's
-    ``mallopt`` is not there (another C library, macOS): nothing changes.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, CPU_MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
 def shard_model(model, *, units=(), reshard_after_forward: bool = True, cpu_offload: bool = False,
                 gpu: bool = False, bf16: bool = False, world_size: int = 1) -> ShardReport:
     """``fully_shard`` ``model`` in place over all ``world_size`` ranks of the process group.
@@ -237,8 +214,6 @@ def shard_model(model, *, units=(), reshard_after_forward: bool = True, cpu_offl
     from torch.distributed.device_mesh import init_device_mesh
 
     fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy, OffloadPolicy = fsdp_api()
-    if not gpu:
-        _return_freed_memory()
     mesh = init_device_mesh("cuda" if gpu else "cpu", (world_size,))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
           else MixedPrecisionPolicy())

@@ -210,8 +210,9 @@ def setup(cfg: TrainConfig, pinned: PinnedJob, env: dist.DistEnv, tracker: Track
     """This rank's part of the pinned job: checks, tokenizer, rows, model (sharded under FSDP)."""
     from transformers import set_seed
 
-    from sparktune.train.model import build_model, load_tokenizer
+    from sparktune.train.model import build_model, load_tokenizer, return_freed_memory
 
+    return_freed_memory(dist.use_gpu())  # CPU ranks: freed big blocks go back to the OS (lower peaks)
     if env.is_main and pinned.memory_plan is None:
         _plan_memory(cfg, env, pinned)  # the driver could not plan: before any weights or rows load
     set_seed(cfg.train.seed)
