@@ -60,9 +60,10 @@ def peak_probe(cfg, env):
     writes its peak RSS when training ends."""
     from transformers import TrainerCallback
 
-    folder = os.environ.get(PEAK_ENV)
-    if not folder:
+    found = os.environ.get(PEAK_ENV)
+    if not found:
         return None
+    folder: str = found  # narrowed for the callback below
 
     class Peak(TrainerCallback):
         def __init__(self):

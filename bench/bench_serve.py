@@ -52,7 +52,8 @@ def server_cmd(mode, model, port, args):
 
 
 def run_clients(url, texts, clients, seconds, rows_per_request):
-    latencies, errors = [], []
+    latencies: list[float] = []
+    errors: list[float] = []  # latencies of failed requests
     lock = threading.Lock()
     counter = iter(range(10**9))
     stop_at = time.perf_counter() + seconds

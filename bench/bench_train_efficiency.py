@@ -187,7 +187,7 @@ def rank_main(spec: dict) -> dict:
 
         class BenchTrainer(Trainer):
             def get_train_dataloader(self):
-                return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator)
+                return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator)  # type: ignore[arg-type]
 
         torch.manual_seed(0)
         fresh = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
