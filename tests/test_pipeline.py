@@ -70,7 +70,12 @@ def test_pipeline_runs_every_stage(spark, tmp_path, imdb_sample_path, mlflow_uri
     assert version.run_id == run_id
     # The Delta version it trained on, at a qualified location (readable from anywhere, not ./-relative).
     assert version.tags["data.training"] == f"file://{tmp_path / 'tokens'}@0"
-    model = mlflow.pyfunc.load_model("models:/pipeline-test-model@champion")
+    # A user loads it with this store as tracking and registry URI. Set them for the call: an earlier
+    # test in the same process may have left MLflow's process-wide URIs pointing elsewhere.
+    from sparktune.tracking import process_uris
+
+    with process_uris(mlflow_uri, mlflow_uri):
+        model = mlflow.pyfunc.load_model("models:/pipeline-test-model@champion")
     answers = model.predict(pd.DataFrame({"text": ["A wonderful film.", "Dull and far too long."]}))
     assert len(answers) == 2 and set(answers["label"]) <= {"negative", "positive"}
     assert all(len(p) == 2 and abs(sum(p) - 1) < 1e-6 for p in answers["probabilities"])
