@@ -193,7 +193,8 @@ def test_run_stage_notebook_gives_a_stage_one_section_of_a_pipeline_config(spark
     with pytest.raises(SparktuneError, match="exited with status 2"):
         runpy.run_path(RUN_STAGE, run_name="__main__")
     whole_file = capsys.readouterr().err
-    assert "ingest: unknown key" in whole_file, "without config_section train refuses the pipeline config's other sections"
+    assert "ingest: unknown key" in whole_file, \
+        "without config_section train refuses the pipeline config's other sections"
     monkeypatch.setenv("SPARKTUNE_NB_CONFIG_SECTION", "train")
     with pytest.raises(SparktuneError, match="exited with status 2"):
         runpy.run_path(RUN_STAGE, run_name="__main__")
