@@ -269,14 +269,15 @@ def evaluate_model(spark, model, table: str, *, tracker=None, split: str | None 
 
     from sparktune.inference import input_column, score_spark
     from sparktune.model.resolve import ResolvedModel, resolve_model
-    from sparktune.tables import check_writes, read_table, table_version
+    from sparktune.tables import check_writes, read_snapshot, read_table
     from sparktune.tracking import Tracker
 
     check_writes(spark, "evaluate", tables={"--predictions": predictions_table}, inputs={"--table": table})
     tracker = tracker or Tracker()
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, tracker)
     df = read_table(spark, table, what="evaluation table")
-    source_version = table_version(spark, table)
+    source = read_snapshot(spark, table, what="evaluation table")  # one read for its version and uri
+    source_version = source.version
     is_classifier = resolved.task.has_labels
     df = _select_rows(df, table, split, limit, labelled=is_classifier)
     column = input_column(df)
@@ -291,7 +292,7 @@ def evaluate_model(spark, model, table: str, *, tracker=None, split: str | None 
             "table": table, "table_version": source_version, "split": split or None, "limit": limit}
     if is_classifier:
         result = _classifier_result(spark, scored, lm_cached, df, resolved, table, split, predictions_table,
-                                    source_version, base)
+                                    source_version, source.uri, base)
     else:
         lm = _lm_metrics(scored)
         result = EvaluateResult(rows=lm["n"], n_tokens=lm["n_tokens"],
@@ -302,11 +303,12 @@ def evaluate_model(spark, model, table: str, *, tracker=None, split: str | None 
 
 
 def _classifier_result(spark, scored, lm_cached, df, resolved, table: str, split: str | None,
-                       predictions_table: str | None, source_version: int, base: dict) -> EvaluateResult:
+                       predictions_table: str | None, source_version: int, source_uri: str,
+                       base: dict) -> EvaluateResult:
     """A classifier's metrics from its scored rows (stored first when ``predictions_table``)."""
     from pyspark.sql import functions as F
 
-    from sparktune.tables import read_table, table_uri, write_table
+    from sparktune.tables import read_table, write_table
 
     if predictions_table and TOKENIZED.row_id not in df.columns:
         raise SparktuneError(f"--predictions needs a `row_id` column to identify rows; table {table} has "
@@ -327,7 +329,7 @@ def _classifier_result(spark, scored, lm_cached, df, resolved, table: str, split
         # Write once, then read the table back: inference runs once and the metrics
         # describe exactly the rows that were stored.
         version = write_table(out, predictions_table, properties={
-            "sparktune.model_uri": resolved.uri, "sparktune.source_table": table_uri(spark, table),
+            "sparktune.model_uri": resolved.uri, "sparktune.source_table": source_uri,
             "sparktune.source_version": source_version, "sparktune.split": split or ""},
             user_metadata={"stage": "evaluate", "model_uri": resolved.uri, "source_table": table,
                            "source_version": source_version})
@@ -418,16 +420,17 @@ def predict_table(spark, model, table: str, output: str, *, tracker=None, text_c
     from sparktune.incremental import apply_changes, history_unreadable, source_changes
     from sparktune.inference import input_column, score_spark
     from sparktune.model.resolve import ResolvedModel, resolve_model
-    from sparktune.tables import check_writes, read_table, table_id, table_uri, table_version, write_table
+    from sparktune.tables import check_writes, read_snapshot, read_table, table_version, write_table
     from sparktune.tracking import Tracker
 
     check_writes(spark, "predict", tables={"--output": output}, inputs={"--table": table})
     tracker = tracker or Tracker()
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, tracker)
     df = read_table(spark, table, what="input table")
-    source_version = table_version(spark, table)
+    source = read_snapshot(spark, table, what="input table")  # one read for its version, id and uri
+    source_version = source.version
     column = input_column(df, text_column)
-    provenance = _predict_provenance(spark, resolved, table, table_id(spark, table), source_version, column.name)
+    provenance = _predict_provenance(spark, resolved, table, source.table_id, source_version, column.name)
     base = None if full or TOKENIZED.row_id not in df.columns else _predicted_version(spark, output, provenance)
     if base == source_version:
         return PredictResult(resolved.uri, resolved.version_label, resolved.task, table, source_version, output,
@@ -474,7 +477,7 @@ def predict_table(spark, model, table: str, output: str, *, tracker=None, text_c
                              incremental_from=base)
     version = write_table(out, output, properties={
         "sparktune.model_uri": resolved.uri, "sparktune.model_version": resolved.version_label,
-        "sparktune.source_table": table_uri(spark, table), "sparktune.source_version": source_version},
+        "sparktune.source_table": source.uri, "sparktune.source_version": source_version},
         user_metadata=provenance)
     rows = read_table(spark, output).count()
     return PredictResult(resolved.uri, resolved.version_label, resolved.task, table, source_version, output,
