@@ -118,7 +118,8 @@ def rank_main(spec: dict) -> dict:
     collator = DynamicPaddingCollator(tok.pad_token_id, "classification")
     batches = list(sampler)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    extra = _dropout_kwargs(spec)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **extra)
     n_params = non_embedding_params(model)
     dims = model_dims(model.config)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -174,8 +175,8 @@ def rank_main(spec: dict) -> dict:
         allreduce_s = statistics.median(runs)
 
     # The same steps through transformers' Trainer (what sparktune train runs).
-    trainer_step_s = None
-    if spec["trainer"]:
+    def trainer_step(compiled: bool) -> float | None:
+        """Seconds per step of the same steps through Trainer (``torch_compile`` as asked)."""
         from torch.utils.data import DataLoader
         from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -190,19 +191,27 @@ def rank_main(spec: dict) -> dict:
                 return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator)  # type: ignore[arg-type]
 
         torch.manual_seed(0)
-        fresh = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        fresh = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **extra)
+        warmup = spec["warmup"] + (2 if compiled else 0)  # compile, then a recompile for dynamic lengths
         with tempfile.TemporaryDirectory() as out:
             args = TrainingArguments(
                 output_dir=out, per_device_train_batch_size=spec["batch_size"], learning_rate=5e-5,
-                max_steps=min(len(batches), spec["warmup"] + spec["steps"]), report_to="none", save_strategy="no",
+                max_steps=min(len(batches), warmup + spec["steps"]), report_to="none", save_strategy="no",
                 logging_steps=1, logging_strategy="steps", disable_tqdm=True, use_cpu=True, log_level="error",
                 remove_unused_columns=False, dataloader_num_workers=0, ddp_backend="gloo" if world > 1 else None,
-                ddp_find_unused_parameters=False, bf16=False)
+                ddp_find_unused_parameters=False, bf16=False, torch_compile=compiled)
+            started = time.perf_counter()
             BenchTrainer(model=fresh, args=args, train_dataset=dataset, data_collator=collator,
                          callbacks=[Stamp()]).train()
-        timed = stamps[spec["warmup"]:]
-        if len(timed) >= 2:
-            trainer_step_s = (timed[-1] - timed[0]) / (len(timed) - 1)
+        timed = stamps[warmup:]
+        if compiled:
+            compile_s.append(stamps[warmup - 1] - started - warmup * (timed[-1] - timed[0]) / max(len(timed) - 1, 1)
+                             if len(timed) >= 2 else 0.0)
+        return (timed[-1] - timed[0]) / (len(timed) - 1) if len(timed) >= 2 else None
+
+    compile_s: list = []
+    trainer_step_s = trainer_step(False) if spec["trainer"] else None
+    compiled_step_s = trainer_step(True) if spec["trainer"] and spec.get("torch_compile") else None
 
     top_ops: list = []
     if spec["profile"] and rank == 0:
@@ -228,7 +237,10 @@ def rank_main(spec: dict) -> dict:
             "phases_share": {k: round(v / total, 4) for k, v in phases.items()},
             "allreduce_alone_s": round(allreduce_s, 4),
             "allreduce_alone_share": round(allreduce_s / bare_step_s, 4),
+            "attention_dropout": spec.get("attention_dropout"),
             "trainer_step_s": round(trainer_step_s, 3) if trainer_step_s else None,
+            "trainer_compiled_step_s": round(compiled_step_s, 3) if compiled_step_s else None,
+            "compile_warmup_extra_s": round(compile_s[0], 1) if compile_s else None,
             "trainer_overhead_share": (round((trainer_step_s - bare_step_s) / trainer_step_s, 4)
                                        if trainer_step_s else None),
             "top_ops": top_ops,
@@ -240,6 +252,12 @@ def rank_main(spec: dict) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return result or {}
+
+
+def _dropout_kwargs(spec: dict) -> dict:
+    """``from_pretrained`` kwargs for ``--attention-dropout`` (None: the model's own, 0.1)."""
+    value = spec.get("attention_dropout")
+    return {} if value is None else {"attention_probs_dropout_prob": float(value)}
 
 
 def dropout_ab(spec: dict, steps: int) -> dict:
@@ -325,6 +343,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dropout-ab-steps", type=int, default=5,
                         help="paired steps of the attention-dropout 0.1 vs 0 comparison (0: skip)")
     parser.add_argument("--only-dropout-ab", action="store_true", help="run only the attention-dropout comparison")
+    parser.add_argument("--attention-dropout", type=float, default=None,
+                        help="attention dropout of the arms' model (default: the model's own, 0.1; sparktune's CPU "
+                             "default is 0)")
+    parser.add_argument("--torch-compile", action="store_true", help="the Trainer arm with torch_compile=True")
+    parser.add_argument("--layouts", default=None, help="arms to run, e.g. 2x1 (default: 1xC,Cx1)")
     parser.add_argument("--quick", action="store_true", help="tiny: 16 reviews, 1 step, torchrun; seconds")
     parser.add_argument("--json", default=None)
     parser.add_argument("--rank-spec", default=None, help=argparse.SUPPRESS)
@@ -353,7 +376,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.cores)
     base = {"model": args.model, "data": args.data, "rows": args.rows, "batch_size": args.batch_size,
             "max_length": args.max_length, "steps": args.steps, "warmup": args.warmup,
-            "trainer": not args.no_trainer, "profile": True}
+            "trainer": not args.no_trainer, "profile": True, "attention_dropout": args.attention_dropout,
+            "torch_compile": args.torch_compile}
     if args.dropout_ab_steps:
         report["dropout_ab"] = dropout_ab(dict(base, threads=args.cores), args.dropout_ab_steps)
         print(json.dumps(report["dropout_ab"]), flush=True)
@@ -369,18 +393,26 @@ def main(argv=None) -> int:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))
         spark = get_spark(master=args.master or f"local[{args.cores}]")
     report["arms"] = []
-    for ranks, threads in ((1, args.cores), (args.cores, 1)):
+    layouts = [(1, args.cores), (args.cores, 1)]
+    if args.layouts:
+        layouts = [tuple(int(n) for n in lay.split("x")) for lay in args.layouts.split(",")]  # type: ignore[misc]
+    for ranks, threads in layouts:
         spec = dict(base, threads=threads)
         arm = _run_distributor(spark, spec, ranks) if spark is not None else _run_torchrun(spec, ranks)
         peak = report["peak"]["fp32"][str(threads)]["gflops"] * ranks
         arm["share_of_fp32_peak"] = round(arm["model_gflops"] / peak, 3)
+        for key in ("trainer_step_s", "trainer_compiled_step_s"):  # the same FLOPs per step, Trainer's time
+            if arm.get(key):
+                arm[key.replace("step_s", "share_of_fp32_peak")] = round(
+                    arm["share_of_fp32_peak"] * arm["step_s"] / arm[key], 3)
         arm["share_of_bf16_peak"] = round(arm["model_gflops"] / (report["peak"]["bf16"][str(threads)]["gflops"]
                                                                  * ranks), 3)
         report["arms"].append(arm)
         print(json.dumps({k: v for k, v in arm.items() if k != "top_ops"}), flush=True)
-    a, b = report["arms"]
-    report["faster"] = a["arm"] if a["samples_per_s"] >= b["samples_per_s"] else b["arm"]
-    report["ratio_1xC_over_Cx1"] = round(a["samples_per_s"] / b["samples_per_s"], 3)
+    if len(report["arms"]) == 2:
+        a, b = report["arms"]
+        report["faster"] = a["arm"] if a["samples_per_s"] >= b["samples_per_s"] else b["arm"]
+        report["ratio_1xC_over_Cx1"] = round(a["samples_per_s"] / b["samples_per_s"], 3)
     report["loadavg_at_end"] = os.getloadavg()
     print(json.dumps(report, indent=2))
     if args.json:

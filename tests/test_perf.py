@@ -141,8 +141,11 @@ def test_attention_dropout_key_reaches_the_model(minilm_path):
 
     tok = AutoTokenizer.from_pretrained(minilm_path)
     base = ["output_dir=/o", "data.table=/t", f"model.name={minilm_path}"]
+    own = build_model(load_train_config(None, base + ["model.attention_dropout=null"]), Task.CLASSIFICATION, tok)
+    assert own.config.attention_probs_dropout_prob == 0.1  # the model's own when the key is null
     default = build_model(load_train_config(None, base), Task.CLASSIFICATION, tok)
-    assert default.config.attention_probs_dropout_prob == 0.1  # the model's own when the key is empty
+    assert default.config.attention_probs_dropout_prob == 0.0  # auto: 0 on CPU (these tests run on CPU)
+    assert default.bert.encoder.layer[0].output.dropout.p == 0.1  # hidden-state dropout stays the model's own
     model = build_model(load_train_config(None, base + ["model.attention_dropout=0"]), Task.CLASSIFICATION, tok)
     assert model.config.attention_probs_dropout_prob == 0.0
     attention = model.bert.encoder.layer[0].attention.self
@@ -151,5 +154,9 @@ def test_attention_dropout_key_reaches_the_model(minilm_path):
                                                       "model.config_overrides={model_type: gpt2, n_layer: 1, "
                                                       "n_embd: 32, n_head: 2}"]), Task.CAUSAL_LM, tok)
     assert gpt2.config.attn_pdrop == 0.0 and gpt2.config.resid_pdrop == 0.1
+    gpt2_auto = build_model(load_train_config(None, base + ["model.task=causal-lm", "model.config_overrides="
+                                                           "{model_type: gpt2, n_layer: 1, n_embd: 32, n_head: 2}"]),
+                            Task.CAUSAL_LM, tok)
+    assert gpt2_auto.config.attn_pdrop == 0.0 and gpt2_auto.config.resid_pdrop == 0.1
     with pytest.raises(ConfigError, match="model.attention_dropout"):
         load_train_config(None, base + ["model.attention_dropout=1.5"])

@@ -158,6 +158,11 @@ def test_executor_mode_minilm_classification_from_tokenize_table(spark, tmp_path
 
     assert result.world_size == 2 and result.rank_steps == [12, 12]
     assert result.task is Task.CLASSIFICATION
+    # Where the job's wall time went: the driver's and rank 0's parts, launch and teardown between them.
+    assert set(result.phases) == {"pin_s", "staging_s", "mlflow_run_s", "launch_s", "rank_setup_s", "training_loop_s",
+                                  "final_eval_s", "model_logging_s", "teardown_s"}, result.phases
+    assert all(v >= 0 for v in result.phases.values()) and result.phases["training_loop_s"] == result.train_seconds
+    assert result.phases["final_eval_s"] > 0 and result.phases["model_logging_s"] > 0  # eval split, logged model
     losses = result.losses
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
     assert losses[0] < 0.8  # a 2-class batch-mean loss starts near ln 2, not scaled by the world size

@@ -90,11 +90,15 @@ class ModelConfig:
     """Allow model code from the model folder/hub; off unless you trust the source."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights' dtype when loading; mixed precision is ``train.bf16``/``train.fp16``."""
-    attention_dropout: float | None = None
-    """Dropout on the attention probabilities; empty: the model's own (MiniLM/BERT: 0.1). On CPU,
-    0 lets torch's SDPA use its fused attention kernel instead of drawing a random mask over every
-    (batch, head, token, token): the largest single loss in a MiniLM training step on the dev box
-    (dropout's RNG ~25-30% of the step; 0 measured ~1.5x faster per step, BENCHMARKS.md issue 12)."""
+    attention_dropout: float | Literal["auto"] | None = "auto"
+    """Dropout on the attention probabilities. ``auto`` (default): 0 when training on CPU (for
+    architectures that have one: BERT family, GPT-2, Llama family), the model's own on GPUs; a
+    number: that value everywhere; empty (null): the model's own everywhere (MiniLM/BERT: 0.1).
+    Why 0 on CPU: with a non-zero value torch's SDPA cannot use its fused CPU attention kernel and
+    draws a random mask over every (batch, head, token, token), the largest single loss in a MiniLM
+    training step on the dev box (~25-30% of the step); 0 trained MiniLM on 2,000 IMDB reviews
+    faster at the same test accuracy (within the binomial noise on 2,000 test reviews;
+    BENCHMARKS.md, issue 21 items 2 and 3). Hidden-state dropout stays the model's own."""
     max_shard_size: str = "5GB"
     """The trained model's safetensors are split into files of at most this size (with an index),
     so no single file or in-memory copy needs the whole model."""
@@ -109,8 +113,8 @@ class ModelConfig:
         require(problems, self.num_labels >= 1, "num_labels", f"must be >= 1, got {self.num_labels}")
         require(problems, not self.label_names or len(self.label_names) == self.num_labels, "label_names",
                 f"has {len(self.label_names)} names for num_labels={self.num_labels}; give one name per class")
-        require(problems, self.attention_dropout is None or 0 <= self.attention_dropout < 1, "attention_dropout",
-                f"must be in [0, 1) or empty, got {self.attention_dropout}")
+        require(problems, self.attention_dropout in (None, "auto") or 0 <= float(self.attention_dropout) < 1,
+                "attention_dropout", f"must be in [0, 1), auto or null, got {self.attention_dropout}")
         require(problems, not (self.gguf_file and self.config_overrides), "gguf_file",
                 "cannot be combined with model.config_overrides (a GGUF file brings its weights); drop one")
         raise_if(problems)

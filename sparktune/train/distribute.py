@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from typing import cast
 
 from sparktune.errors import SparktuneError
@@ -49,8 +50,13 @@ def launch_once(plan: LaunchPlan, cfg: TrainConfig, pinned: PinnedJob, tracker=N
     # them what MLflow needs in memory, never through the plan (which is logged).
     env = {**plan.env, **rank_env_for_mlflow(tracker.tracking_uri)} if tracker is not None else dict(plan.env)
     env.update(hub_token_env())
+    started = time.time()
     # run() is typed Optional[Any]: it returns rank 0's return value, which _rank_main makes a TrainResult
-    return cast(TrainResult, distributor.run(_rank_main, cfg.to_dict(), pinned, env, tracker))
+    result = cast(TrainResult, distributor.run(_rank_main, cfg.to_dict(), pinned, env, tracker))
+    entered, left = result.phases.pop("entered_at", None), result.phases.pop("left_at", None)
+    if entered is not None and left is not None:
+        result.phases.update(launch_s=max(0.0, entered - started), teardown_s=max(0.0, time.time() - left))
+    return result
 
 
 def _pin_on_driver(spark, cfg: TrainConfig, plan: LaunchPlan) -> PinnedJob:
@@ -193,17 +199,23 @@ def run_training(cfg, spark=None, tracker=None, plan: LaunchPlan | None = None) 
         spark = get_spark()
     if plan is None:
         plan = build_launch_plan(cfg, **spark_facts(spark))
+    started = time.perf_counter()
     pinned = _pin_on_driver(spark, cfg, plan)
+    pinned_s = time.perf_counter() - started
     _stage(spark, cfg, plan, pinned)
+    staged_s = time.perf_counter() - started - pinned_s
     log.warning("sparktune train: %s", plan.describe())
     if cfg.mlflow.enabled and tracker is None:
         from sparktune.tracking import Tracker
 
         tracker = Tracker(cfg.mlflow.tracking_uri or None, cfg.mlflow.experiment)
+    started = time.perf_counter()
     pinned = open_job_run(pinned, cfg, tracker)
+    run_s = time.perf_counter() - started
     ok = False
     try:
         result = _launch_until_done(plan, cfg, pinned, tracker if pinned.run_id else None)
+        result.phases.update(pin_s=pinned_s, staging_s=staged_s, mlflow_run_s=run_s)
         ok = True
         return result
     finally:

@@ -255,9 +255,15 @@ ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attn_pdrop", "attenti
 
 
 def _attention_dropout(cfg: TrainConfig, overrides: dict) -> dict:
-    """``{config key: model.attention_dropout}`` for the model's architecture (a config kwarg)."""
+    """``{config key: model.attention_dropout}`` for the model's architecture (a config kwarg);
+    ``auto``: 0 on CPU where the architecture has the key, else nothing (the model's own)."""
     from transformers import AutoConfig
 
+    from sparktune.train.dist import use_gpu
+
+    auto = cfg.model.attention_dropout == "auto"
+    if auto and use_gpu():
+        return {}
     if "model_type" in overrides:
         base = AutoConfig.for_model(overrides["model_type"])
     else:
@@ -265,6 +271,8 @@ def _attention_dropout(cfg: TrainConfig, overrides: dict) -> dict:
         base = AutoConfig.from_pretrained(resolve_pretrained(cfg.model.name),
                                           trust_remote_code=cfg.model.trust_remote_code, **kwargs)
     key = next((k for k in ATTENTION_DROPOUT_KEYS if hasattr(base, k)), None)
+    if auto:
+        return {key: 0.0} if key is not None else {}
     if key is None:
         raise SparktuneError(
             f"model.attention_dropout: model type {base.model_type!r} has none of {', '.join(ATTENTION_DROPOUT_KEYS)} "

@@ -383,6 +383,8 @@ class FitOutput:
     seconds: float
     samples_per_second: float | None
     pad_share: float
+    eval_seconds: float = 0.0
+    """The end-of-training evaluation's wall time."""
 
 
 def fit(job: Job) -> FitOutput:
@@ -437,12 +439,13 @@ def fit(job: Job) -> FitOutput:
     seconds = time.perf_counter() - started
     # MetricNamesCallback renamed evaluate()'s dict in place: keys are eval/<metric>.
     eval_metrics = trainer.evaluate() if job.eval_rows is not None else {}
+    eval_seconds = time.perf_counter() - started - seconds
     return FitOutput(trainer=trainer, global_step=int(trainer.state.global_step),
                      train_loss=float(output.training_loss), losses=names.series("train/loss"),
                      eval_metrics={k: float(v) for k, v in eval_metrics.items()
                                    if isinstance(v, (int, float)) and not isinstance(v, bool)},
                      seconds=seconds, samples_per_second=output.metrics.get("train_samples_per_second"),
-                     pad_share=throughput.pad_share)
+                     pad_share=throughput.pad_share, eval_seconds=eval_seconds)
 
 
 def _fsdp_trainer(base: type) -> type:
@@ -585,12 +588,14 @@ def _log_row_counts(job: Job) -> None:
 def finish(job: Job, fitted: FitOutput) -> TrainResult:
     """Save/log the model (rank 0), write result.json; every rank returns rank 0's ``TrainResult``."""
     pinned, env = job.pinned, job.env
+    started = time.perf_counter()
     steps = dist.gather(fitted.global_step, env)
     final = _final_model(job, fitted.trainer)
     result = None
     if env.is_main:
         assert final is not None
         model_dir, model_uri = _save(job, final)
+        saved = time.perf_counter() - started
         _log_row_counts(job)
         result = TrainResult(
             run_id=pinned.run_id, model_uri=model_uri, model_dir=model_dir, output_dir=pinned.output_dir,
@@ -601,6 +606,7 @@ def finish(job: Job, fitted: FitOutput) -> TrainResult:
             train_loss=fitted.train_loss, losses=fitted.losses, eval_metrics=fitted.eval_metrics,
             pad_share=fitted.pad_share, samples_per_second=fitted.samples_per_second,
             train_seconds=fitted.seconds, resumed_from=pinned.resume.checkpoint,
+            phases={"training_loop_s": fitted.seconds, "final_eval_s": fitted.eval_seconds, "model_logging_s": saved},
         )
         os.makedirs(pinned.output_dir, exist_ok=True)
         with open(os.path.join(pinned.output_dir, "result.json"), "w", encoding="utf-8") as handle:
@@ -617,6 +623,7 @@ def train(cfg, tracker: Tracker | None = None, pinned: PinnedJob | None = None) 
     ``pinned``: the job the launcher pinned. Without one (plain torchrun, a function call) rank 0
     pins it (``pin_here``) and broadcasts it: the other ranks never decide.
     """
+    entered = time.time()  # wall clock: the launcher compares it with its own (TrainResult.phases)
     cfg = cfg if isinstance(cfg, TrainConfig) else train_config_from_dict(cfg)
     env = dist.dist_env()
     dist.set_threads(cfg.train.num_threads, env)
@@ -632,8 +639,12 @@ def train(cfg, tracker: Tracker | None = None, pinned: PinnedJob | None = None) 
             assert pinned is not None
             failures_dir = pinned.checkpoint_dir
         job = setup(cfg, pinned, env, tracker)
+        set_up = time.time()
         with mlflow_run(job):
-            return finish(job, fit(job))
+            result = finish(job, fit(job))
+        if env.is_main:  # the launcher's share: from its launch to `entered`, from `left` to its return
+            result.phases.update(rank_setup_s=set_up - entered, entered_at=entered, left_at=time.time())
+        return result
     except BaseException as exc:
         if not isinstance(exc, KeyboardInterrupt) and failures_dir:
             record_failure(failures_dir, env.rank, env.world_size, exc)

@@ -46,6 +46,13 @@ class TrainResult(StageResult):
     resumed_from: str | None = None
     attempts: int = 1
     failures: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    """Wall seconds of the job's parts (``*_s``): ``pin_s`` and ``staging_s`` (driver: table
+    snapshot, memory plan; shards), ``mlflow_run_s`` (the job's run opened, config and inputs
+    logged), ``launch_s`` (the ranks' start until ``train`` runs in rank 0:
+    processes, imports), ``rank_setup_s`` (process group, rows, model), ``training_loop_s``,
+    ``final_eval_s``, ``model_logging_s`` (gather, save, MLflow), ``teardown_s`` (rank 0 done until
+    the launcher has the result). The launch's parts are of the last (successful) launch."""
 
     @property
     def first_loss(self) -> float | None:
