@@ -77,8 +77,8 @@ def plain_job(spec: dict) -> None:
     marks["model"] = time.time()
     trainer.train()
     marks["train"] = time.time()
-    out = trainer.predict(data["test"].remove_columns(["label"]))
-    accuracy = float((np.argmax(out.predictions, axis=-1) == np.asarray(data["test"]["label"])).mean())
+    out = trainer.predict(data["test"])
+    accuracy = float((np.argmax(out.predictions, axis=-1) == out.label_ids).mean())
     marks["predict"] = time.time()
     trainer.save_model(os.path.join(spec["output_dir"], "model"))
     marks["save"] = time.time()
@@ -95,6 +95,8 @@ def _run(cmd: list, env: dict, log_path: str) -> tuple[float, str]:
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()
         done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(done.stdout)
     if done.returncode != 0:
         sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log_path}\n{done.stdout[-2000:]}")
     return time.perf_counter() - started, done.stdout
@@ -166,14 +168,15 @@ def run_sparktune(work: str, setup_info: dict, rows: int, test_rows: int, env: d
         ["sparktune", "evaluate", *common, "--model", trained["model_uri"], "--table",
          setup_info["tables"]["tokenized"], "--split", "test", "--limit", str(test_rows)], env, log_path)
     evaluated = _last_json(stdout)
-    phases = trained.get("phases") or {}
-    breakdown = {"cli_and_spark_start": round(train_wall - sum(v for k, v in phases.items() if k.endswith("_s")), 1),
-                 **{k: round(v, 1) for k, v in phases.items() if k.endswith("_s")},
-                 "evaluate": round(eval_wall, 1)}
+    phases = {k: v for k, v in (trained.get("phases") or {}).items() if k.endswith("_s")}
+    eval_phases = {k: v for k, v in (evaluated.get("phases") or {}).items() if k.endswith("_s")}
+    breakdown = {"train_cli_and_spark_start_stop": round(train_wall - sum(phases.values()), 1),
+                 **{f"train_{k}": round(v, 1) for k, v in phases.items()},
+                 "evaluate_cli_and_spark_start_stop": round(eval_wall - sum(eval_phases.values()), 1),
+                 **{f"evaluate_{k}": round(v, 1) for k, v in eval_phases.items()}}
     return {"arm": tag, "wall_s": round(train_wall + eval_wall, 1), "train_wall_s": round(train_wall, 1),
             "evaluate_wall_s": round(eval_wall, 1), "accuracy": evaluated["metrics"]["accuracy"],
-            "test_rows": evaluated["rows"], "train_seconds": trained.get("train_seconds"),
-            "evaluate_phases": evaluated.get("phases"), "breakdown_s": breakdown}
+            "test_rows": evaluated["rows"], "train_seconds": trained.get("train_seconds"), "breakdown_s": breakdown}
 
 
 ARMS = {"plain": None, "plain-dropout0": 0.0}
@@ -211,7 +214,7 @@ def main(argv=None) -> int:
                     "loadavg_at_start": os.getloadavg(), "arms": []}
     print(json.dumps({"setup_s": report["setup_s"], "loadavg": report["loadavg_at_start"]}), flush=True)
     for k, arm in enumerate(arms):
-        tag = f"{k}_{arm}"
+        tag = f"{k}_{arm}_{time.strftime('%H%M%S')}"  # a fresh output_dir: the folder of an earlier run is a resume
         if arm in ARMS:
             result = run_plain(args.workdir, info["files"], env, log_path, ARMS[arm], tag)
         else:

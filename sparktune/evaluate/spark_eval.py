@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,9 @@ class EvaluateResult(StageResult):
     predictions_table: str | None = None
     predictions_version: int | None = None
     run_id: str | None = None
+    phases: dict = field(default_factory=dict)
+    """Wall seconds of the evaluation's parts: ``resolve_s`` (the model found and its files fetched
+    on the driver), ``score_s`` (the Spark jobs: read, inference, metrics), ``log_s`` (MLflow)."""
 
     def summary(self) -> str:
         lines = [f"model  {self.model_uri}" + (f" (version {self.model_version})" if self.model_version else ""),
@@ -274,7 +278,9 @@ def evaluate_model(spark, model, table: str, *, tracker=None, split: str | None 
 
     check_writes(spark, "evaluate", tables={"--predictions": predictions_table}, inputs={"--table": table})
     tracker = tracker or Tracker()
+    clock = time.perf_counter()
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, tracker)
+    resolved_s = time.perf_counter() - clock
     df = read_table(spark, table, what="evaluation table")
     source = read_snapshot(spark, table, what="evaluation table")  # one read for its version and uri
     source_version = source.version
@@ -297,8 +303,11 @@ def evaluate_model(spark, model, table: str, *, tracker=None, split: str | None 
         lm = _lm_metrics(scored)
         result = EvaluateResult(rows=lm["n"], n_tokens=lm["n_tokens"],
                                 metrics={"eval_loss": lm["eval_loss"], "perplexity": lm["perplexity"]}, **base)
+    scored_s = time.perf_counter() - clock - resolved_s
     if log_to_mlflow:
         result.run_id = _log_evaluate(spark, tracker, resolved, table, result, run_id)
+    result.phases = {"resolve_s": resolved_s, "score_s": scored_s,
+                     "log_s": time.perf_counter() - clock - resolved_s - scored_s}
     return result
 
 
