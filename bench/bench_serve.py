@@ -16,6 +16,7 @@ ratios of each mode against `mlflow models serve` (the baseline) at the same cli
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -42,24 +43,31 @@ def server_cmd(mode, model, port, args):
                 "--host", "127.0.0.1", "-p", str(port)]
     cmd = [sys.executable, "-m", "sparktune.cli", "serve", "--model", model, "--port", str(port)]
     cmd += ["--max-connections", str(max(128, 2 * max(args.clients)))]
-    base, _, variant = mode.partition("-")
+    base, *variants = mode.split("-")
     if base == "unbatched":
         cmd += ["--batch-max-rows", "0"]
     else:
-        # The server's default is no batching: these modes batch, 32 rows unless told.
+        # Batched modes: 32 rows unless told; "batched" runs one batch at a time, "workersN" N at once.
         cmd += ["--batch-max-rows", str(args.batch_max_rows or 32)]
         if args.batch_wait_ms is not None:
             cmd += ["--batch-wait-ms", str(args.batch_wait_ms)]
-        if base == "workers2":
-            cmd += ["--batch-workers", "2"]
-    if variant:
+        cmd += ["--batch-workers", base[len("workers"):] if base.startswith("workers") else "1"]
+    for variant in variants:
         cmd += VARIANTS[variant]
     return cmd
 
 
-# Model settings a mode name may end with (``batched-int8``, ``workers2-fp32``, ...).
-VARIANTS = {"int8": ["--quantize", "int8"], "fp32": ["--bf16", "false"]}
-MODES = ["mlflow", "unbatched", "batched", "workers2"]
+# Settings a mode name may end with, one or more (``batched-int8``, ``workers2-wait0-fp32``, ...).
+VARIANTS = {"int8": ["--quantize", "int8"], "fp32": ["--bf16", "false"], "wait0": ["--batch-wait-ms", "0"]}
+
+
+def mode_name(text):
+    base, *variants = text.split("-")
+    if not (base in ("mlflow", "unbatched", "batched") or re.fullmatch(r"workers[1-9]", base)) \
+            or (base == "mlflow" and variants) or any(v not in VARIANTS for v in variants):
+        raise argparse.ArgumentTypeError(f"unknown mode {text!r}: mlflow, unbatched, batched or workersN, then "
+                                         f"any of -{', -'.join(VARIANTS)}")
+    return text
 
 
 def run_clients(url, texts, clients, seconds, rows_per_request):
@@ -160,10 +168,9 @@ def main():
     ap.add_argument("--clients", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--rows-per-request", type=int, default=1)
-    ap.add_argument("--modes", nargs="+", default=["mlflow", "unbatched", "batched"],
-                    choices=MODES + [f"{m}-{v}" for m in MODES[1:] for v in VARIANTS],
-                    help="workers2: batched, two batches at once (one torch thread each); -int8: --quantize int8; "
-                         "-fp32: --bf16 false")
+    ap.add_argument("--modes", nargs="+", type=mode_name, default=["mlflow", "unbatched", "batched", "workers2"],
+                    help="batched: one batch at a time; workersN: N batches at once (cores/N torch threads each); "
+                         "suffixes: -int8 (--quantize int8), -fp32 (--bf16 false), -wait0 (--batch-wait-ms 0)")
     ap.add_argument("--hf-model", help="a save_pretrained classifier folder, saved here as the pyfunc to serve")
     ap.add_argument("--accuracy-rows", type=int, default=0,
                     help="first score this many IMDB test reviews in-process as fp32, bf16 and int8, and print "
