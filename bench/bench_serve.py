@@ -49,8 +49,8 @@ def server_cmd(mode, model, port, args):
     else:
         # Batched modes: 32 rows unless told; "batched" runs one batch at a time, "workersN" N at once.
         cmd += ["--batch-max-rows", str(args.batch_max_rows or 32)]
-        if args.batch_wait_ms is not None:
-            cmd += ["--batch-wait-ms", str(args.batch_wait_ms)]
+        if "wait0" not in variants:  # explicit, whatever the server's default
+            cmd += ["--batch-wait-ms", str(5.0 if args.batch_wait_ms is None else args.batch_wait_ms)]
         cmd += ["--batch-workers", base[len("workers"):] if base.startswith("workers") else "1"]
     for variant in variants:
         cmd += VARIANTS[variant]
@@ -176,7 +176,7 @@ def main():
                     help="first score this many IMDB test reviews in-process as fp32, bf16 and int8, and print "
                          "each one's accuracy")
     ap.add_argument("--batch-max-rows", type=int, help="for the batched mode (default: sparktune serve's)")
-    ap.add_argument("--batch-wait-ms", type=float, help="for the batched mode (default: sparktune serve's)")
+    ap.add_argument("--batch-wait-ms", type=float, help="for the batched modes without -wait0 (default: 5)")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="bench-serve-")
