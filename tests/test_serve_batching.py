@@ -61,3 +61,77 @@ def test_no_request_waits_longer_than_the_window_past_its_arrival(model):
     # Requests inside one window were scored together, not one pass each.
     assert [rows for _, _, rows in answers][:3] == [3, 3, 3]
     assert sum(n for _, n in dispatched) == len(texts)
+
+
+def test_several_workers_run_batches_at_once_and_route_each_answer_to_its_request(model):
+    """With two workers two batches compute at the same time (never more), and every request still
+    gets the rows of its own texts."""
+    import threading
+
+    import pandas as pd
+
+    from sparktune.serve import MicroBatcher
+
+    lock = threading.Lock()
+    active, peak = [0], [0]
+
+    class Overlapping(MicroBatcher):
+        def _score(self, texts, deadline):
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            try:
+                time.sleep(0.2)  # long enough that a second worker starts while this one computes
+                return super()._score(texts, deadline)
+            finally:
+                with lock:
+                    active[0] -= 1
+
+    texts = [f"review {i}: {'fine ' * (3 * i)}{'awful' if i % 2 else 'great'} film" for i in range(6)]
+
+    async def scenario():
+        batcher = Overlapping(model, max_rows=1, max_wait_s=0.01, workers=2)
+        return await asyncio.gather(*(batcher.predict([text], time.monotonic() + 60) for text in texts))
+
+    answers = asyncio.run(scenario())
+    expected = model.predict(pd.DataFrame({"text": texts}))
+    assert peak[0] == 2
+    for i, (frame, rows) in enumerate(answers):
+        assert rows == 1 and len(frame) == 1
+        np.testing.assert_allclose(frame["probabilities"][0], expected["probabilities"][i], atol=1e-5)
+
+
+def test_int8_quantization_is_what_runs_and_answers_stay_close(tmp_path, minilm_path):
+    """``quantize: int8`` (a load-time option, ``sparktune serve --quantize int8``) swaps every Linear
+    for torch's dynamic int8 Linear, those modules compute the answers, and the probabilities stay
+    near fp32's; int8 with bf16 forced on is refused."""
+    import mlflow
+    import pandas as pd
+    import torch
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    from sparktune.model import artifact
+    from sparktune.serve import load_options
+
+    path = artifact.save_model(build_classifier(minilm_path, str(tmp_path / "clf")), str(tmp_path / "m"),
+                               "classification")
+    fp32 = mlflow.pyfunc.load_model(path, model_config=load_options(path, {"bf16": "false"}))
+    int8 = mlflow.pyfunc.load_model(path, model_config=load_options(path, {"quantize": "int8"}))
+    core = int8.unwrap_python_model().core
+    linears = [m for m in core.model.modules() if isinstance(m, torch.nn.Linear)]
+    quantized = [m for m in core.model.modules() if isinstance(m, DynamicInt8Linear)]
+    assert core.quantize == "int8" and core.bf16 is False
+    assert not linears and len(quantized) == 6 * 6 + 2  # 6 layers x (q, k, v, out, up, down) + pooler + head
+    calls = [0]
+    hooks = [m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for m in quantized]
+    texts = ["A wonderful, moving film.", "Dull and far too long.", "I laughed; I cried; a great cast."]
+    try:
+        got = int8.predict(pd.DataFrame({"text": texts}))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls[0] >= len(quantized)
+    want = fp32.predict(pd.DataFrame({"text": texts}))
+    np.testing.assert_allclose(np.stack(got["probabilities"]), np.stack(want["probabilities"]), atol=0.05)
+    with pytest.raises(Exception, match="set bf16 to false or auto"):
+        mlflow.pyfunc.load_model(path, model_config=load_options(path, {"quantize": "int8", "bf16": "true"}))

@@ -70,6 +70,7 @@ __all__ = [
     "rows_per_pass",
     "model_inputs",
     "resolve_bf16",
+    "resolve_quantize",
     "native_bf16",
     "read_config",
     "read_prompt",
@@ -261,6 +262,33 @@ def resolve_bf16(setting: bool | str | None, device: str = "cpu") -> bool:
     return bool(setting)
 
 
+QUANTIZE_MODES = ("none", "int8")
+
+
+def resolve_quantize(setting: str | None, device: str = "cpu") -> str:
+    """The one quantization rule: ``int8`` (dynamic int8 quantization of every ``nn.Linear``: weights
+    int8 per channel, activations quantized per batch at run time; CPU only) or ``none`` (None, "").
+    Anything else, or int8 on a GPU, raises ValueError."""
+    text = (setting or "none").strip().lower()
+    if text not in QUANTIZE_MODES:
+        raise ValueError(f"quantize: expected none or int8, found {setting!r}")
+    if text == "int8" and not device.startswith("cpu"):
+        raise ValueError(f"quantize int8 runs on the CPU only; this model loads on {device}")
+    return text
+
+
+def _quantize_int8(model):
+    """``model`` with every ``nn.Linear`` swapped for torch's dynamically quantized int8 Linear
+    (the rest, embeddings and layer norms included, stays fp32)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # torch 2.10+ marks torch.ao.quantization deprecated (moving to torchao)
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 @dataclass
 class Loaded:
     """A model ready for inference, with what every caller needs beside it."""
@@ -274,6 +302,8 @@ class Loaded:
     device: str
     bf16: bool = False
     """Weights and activations in bfloat16 (logits are cast back to float32 before softmax)."""
+    quantize: str = "none"
+    """``int8``: the Linear layers run dynamically quantized (``resolve_quantize``)."""
     prompt: Any = None
     """Instruction models: a ``prompts.PromptEncoder`` (template, answer ids, length budget)."""
 
@@ -282,11 +312,14 @@ _CACHE: dict = {}
 
 
 def load(path: str, task: str | None = None, configured_max_length: int | None = None,
-         device: str | None = None, threads: int | None = None, bf16: bool | str | None = None) -> Loaded:
+         device: str | None = None, threads: int | None = None, bf16: bool | str | None = None,
+         quantize: str | None = None) -> Loaded:
     """Tokenizer and model from a ``save_pretrained`` folder, once per (path, task, device) per process.
 
     ``bf16``: run in bfloat16 (``resolve_bf16``: True/False, ``auto``, or None for ``$SPARKTUNE_BF16``).
-    Inference needs no fp32 master copy, so the weights themselves are cast: no per-op autocast."""
+    Inference needs no fp32 master copy, so the weights themselves are cast: no per-op autocast.
+    ``quantize``: ``int8`` or ``none`` (``resolve_quantize``); int8 takes fp32 activations, so it
+    turns ``auto`` bf16 off (bf16 forced on with int8 raises ValueError)."""
     config = read_config(path)
     task = str(task or task_of_folder(path) or "")
     if task not in TASKS:
@@ -297,12 +330,17 @@ def load(path: str, task: str | None = None, configured_max_length: int | None =
         raise ValueError(f"{path}: an instruction model needs its prompt ({prompts.PROMPT_FILE}); it was not "
                          "trained by sparktune's instruction task")
     device = device_for(device)
+    quant = resolve_quantize(quantize, device)
     use_bf16 = resolve_bf16(bf16, device)
+    if quant == "int8" and use_bf16:
+        if isinstance(bf16, bool) or str(bf16 or os.environ.get(BF16_ENV, "auto")).strip().lower() not in ("", "auto"):
+            raise ValueError("quantize int8 runs the Linear layers on fp32 activations; set bf16 to false or auto")
+        use_bf16 = False
     import torch
 
     if threads:  # a setting of this process, applied on every call (a cached model included)
         torch.set_num_threads(int(threads))
-    key = (os.path.abspath(path), task, device, configured_max_length, use_bf16)
+    key = (os.path.abspath(path), task, device, configured_max_length, use_bf16, quant)
     if key in _CACHE:
         return _CACHE[key]
     from transformers import (
@@ -323,6 +361,8 @@ def load(path: str, task: str | None = None, configured_max_length: int | None =
     model = model.eval().to(device)
     if use_bf16:
         model = model.to(torch.bfloat16)
+    if quant == "int8":
+        model = _quantize_int8(model)
     _stop_between_layers(model)
     limit = max_length(tokenizer, model.config, configured_max_length)
     loaded = Loaded(
@@ -335,6 +375,7 @@ def load(path: str, task: str | None = None, configured_max_length: int | None =
         max_length=limit,
         device=device,
         bf16=use_bf16,
+        quantize=quant,
         prompt=prompts.PromptEncoder(tokenizer, spec, limit) if task == INSTRUCTION and spec is not None else None,
     )
     _CACHE[key] = loaded

@@ -40,7 +40,7 @@ __all__ = ["HF_ARTIFACT", "LOAD_OPTIONS", "TEXT_COLUMN", "THREADS_ENV", "Sparktu
 HF_ARTIFACT = "hf_model"
 THREADS_ENV = "SPARKTUNE_TORCH_THREADS"
 """Torch threads of a process that loads the model, where its ``torch_threads`` config is unset."""
-LOAD_OPTIONS = {"bf16": None, "torch_threads": None, "batch_size": None}
+LOAD_OPTIONS = {"bf16": None, "torch_threads": None, "batch_size": None, "quantize": None}
 """Model-config keys a loader may set for its own process (``load_model(uri, model_config=...)``).
 Logged with every model, unset: MLflow only lets a loader override keys the MLmodel holds."""
 TEXT_COLUMN = "text"
@@ -93,7 +93,8 @@ class SparktuneModel(PythonModel):
 
     * ``bf16``: auto, true or false (None: ``$SPARKTUNE_BF16``, else auto; see ``hf.resolve_bf16``);
     * ``torch_threads``: torch threads (None or 0: ``$SPARKTUNE_TORCH_THREADS``, else torch's default);
-    * ``batch_size``: rows per forward pass (None: 32; ``hf.rows_per_pass`` divides it for decoders).
+    * ``batch_size``: rows per forward pass (None: 32; ``hf.rows_per_pass`` divides it for decoders);
+    * ``quantize``: ``int8`` (dynamic int8 Linear layers, CPU only) or None/``none`` (``hf.resolve_quantize``).
     """
 
     DEADLINE = hf.DEADLINE
@@ -103,7 +104,8 @@ class SparktuneModel(PythonModel):
         cfg = dict(context.model_config or {})
         threads = cfg.get("torch_threads") or os.environ.get(THREADS_ENV)
         self.core = hf.load(context.artifacts[HF_ARTIFACT], cfg.get("task"), cfg.get("max_length"),
-                            threads=int(threads) if threads else None, bf16=cfg.get("bf16"))
+                            threads=int(threads) if threads else None, bf16=cfg.get("bf16"),
+                            quantize=cfg.get("quantize"))
         self.batch_size = int(cfg.get("batch_size") or 32)
         self.max_new_tokens = int(cfg.get("max_new_tokens") or 0)
         self.labels = list(cfg.get("labels") or self.core.labels)
