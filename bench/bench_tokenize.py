@@ -2,15 +2,18 @@
 
 All arms run in this script on the same machine and corpus, for each tokenizer given:
 
-* ``raw``: the Rust tokenizer on one thread (``RAYON_NUM_THREADS=1``, ``encode_batch_fast`` as the stage calls it), no
-  Spark, batches of 1,000, on ``--baseline-rows`` reviews;
+* ``raw``: the Rust tokenizer on one thread (``RAYON_NUM_THREADS=1``, ``encode_batch_fast``), every text encoded
+  whole as the tokenizer does it (not the stage's prefix cut, ``sparktune.encoding._PrefixCut``), no Spark, batches
+  of 1,000, on ``--baseline-rows`` reviews;
 * ``seed``: the seed recipe, ``datasets.Dataset.map(tokenize, batched=True,
   padding="max_length", truncation=True, num_proc=2)`` on ``--seed-rows`` reviews; its padded
   arrays' size on disk (the Arrow cache files ``map`` writes) is scaled to the whole corpus;
 * ``spark``: the whole ``tokenize_table`` stage on ``--master`` (read the raw Delta table,
   ``mapInArrow`` in the executors, write the tokenized Delta table and commit), after a
   warm-up run, ``--runs`` times; the table's size on disk (the Parquet files of its version);
-* ``noop``: the same executor work into Spark's ``noop`` sink (no Delta write).
+* ``noop``: the same executor work into Spark's ``noop`` sink (no Delta write);
+* ``noop_plain`` (``--plain-noop``): the same, with the worker body before the prefix cut
+  (``bench/bench_tokenize_worker.py``'s ``plain_body``): the cut's gain inside Spark, same session.
 
 Every arm is timed ``--runs`` times and the median reported, with the ratios of ``spark`` to
 ``raw`` (target >= 1.8x) and to ``seed`` (target >= 1.5x). While ``spark`` runs, the CPU
@@ -54,13 +57,27 @@ VARIANTS = {
 
 
 def baseline_rows_per_s(texts, tokenizer_name, max_length, batch_size=1000):
-    from sparktune.encoding import encode_batch, worker_tokenizer
+    from sparktune.encoding import worker_tokenizer
 
-    tokenizer = worker_tokenizer(tokenizer_name, max_length)
+    backend = worker_tokenizer(tokenizer_name, max_length).backend_tokenizer
     start = time.perf_counter()
     for i in range(0, len(texts), batch_size):
-        encode_batch(tokenizer, texts[i : i + batch_size])
+        encodings = backend.encode_batch_fast(texts[i : i + batch_size])
+        [(e.ids, e.overflowing) for e in encodings]
     return len(texts) / (time.perf_counter() - start)
+
+
+def plain_partition(name: str, max_length: int):
+    """mapInArrow's function with the worker body before the prefix cut (whole texts only)."""
+    def tokenize(batches):
+        from bench.bench_tokenize_worker import plain_body
+        from sparktune.encoding import worker_tokenizer
+
+        tokenizer = worker_tokenizer(name, max_length)
+        for batch in batches:
+            yield plain_body(tokenizer, batch)
+
+    return tokenize
 
 
 def seed_recipe(texts, tokenizer_name, max_length, workdir) -> tuple[float, int]:
@@ -143,7 +160,7 @@ def run_tokenizer(spark, args, tokenizer, raw, rows, texts, workdir, sampler) ->
         tokenize_table(spark, raw, os.path.join(workdir, "warmup"), tokenizer, max_length=args.max_length, force=True)
     raw_rates, seed_rates, seed_sizes = [], [], []
     spark_rates: dict = {v: [] for v in args.variants}
-    noop_rates, shares = [], []
+    noop_rates, noop_plain_rates, shares = [], [], []
     sizes: dict = {}
     for _ in range(args.runs):
         raw_rates.append(baseline_rows_per_s(base_texts, tokenizer, args.max_length))
@@ -174,13 +191,18 @@ def run_tokenizer(spark, args, tokenizer, raw, rows, texts, workdir, sampler) ->
                         spark.conf.unset(k)
                     else:
                         spark.conf.set(k, v)
-        if args.quick:
+        if args.quick and not args.plain_noop:
             continue
         source = spark.read.format("delta").load(raw).select("row_id", "split", "label", "text")
         start = time.perf_counter()
         source.mapInArrow(_tokenize_partition(tokenizer, args.max_length, True), TOKENIZED_SCHEMA).write.format(
             "noop").mode("overwrite").save()
         noop_rates.append(rows / (time.perf_counter() - start))
+        if args.plain_noop:
+            start = time.perf_counter()
+            source.mapInArrow(plain_partition(tokenizer, args.max_length), TOKENIZED_SCHEMA).write.format(
+                "noop").mode("overwrite").save()
+            noop_plain_rates.append(rows / (time.perf_counter() - start))
 
     med = statistics.median
     result["raw_1thread_rows_per_s"] = round(med(raw_rates), 1)
@@ -194,6 +216,10 @@ def run_tokenizer(spark, args, tokenizer, raw, rows, texts, workdir, sampler) ->
     if noop_rates:
         result["noop_rows_per_s"] = round(med(noop_rates), 1)
         result["noop_vs_raw"] = round(med(noop_rates) / med(raw_rates), 3)
+    if noop_plain_rates:
+        result["noop_plain_rows_per_s"] = round(med(noop_plain_rates), 1)
+        result["noop_plain_runs"] = [round(r, 1) for r in noop_plain_rates]
+        result["noop_over_noop_plain_paired"] = round(med([a / b for a, b in zip(noop_rates, noop_plain_rates)]), 3)
     # Paired per run (the arms of one run are minutes apart, runs may be far apart): the ratio
     # to trust when other jobs share the machine.
     result["spark_vs_raw_paired"] = round(med([s / r for s, r in zip(spark_rates["default"], raw_rates)]), 3)
@@ -229,6 +255,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-seed", action="store_true", help="skip the seed recipe arm")
     parser.add_argument("--variants", default="default",
                         help=f"comma-separated Spark settings to compare, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--plain-noop", action="store_true",
+                        help="also time the noop sink with the worker body before the prefix cut")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--quick", action="store_true",
                         help="tests/data/imdb_sample, one run, no warm-up or noop arm: a smoke test")
