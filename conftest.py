@@ -6,8 +6,6 @@ import sys
 
 import pytest
 
-pytest_plugins = ("pytester",)  # tests/test_tracking.py runs the MLflow URI guard below on a small suite
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.environ.get("SPARKTUNE_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
 

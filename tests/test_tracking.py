@@ -6,8 +6,6 @@ import pytest
 
 from sparktune.tracking import Tracker, resolve_tracking_uri
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture
 def clean_mlflow_uris(monkeypatch):
@@ -83,33 +81,3 @@ def test_uris_come_from_the_config_then_the_environment(tmp_path, clean_mlflow_u
     clean_mlflow_uris.setenv("MLFLOW_TRACKING_URI", "")  # empty counts as unset
     assert resolve_tracking_uri("") == "databricks"
 
-
-def test_the_suite_fails_a_test_that_leaves_mlflow_uris_changed(pytester, monkeypatch):
-    """The root conftest's guard: a test that leaves MLflow's process URIs (or their variables)
-    changed errors, the next test finds them put back, and monkeypatch's changes are no leak."""
-    with open(os.path.join(ROOT, "conftest.py"), encoding="utf-8") as handle:
-        pytester.makeconftest(handle.read())
-    pytester.makepyfile(test_leaks="""
-        import os
-
-        def test_leaks_the_tracking_uri(tmp_path):
-            import mlflow
-            mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/leak.db")
-
-        def test_leaks_the_variable():
-            os.environ["MLFLOW_REGISTRY_URI"] = "sqlite:///leak.db"
-
-        def test_the_next_test_finds_them_put_back():
-            from mlflow.tracking._tracking_service import utils as tracking
-            assert tracking._tracking_uri is None
-            assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
-
-        def test_monkeypatch_is_no_leak(monkeypatch):
-            monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///patched.db")
-    """)
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        monkeypatch.delenv(name, raising=False)  # the inner suite starts with them unset
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", "-rE")
-    result.assert_outcomes(passed=4, errors=2)
-    result.stdout.fnmatch_lines(["*test_leaks_the_tracking_uri*MLflow's process URIs changed*",
-                                 "*test_leaks_the_variable*MLflow's process URIs changed*"])
