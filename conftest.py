@@ -75,6 +75,47 @@ def mlflow_uri(tmp_path):
     return f"sqlite:///{db}"
 
 
+# MLflow's process-wide URIs: a test that changes them leaves the next tests on its store -----------
+
+_MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+_MLFLOW_MODULES = (("mlflow.tracking._tracking_service.utils", "_tracking_uri"),
+                   ("mlflow.tracking._model_registry.utils", "_registry_uri"))
+
+
+def _mlflow_process_uris() -> dict:
+    """MLflow's process-wide URIs as set (``mlflow.set_*_uri``) and in the environment; no import."""
+    state = {name: os.environ.get(name) for name in _MLFLOW_ENV}
+    for module, attr in _MLFLOW_MODULES:
+        state[f"{module}.{attr}"] = getattr(sys.modules.get(module), attr, None)
+    return state
+
+
+def _restore_mlflow_process_uris(state: dict) -> None:
+    for name in _MLFLOW_ENV:
+        if state[name] is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = state[name]
+    for module, attr in _MLFLOW_MODULES:
+        if module in sys.modules:
+            setattr(sys.modules[module], attr, state[f"{module}.{attr}"])
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_process_uris_unchanged():
+    """Fails a test that leaves MLflow's tracking/registry URI (or their variables) changed: a later
+    test loading ``models:/...`` without URIs would read that test's store. Set them for a block
+    (``sparktune.tracking.process_uris``) or with ``monkeypatch``. Then puts them back."""
+    before = _mlflow_process_uris()
+    yield
+    after = _mlflow_process_uris()
+    if after != before:
+        _restore_mlflow_process_uris(before)
+        changed = {key: (before[key], after[key]) for key in before if before[key] != after[key]}
+        pytest.fail(f"the test left MLflow's process URIs changed (before, after): {changed}; set them for a "
+                    "block (sparktune.tracking.process_uris) or with monkeypatch", pytrace=False)
+
+
 def _hidden_from_workers(tmp_path_factory) -> list:
     """The driver's temp folders outside /tmp (/tmp itself is always hidden from the workers)."""
     import tempfile

@@ -3,7 +3,6 @@ tables, and one tiny real training run whose registered model the serving tests 
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -73,30 +72,6 @@ def write_tokenized_table(spark, frame: pd.DataFrame, path: str) -> str:
     ]
     write_table(spark.createDataFrame(rows, TOKENIZED.schema), path)
     return path
-
-
-@contextlib.contextmanager
-def mlflow_store(base, experiment: str):
-    """A real SQLite MLflow store under ``base`` as the process's store, artifacts beside it.
-
-    The experiment gets an explicit artifact location: a SQLite store's default is ./mlruns in
-    the working directory.
-    """
-    import mlflow
-
-    uri = f"sqlite:///{base}/mlflow.db"
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.MlflowClient().create_experiment(experiment, artifact_location=f"file://{base}/artifacts")
-    mlflow.set_experiment(experiment)
-    try:
-        yield uri
-    finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 @dataclass

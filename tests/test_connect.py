@@ -20,25 +20,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def connect_url(tmp_path_factory):
+def connect_server(tmp_path_factory):
     from jobs.local_cluster import start_connect_server
 
     pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
     server = start_connect_server(str(tmp_path_factory.mktemp("connect_server")), master="local[2]",
                                   env={"PYTHONPATH": pythonpath})
     try:
-        yield server.url
+        yield server
     finally:
         server.stop()
         assert not server.remaining(), "Spark Connect server processes left running"
 
 
-def _sparktune(url: str, *args: str, cwd: str) -> dict:
-    """One `sparktune ... --remote URL --json` client process; its JSON result."""
+@pytest.fixture(scope="module")
+def connect_url(connect_server):
+    return connect_server.url
+
+
+def _client(url: str, *args: str, cwd: str) -> subprocess.CompletedProcess:
+    """One `sparktune ... --remote URL` client process."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p))
     env.pop("SPARK_REMOTE", None)
-    proc = subprocess.run([sys.executable, "-m", "sparktune.cli", *args, "--remote", url, "--json"], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "sparktune.cli", *args, "--remote", url], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600, check=False)
+
+
+def _sparktune(url: str, *args: str, cwd: str) -> dict:
+    """One `sparktune ... --remote URL --json` client process; its JSON result."""
+    proc = _client(url, *args, "--json", cwd=cwd)
     assert proc.returncode == 0, (args, proc.stdout[-2000:], proc.stderr[-4000:])
     return json.loads(proc.stdout)
 
@@ -75,3 +85,20 @@ def test_data_stages_and_evaluate_over_spark_connect(connect_url, imdb_sample_pa
                         "--predictions", predictions, "--limit", "20", "--no-mlflow", cwd=run)
     assert scored["rows"] == 20 and 0 <= scored["metrics"]["accuracy"] <= 1
     assert len(DeltaTable(predictions).to_pandas()) == 20
+
+
+def test_the_servers_java_log_stays_on_the_server(connect_server, tmp_path):
+    """A task failing on the server: the server logs it (with its Java stack) in its own log; the
+    client prints one line. Nothing
+    of the server's log4j output reaches a client: there is nothing for the client to quiet."""
+    query = "SELECT CAST(concat('planted-', id) AS INT) AS y FROM range(3)"  # fails in a task, on the data
+    with open(connect_server.log, encoding="utf-8", errors="replace") as handle:
+        handle.seek(0, os.SEEK_END)
+        proc = _client(connect_server.url, "sql", query, cwd=str(tmp_path))
+        server_log = handle.read()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sparktune sql: error:") and "planted-" in lines[0], lines
+    assert proc.stdout == ""
+    # The server did log the failure, Java stack included: in its log, not the client's terminal.
+    assert " ERROR " in server_log and "planted-" in server_log and "\tat org.apache.spark" in server_log

@@ -202,13 +202,11 @@ def test_spark_udf_on_the_registered_model_matches_the_predictions_table(spark, 
     import mlflow
     from pyspark.sql import functions as F
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(str(pipeline.tracker.tracking_uri))
-    try:
+    from sparktune.tracking import process_uris
+
+    with process_uris(str(pipeline.tracker.tracking_uri), None):  # put back as it was (unset), not as it read
         udf = mlflow.pyfunc.spark_udf(spark, pipeline.registered.alias_uri, env_manager="local",
                                       result_type="label string, prediction bigint, probabilities array<double>")
-    finally:
-        mlflow.set_tracking_uri(previous)
     raw = spark.read.format("delta").load(_abs(pipeline, "raw")).where(F.col("split") == "test")
     scored = raw.select("row_id", udf(F.struct(F.col("text").alias("text"))).alias("out")).toPandas()
     table = spark.read.format("delta").load(_abs(pipeline, "predictions")).toPandas()

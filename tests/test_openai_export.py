@@ -20,6 +20,25 @@ def raw_table(spark, imdb_sample_path, tmp_path_factory):
     return str(out)
 
 
+def test_export_flags_and_spec_are_one_declaration():
+    """``sparktune openai export``'s row flags are ``ExportRows``' fields: one default, one help each."""
+    from dataclasses import fields
+
+    from sparktune.openai.cli import ExportSettings
+    from sparktune.openai.export import ExportRows
+    from sparktune.settings import cli_default, field_help
+
+    rows = {f.name: cli_default(f) for f in fields(ExportRows)}
+    assert set(rows) == {f.name for f in fields(ExportSpec)} - {"template"}
+    flags = {f.name: cli_default(f) for f in fields(ExportSettings)}
+    assert rows.items() <= flags.items()
+    assert {name: field_help(ExportSettings)[name] for name in rows} == {name: field_help(ExportRows)[name]
+                                                                        for name in rows}
+    # The flags' defaults build the spec's defaults, template included.
+    settings = ExportSettings(table="t", output="o", limit=5)
+    assert ExportSpec(**settings.rows(), template=settings.template()) == ExportSpec(table="t", output="o", limit=5)
+
+
 def _lines(path):
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle]

@@ -135,3 +135,35 @@ def test_planted_secrets_reach_no_output(tmp_path, gpt2_tokenizer_path):
     props = DeltaTable(raw).metadata().configuration
     assert props["sparktune.source"].endswith("/***/***/reviews.jsonl")
     assert DeltaTable(raw).to_pandas()["source_file"].str.endswith("/***/***/reviews.jsonl").all()
+
+
+@pytest.mark.timeout(300)
+def test_a_secret_logged_inside_a_training_rank_is_redacted(tmp_path, gpt2_tokenizer_path):
+    """Ranks that torchrun starts redact their log records as the driver does (every handler)."""
+    import yaml
+    from test_train_support import nest, tiny_gpt2_overrides, write_tokenized_table
+
+    table = write_tokenized_table(tmp_path / "tok", gpt2_tokenizer_path, task="causal-lm", n_train=8, n_test=2,
+                                  max_length=16)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(nest(tiny_gpt2_overrides(tmp_path, table, "", **{
+        "mlflow.enabled": False, "data.eval_split": "", "train.max_steps": 1, "train.batch_size": 2,
+        "checkpoint.strategy": "no"}))))
+    logs = tmp_path / "rank_logs"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", SPARKTUNE_TRAIN_CALLBACKS="train_secret_log:log_secrets",
+               SPARKTUNE_TEST_LOG_DIR=str(logs),
+               SPARKTUNE_TEST_SECRET=("https://alice:PlantedRankPassw0rd@mlflow.example.com/api "
+                                      "hf_PlantedRankHf0123456789"),
+               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+         "-m", "sparktune.train.train", "--config", str(config)],
+        capture_output=True, text=True, env=env, timeout=280, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    for rank in (0, 1):
+        shown = f"rank {rank} of 2 reports https://***@mlflow.example.com/api ***"
+        assert shown in output, [line for line in output.splitlines() if "reports" in line]
+        assert (logs / f"rank-{rank}.log").read_text(encoding="utf-8") == shown + "\n"
+    assert "Planted" not in output

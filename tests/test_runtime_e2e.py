@@ -24,6 +24,7 @@ def test_main_job_then_serve_on_this_stack(spark, tmp_path, imdb_sample_path, mo
     import mlflow
 
     from sparktune.cli import main
+    from sparktune.tracking import process_uris
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
@@ -71,8 +72,8 @@ def test_main_job_then_serve_on_this_stack(spark, tmp_path, imdb_sample_path, mo
         _stop(proc)
     assert answer.status_code == 200, answer.text
     served = answer.json()["predictions"]
-    mlflow.set_tracking_uri(tracking_uri)
-    local = mlflow.pyfunc.load_model(registered).predict(pd.DataFrame({"text": TEXTS}))
+    with process_uris(tracking_uri, None):
+        local = mlflow.pyfunc.load_model(registered).predict(pd.DataFrame({"text": TEXTS}))
     assert [p["label"] for p in served] == list(local["label"])
     for pred, probabilities in zip(served, local["probabilities"]):
         assert pred["label"] in ("negative", "positive")

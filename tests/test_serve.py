@@ -13,6 +13,8 @@ import pytest
 import requests
 from evalkit import train_tiny_classifier
 
+from sparktune.tracking import process_uris
+
 MAX_BODY_MB = 1
 MAX_ROWS = 200
 REQUEST_TIMEOUT = 2
@@ -123,8 +125,8 @@ def test_serves_the_registered_artifact_with_every_probability(server, trained):
     logged = client.get_logged_model(trained.model_uri.split("/")[-1])
     # Registered from the LoggedModel (models:/m-...), so the version is linked to it.
     assert version.source == f"models:/{logged.model_id}" and version.run_id == trained.run_id
-    mlflow.set_tracking_uri(trained.tracking_uri)
-    local = mlflow.pyfunc.load_model(trained.registered_uri).predict(pd.DataFrame({"text": TEXTS}))
+    with process_uris(trained.tracking_uri, None):
+        local = mlflow.pyfunc.load_model(trained.registered_uri).predict(pd.DataFrame({"text": TEXTS}))
     payloads = [
         {"dataframe_split": {"columns": ["text"], "data": [[t] for t in TEXTS]}},
         {"dataframe_records": [{"text": t} for t in TEXTS]},
@@ -440,8 +442,8 @@ def test_concurrent_requests_are_batched_and_answered_each_with_its_own_rows(bat
 
     texts = ["What a wonderful, moving film.", "Dull, predictable and far too long.",
              "An average story, saved by the music.", "I walked out after twenty minutes; awful."]
-    mlflow.set_tracking_uri(trained.tracking_uri)
-    local = mlflow.pyfunc.load_model(trained.registered_uri).predict(pd.DataFrame({"text": texts}))
+    with process_uris(trained.tracking_uri, None):
+        local = mlflow.pyfunc.load_model(trained.registered_uri).predict(pd.DataFrame({"text": texts}))
     expected = [np.asarray(p) for p in local["probabilities"]]
     assert all(not np.allclose(expected[i], expected[j], atol=1e-4) for i in range(4) for j in range(i))
 

