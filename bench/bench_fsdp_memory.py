@@ -47,12 +47,29 @@ ARMS = {"ddp": ("ddp", False), "fsdp": ("fsdp", False), "lora": ("ddp", True), "
 PEAK_ENV = "BENCH_FSDP_PEAK_DIR"
 
 
-def _vm_hwm() -> int:
+def _vm(field: str = "VmHWM") -> int:
     with open("/proc/self/status", encoding="ascii") as handle:
         for line in handle:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _vm_hwm() -> int:
+    return _vm("VmHWM")
+
+
+def _anon() -> int:
+    """Resident anonymous memory (tensors, heap); the rest of RSS is mapped files (torch's libraries)."""
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+HEAVY = ("torch", "transformers", "peft", "accelerate", "datasets", "pandas", "pyarrow", "sklearn", "scipy",
+         "mlflow", "pyspark", "deltalake", "sympy", "triton")
 
 
 def peak_probe(cfg, env):
@@ -68,9 +85,23 @@ def peak_probe(cfg, env):
     class Peak(TrainerCallback):
         def __init__(self):
             self.marks: dict[str, int] = {}
+            self.modules: list[str] = []
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.marks["before_training"] = _vm_hwm()  # the model built (and sharded), nothing trained
+            self.marks["rss_before_training"] = _vm("VmRSS")
+            self.marks["anon_before_training"] = _anon()
+            self.modules = sorted(m for m in HEAVY if m in sys.modules)
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            # forward + backward done: the gradients are held, the activations freed
+            self.marks.setdefault("hwm_after_backward_1", _vm_hwm())
+            self.marks.setdefault("rss_after_backward_1", _vm("VmRSS"))
+            self.marks.setdefault("anon_after_backward_1", _anon())
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            self.marks.setdefault("rss_after_optimizer_1", _vm("VmRSS"))
+            self.marks.setdefault("anon_after_optimizer_1", _anon())
 
         def on_step_end(self, args, state, control, **kwargs):
             self.marks.setdefault("after_step_1", _vm_hwm())
@@ -78,12 +109,14 @@ def peak_probe(cfg, env):
         def on_train_end(self, args, state, control, **kwargs):
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, f"rank-{env.rank}.json"), "w", encoding="utf-8") as handle:
-                json.dump({"peak": _vm_hwm(), **self.marks}, handle)
+                json.dump({"peak": _vm_hwm(), "rss_end": _vm("VmRSS"), "anon_end": _anon(), **self.marks,
+                           "modules": self.modules}, handle)
 
     return Peak()
 
 
-def run_arm(work: str, table: str, model: dict, arm: str, args) -> dict:
+def arm_config(work: str, table: str, model: dict, arm: str, args):
+    """The arm's job config (written to ``work/<arm>.yaml``) and the memory plan for it."""
     import yaml
 
     from sparktune.tasks import Task
@@ -106,6 +139,11 @@ def run_arm(work: str, table: str, model: dict, arm: str, args) -> dict:
     plan = memory.plan_memory(shape, parallelism=cfg.train.parallelism, world_size=2, gpu=False, bf16=False,
                               lora=lora, quantize=cfg.lora.quantize, batch_size=args.batch_size, seq_len=args.seq,
                               checkpointing=False)
+    return path, shape, plan
+
+
+def run_arm(work: str, table: str, model: dict, arm: str, args) -> dict:
+    path, _, _ = arm_config(work, table, model, arm, args)
     peaks = os.path.join(work, f"peak-{arm}")
     env = dict(os.environ, OMP_NUM_THREADS="1", SPARKTUNE_TRAIN_CALLBACKS="bench_fsdp_memory:peak_probe",
                PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]), **{PEAK_ENV: peaks})
@@ -116,7 +154,24 @@ def run_arm(work: str, table: str, model: dict, arm: str, args) -> dict:
         sys.stderr.write(done.stdout[-3000:] + done.stderr[-6000:])
         raise SystemExit(f"bench_fsdp_memory: arm {arm} failed")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    records = [json.load(open(os.path.join(peaks, f"rank-{r}.json"), encoding="utf-8")) for r in range(2)]
+    with open(os.path.join(peaks, "result.json"), "w", encoding="utf-8") as handle:
+        json.dump({"global_step": result["global_step"], "train_seconds": result["train_seconds"],
+                   "last_loss": result["losses"][-1]}, handle)
+    return arm_row(work, table, model, arm, args)
+
+
+def arm_row(work: str, table: str, model: dict, arm: str, args) -> dict:
+    """The recorded measurement of ``arm`` (``work/peak-<arm>``) beside the plan's prediction."""
+    from sparktune.train import memory
+
+    _, shape, plan = arm_config(work, table, model, arm, args)
+    peaks = os.path.join(work, f"peak-{arm}")
+    with open(os.path.join(peaks, "result.json"), encoding="utf-8") as handle:
+        result = json.load(handle)
+    records = []
+    for r in range(2):
+        with open(os.path.join(peaks, f"rank-{r}.json"), encoding="utf-8") as handle:
+            records.append(json.load(handle))
     measured = [r["peak"] for r in records]
     peak = max(measured)
     samples = result["global_step"] * args.batch_size * 2 / result["train_seconds"]
@@ -125,7 +180,67 @@ def run_arm(work: str, table: str, model: dict, arm: str, args) -> dict:
             "plan_over_measured": round(plan.total / peak, 3), "samples_per_s": round(samples, 2),
             "before_training_gib": [round(r.get("before_training", 0) / memory.GIB, 3) for r in records],
             "after_step_1_gib": [round(r.get("after_step_1", 0) / memory.GIB, 3) for r in records],
-            "params": shape.params, "trainable": shape.trainable, "last_loss": result["losses"][-1]}
+            **{f"{k}_gib": [round(r.get(k, 0) / memory.GIB, 3) for r in records]
+               for k in ("rss_before_training", "hwm_after_backward_1", "rss_after_backward_1",
+                         "rss_after_optimizer_1", "anon_before_training", "anon_after_backward_1",
+                         "anon_after_optimizer_1", "rss_end", "anon_end")},
+            "plan_terms_gib": {k: round(v / memory.GIB, 3) for k, v in plan.to_dict().items()
+                               if k in ("weights", "gradients", "optimizer", "activations", "buffers", "gathered",
+                                        "runtime")},
+            "rank_modules": records[0].get("modules", []),
+            "params": shape.params, "trainable": shape.trainable, "last_loss": result["last_loss"]}
+
+
+README_MODELS = {
+    "Qwen2.5-7B": {"model_type": "qwen2", "num_hidden_layers": 28, "hidden_size": 3584, "intermediate_size": 18944,
+                   "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                   "tie_word_embeddings": False},
+    "Llama-3.1-8B": {"model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                     "tie_word_embeddings": False},
+    "Qwen2.5-1.5B": {"model_type": "qwen2", "num_hidden_layers": 28, "hidden_size": 1536, "intermediate_size": 8960,
+                     "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+                     "tie_word_embeddings": True},
+}
+README_ROWS = [  # model, setting, parallelism, GPUs, lora, nf4
+    ("Qwen2.5-7B", "DDP full", "ddp", 8, False, False), ("Qwen2.5-7B", "FSDP full, 8 GPUs", "fsdp", 8, False, False),
+    ("Qwen2.5-7B", "FSDP full, 4 GPUs", "fsdp", 4, False, False),
+    ("Qwen2.5-7B", "LoRA, bf16 base, 1 GPU", "ddp", 1, True, False),
+    ("Qwen2.5-7B", "QLoRA nf4, 1 GPU", "ddp", 1, True, True),
+    ("Llama-3.1-8B", "FSDP full, 8 GPUs", "fsdp", 8, False, False),
+    ("Llama-3.1-8B", "QLoRA nf4, 1 GPU", "ddp", 1, True, True),
+    ("Qwen2.5-1.5B", "DDP full", "ddp", 8, False, False),
+    ("Qwen2.5-1.5B", "FSDP full, 4 GPUs", "fsdp", 4, False, False),
+]
+
+
+def readme_table() -> str:
+    """README's "Large models" table: the plan per GPU (bf16, activation checkpointing, batch 4 x 512
+    tokens, LoRA r=16 on all projections), from each model's config on the meta device."""
+    from sparktune.tasks import Task
+    from sparktune.train import memory
+    from sparktune.train.config import Parallelism, Quantization, load_train_config
+
+    lines = ["| model | setting | GiB per rank | weights / grads / AdamW / activations (+ gathered) |",
+             "|---|---|---|---|"]
+    for name, label, parallelism, gpus, lora, nf4 in README_ROWS:
+        data = {"output_dir": "o", "data": {"table": "t"},
+                "model": {"name": name, "task": "instruction", "config_overrides": README_MODELS[name],
+                          "dtype": "bfloat16" if lora else "float32"},
+                "lora": {"enabled": lora, "r": 16, "quantize": "nf4" if nf4 else "none",
+                         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj"]}}
+        cfg = load_train_config(data=data)
+        shape = memory.model_shape(cfg, Task.INSTRUCTION)
+        plan = memory.plan_memory(shape, parallelism=Parallelism(parallelism), world_size=gpus, gpu=True, bf16=True,
+                                  lora=lora, quantize=Quantization.NF4 if nf4 else Quantization.NONE, batch_size=4,
+                                  seq_len=512, checkpointing=True, weight_bytes=2 if lora else 4)
+        g = memory.GIB
+        gathered = f" (+ {plan.gathered / g:.1f})" if plan.gathered else ""
+        lines.append(f"| {name} ({shape.params / 1e9:.2f}B) | {label} | {plan.total / g:.1f} "
+                     f"| {plan.weights / g:.1f} / {plan.gradients / g:.1f} / {plan.optimizer / g:.1f} "
+                     f"/ {plan.activations / g:.1f}{gathered} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -136,7 +251,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64, help="tokens per row (rows are cut/padded to it)")
     parser.add_argument("--work", default="")
+    parser.add_argument("--replan", action="store_true",
+                        help="run nothing: print the recorded measurements in --work beside the current plan")
+    parser.add_argument("--readme-table", action="store_true",
+                        help="run nothing: print README's GPU table of the plan for 1.5-8B models")
     args = parser.parse_args(argv)
+    if args.readme_table:
+        print(readme_table())
+        return 0
     from test_train_support import write_tokenized_table
 
     from sparktune.models import resolve_pretrained
@@ -152,15 +274,18 @@ def main(argv=None) -> int:
             write_tokenized_table(table, GPT2_TOKENIZER, task="causal-lm", n_train=64, n_test=4, max_length=args.seq)
     rows = []
     for arm in args.arms.split(","):
-        row = run_arm(work, table, model, arm, args)
+        row = (arm_row if args.replan else run_arm)(work, table, model, arm, args)
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r for r in rows if r["arm"] == "ddp"), None)
-    print(f"\n| {args.model} | peak rank 0 / 1 (GiB) | plan (GiB) | plan / measured | samples/s | vs ddp peak |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| {args.model} | peak rank 0 / 1 (GiB) | RSS before training | RSS after step 1's backward "
+          "| plan (GiB) | plan / measured | samples/s | peak vs ddp |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{max(r['peak_gib']) / max(base['peak_gib']):.2f}" if base else ""
-        print(f"| {r['arm']} | {r['peak_gib'][0]} / {r['peak_gib'][1]} | {r['plan_gib']} | {r['plan_over_measured']} "
+        before, backward = r["rss_before_training_gib"], r["rss_after_backward_1_gib"]
+        print(f"| {r['arm']} | {r['peak_gib'][0]} / {r['peak_gib'][1]} | {before[0]:.2f} / {before[1]:.2f} "
+              f"| {backward[0]:.2f} / {backward[1]:.2f} | {r['plan_gib']} | {r['plan_over_measured']} "
               f"| {r['samples_per_s']} | {ratio} |")
     return 0
 

@@ -163,3 +163,72 @@ def test_cpu_ranks_give_freed_blocks_back_to_the_system():
             assert was_set == "True"
     assert kept["0"] > 200, kept  # glibc's default: the freed blocks stay resident
     assert kept["1"] < 32, kept  # 64 small blocks (4 MiB) and some slack
+
+
+def _saved_bytes_per_token_layer(lora: bool) -> tuple[float, memory.ModelShape]:
+    """What autograd really saves for backward per token and layer (unique storages, weights
+    excluded), from a 3-layer and a 2-layer model of the same shapes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    extra = {"lora.enabled": "true", "lora.target_modules": "[q_proj,v_proj]"} if lora else {}
+    saved, shape = {}, None
+    for layers in (2, 3):
+        cfg = _cfg(TINY_QWEN2 | {"num_hidden_layers": layers, "hidden_size": 128, "intermediate_size": 352,
+                                 "num_attention_heads": 8}, **extra)
+        shape = memory.model_shape(cfg, Task.CAUSAL_LM)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(memory._config_of(cfg, Task.CAUSAL_LM))
+        if lora:
+            from sparktune.train.model import apply_lora
+
+            model = apply_lora(cfg, model, Task.CAUSAL_LM)
+        model.train()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        found: dict[int, int] = {}
+
+        def pack(t, found=found, weights=weights):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in weights:
+                found[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        ids = torch.randint(0, 512, (2, 32))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids)
+        saved[layers] = sum(found.values())
+    assert shape is not None
+    return (saved[3] - saved[2]) / (2 * 32), shape
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_activation_formula_matches_what_autograd_saves(lora):
+    """The plan's per-layer activations against the tensors autograd saves for backward; a frozen
+    base (LoRA) saves less (its Linear layers' inputs are not needed), and the plan says so."""
+    measured, shape = _saved_bytes_per_token_layer(lora)
+    planned = memory._layer_activations(shape, 4, frozen=lora)
+    assert shape.adapters == (2 if lora else 0)
+    assert abs(planned / measured - 1) < 0.12, (planned, measured)  # -4% full, -9% LoRA at these shapes
+    if lora:
+        full = memory._layer_activations(shape, 4, frozen=False)
+        assert planned < 0.9 * full
+
+
+def test_peak_is_the_larger_of_gradients_and_activations_not_their_sum():
+    shape = memory.model_shape(_cfg(TINY_QWEN2 | {"num_hidden_layers": 24, "hidden_size": 1024,
+                                                  "intermediate_size": 2816, "num_attention_heads": 16,
+                                                  "vocab_size": 151936, "tie_word_embeddings": True}),
+                               Task.CAUSAL_LM)
+    common = dict(world_size=2, gpu=False, bf16=False, quantize=Quantization.NONE, batch_size=4, seq_len=64,
+                  checkpointing=False)
+    ddp = memory.plan_memory(shape, parallelism=Parallelism.DDP, lora=False, **common)
+    fsdp = memory.plan_memory(shape, parallelism=Parallelism.FSDP, lora=False, **common)
+    for plan in (ddp, fsdp):
+        parts = plan.runtime + plan.weights + plan.optimizer + plan.buffers
+        assert plan.total == parts + max(plan.gradients, plan.activations + plan.gathered)
+        assert plan.total < parts + plan.gradients + plan.activations + plan.gathered
+    assert ddp.buffers == ddp.gradients and ddp.gathered == 0  # DDP's buckets: held the whole step
+    assert fsdp.buffers == 0 and fsdp.gathered >= shape.root_params * 4  # FSDP2 keeps the root gathered
+    # measured on CPU (BENCHMARKS.md, issue 20, 2026-12-07): DDP 7.26, FSDP 4.07 GiB per rank
+    assert 7.26 * 0.75 < ddp.total / memory.GIB < 7.26 * 1.25
+    assert 4.07 * 0.75 < fsdp.total / memory.GIB < 4.07 * 1.25

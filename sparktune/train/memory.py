@@ -4,7 +4,9 @@
 no memory) to count its parameters, the trainable ones under LoRA, the sharding units FSDP
 would use (``sparktune.train.fsdp.sharding_units``) and what 4-bit quantization would cover.
 ``plan_memory`` is pure arithmetic over that shape and the job's settings: per-rank bytes for
-weights, gradients, AdamW state, activations, communication buffers and the runtime itself.
+weights, gradients, AdamW state, activations, communication buffers and the runtime itself, and
+the peak they make together (``MemoryPlan.total``): not their sum, since the gradients and the
+activations never coexist in full (below).
 ``check_memory`` refuses a job that cannot fit, with the figures and the settings that would
 make it fit (each one re-planned), before any rank starts or any data is staged.
 
@@ -12,6 +14,15 @@ The coefficients (bytes per parameter, tensors saved per token and layer) are th
 accounting (weights 4 B/param in fp32, gradients as the weights, AdamW 8 B/param, DDP's
 gradient buckets another copy of the gradients); bench/bench_fsdp_memory.py measures the
 prediction against the real per-rank peak.
+
+When each part is held (how PyTorch and the Trainer hold them, checked per phase on CPU):
+weights, AdamW state (from the first optimizer step on) and DDP's buckets live the whole job.
+The Trainer frees the gradients after each optimizer step (``zero_grad(set_to_none=True)``), so
+the forward pass starts without them; it saves the activations, and backward frees each layer's
+saved tensors as it makes that layer's gradients. The activations (with FSDP's gathered layers
+and root) peak at the start of backward, the gradients at its end and through the optimizer
+step: the peak is ``runtime + weights + optimizer + buckets + max(gradients, activations +
+gathered)``.
 """
 
 from __future__ import annotations
@@ -29,10 +40,12 @@ __all__ = ["ModelShape", "MemoryPlan", "model_shape", "plan_memory", "plan_for_j
 log = logging.getLogger("sparktune.train")
 
 GIB = 1024 ** 3
-CPU_RUNTIME = int(1.15 * GIB)
-"""A CPU rank's own footprint: the interpreter with torch, transformers, peft, pyarrow and the
-process group loaded; measured 1.12-1.34 GiB peak RSS for a 4M-parameter model
-(bench/bench_fsdp_memory.py --model tiny)."""
+CPU_RUNTIME = int(1.05 * GIB)
+"""A CPU rank's own footprint: the interpreter with torch, transformers' Trainer (which imports
+peft, accelerate, datasets, pandas, pyarrow, torch._dynamo, sympy and triton itself: 0.87 GiB
+resident), the process group and the pages of torch's libraries the first step touches; a
+4M-parameter model's rank holds 0.96 GiB before training and peaks at 1.12-1.20 GiB, ~0.1 of
+it that model's own terms (bench/bench_fsdp_memory.py --model tiny)."""
 GPU_RUNTIME = int(1.0 * GIB)
 """A GPU rank's CUDA context and kernels, which torch's allocator does not count but the GPU holds."""
 NF4_BYTES = 0.5 + 4 / 64 / 8 * 1.1
@@ -60,6 +73,8 @@ class ModelShape:
     """Parameters of the Linear layers inside the units (what nf4 quantizes)."""
     gated_mlp: bool
     causal: bool
+    adapters: int = 0
+    """LoRA-adapted Linear layers in one unit (0 without LoRA)."""
 
 
 @dataclass(frozen=True)
@@ -81,14 +96,20 @@ class MemoryPlan:
     optimizer: int
     activations: int
     buffers: int
-    """DDP's gradient buckets, or FSDP's gathered units and reduce-scatter buffers."""
+    """DDP's gradient buckets: a copy of the gradients held the whole job."""
     runtime: int
     available: int | None = None
     available_from: str = ""
+    gathered: int = 0
+    """FSDP: the root (embeddings, head, final norm) gathered for the whole forward and backward
+    and two units (the one computing, the next one prefetched); they coexist with the activations."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.buffers + self.runtime
+        """The peak: the gradients (end of backward, optimizer step) and the activations (start of
+        backward) do not coexist in full; see the module's docstring."""
+        return (self.runtime + self.weights + self.optimizer + self.buffers
+                + max(self.gradients, self.activations + self.gathered))
 
     @property
     def fits(self) -> bool:
@@ -109,9 +130,10 @@ class MemoryPlan:
         def gib(n: int) -> str:
             return f"{n / GIB:.2f}"
 
-        text = (f"{gib(self.total)} GiB per rank = weights {gib(self.weights)} + gradients {gib(self.gradients)} "
-                f"+ optimizer {gib(self.optimizer)} + activations {gib(self.activations)} + buffers "
-                f"{gib(self.buffers)} + runtime {gib(self.runtime)}")
+        text = (f"{gib(self.total)} GiB per rank = weights {gib(self.weights)} + optimizer {gib(self.optimizer)} "
+                f"+ buffers {gib(self.buffers)} + runtime {gib(self.runtime)} + the larger of gradients "
+                f"{gib(self.gradients)} and activations {gib(self.activations)}"
+                + (f" + gathered {gib(self.gathered)}" if self.gathered else ""))
         if self.available is not None:
             text += f"; a rank has {gib(self.available)} GiB ({self.available_from})"
         return text
@@ -119,7 +141,7 @@ class MemoryPlan:
     def to_params(self) -> dict:
         """MLflow params (``memory.*``, GiB)."""
         out = {f"memory.{k}_gib": round(getattr(self, k) / GIB, 3)
-               for k in ("weights", "gradients", "optimizer", "activations", "buffers", "runtime")}
+               for k in ("weights", "gradients", "optimizer", "activations", "buffers", "gathered", "runtime")}
         out["memory.total_gib"] = round(self.total / GIB, 3)
         out["memory.available_gib"] = round(self.available / GIB, 3) if self.available is not None else "unknown"
         out["memory.settings"] = self.settings()
@@ -176,27 +198,41 @@ def model_shape(cfg: TrainConfig, task: Task) -> ModelShape:
     heads = int(getattr(text, "num_attention_heads", 1) or 1)
     intermediate = int(getattr(text, "intermediate_size", 0) or getattr(text, "n_inner", 0) or 4 * hidden)
     gated = any(name.endswith("gate_proj") for name, _ in units[0].named_modules()) if units else False
+    adapters = sum(1 for _, m in units[0].named_modules() if hasattr(m, "lora_A")) if units else 0
     return ModelShape(
         model_type=str(config.model_type), params=int(params), trainable=int(trainable), layers=len(units),
         hidden=hidden, intermediate=intermediate, heads=heads,
         kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
         vocab=int(getattr(text, "vocab_size", 0) or 0), unit_params=int(max(unit_sizes, default=0)),
         root_params=int(params - sum(unit_sizes)), linear_params=int(linear),
-        gated_mlp=gated, causal=task.is_causal)
+        gated_mlp=gated, causal=task.is_causal, adapters=adapters)
 
 
-def _activations(shape: ModelShape, batch: int, seq: int, act_bytes: int, checkpointing: bool) -> int:
-    """Tensors saved for backward: per layer and token ~ x, norm, q, attention out, residual, norm
-    (7 hidden-wide), k/v and their rotation (3 kv-wide), the MLP's inputs/outputs (gated: 4
-    intermediate-wide, else 2); with checkpointing only each layer's input plus one layer's worth.
-    A causal LM adds its logits in fp32 about three times (logits, log-softmax, their gradient)."""
+def _layer_activations(shape: ModelShape, act_bytes: int, frozen: bool) -> int:
+    """Bytes one layer saves for backward per token. Fully trained: x, its norm, q, attention out,
+    the residual, the second norm (7 hidden-wide), k/v and their rotation (3 kv-wide), the MLP's
+    inputs/outputs (gated: 4 intermediate-wide, else 2). A frozen base (LoRA) does not save the
+    inputs only its frozen Linear layers need (the two norms' outputs, o_proj's and down_proj's
+    inputs: 3 hidden-wide, 1 intermediate-wide); each adapter saves its dropped-out input and the
+    dropout mask. (Counted with saved_tensors_hooks on Qwen2/Llama layers: the formula is within 5%.)"""
     kv = shape.hidden * shape.kv_heads // max(shape.heads, 1)
-    per_token_layer = (7 * shape.hidden + 3 * kv + (4 if shape.gated_mlp else 2) * shape.intermediate) * act_bytes
+    full = (7 * shape.hidden + 3 * kv + (4 if shape.gated_mlp else 2) * shape.intermediate) * act_bytes
+    if not frozen:
+        return full
+    return full - (3 * shape.hidden + shape.intermediate) * act_bytes + shape.adapters * shape.hidden * (act_bytes + 1)
+
+
+def _activations(shape: ModelShape, batch: int, seq: int, act_bytes: int, checkpointing: bool,
+                 frozen: bool = False) -> int:
+    """What is alive at the start of backward: each layer's saved tensors (with checkpointing only
+    each layer's input plus one layer's worth, recomputed); a causal LM adds its fp32 logits three
+    times over (log-softmax's saved output, its gradient, the logits' gradient)."""
+    per_layer = _layer_activations(shape, act_bytes, frozen)
     tokens = batch * seq
     if checkpointing:
-        layers = tokens * (shape.layers * shape.hidden * act_bytes + per_token_layer)
+        layers = tokens * (shape.layers * shape.hidden * act_bytes + per_layer)
     else:
-        layers = tokens * shape.layers * per_token_layer
+        layers = tokens * shape.layers * per_layer
     logits = tokens * shape.vocab * 4 * 3 if shape.causal else 0
     return int(layers + logits)
 
@@ -217,25 +253,26 @@ def plan_memory(shape: ModelShape, *, parallelism: Parallelism, world_size: int,
         weights = shape.params * weight_bytes
     gradients = trainable * 4
     optimizer = trainable * 8
+    gathered = buffers = 0
     if fsdp:
         weights, gradients, optimizer = weights // n, gradients // n, optimizer // n
-        gathered = 2 if bf16 and gpu else weight_bytes
-        # the unit in compute and the next one prefetched, the root for the whole step, one
-        # unit's unsharded gradients waiting for reduce-scatter
-        buffers = (2 * shape.unit_params + shape.root_params) * gathered
-        buffers += shape.unit_params * 4 if trainable == shape.params else 0
-    else:
-        buffers = gradients if world_size > 1 else 0  # DDP's gradient buckets: a second copy
+        # the unit in compute and the next one prefetched, and the root for the whole forward and
+        # backward (FSDP2 keeps the root gathered after forward)
+        gathered = (2 * shape.unit_params + shape.root_params) * (2 if bf16 and gpu else weight_bytes)
+        gradients += shape.unit_params * 4 if trainable == shape.params else 0  # one unit's, before reduce-scatter
+    elif world_size > 1:
+        buffers = gradients  # DDP's gradient buckets: a second copy
     if cpu_offload and fsdp and gpu:
         weights = gradients = optimizer = 0  # held in host memory, streamed per unit
     act_bytes = 2 if bf16 or quantize is Quantization.NF4 else 4
-    activations = _activations(shape, batch_size, seq_len, act_bytes, checkpointing)
+    activations = _activations(shape, batch_size, seq_len, act_bytes, checkpointing,
+                               frozen=lora and trainable < shape.params)
     return MemoryPlan(
         parallelism=parallelism, world_size=world_size, device="cuda" if gpu else "cpu",
         precision="bf16" if bf16 else "fp32", lora=lora, quantize=quantize, batch_size=batch_size, seq_len=seq_len,
         activation_checkpointing=checkpointing, cpu_offload=cpu_offload and fsdp, weights=weights, gradients=gradients,
         optimizer=optimizer, activations=activations, buffers=buffers, runtime=GPU_RUNTIME if gpu else CPU_RUNTIME,
-        available=available, available_from=available_from)
+        available=available, available_from=available_from, gathered=gathered)
 
 
 def rank_memory(cfg: TrainConfig, *, gpu: bool, ranks_per_host: int,
@@ -310,11 +347,11 @@ def _alternatives(plan: MemoryPlan, shape: ModelShape) -> list[tuple[str, Memory
     out = []
     for label, change in options:
         kwargs = {**base, **change}
-        trainable = shape.trainable
+        trainable, adapters = shape.trainable, shape.adapters
         if kwargs["lora"] and not plan.lora:
             # ~r*(in+out) per adapted projection (q and v of each layer at r=8): 2 x 8 x 2h per layer
-            trainable = shape.layers * 2 * 8 * 2 * shape.hidden
-        out.append((label, plan_memory(replace(shape, trainable=trainable), **kwargs)))
+            trainable, adapters = shape.layers * 2 * 8 * 2 * shape.hidden, 2
+        out.append((label, plan_memory(replace(shape, trainable=trainable, adapters=adapters), **kwargs)))
     return out
 
 
