@@ -262,12 +262,20 @@ class Stage:
     check: Callable[[Any], None] | None = None
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps help text without breaking at hyphens: a flag named in a setting's help
+    (``--torch-threads``) stays whole, so it can be copied (and its help compared word by word)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def add_stage(subparsers: Any, stage: Stage) -> argparse.ArgumentParser:
     """Add ``stage``'s subcommand: the common flags, one flag per settings field, its handler."""
     from sparktune.cli import stage_parser
 
     parser = stage_parser(subparsers, stage.name, help=stage.help, description=stage.description or stage.help,
-                          epilog=stage.epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+                          epilog=stage.epilog, formatter_class=HelpFormatter)
     add_arguments(parser.add_argument_group(f"{stage.name} settings"), stage.settings)
 
     def handler(args: argparse.Namespace, ctx: Any) -> Any:
