@@ -133,7 +133,10 @@ def test_full_life_cycle(spark, fake, workspace, store, tmp_path, capfd):
                    "positive": {"precision": 0.8, "recall": 0.84, "f1": 0.81, "support": 50}},
         labels=["negative", "positive"], confusion_matrix=[[40, 10], [8, 42]]))
 
-    # score: 2 Spark tasks x 2 threads, two 429s and a 500 on the way
+    # score: 2 Spark tasks x 2 threads, two 429s and a 500 on the way. Each answer takes 0.2 s here
+    # (0.02 s elsewhere) so that concurrent requests overlap even on a loaded machine: the check
+    # below that more than one chat was in flight at once must not depend on the scheduler.
+    fake.chat_delay_s = 0.2
     fake.inject("chat", 429, times=2, retry_after="1")
     fake.inject("chat", 500, times=1)
     predictions = str(root / "predictions")
@@ -158,6 +161,7 @@ def test_full_life_cycle(spark, fake, workspace, store, tmp_path, capfd):
         ]
         + tracking
     )
+    fake.chat_delay_s = 0.02
     out = capfd.readouterr()
     assert rc == 0, out.err
     table = DeltaTable(predictions).to_pandas()
