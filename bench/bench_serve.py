@@ -77,22 +77,25 @@ def mode_name(text):
 
 
 class _Client:
-    """One keep-alive HTTP/1.1 connection, raw asyncio streams: a few microseconds of client CPU
-    per request (a ``requests`` session costs ~1 ms, on the same 2 cores as the server, and that
-    cost grows with the server's speed)."""
+    """One keep-alive HTTP/1.1 connection over raw asyncio streams: little client CPU per request
+    (each run prints it, ``client_cpu_ms_per_request``), which matters because the clients share
+    the 2 cores with the server and their cost grows with the server's speed."""
 
     def __init__(self, host, port):
         self.host, self.port = host, port
-        self.reader = self.writer = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
 
     async def post(self, request: bytes) -> int:
-        if self.writer is None:
+        if self.reader is None or self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
-        length = int(re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head).group(1))
-        await self.reader.readexactly(length)
+        length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+        if length is None:
+            raise ValueError("an answer without content-length")
+        await self.reader.readexactly(int(length.group(1)))
         if re.search(rb"(?i)\r\nconnection:\s*close", head):
             await self.close()
         return status
@@ -137,11 +140,14 @@ async def _run_clients(host, port, texts, clients, seconds, rows_per_request):
 
 def run_clients(url, texts, clients, seconds, rows_per_request):
     host, port = url.rsplit("//", 1)[1].split(":")
+    cpu = time.process_time()
     latencies, errors, wall = asyncio.run(_run_clients(host, int(port), texts, clients, seconds, rows_per_request))
+    cpu = time.process_time() - cpu
     lat = pd.Series(latencies, dtype=float) * 1000
     return {"clients": clients, "requests_ok": len(latencies), "errors": len(errors), "wall_s": round(wall, 2),
             "requests_per_s": round(len(latencies) / wall, 2), "p50_ms": round(lat.quantile(0.5), 1),
-            "p99_ms": round(lat.quantile(0.99), 1)}
+            "p99_ms": round(lat.quantile(0.99), 1),
+            "client_cpu_ms_per_request": round(cpu * 1000 / max(1, len(latencies) + len(errors)), 3)}
 
 
 def bench_mode(mode, model, texts, args, work, round_=0):

@@ -17,6 +17,7 @@ import runpy
 import sys
 import threading
 import time
+from types import FrameType
 
 IDLE = {"select", "poll", "wait", "acquire", "_worker", "sleep", "accept", "readinto", "recv", "_wait_for_tstate_lock",
         "get", "epoll", "run_forever"}
@@ -44,13 +45,15 @@ def main() -> None:
         me = threading.get_ident()
         while not stop.wait(interval):
             names = {t.ident: t.name for t in threading.enumerate()}
-            for ident, frame in sys._current_frames().items():
+            for ident, top_frame in sys._current_frames().items():
                 if ident == me:
                     continue
                 kind = _kind(names.get(ident, "?"))
                 samples[kind] += 1
-                top[kind][f"{frame.f_code.co_name} ({frame.f_code.co_filename.rsplit('/', 2)[-1]})"] += 1
+                code = top_frame.f_code
+                top[kind][f"{code.co_name} ({code.co_filename.rsplit('/', 2)[-1]})"] += 1
                 seen = set()
+                frame: FrameType | None = top_frame
                 while frame is not None:
                     key = f"{frame.f_code.co_name} ({frame.f_code.co_filename.rsplit('/', 2)[-1]}:" \
                           f"{frame.f_code.co_firstlineno})"
@@ -62,7 +65,7 @@ def main() -> None:
     def dump() -> None:
         stop.set()
         report = {kind: {"samples": n, "interval_ms": interval * 1000,
-                         "self": top[kind].most_common(25), "inclusive": inclusive[kind].most_common(60)}
+                         "self": top[kind].most_common(40), "inclusive": inclusive[kind].most_common(300)}
                   for kind, n in samples.items()}
         with open(out, "w") as f:
             json.dump(report, f, indent=1)
