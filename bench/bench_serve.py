@@ -138,10 +138,48 @@ async def _run_clients(host, port, texts, clients, seconds, rows_per_request):
     return latencies, errors, time.perf_counter() - start
 
 
-def run_clients(url, texts, clients, seconds, rows_per_request):
+def _run_request_threads(url, texts, clients, seconds, rows_per_request):
+    """The first sessions' load generator, kept to compare client costs (``--client threads``): one
+    thread with a ``requests`` session per client."""
+    import threading
+
+    latencies: list[float] = []
+    errors: list[float] = []
+    lock = threading.Lock()
+    counter = iter(range(10**9))
+    stop_at = time.perf_counter() + seconds
+
+    def client():
+        s = requests.Session()
+        while time.perf_counter() < stop_at:
+            with lock:
+                i = next(counter)
+            batch = [texts[(i * rows_per_request + k) % len(texts)] for k in range(rows_per_request)]
+            t0 = time.perf_counter()
+            try:
+                ok = s.post(url + "/invocations", json={"inputs": batch}, timeout=120).status_code == 200
+            except requests.RequestException:
+                ok = False
+            with lock:
+                (latencies if ok else errors).append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, errors, time.perf_counter() - start
+
+
+def run_clients(url, texts, clients, seconds, rows_per_request, kind="asyncio"):
     host, port = url.rsplit("//", 1)[1].split(":")
     cpu = time.process_time()
-    latencies, errors, wall = asyncio.run(_run_clients(host, int(port), texts, clients, seconds, rows_per_request))
+    if kind == "threads":
+        latencies, errors, wall = _run_request_threads(url, texts, clients, seconds, rows_per_request)
+    else:
+        latencies, errors, wall = asyncio.run(_run_clients(host, int(port), texts, clients, seconds,
+                                                           rows_per_request))
     cpu = time.process_time() - cpu
     lat = pd.Series(latencies, dtype=float) * 1000
     return {"clients": clients, "requests_ok": len(latencies), "errors": len(errors), "wall_s": round(wall, 2),
@@ -176,8 +214,10 @@ def bench_mode(mode, model, texts, args, work, round_=0):
         for text in texts[:5]:  # warm-up
             session.post(url + "/invocations", json={"inputs": [text]}, timeout=60).raise_for_status()
         for clients in args.clients:
+            if args.warmup_seconds:  # the same load, not measured: every arm is measured warm
+                run_clients(url, texts, clients, args.warmup_seconds, args.rows_per_request, args.client)
             result = {"round": round_, "mode": mode,
-                      **run_clients(url, texts, clients, args.seconds, args.rows_per_request)}
+                      **run_clients(url, texts, clients, args.seconds, args.rows_per_request, args.client)}
             print(json.dumps(result), flush=True)
             results.append(result)
     finally:
@@ -218,6 +258,11 @@ def main():
     ap.add_argument("--clients", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--rows-per-request", type=int, default=1)
+    ap.add_argument("--client", choices=["asyncio", "threads"], default="asyncio",
+                    help="asyncio: raw keep-alive connections on one thread (default); threads: one thread with a "
+                         "requests session per client (the first sessions' load generator)")
+    ap.add_argument("--warmup-seconds", type=float, default=0,
+                    help="before each measured run, the same clients for this long, not measured (every arm)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat every mode this many times, interleaved (ABAB)")
     ap.add_argument("--profile-dir", help="run each sparktune server under bench/serve_profile.py, writing "
                                           "its sampled stacks here")
@@ -284,7 +329,8 @@ def summarize(results, args):
                         p99_ratio=round(m["p99_ms"] / b["p99_ms"], 2))
         print(json.dumps(line))
     print(json.dumps({"cpu_count": os.cpu_count(), "batch_max_rows": args.batch_max_rows,
-                      "batch_wait_ms": args.batch_wait_ms, "seconds": args.seconds, "rounds": args.rounds}))
+                      "batch_wait_ms": args.batch_wait_ms, "seconds": args.seconds, "rounds": args.rounds,
+                      "warmup_seconds": args.warmup_seconds}))
 
 
 if __name__ == "__main__":
