@@ -89,13 +89,14 @@ class ServeLimits:
     # Micro-batching, on by default: up to 32 rows per forward pass, no batch window (0 ms), two
     # batches computing at once, each on its own thread with cores/2 torch threads. The measured best
     # on this 2-core CPU (BENCHMARKS.md, model server, issue 21 item 4, "light client" runs; a load
-    # generator of raw keep-alive connections, arms interleaved, medians of 2-3 rounds): 1.8x-2.2x
-    # `mlflow models serve`'s requests/s at 8 clients and 2.2x-3.2x at 32, p99 0.5x-0.8x of its own,
-    # its own rounds within 6-15% of each other. In the same runs one worker with a 5 ms window gave
-    # 1.8x / 2.7x and two workers with a 5 ms window 1.6x / 1.9x: with two workers a window makes a
-    # free worker wait for companions while the other computes (a core idles); with none it takes what
-    # queued during the other's pass, which is the batching. Two one-thread passes at once beat one
-    # two-thread pass on these small inputs (a review is at most a few hundred tokens).
+    # generator of raw keep-alive connections, arms interleaved, medians of 2-3 rounds, three runs):
+    # 1.82x, 1.82x, 2.24x `mlflow models serve`'s requests/s at 8 clients and 2.20x, 2.29x, 3.19x at 32,
+    # p99 0.5x-0.8x of its own, its own rounds within 6-16% of each other. In the same run (D) one
+    # worker with a 5 ms window gave 1.8x / 2.7x and two workers with a 5 ms window 1.6x / 1.9x: with
+    # two workers a window makes a free worker wait for companions while the other computes (a core
+    # idles); with none it takes what queued during the other's pass, which is the batching. Two
+    # one-thread passes at once beat one two-thread pass on these small inputs (a review is at most a
+    # few hundred tokens).
     # batch_max_rows 0: each request alone through MLflow's app.
     batch_max_rows: int = 32
     # No request waits longer than this past its arrival for companions (0: none; a batch holds what
