@@ -28,7 +28,6 @@ and a hard cap on held sockets (connections past it are answered 503 and closed 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import re
@@ -87,15 +86,24 @@ class ServeLimits:
     max_connections: int = 128
     max_header_bytes: int = 64 * 1024
     max_text_chars: int = 100_000
-    # Off by default (0: each request alone through MLflow's app) though batched (32 rows, 5 ms, one
-    # batch at a time) measured 1.17-1.27x / 1.71-1.73x `mlflow models serve`'s requests/s at 8 / 32
-    # clients at a better p99 in every run (BENCHMARKS.md, model server, issue 21 item 4, 2026-12-07):
-    # the server tests have not yet run with it on by default.
-    batch_max_rows: int = 0
-    batch_wait_ms: float = 5.0
-    # Batches computed at once (each on its own thread, with cores/workers torch threads); 2 or 3 measured
-    # faster than 1 in some runs and slower in others on 2 cores, so 1 stays the default.
-    batch_workers: int = 1
+    # Micro-batching, on by default: up to 32 rows per forward pass, no batch window (0 ms), two
+    # batches computing at once, each on its own thread with cores/2 torch threads. The measured best
+    # on this 2-core CPU (BENCHMARKS.md, model server, issue 21 item 4, "light client" runs; a load
+    # generator of raw keep-alive connections, arms interleaved, medians of 2-3 rounds, three runs):
+    # 1.82x, 1.82x, 2.24x `mlflow models serve`'s requests/s at 8 clients and 2.20x, 2.29x, 3.19x at 32,
+    # p99 0.5x-0.8x of its own, its own rounds within 6-16% of each other. In the same run (D) one
+    # worker with a 5 ms window gave 1.8x / 2.7x and two workers with a 5 ms window 1.6x / 1.9x: with
+    # two workers a window makes a free worker wait for companions while the other computes (a core
+    # idles); with none it takes what queued during the other's pass, which is the batching. Two
+    # one-thread passes at once beat one two-thread pass on these small inputs (a review is at most a
+    # few hundred tokens).
+    # batch_max_rows 0: each request alone through MLflow's app.
+    batch_max_rows: int = 32
+    # No request waits longer than this past its arrival for companions (0: none; a batch holds what
+    # queued while the workers were busy).
+    batch_wait_ms: float = 0.0
+    # Batches computed at once, each on its own thread with cores/workers torch threads.
+    batch_workers: int = 2
 
     def check(self) -> None:
         problems = [f"{flag} must be > 0, got {value}" for flag, value in (
@@ -372,7 +380,7 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="sparktune-batch")
 
     async def predict(self, texts: list[str], deadline: float):
-        """(this request's rows of the model's answer as a DataFrame, the rows in its batch)."""
+        """(this request's rows of the model's answer, one record per row, the rows in its batch)."""
         loop = asyncio.get_running_loop()
         if self._worker is None:
             self._wakeup = asyncio.Event()
@@ -426,7 +434,7 @@ class MicroBatcher:
     async def _run_batch(self, batch: list[_Waiting], rows: int) -> None:
         texts = [text for waiting in batch for text in waiting.texts]
         try:
-            frame = await asyncio.get_running_loop().run_in_executor(
+            records = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._score, texts, max(w.deadline for w in batch))
         except Exception as exc:  # noqa: BLE001  (handed to each request of the batch)
             for waiting in batch:
@@ -438,22 +446,27 @@ class MicroBatcher:
         self.stats.largest = max(self.stats.largest, rows)
         start = 0
         for waiting in batch:
-            part = frame.iloc[start:start + len(waiting.texts)].reset_index(drop=True)
+            part = records[start:start + len(waiting.texts)]
             start += len(waiting.texts)
             if not waiting.future.done():
                 waiting.future.set_result((part, rows))
 
-    def _score(self, texts: list[str], deadline: float):
+    def _score(self, texts: list[str], deadline: float) -> list[dict]:
+        """The model's answer for ``texts`` as one record (a dict of columns) per row: made here, on
+        the worker thread, once per batch; slicing a list per request on the event loop is ~100x
+        cheaper than slicing and serializing a DataFrame there (measured, BENCHMARKS.md)."""
         import pandas as pd
 
         from sparktune.model.pyfunc import TEXT_COLUMN
 
         token = self.deadline_var.set(deadline) if self.deadline_var is not None else None
         try:
-            return self.model.predict(pd.DataFrame({TEXT_COLUMN: texts}))
+            frame = self.model.predict(pd.DataFrame({TEXT_COLUMN: texts}))
         finally:
             if token is not None:
                 self.deadline_var.reset(token)
+        # What MLflow's predictions_to_json writes for a DataFrame: its records.
+        return frame.to_dict(orient="records")
 
 
 class ServeGuard:
@@ -579,12 +592,13 @@ class ServeGuard:
     async def _batched(self, texts: list[str], send) -> None:
         """Answer through the micro-batcher: MLflow's JSON for these rows, computed in one forward
         pass with whatever else arrived within the batch window."""
-        from mlflow.pyfunc.scoring_server import predictions_to_json
+        from mlflow.utils.proto_json_utils import NumpyEncoder
 
         assert self.batcher is not None
         timeout = self.limits.request_timeout_s
         try:
-            frame, batch_rows = await asyncio.wait_for(self.batcher.predict(texts, time.monotonic() + timeout), timeout)
+            records, batch_rows = await asyncio.wait_for(self.batcher.predict(texts, time.monotonic() + timeout),
+                                                         timeout)
         except TimeoutError:  # also the model's DeadlineExceeded (a TimeoutError)
             return await self._answer(send, 504, f"the request took longer than this server's limit of {timeout:g} s "
                                                  "and was stopped; send fewer rows per request", "REQUEST_TIMEOUT")
@@ -592,9 +606,8 @@ class ServeGuard:
             print(f"batched prediction failed: {exc!r}", file=sys.stderr, flush=True)
             return await self._answer(send, 500, "the model failed on this batch; see the server's log",
                                       "INTERNAL_ERROR")
-        out = io.StringIO()
-        predictions_to_json(frame, out)
-        body = out.getvalue().encode()
+        # The bytes MLflow's predictions_to_json writes for these rows (json.dump of the same dict, same encoder).
+        body = json.dumps({"predictions": records}, cls=NumpyEncoder).encode()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (BATCH_ROWS_HEADER, str(batch_rows).encode())]})

@@ -45,19 +45,19 @@ def test_no_request_waits_longer_than_the_window_past_its_arrival(model):
         async def ask(i):
             await asyncio.sleep(offsets[i])
             arrival = time.monotonic()
-            frame, rows = await batcher.predict([texts[i]], arrival + 60)
-            return arrival - start, frame, rows
+            records, rows = await batcher.predict([texts[i]], arrival + 60)
+            return arrival - start, records, rows
 
         return start, await asyncio.gather(*(ask(i) for i in range(len(texts))))
 
     start, answers = asyncio.run(scenario())
     expected = model.predict(pd.DataFrame({"text": texts}))
-    for i, (arrival, frame, _rows) in enumerate(answers):
+    for i, (arrival, records, _rows) in enumerate(answers):
         # The batch holding request i was handed to the model within the window of its arrival.
         batch_start = min(t - start for t, _ in dispatched if t - start >= arrival - 1e-3)
         assert batch_start - arrival <= WINDOW_S + 0.05, (i, arrival, batch_start)
-        np.testing.assert_allclose(frame["probabilities"][0], expected["probabilities"][i], atol=1e-5)
-        assert len(frame) == 1
+        np.testing.assert_allclose(records[0]["probabilities"], expected["probabilities"][i], atol=1e-5)
+        assert len(records) == 1 and records[0]["label"] == expected["label"][i]
     # Requests inside one window were scored together, not one pass each.
     assert [rows for _, _, rows in answers][:3] == [3, 3, 3]
     assert sum(n for _, n in dispatched) == len(texts)
@@ -96,9 +96,9 @@ def test_several_workers_run_batches_at_once_and_route_each_answer_to_its_reques
     answers = asyncio.run(scenario())
     expected = model.predict(pd.DataFrame({"text": texts}))
     assert peak[0] == 2
-    for i, (frame, rows) in enumerate(answers):
-        assert rows == 1 and len(frame) == 1
-        np.testing.assert_allclose(frame["probabilities"][0], expected["probabilities"][i], atol=1e-5)
+    for i, (records, rows) in enumerate(answers):
+        assert rows == 1 and len(records) == 1
+        np.testing.assert_allclose(records[0]["probabilities"], expected["probabilities"][i], atol=1e-5)
 
 
 def test_int8_quantization_is_what_runs_and_answers_stay_close(tmp_path, minilm_path):
