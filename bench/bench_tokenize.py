@@ -50,6 +50,8 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
     "default": {},
     "batch2k": {"spark.sql.execution.arrow.maxRecordsPerBatch": "2000"},
+    # Spark's default: what tokenize used before it set 2,000 rows per batch itself (issue 21 item 5).
+    "batch10k": {"spark.sql.execution.arrow.maxRecordsPerBatch": "10000"},
     "batch20k": {"spark.sql.execution.arrow.maxRecordsPerBatch": "20000"},
     "batch5k": {"spark.sql.execution.arrow.maxRecordsPerBatch": "5000"},
     "zstd": {"spark.sql.parquet.compression.codec": "zstd"},
@@ -167,7 +169,7 @@ def planning_seconds(spark, raw_location: str) -> float:
 
 
 def run_tokenizer(spark, args, tokenizer, raw, rows, texts, workdir, sampler) -> dict:
-    from sparktune.tokenize import TOKENIZED_SCHEMA, _tokenize_partition, tokenize_table
+    from sparktune.tokenize import TOKENIZED_SCHEMA, _arrow_batches, _tokenize_partition, tokenize_table
 
     result: dict = {"tokenizer": tokenizer, "rows": rows, "max_length": args.max_length}
     base_texts = (texts * (args.baseline_rows // len(texts) + 1))[: args.baseline_rows]
@@ -183,13 +185,14 @@ def run_tokenizer(spark, args, tokenizer, raw, rows, texts, workdir, sampler) ->
     spark_rates: dict = {v: [] for v in args.variants}
     noop_rates, noop_plain_rates, shares = [], [], []
     sizes: dict = {}
-    for _ in range(args.runs):
+    for run in range(args.runs):
         raw_rates.append(baseline_rows_per_s(base_texts, tokenizer, args.max_length))
         if not args.no_seed:
             rate, size = seed_recipe(seed_texts, tokenizer, args.max_length, workdir)
             seed_rates.append(rate)
             seed_sizes.append(size)
-        for variant in args.variants:
+        # Each run starts from the next variant, so no setting always runs first (or right after the seed).
+        for variant in args.variants[run % len(args.variants):] + args.variants[:run % len(args.variants)]:
             settings = VARIANTS[variant]
             previous = {k: spark.conf.get(k, None) for k in settings}
             for k, v in settings.items():
@@ -218,15 +221,16 @@ def run_tokenizer(spark, args, tokenizer, raw, rows, texts, workdir, sampler) ->
         if (args.quick or args.no_noop) and not args.plain_noop:
             continue
         source = spark.read.format("delta").load(raw).select("row_id", "split", "label", "text")
-        start = time.perf_counter()
-        source.mapInArrow(_tokenize_partition(tokenizer, args.max_length, True), TOKENIZED_SCHEMA).write.format(
-            "noop").mode("overwrite").save()
-        noop_rates.append(rows / (time.perf_counter() - start))
-        if args.plain_noop:
+        with _arrow_batches(spark):  # the stage's Arrow batch size
             start = time.perf_counter()
-            source.mapInArrow(plain_partition(tokenizer, args.max_length), TOKENIZED_SCHEMA).write.format(
+            source.mapInArrow(_tokenize_partition(tokenizer, args.max_length, True), TOKENIZED_SCHEMA).write.format(
                 "noop").mode("overwrite").save()
-            noop_plain_rates.append(rows / (time.perf_counter() - start))
+            noop_rates.append(rows / (time.perf_counter() - start))
+            if args.plain_noop:
+                start = time.perf_counter()
+                source.mapInArrow(plain_partition(tokenizer, args.max_length), TOKENIZED_SCHEMA).write.format(
+                    "noop").mode("overwrite").save()
+                noop_plain_rates.append(rows / (time.perf_counter() - start))
 
     med = statistics.median
     result["raw_1thread_rows_per_s"] = round(med(raw_rates), 1)
