@@ -50,9 +50,17 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
     "default": {},
     "batch2k": {"spark.sql.execution.arrow.maxRecordsPerBatch": "2000"},
+    # Spark's default: what tokenize used before it set 2,000 rows per batch itself (issue 21 item 5).
+    "batch10k": {"spark.sql.execution.arrow.maxRecordsPerBatch": "10000"},
     "batch20k": {"spark.sql.execution.arrow.maxRecordsPerBatch": "20000"},
+    "batch5k": {"spark.sql.execution.arrow.maxRecordsPerBatch": "5000"},
     "zstd": {"spark.sql.parquet.compression.codec": "zstd"},
+    "lz4": {"spark.sql.parquet.compression.codec": "lz4_raw"},
     "uncompressed": {"spark.sql.parquet.compression.codec": "uncompressed"},
+    # Parquet writer settings reach the write's Hadoop configuration through the session's SQL confs.
+    "nodict": {"parquet.enable.dictionary": "false"},
+    # One task per raw file (8 files of ~11 MB for IMDB) instead of one per core: a finer split of the work.
+    "split8": {"spark.sql.files.maxPartitionBytes": "16m"},
 }
 
 
@@ -137,6 +145,17 @@ class CpuSampler:
             totals["jvm" if "java" in name else "python_workers"] += used
         return totals
 
+    def python_pids(self) -> set:
+        """Pids of the Python processes under the JVM (the worker daemon and its forked workers)."""
+        pids = set()
+        for child in self.psutil.Process().children(recursive=True):
+            try:
+                if "python" in child.name():
+                    pids.add(child.pid)
+            except self.psutil.Error:
+                continue
+        return pids
+
 
 def planning_seconds(spark, raw_location: str) -> float:
     """What the previous tokenize spent before tokenizing: two Spark jobs that counted tasks
@@ -150,40 +169,48 @@ def planning_seconds(spark, raw_location: str) -> float:
 
 
 def run_tokenizer(spark, args, tokenizer, raw, rows, texts, workdir, sampler) -> dict:
-    from sparktune.tokenize import TOKENIZED_SCHEMA, _tokenize_partition, tokenize_table
+    from sparktune.tokenize import TOKENIZED_SCHEMA, _arrow_batches, _tokenize_partition, tokenize_table
 
     result: dict = {"tokenizer": tokenizer, "rows": rows, "max_length": args.max_length}
     base_texts = (texts * (args.baseline_rows // len(texts) + 1))[: args.baseline_rows]
     seed_texts = (texts * (args.seed_rows // len(texts) + 1))[: args.seed_rows]
     tokens = os.path.join(workdir, "tokens")
+
+    def out_path(variant: str) -> str:
+        return tokens if variant == "default" else f"{tokens}_{variant}"
+
     if not args.quick:  # warm-up on a throwaway table: JVM JIT, Python workers and the tokenizer load
         tokenize_table(spark, raw, os.path.join(workdir, "warmup"), tokenizer, max_length=args.max_length, force=True)
     raw_rates, seed_rates, seed_sizes = [], [], []
     spark_rates: dict = {v: [] for v in args.variants}
     noop_rates, noop_plain_rates, shares = [], [], []
     sizes: dict = {}
-    for _ in range(args.runs):
+    for run in range(args.runs):
         raw_rates.append(baseline_rows_per_s(base_texts, tokenizer, args.max_length))
         if not args.no_seed:
             rate, size = seed_recipe(seed_texts, tokenizer, args.max_length, workdir)
             seed_rates.append(rate)
             seed_sizes.append(size)
-        for variant in args.variants:
+        # Each run starts from the next variant, so no setting always runs first (or right after the seed).
+        for variant in args.variants[run % len(args.variants):] + args.variants[:run % len(args.variants)]:
             settings = VARIANTS[variant]
             previous = {k: spark.conf.get(k, None) for k in settings}
             for k, v in settings.items():
                 spark.conf.set(k, v)
             try:
+                pids = sampler.python_pids()
                 before = sampler.read()
                 start = time.perf_counter()
-                tokenize_table(spark, raw, tokens, tokenizer, max_length=args.max_length, force=True)
+                tokenize_table(spark, raw, out_path(variant), tokenizer, max_length=args.max_length, force=True)
                 seconds = time.perf_counter() - start
                 after = sampler.read()
+                new_workers = len(sampler.python_pids() - pids)
                 spark_rates[variant].append(rows / seconds)
-                sizes[variant] = table_bytes(tokens)
+                sizes[variant] = table_bytes(out_path(variant))
                 if variant == "default":
                     used = {k: after[k] - before[k] for k in after}
-                    shares.append({"wall_s": round(seconds, 2), **{f"{k}_cpu_s": round(v, 2) for k, v in used.items()},
+                    shares.append({"wall_s": round(seconds, 2), "new_python_processes": new_workers,
+                                   **{f"{k}_cpu_s": round(v, 2) for k, v in used.items()},
                                    "jvm_share_of_cpu": round(used["jvm"] / max(sum(used.values()), 1e-9), 3)})
             finally:
                 for k, v in previous.items():
@@ -191,18 +218,19 @@ def run_tokenizer(spark, args, tokenizer, raw, rows, texts, workdir, sampler) ->
                         spark.conf.unset(k)
                     else:
                         spark.conf.set(k, v)
-        if args.quick and not args.plain_noop:
+        if (args.quick or args.no_noop) and not args.plain_noop:
             continue
         source = spark.read.format("delta").load(raw).select("row_id", "split", "label", "text")
-        start = time.perf_counter()
-        source.mapInArrow(_tokenize_partition(tokenizer, args.max_length, True), TOKENIZED_SCHEMA).write.format(
-            "noop").mode("overwrite").save()
-        noop_rates.append(rows / (time.perf_counter() - start))
-        if args.plain_noop:
+        with _arrow_batches(spark):  # the stage's Arrow batch size
             start = time.perf_counter()
-            source.mapInArrow(plain_partition(tokenizer, args.max_length), TOKENIZED_SCHEMA).write.format(
+            source.mapInArrow(_tokenize_partition(tokenizer, args.max_length, True), TOKENIZED_SCHEMA).write.format(
                 "noop").mode("overwrite").save()
-            noop_plain_rates.append(rows / (time.perf_counter() - start))
+            noop_rates.append(rows / (time.perf_counter() - start))
+            if args.plain_noop:
+                start = time.perf_counter()
+                source.mapInArrow(plain_partition(tokenizer, args.max_length), TOKENIZED_SCHEMA).write.format(
+                    "noop").mode("overwrite").save()
+                noop_plain_rates.append(rows / (time.perf_counter() - start))
 
     med = statistics.median
     result["raw_1thread_rows_per_s"] = round(med(raw_rates), 1)
@@ -238,6 +266,12 @@ def run_tokenizer(spark, args, tokenizer, raw, rows, texts, workdir, sampler) ->
         result["spark_vs_seed"] = round(med(spark_rates["default"]) / med(seed_rates), 3)
         result["seed_padded_mb_full_corpus"] = round(med(seed_sizes) / len(seed_texts) * rows / 1e6, 1)
     result["cpu_during_spark_runs"] = shares
+    if args.check_equal:  # every variant's table against the default's, row for row (not timed)
+        expected = spark.read.format("delta").load(tokens)
+        result["rows_differing_from_default"] = {
+            v: expected.exceptAll(got).count() + got.exceptAll(expected).count()
+            for v in args.variants if v != "default"
+            for got in [spark.read.format("delta").load(out_path(v))]}
     return result
 
 
@@ -257,7 +291,14 @@ def main(argv=None) -> int:
                         help=f"comma-separated Spark settings to compare, of: {', '.join(VARIANTS)}")
     parser.add_argument("--plain-noop", action="store_true",
                         help="also time the noop sink with the worker body before the prefix cut")
-    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--check-equal", action="store_true",
+                        help="compare each variant's table with the default's, row for row, after the timed runs")
+    parser.add_argument("--no-noop", action="store_true", help="skip the noop sink arm")
+    parser.add_argument("--worker-threads", type=int, default=0,
+                        help="N > 0: the Python workers' tokenizer may use N Rust threads "
+                             "(TOKENIZERS_PARALLELISM=true, RAYON_NUM_THREADS=N through spark.executorEnv); "
+                             "the raw arm stays on one")
+    parser.add_argument("--workdir", default=None, help="kept; a raw table already ingested there is reused")
     parser.add_argument("--quick", action="store_true",
                         help="tests/data/imdb_sample, one run, no warm-up or noop arm: a smoke test")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -279,10 +320,16 @@ def main(argv=None) -> int:
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="sparktune-bench-")
     os.environ.setdefault("SPARKTUNE_HOME", os.path.join(workdir, "home"))
-    spark = get_spark(master=args.master)
+    conf = {}
+    if args.worker_threads > 0:
+        conf = {"spark.executorEnv.TOKENIZERS_PARALLELISM": "true",
+                "spark.executorEnv.RAYON_NUM_THREADS": str(args.worker_threads)}
+    spark = get_spark(master=args.master, conf=conf)
     raw = os.path.join(workdir, "raw")
-    ingested = ingest(spark, args.source, raw)
-    rows = ingested.raw_rows
+    if os.path.isdir(os.path.join(raw, "_delta_log")):
+        rows = spark.read.format("delta").load(raw).count()
+    else:
+        rows = ingest(spark, args.source, raw).raw_rows
     texts = pd.read_parquet(os.path.join(args.source, "train.parquet"), columns=["text"])["text"].tolist()
     out: dict = {"source": args.source, "master": args.master, "runs": args.runs,
                  "loadavg_at_start": os.getloadavg(), "cores": os.cpu_count(),

