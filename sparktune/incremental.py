@@ -4,12 +4,22 @@ A derived table holds one or more rows per source row, keyed by the source's ``r
 the source has only changed since the version the derived table reflects, only the changed
 rows need work:
 
-- ``source_changes`` finds the ``row_id``s whose rows changed between two source versions:
-  from Delta's change data feed where the source has it (``delta.enableChangeDataFeed``) for the
-  whole range, else by comparing a hash of each row's content at the two versions (time travel;
-  a ``row_id`` present at one version and not the other, or present at both with other content).
+- ``source_changes`` finds the ``row_id``s whose rows changed between two source versions, the
+  first way that applies (``ChangeSource``):
+
+  1. Delta's change data feed, where the source has it (``delta.enableChangeDataFeed``, on for
+     the tables ``sparktune ingest`` creates) for the whole range.
+  2. Without the feed, when every commit of the range only added files (an append, an
+     insert-only ``MERGE``, a streaming append; property changes and VACUUM in between), the
+     changed rows are exactly the rows of the added files: the files of the new version that the
+     old version did not have (``DataFrame.inputFiles()`` at each version, from the Delta log),
+     read directly. Not for partitioned tables or column mapping (their files do not hold the
+     rows as the table shows them).
+  3. Else by comparing a hash of each row's content at the two versions (time travel; a
+     ``row_id`` present at one version and not the other, or present at both with other
+     content): a full scan of both versions, always right.
 - ``apply_changes`` commits the result as ONE new version of the derived table: a plain append
-  when the source only gained rows (change feed with inserts only), else one ``MERGE`` that
+  when the source only gained rows (1 with inserts only, or 2), else one ``MERGE`` that
   deletes every derived row of a changed ``row_id`` and inserts the rows recomputed from the
   source's new version. The MERGE matches on distinct keys only and inserts with a null key, so
   duplicate ``row_id``s (which a writer other than ingest can create) are rebuilt exactly as a
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +62,8 @@ class ChangeSource(str, enum.Enum):
     """How the changed rows were found."""
 
     CHANGE_DATA_FEED = "change-data-feed"
+    APPENDED_FILES = "appended-files"
+    """No change data feed, but the range only appended: the rows of the files it added."""
     ROW_DIFF = "row-diff"
     """A row_id + content hash comparison of the two source versions (no change data feed)."""
 
@@ -103,6 +116,14 @@ def source_changes(spark, source, base_version: int, version: int, columns: list
 
     from sparktune.tables import read_table
 
+    try:
+        appended = _appended_rows(spark, ref, base_version, version, columns)
+    except Exception:  # noqa: BLE001  (the log or a file cannot be read this way: the row diff decides)
+        appended = None
+    if appended is not None:
+        return SourceChanges(base_version, version, ChangeSource.APPENDED_FILES, appended.select(F.col(key)).distinct(),
+                             appended)
+
     def hashed(at: int):
         df = read_table(spark, ref, version=at, what="source")
         content = [c for c in columns if c != key]
@@ -112,6 +133,60 @@ def source_changes(spark, source, base_version: int, version: int, columns: list
     old, new = hashed(base_version), hashed(version)
     keys = new.exceptAll(old).unionByName(old.exceptAll(new)).select(F.col(key)).distinct()
     return SourceChanges(base_version, version, ChangeSource.ROW_DIFF, keys, None)
+
+
+# Commits that change no data file (VACUUM deletes only files no version since the range's start uses).
+_NO_DATA_CHANGE = frozenset({"VACUUM START", "VACUUM END"})
+# Operation metrics that say a commit removed or rewrote rows (Spark's names; delta-rs' alike).
+_REMOVALS = re.compile(r"removed|deleted|updated|deletionvector|copied", re.IGNORECASE)
+# Hadoop expands these in a path given to a reader; a file named with one is read the other way.
+_GLOB = re.compile(r"[*?\[\]{}\\]")
+
+
+def _only_added_files(operation: str, parameters: dict, metrics: dict) -> bool:
+    """True when a commit (one DESCRIBE HISTORY row) added data files and removed none, or
+    changed no data file and nothing about how the files are read."""
+    if operation in _NO_DATA_CHANGE:
+        return True
+    if any(_REMOVALS.search(k) and str(v).strip() not in ("", "0") for k, v in metrics.items()):
+        return False
+    if operation == "WRITE":
+        return parameters.get("mode") == "Append"
+    if operation == "STREAMING UPDATE":
+        return parameters.get("outputMode") == "Append"
+    if operation == "MERGE":  # insert-only: no rows matched, no file rewritten
+        return metrics.get("numTargetFilesRemoved") == "0"
+    if operation == "SET TBLPROPERTIES":
+        return "columnMapping" not in str(parameters.get("properties") or "")
+    return False
+
+
+def _appended_rows(spark, ref, base_version: int, version: int, columns: list[str]):
+    """The rows ``source_changes`` way 2 finds (``columns`` of the files the range added), or
+    None when some commit of the range did more than add files, or the table's files do not
+    hold its rows as they are (partitions, column mapping)."""
+    from sparktune.tables import read_table
+
+    history = (spark.sql(f"DESCRIBE HISTORY {ref.sql}").where(f"version > {int(base_version)} AND version <= "
+                                                              f"{int(version)}")
+               .select("version", "operation", "operationParameters", "operationMetrics").collect())
+    if sorted(int(r["version"]) for r in history) != list(range(base_version + 1, version + 1)):
+        return None  # part of the range is gone from the history
+    if not all(_only_added_files(str(r["operation"]), dict(r["operationParameters"] or {}),
+                                 {str(k): str(v) for k, v in (r["operationMetrics"] or {}).items()}) for r in history):
+        return None
+    detail = spark.sql(f"DESCRIBE DETAIL {ref.sql}").select("partitionColumns", "properties").first()
+    mapping = dict(detail["properties"] or {}).get("delta.columnMapping.mode", "none")
+    if list(detail["partitionColumns"] or []) or mapping != "none":
+        return None
+    before = set(read_table(spark, ref, version=base_version, what="source").inputFiles())
+    now = read_table(spark, ref, version=version, what="source").select(*columns)
+    added = sorted(f for f in now.inputFiles() if f not in before)
+    if any(_GLOB.search(f) for f in added):
+        return None
+    if not added:
+        return now.limit(0)
+    return spark.read.schema(now.schema).parquet(*added).select(*columns)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ import pytest
 from deltalake import DeltaTable
 
 from sparktune.errors import SparktuneError
-from sparktune.ingest import detect_source, ingest
+from sparktune.ingest import IngestSettings, detect_source, ingest, ingest_stage
+from sparktune.tables import table_properties
 
 LONG_TEXT = "A long review. " * (1_000_000 // 15)  # ~1 MB: kept, never truncated at ingest
 
@@ -53,6 +54,22 @@ def test_rerun_is_a_new_version_without_duplicates(spark, imdb_sample_path, tmp_
     rows = _delta_rows(out)
     assert len(rows) == 340
     assert sorted(rows["row_id"]) == sorted(_delta_rows_at(out, first.output_version)["row_id"])
+
+
+def test_the_raw_table_has_the_change_data_feed_unless_turned_off(spark, imdb_sample_path, tmp_path):
+    """Issue 21: incremental tokenize/predict read the raw table's changes from Delta's change data
+    feed; ingest turns it on for the raw table (not the quarantine, replaced by every run)."""
+    out = str(tmp_path / "raw")
+    first = ingest(spark, imdb_sample_path, out)
+    assert table_properties(spark, out)["delta.enableChangeDataFeed"] == "true"
+    assert "delta.enableChangeDataFeed" not in table_properties(spark, first.quarantine)
+    spark.sql(f"DELETE FROM delta.`{out}` WHERE split = 'test'")
+    feed = (spark.read.format("delta").option("readChangeFeed", "true")
+            .option("startingVersion", first.output_version + 1).load(out))
+    assert {r["_change_type"]: r["count"] for r in feed.groupBy("_change_type").count().collect()} == {"delete": 100}
+    # Off, as the CLI (--no-change-data-feed) and a pipeline's ingest section pass it: a re-run writes false.
+    ingest_stage(spark, IngestSettings(source=imdb_sample_path, output=out, change_data_feed=False))
+    assert table_properties(spark, out)["delta.enableChangeDataFeed"] == "false"
 
 
 def _delta_rows_at(path, version):

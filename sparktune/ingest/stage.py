@@ -45,6 +45,14 @@ commits a reader of the raw table still sees the previous run, consistent with i
 reader of the quarantine sees the new run's rejects. To read a matching pair, read the raw
 table and time-travel the quarantine to ``sparktune.quarantine_version``. If the raw write
 fails, the quarantine holds a commit whose run id no raw version names.
+
+The raw table is created with Delta's change data feed on (``delta.enableChangeDataFeed =
+true``; ``--no-change-data-feed`` writes ``false``): later stages that bring a derived table
+forward (incremental tokenize and predict, ``sparktune.incremental``) then read only the rows that
+changed. Appends write no extra files for it; an UPDATE, DELETE or MERGE on the raw table also
+writes the changed rows' old and new values (Delta's ``_change_data`` files). Without the feed,
+appends are still found from the Delta log, other changes by comparing the two versions in
+full. The quarantine table is replaced by each run and never read incrementally: no feed.
 """
 
 from __future__ import annotations
@@ -78,11 +86,13 @@ def ingest(
     label_column: str = "label",
     split: str | None = None,
     num_labels: int = 2,
+    change_data_feed: bool = True,
 ) -> IngestResult:
     """Read ``source``, validate every record, write the quarantine then the raw Delta table.
 
     The session's configuration is left as found: readers pass what they need as reader
     options, and the commits' userMetadata is set only around each write (``write_table``).
+    ``change_data_feed``: the raw table's ``delta.enableChangeDataFeed`` (see the module docstring).
     """
     if num_labels < 1:
         raise SparktuneError(f"--num-labels must be at least 1, found {num_labels}")
@@ -96,7 +106,10 @@ def ingest(
     _check_targets(spark, targets, found)
     loaded = read_source(spark, found, ReadOptions(text_column, label_column, split, fmt))
     tagged = mark_duplicates(validate(loaded.df, num_labels, loaded.extras))
-    return _write(spark, tagged, loaded, found, targets)
+    return _write(spark, tagged, loaded, found, targets, change_data_feed)
+
+
+_CHANGE_DATA_FEED = "delta.enableChangeDataFeed"
 
 
 @dataclass(frozen=True)
@@ -168,7 +181,7 @@ def _split_frames(tagged, extras: list, source_shown: str):
     return raw, rejected
 
 
-def _write(spark, tagged, loaded: Loaded, found: Source, targets: _Targets) -> IngestResult:
+def _write(spark, tagged, loaded: Loaded, found: Source, targets: _Targets, change_data_feed: bool) -> IngestResult:
     """Count, then commit the quarantine and the raw table (in that order), then check the commits."""
     from pyspark import StorageLevel
 
@@ -184,7 +197,8 @@ def _write(spark, tagged, loaded: Loaded, found: Source, targets: _Targets) -> I
                                          user_metadata=provenance)
         raw_props = {**provenance, "sparktune.quarantine": redact(table_uri(spark, targets.quarantine_ref)),
                      "sparktune.quarantine_version": str(quarantine_version)}
-        output_version = write_table(raw, targets.output_ref, properties=raw_props, user_metadata=raw_props)
+        output_version = write_table(raw, targets.output_ref, user_metadata=raw_props,
+                                     properties={**raw_props, _CHANGE_DATA_FEED: str(change_data_feed).lower()})
     finally:
         tagged.unpersist()
 
@@ -239,6 +253,10 @@ class IngestSettings:
     """Split name for sources without one; empty: from the file name, else train."""
     num_labels: int = 2
     """Labels must be in 0..num_labels-1 (or -1 for unlabelled)."""
+    change_data_feed: bool = True
+    """Create the raw table with Delta's change data feed on (delta.enableChangeDataFeed), so
+    incremental tokenize and predict read only the changed rows; off: they find appends from the
+    Delta log and other changes by comparing versions in full."""
 
     def __post_init__(self):
         from sparktune.config import raise_if, require
@@ -254,7 +272,7 @@ def ingest_stage(spark, settings: IngestSettings, tracker=None) -> IngestResult:
     s = settings
     return ingest(spark, s.source, s.output, quarantine=s.quarantine or None, fmt=s.format,
                   text_column=s.text_column, label_column=s.label_column, split=s.split or None,
-                  num_labels=s.num_labels)
+                  num_labels=s.num_labels, change_data_feed=s.change_data_feed)
 
 
 def add_cli(subparsers) -> None:
