@@ -241,12 +241,13 @@ def stage_training_data(spark, table, version: int, split: str, world_size: int,
                         limit: int | None = None, max_length: int | None = None, staging_dir: str,
                         num_labels: int | None = None, task: Task | str = Task.CLASSIFICATION,
                         uneven: str = "pad", window_rows: int = DEFAULT_WINDOW_ROWS,
-                        row_group_bytes: int = 8 << 20) -> StagedData:
+                        row_group_bytes: int = 8 << 20, table_id: str | None = None) -> StagedData:
     """Write (or reuse) ``world_size`` balanced shards of ``split`` at ``version``; returns the stage.
 
     ``table``: a Delta path or table name. ``num_labels``: when given (classification), labels
     outside ``[0, num_labels)`` raise SparktuneError before anything is written.
-    ``row_group_bytes`` bounds the Parquet row groups a rank reads at a time.
+    ``row_group_bytes`` bounds the Parquet row groups a rank reads at a time. ``table_id``: the
+    table's Delta id when the caller already read it (the launcher's pinned snapshot), else read here.
     """
     # Long (~90 lines) on purpose: checks, the cached stage, one aggregate, then the write, as one readable story.
     from pyspark.sql import functions as F
@@ -263,7 +264,8 @@ def stage_training_data(spark, table, version: int, split: str, world_size: int,
     if version is None:
         raise SparktuneError("data.version: staging needs a pinned table version (the launcher pins it)")
     ref = parse_table_ref(table)
-    table_id = read_snapshot(spark, ref, what="data.table").table_id  # the same id at every version
+    if not table_id:
+        table_id = read_snapshot(spark, ref, what="data.table").table_id  # the same id at every version
     key = StageKey(table_id=table_id, version=int(version), split=split, task=task.value,
                    limit=limit, max_length=max_length, world_size=world_size, seed=int(seed), uneven=uneven,
                    window_rows=int(window_rows), sparktune_version=__version__)
@@ -332,12 +334,13 @@ def stage_training_data(spark, table, version: int, split: str, world_size: int,
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def stage_job_data(spark, cfg, task: Task | str, staging_dir: str | None = None) -> dict:
+def stage_job_data(spark, cfg, task: Task | str, staging_dir: str | None = None, table_id: str | None = None) -> dict:
     """Stage a training job's data before its ranks launch: ``{split: StagedData}``.
 
     The training split is dealt into ``distributor.num_processes`` shards; the evaluation split
     (if any) into one, which every rank reads (Trainer splits evaluation batches among ranks).
     ``cfg.data.version`` must be pinned. ``staging_dir`` defaults to ``<output_dir>/staging``.
+    ``table_id``: the pinned snapshot's (saves reading the table's detail again).
     The ranks find these stages with ``sparktune.train.data.load_rank_data`` (same key).
     """
     task = Task.parse(task, "model.task")
@@ -352,12 +355,13 @@ def stage_job_data(spark, cfg, task: Task | str, staging_dir: str | None = None)
     staged = {d.train_split: stage_training_data(
         spark, table, d.version, d.train_split, cfg.distributor.num_processes, seed=cfg.train.seed,
         limit=d.train_limit, max_length=d.max_length, staging_dir=folder, num_labels=num_labels, task=task,
-        uneven=d.uneven)}
+        uneven=d.uneven, table_id=table_id)}
     if d.eval_split:
         try:
             staged[d.eval_split] = stage_training_data(
                 spark, table, d.version, d.eval_split, 1, seed=cfg.train.seed, limit=d.eval_limit,
-                max_length=d.max_length, staging_dir=folder, num_labels=num_labels, task=task, uneven="pad")
+                max_length=d.max_length, staging_dir=folder, num_labels=num_labels, task=task, uneven="pad",
+                table_id=table_id)
         except SparktuneError as exc:
             if "has no" not in str(exc):
                 raise  # an empty evaluation split means no evaluation, as before; bad labels stop the job

@@ -257,7 +257,10 @@ def read_snapshot(spark, ref, version: int | None = None, what: str = "table") -
 
     ``spark=None`` is for a process without a session (a training rank under plain torchrun, a
     write check before Spark starts): the same snapshot from the Delta log, with delta-rs, for a
-    path only.
+    path only. delta-rs also answers for the latest version of a path table on a classic session
+    with a local master (``_log_is_local``): the driver reads the same files as its executors, and
+    the log costs milliseconds where Spark's first ``DESCRIBE DETAIL`` took seconds (the snapshot
+    state built by a Spark job); any failure there falls back to Spark SQL, which reports it.
 
     Never partial, never swallowed: a missing table or version is a SparktuneError that names
     ``what`` and says what to do; any other failure propagates.
@@ -265,6 +268,30 @@ def read_snapshot(spark, ref, version: int | None = None, what: str = "table") -
     ref = parse_table_ref(ref)
     if spark is None:
         return _snapshot_from_log(ref, version, what)
+    if version is None and _log_is_local(spark, ref):
+        try:
+            return _snapshot_from_log(ref, None, what)
+        except Exception:  # noqa: BLE001  (Spark SQL below reads it, or says what is wrong)
+            pass
+    return _snapshot_through_spark(spark, ref, version, what)
+
+
+def _log_is_local(spark, ref: TableRef) -> bool:
+    """A path table on this machine's disk, read by a classic session with a local master (not on
+    Databricks, where storage credentials and Unity Catalog belong to the cluster)."""
+    from sparktune.databricks import on_databricks
+    from sparktune.spark import is_connect, is_local_master, spark_master
+
+    if ref.path is None or on_databricks() or (_URI.match(ref.path) and not ref.path.startswith("file:")):
+        return False
+    folder = "/" + ref.path[len("file:"):].lstrip("/") if ref.path.startswith("file:") else ref.path
+    if not os.path.isdir(os.path.join(folder, "_delta_log")) or is_connect(spark):
+        return False
+    return is_local_master(spark_master(spark))
+
+
+def _snapshot_through_spark(spark, ref: TableRef, version: int | None, what: str) -> TableSnapshot:
+    """``read_snapshot`` by Spark SQL: ``DESCRIBE DETAIL`` and ``DESCRIBE HISTORY``."""
     _require_exists(spark, ref, what)
     detail = _detail(spark, ref)
     properties = dict(detail["properties"] or {})

@@ -7,7 +7,14 @@ import shutil
 import pytest
 
 from sparktune.errors import ConfigError, SparktuneError
-from sparktune.tables import TableSnapshot, read_snapshot, write_table
+from sparktune.tables import (
+    TableSnapshot,
+    _log_is_local,
+    _snapshot_through_spark,
+    parse_table_ref,
+    read_snapshot,
+    write_table,
+)
 
 
 def _write(spark, path, rows, **props):
@@ -30,7 +37,9 @@ def test_snapshot_is_the_same_through_spark_and_the_delta_log_at_every_version(s
     spark.sql(f"ALTER TABLE delta.`{path}` UNSET TBLPROPERTIES ('sparktune.vocab')")  # v4
     spark.sql(f"INSERT INTO delta.`{path}` VALUES (10, 'y')")  # v5
 
-    latest = read_snapshot(spark, path)
+    latest = read_snapshot(spark, path)  # a local path on a local master: read from the Delta log
+    assert _log_is_local(spark, parse_table_ref(path))
+    assert latest == _snapshot_through_spark(spark, parse_table_ref(path), None, "t")  # = Spark SQL's answer
     assert latest.version == 5 and latest.table_id == str(DeltaTable(path).metadata().id)
     assert latest.location == path and latest.uri == "file:" + path and latest.name is None
     expected = {0: {"sparktune.vocab": "a", "sparktune.source": "/data/tokens"},

@@ -36,6 +36,21 @@ def test_shape_is_read_from_the_config_without_weights():
     assert lora.params > shape.params and lora.trainable < shape.params / 1000
 
 
+def test_a_prefetched_shape_is_the_same_and_a_failed_prefetch_raises_in_the_caller(tmp_path):
+    cfg = _cfg(TINY_QWEN2)
+    memory.prefetch_model_shape(cfg)  # a thread, started while the CLI starts Spark
+    assert memory.model_shape(cfg, Task.INSTRUCTION) == memory._model_shape(cfg, Task.INSTRUCTION)
+    assert not memory._PREFETCHED  # taken, not left behind
+    missing = load_train_config(data={"output_dir": "out", "data": {"table": "t"}, "model": {
+        "name": str(tmp_path / "no-such-model"), "task": "classification"}})
+    memory.prefetch_model_shape(missing)
+    with pytest.raises(SparktuneError, match="model.name: could not read the config"):
+        memory.model_shape(missing, Task.CLASSIFICATION)  # the thread's failure, raised again here
+    auto = _cfg(TINY_QWEN2, **{"model.task": "auto"})
+    memory.prefetch_model_shape(auto)  # the task comes from the table: nothing to prefetch
+    assert not memory._PREFETCHED
+
+
 def test_fsdp_divides_weights_gradients_and_adam_by_the_ranks():
     shape = memory.model_shape(_cfg(QWEN25_7B), Task.INSTRUCTION)
     common = dict(world_size=8, gpu=True, bf16=True, lora=False, quantize=Quantization.NONE, batch_size=4,

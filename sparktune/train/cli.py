@@ -40,6 +40,7 @@ def add_cli(subparsers) -> None:
 def run_cli(args, ctx):
     from sparktune.train.config import load_train_config
     from sparktune.train.distribute import run_training
+    from sparktune.train.memory import prefetch_model_shape
 
     overrides = list(args.overrides)
     # The common flags win over the config file and over key=value overrides of the same keys.
@@ -51,6 +52,8 @@ def run_cli(args, ctx):
     check_writes(None, "train", folders={"output_dir": cfg.output_dir, "checkpoint.dir": cfg.checkpoint.dir,
                                          "data.staging_dir": cfg.data.staging_dir},
                  inputs={"data.table": cfg.data.table or cfg.data.location})
+    # torch and transformers (the driver's memory plan) load while Spark starts, not after it.
+    prefetch_model_shape(cfg)
     tracker = None
     if cfg.mlflow.enabled:
         from sparktune.tracking import Tracker

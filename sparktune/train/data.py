@@ -461,14 +461,15 @@ def _label_range(labels: np.ndarray | None) -> tuple[int | None, int | None]:
 
 
 def load_rank_data(cfg, rank: int, world_size: int, task: Task | str, *, staging_dir: str | None = None,
-                   cache_dir: str | None = None) -> RankData:
+                   cache_dir: str | None = None, table_id: str | None = None) -> RankData:
     """This rank's training rows (its shard) and the evaluation rows, as flat buffers.
 
     ``cfg``: the job's TrainConfig with ``data.location`` and ``data.version`` pinned. With
     ``staging_dir`` holding a stage of this job (``sparktune.staging.stage_job_data``), reads
     only this rank's shard, memory-mapped from ``cache_dir`` (default ``$SPARKTUNE_SHARD_CACHE``
     or the temp dir); otherwise reads the split from the table and keeps this rank's share.
-    Labels outside ``[0, model.num_labels)`` raise SparktuneError (classification).
+    Labels outside ``[0, model.num_labels)`` raise SparktuneError (classification). ``table_id``:
+    the pinned table's Delta id (the stage's key), else read from the Delta log here.
     """
     from sparktune.staging import StagedData, check_labels, check_stage_labels, find_staged
     from sparktune.tables import read_snapshot
@@ -479,12 +480,13 @@ def load_rank_data(cfg, rank: int, world_size: int, task: Task | str, *, staging
     where = f"table {d.table or d.location!r} v{d.version}"
     cache_root = cache_dir or _default_cache_dir()
 
-    table_id = read_snapshot(None, d.location, d.version, "data.table").table_id if staging_dir else ""
+    if staging_dir and not table_id:
+        table_id = read_snapshot(None, d.location, d.version, "data.table").table_id
 
     def staged(split: str, world: int) -> StagedData | None:
         if not staging_dir:
             return None
-        return find_staged(staging_dir, stage_key_for(cfg, task, split, world, table_id))
+        return find_staged(staging_dir, stage_key_for(cfg, task, split, world, table_id or ""))
 
     def from_stage(stage: StagedData, shard: int) -> FlatRows:
         check_stage_labels(stage.manifest, num_labels, f"split {stage.manifest.key.split!r} of {where}")

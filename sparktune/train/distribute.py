@@ -143,7 +143,8 @@ def _stage(spark, cfg: TrainConfig, plan: LaunchPlan, pinned: PinnedJob) -> None
         check_shared_path(spark, pinned.output_dir, "output_dir")
         check_shared_path(spark, pinned.checkpoint_dir, "checkpoint.dir")
         check_shared_path(spark, cfg.data.staging_dir or default_staging_dir(pinned.output_dir), "data.staging_dir")
-    stage_job_data(spark, pinned.bind(cfg), pinned.task, staging_dir=cfg.data.staging_dir or None)
+    stage_job_data(spark, pinned.bind(cfg), pinned.task, staging_dir=cfg.data.staging_dir or None,
+                   table_id=pinned.table.table_id)
 
 
 def _launch_until_done(plan: LaunchPlan, cfg: TrainConfig, pinned: PinnedJob, tracker=None) -> TrainResult:

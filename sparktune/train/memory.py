@@ -27,15 +27,18 @@ gathered)``.
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
 
 from sparktune.errors import SparktuneError
 from sparktune.tasks import Task
 from sparktune.train.config import MemoryCheck, Parallelism, Quantization, TrainConfig
 
-__all__ = ["ModelShape", "MemoryPlan", "model_shape", "plan_memory", "plan_for_job", "check_memory",
-           "rank_memory", "ranks_per_host", "log_plan", "GIB"]
+__all__ = ["ModelShape", "MemoryPlan", "model_shape", "prefetch_model_shape", "plan_memory", "plan_for_job",
+           "check_memory", "rank_memory", "ranks_per_host", "log_plan", "GIB"]
 
 log = logging.getLogger("sparktune.train")
 
@@ -174,8 +177,56 @@ def _config_of(cfg: TrainConfig, task: Task):
             "folder or a hub name this machine reaches, or set train.memory_check=off") from None
 
 
+_PREFETCHED: dict[str, Future] = {}
+_PREFETCH_LOCK = threading.Lock()
+
+
+def _shape_key(cfg: TrainConfig, task: Task) -> str:
+    return json.dumps([cfg.to_dict(), task.value], sort_keys=True, default=str)
+
+
+def prefetch_model_shape(cfg: TrainConfig) -> None:
+    """Start working out ``model_shape`` in a background thread (torch and transformers imported,
+    the model's config read, the model built on the meta device) while the caller starts Spark:
+    the driver's memory plan then finds it done. Only for an explicit ``model.task`` (``auto``
+    needs the table) and a memory check that is on. A failure here is forgotten: ``model_shape``
+    then runs again in the caller's thread and raises there, in the job's usual order."""
+    if cfg.train.memory_check is MemoryCheck.OFF or cfg.model.task == "auto":
+        return
+    try:
+        task = Task.parse(cfg.model.task, "model.task")
+    except Exception:  # noqa: BLE001  (reported by the job itself, where it checks model.task)
+        return
+    key = _shape_key(cfg, task)
+    future: Future = Future()
+    with _PREFETCH_LOCK:
+        if key in _PREFETCHED:
+            return
+        _PREFETCHED[key] = future
+
+    def work() -> None:
+        try:
+            future.set_result(_model_shape(cfg, task))
+        except BaseException as exc:  # noqa: BLE001  (recomputed, and raised, by the caller)
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name="sparktune-model-shape", daemon=False).start()
+
+
 def model_shape(cfg: TrainConfig, task: Task) -> ModelShape:
-    """The model's shape from its config: built on the meta device, so no weights are read or allocated."""
+    """The model's shape from its config: built on the meta device, so no weights are read or allocated
+    (or the result of ``prefetch_model_shape`` for the same config and task, waited for)."""
+    with _PREFETCH_LOCK:
+        future = _PREFETCHED.pop(_shape_key(cfg, task), None)
+    if future is not None:
+        try:
+            return future.result()
+        except Exception:  # noqa: BLE001  (computed again below, so the error is raised here, as without it)
+            pass
+    return _model_shape(cfg, task)
+
+
+def _model_shape(cfg: TrainConfig, task: Task) -> ModelShape:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

@@ -116,7 +116,8 @@ def _load_data(cfg: TrainConfig, pinned: PinnedJob, env: dist.DistEnv) -> RankDa
 
     try:
         return tdata.load_rank_data(pinned.bind(cfg), env.rank, env.world_size, pinned.task,
-                                    staging_dir=cfg.data.staging_dir or default_staging_dir(pinned.output_dir))
+                                    staging_dir=cfg.data.staging_dir or default_staging_dir(pinned.output_dir),
+                                    table_id=pinned.table.table_id)
     except SparktuneError:
         raise
     except Exception as exc:
