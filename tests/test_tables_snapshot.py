@@ -9,8 +9,12 @@ import pytest
 from sparktune.errors import ConfigError, SparktuneError
 from sparktune.tables import (
     TableSnapshot,
+    _commit,
+    _commit_from_log,
     _log_is_local,
     _snapshot_through_spark,
+    commit_metadata,
+    last_commit,
     parse_table_ref,
     read_snapshot,
     write_table,
@@ -56,6 +60,28 @@ def test_snapshot_is_the_same_through_spark_and_the_delta_log_at_every_version(s
             assert _ours(through_spark.properties) == expected[version]
     assert _ours(read_snapshot(spark, path, 4).properties) == {}
     assert TableSnapshot.from_dict(latest.to_dict()) == latest
+
+
+def test_latest_commit_is_the_same_from_the_delta_log_and_describe_history(spark, tmp_path):
+    """``last_commit`` of a local path table reads the log with delta-rs; Spark SQL's DESCRIBE
+    HISTORY (what Connect, clusters and catalog tables use) gives the same version, operation,
+    userMetadata and metrics, after a write, an append with metadata and a DELETE."""
+    path = str(tmp_path / "t")
+    ref = parse_table_ref(path)
+    _write(spark, path, 3, vocab="a")
+    with commit_metadata(spark, {"stage": "test", "source_version": "7"}):
+        spark.sql(f"INSERT INTO delta.`{path}` VALUES (9, 'x'), (10, 'y')")
+    checked = []
+    for step in ("append", "delete"):
+        if step == "delete":
+            spark.sql(f"DELETE FROM delta.`{path}` WHERE id = 9")
+        assert _log_is_local(spark, ref)
+        from_log, through_spark = _commit_from_log(ref), _commit(spark, ref, read_snapshot(spark, path).version)
+        assert from_log == through_spark == last_commit(spark, path)
+        metrics = from_log["operationMetrics"]
+        checked.append((from_log["operation"], from_log["userMetadata"], metrics.get("numOutputRows")))
+    assert checked[0][0] == "WRITE" and '"source_version": "7"' in checked[0][1] and checked[0][2] == "2"
+    assert checked[1][0] == "DELETE" and checked[1][1] is None
 
 
 def test_snapshot_of_a_catalog_table_names_it(spark, tmp_path):
