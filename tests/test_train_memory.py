@@ -38,7 +38,9 @@ def test_shape_is_read_from_the_config_without_weights():
 
 def test_a_prefetched_shape_is_the_same_and_a_failed_prefetch_raises_in_the_caller(tmp_path):
     cfg = _cfg(TINY_QWEN2)
-    memory.prefetch_model_shape(cfg)  # a thread, started while the CLI starts Spark
+    stale = _cfg(TINY_QWEN2, **{"train.seed": 7})
+    memory.prefetch_model_shape(stale)  # a job that stopped before its memory plan took it
+    memory.prefetch_model_shape(cfg)  # a thread, started while the CLI starts Spark: the stale one is dropped
     assert memory.model_shape(cfg, Task.INSTRUCTION) == memory._model_shape(cfg, Task.INSTRUCTION)
     assert not memory._PREFETCHED  # taken, not left behind
     missing = load_train_config(data={"output_dir": "out", "data": {"table": "t"}, "model": {

@@ -202,6 +202,9 @@ def prefetch_model_shape(cfg: TrainConfig) -> None:
     with _PREFETCH_LOCK:
         if key in _PREFETCHED:
             return
+        # One prefetch at a time: one that no memory plan took (its job stopped before planning, in a
+        # process that runs several jobs) is dropped, not kept or handed to a later job.
+        _PREFETCHED.clear()
         _PREFETCHED[key] = future
 
     def work() -> None:
