@@ -211,13 +211,17 @@ def _commit(spark, ref: TableRef, version: int | None) -> dict:
             "operationMetrics": dict(row["operationMetrics"] or {})}
 
 
+def _log_folder(path: str) -> str:
+    """A path table's folder as delta-rs and the OS open it: ``file:`` (any number of slashes) dropped."""
+    return "/" + path[len("file:"):].lstrip("/") if path.startswith("file:") else path
+
+
 def _commit_from_log(ref: TableRef) -> dict:
     """``_commit``'s latest commit from the Delta log (the same commitInfo DESCRIBE HISTORY shows)."""
     from deltalake import DeltaTable
 
     assert ref.path is not None  # _log_is_local: a path table
-    location = "/" + ref.path[len("file:"):].lstrip("/") if ref.path.startswith("file:") else ref.path
-    (info,) = DeltaTable(location).history(1)
+    (info,) = DeltaTable(_log_folder(ref.path)).history(1)
     return {"version": int(info["version"]), "operation": info.get("operation"),
             "userMetadata": info.get("userMetadata"),
             "operationMetrics": {str(k): str(v) for k, v in (info.get("operationMetrics") or {}).items()}}
@@ -304,8 +308,7 @@ def _log_is_local(spark, ref: TableRef) -> bool:
 
     if ref.path is None or on_databricks() or (_URI.match(ref.path) and not ref.path.startswith("file:")):
         return False
-    folder = "/" + ref.path[len("file:"):].lstrip("/") if ref.path.startswith("file:") else ref.path
-    if not os.path.isdir(os.path.join(folder, "_delta_log")) or is_connect(spark):
+    if not os.path.isdir(os.path.join(_log_folder(ref.path), "_delta_log")) or is_connect(spark):
         return False
     return is_local_master(spark_master(spark))
 
@@ -389,9 +392,7 @@ def _snapshot_from_log(ref: TableRef, version: int | None, what: str) -> TableSn
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
-    location = ref.path
-    if location.startswith("file:"):
-        location = "/" + location[len("file:"):].lstrip("/")
+    location = _log_folder(ref.path)
     try:
         table = DeltaTable(location)
     except TableNotFoundError:
