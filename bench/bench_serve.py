@@ -64,7 +64,8 @@ def server_cmd(mode, model, port, args):
 
 
 # Settings a mode name may end with, one or more (``batched-int8``, ``workers2-wait0-fp32``, ...).
-VARIANTS = {"int8": ["--quantize", "int8"], "fp32": ["--bf16", "false"], "wait0": ["--batch-wait-ms", "0"]}
+VARIANTS = {"int8": ["--quantize", "int8"], "fp32": ["--bf16", "false"], "wait0": ["--batch-wait-ms", "0"],
+            "threads": ["--batch-worker-kind", "thread"], "procs": ["--batch-worker-kind", "process"]}
 
 
 def mode_name(text):
@@ -188,6 +189,21 @@ def run_clients(url, texts, clients, seconds, rows_per_request, kind="asyncio"):
             "client_cpu_ms_per_request": round(cpu * 1000 / max(1, len(latencies) + len(errors)), 3)}
 
 
+def server_cpu(pid) -> tuple[float, float]:
+    """CPU seconds (user + system) of the server's own process, and of its child processes together."""
+    import psutil
+
+    server = psutil.Process(pid)
+    own = sum(server.cpu_times()[:2])
+    children = 0.0
+    for child in server.children(recursive=True):
+        try:
+            children += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            continue
+    return own, children
+
+
 def bench_mode(mode, model, texts, args, work, round_=0):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -216,8 +232,15 @@ def bench_mode(mode, model, texts, args, work, round_=0):
         for clients in args.clients:
             if args.warmup_seconds:  # the same load, not measured: every arm is measured warm
                 run_clients(url, texts, clients, args.warmup_seconds, args.rows_per_request, args.client)
+            before = server_cpu(proc.pid)
             result = {"round": round_, "mode": mode,
                       **run_clients(url, texts, clients, args.seconds, args.rows_per_request, args.client)}
+            after = server_cpu(proc.pid)
+            answered = max(1, result["requests_ok"] + result["errors"])
+            # Where the server's CPU went: its own process (HTTP, JSON, batching) vs its child processes
+            # (sparktune's model workers; mlflow's uvicorn worker holds all of mlflow's work).
+            result["server_cpu_ms_per_request"] = round((sum(after) - sum(before)) * 1000 / answered, 2)
+            result["children_cpu_share"] = round((after[1] - before[1]) / max(1e-9, sum(after) - sum(before)), 3)
             print(json.dumps(result), flush=True)
             results.append(result)
     finally:

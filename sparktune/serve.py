@@ -42,6 +42,15 @@ from typing import Any, Literal
 from sparktune.env import env_value
 from sparktune.errors import SparktuneError
 from sparktune.results import StageResult
+from sparktune.serve_workers import (
+    ModelProcesses,
+    WorkerKind,
+    choose_worker_kind,
+    deadline_var_of,
+    describe,
+    model_bytes,
+    score_records,
+)
 from sparktune.settings import Stage, add_stage
 
 __all__ = [
@@ -102,8 +111,12 @@ class ServeLimits:
     # No request waits longer than this past its arrival for companions (0: none; a batch holds what
     # queued while the workers were busy).
     batch_wait_ms: float = 0.0
-    # Batches computed at once, each on its own thread with cores/workers torch threads.
+    # Batches computed at once, each with cores/workers torch threads.
     batch_workers: int = 2
+    # Where each batch worker runs: auto picks a process of its own (its own model copy and interpreter
+    # lock) for several workers on a CPU when every copy fits in half the available memory, else a thread
+    # (``sparktune.serve_workers``: two processes scored 1.09-1.22x two threads' rows/s on this CPU).
+    batch_worker_kind: WorkerKind = WorkerKind.AUTO
 
     def check(self) -> None:
         problems = [f"{flag} must be > 0, got {value}" for flag, value in (
@@ -359,15 +372,20 @@ class MicroBatcher:
     never split). ``workers`` batches run at once, each on its own worker thread (1: one at a
     time; torch already spreads a forward pass over every core, so concurrent passes that each use
     every core only contend, as in MLflow's app, one thread per request; with W workers the server
-    gives each pass cores/W torch threads instead). The model's core orders the batch's rows by length before padding
-    (``sparktune.model.hf``), and the answers are sliced back to their requests in arrival order.
+    gives each pass cores/W torch threads instead), or with ``processes`` each handed by its thread
+    to a worker process of its own (``sparktune.serve_workers``). The model's core orders the
+    batch's rows by length before padding (``sparktune.model.hf``), and the answers are sliced back
+    to their requests in arrival order.
     The batch's deadline is its latest request's; each request still answers 504 at its own.
     """
 
-    def __init__(self, model, max_rows: int, max_wait_s: float, deadline_var=None, workers: int = 1):
+    def __init__(self, model, max_rows: int, max_wait_s: float, deadline_var=None, workers: int = 1,
+                 processes: ModelProcesses | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.model = model
+        # Worker processes compute the batches (each thread of the pool below then only waits on one).
+        self.processes = processes
         self.workers = max(1, int(workers))
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
@@ -452,21 +470,19 @@ class MicroBatcher:
                 waiting.future.set_result((part, rows))
 
     def _score(self, texts: list[str], deadline: float) -> list[dict]:
-        """The model's answer for ``texts`` as one record (a dict of columns) per row: made here, on
-        the worker thread, once per batch; slicing a list per request on the event loop is ~100x
-        cheaper than slicing and serializing a DataFrame there (measured, BENCHMARKS.md)."""
-        import pandas as pd
+        """The model's answer for ``texts`` as one record (a dict of columns) per row: made on the
+        worker thread (or in a worker process), once per batch; slicing a list per request on the
+        event loop is ~100x cheaper than slicing and serializing a DataFrame there (measured,
+        BENCHMARKS.md)."""
+        if self.processes is not None:
+            return self.processes.score(texts, deadline)
+        return score_records(self.model, self.deadline_var, texts, deadline)
 
-        from sparktune.model.pyfunc import TEXT_COLUMN
-
-        token = self.deadline_var.set(deadline) if self.deadline_var is not None else None
-        try:
-            frame = self.model.predict(pd.DataFrame({TEXT_COLUMN: texts}))
-        finally:
-            if token is not None:
-                self.deadline_var.reset(token)
-        # What MLflow's predictions_to_json writes for a DataFrame: its records.
-        return frame.to_dict(orient="records")
+    def close(self) -> None:
+        """Stop the worker processes (if any) and the worker threads."""
+        if self.processes is not None:
+            self.processes.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 class ServeGuard:
@@ -777,23 +793,36 @@ def load_options(mlflow_model_dir: str, options: dict) -> dict:
     return options
 
 
+def batch_worker_kind(limits: ServeLimits, mlflow_model_dir: str) -> WorkerKind:
+    """Threads or processes for the batch workers (``serve_workers.choose_worker_kind``), from this machine."""
+    import psutil
+
+    from sparktune.model import hf
+
+    if limits.batch_max_rows <= 0:
+        return WorkerKind.THREAD
+    return choose_worker_kind(limits.batch_worker_kind, limits.batch_workers, hf.device_for(None),
+                              model_bytes(mlflow_model_dir), psutil.virtual_memory().available)
+
+
 def build_app(mlflow_model_dir: str, limits: ServeLimits, model_config: dict | None = None):
     """MLflow's scoring app for the model, behind ``ServeGuard``; ``model_config``: load-time
     options of the pyfunc (``sparktune.model.pyfunc.LOAD_OPTIONS``), handed to MLflow's
-    ``load_model`` and read by the model's ``load_context``."""
+    ``load_model`` and read by the model's ``load_context`` (in each worker process too)."""
     import mlflow
     from mlflow.pyfunc import scoring_server
 
     # MLflow's own timeout (it answers 504 but lets the work run on) must not fire before ours.
     os.environ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(int(limits.request_timeout_s) + 30)
-    model = mlflow.pyfunc.load_model(mlflow_model_dir, model_config=load_options(mlflow_model_dir,
-                                                                                 model_config or {}) or None)
-    try:
-        deadline_var = getattr(model.unwrap_python_model(), "DEADLINE", None)
-    except Exception:  # noqa: BLE001  (any model that is not ours: no deadline hook)
-        deadline_var = None
-    batcher = (MicroBatcher(model, limits.batch_max_rows, limits.batch_wait_ms / 1000, deadline_var,
-                            limits.batch_workers) if limits.batch_max_rows > 0 else None)
+    options = load_options(mlflow_model_dir, model_config or {}) or None
+    model = mlflow.pyfunc.load_model(mlflow_model_dir, model_config=options)
+    deadline_var = deadline_var_of(model)
+    batcher = None
+    if limits.batch_max_rows > 0:
+        processes = (ModelProcesses(mlflow_model_dir, options, limits.batch_workers)
+                     if batch_worker_kind(limits, mlflow_model_dir) == WorkerKind.PROCESS else None)
+        batcher = MicroBatcher(model, limits.batch_max_rows, limits.batch_wait_ms / 1000, deadline_var,
+                               limits.batch_workers, processes)
     return ServeGuard(scoring_server.init(model), limits, deadline_var, batcher)
 
 
@@ -818,9 +847,17 @@ def serve(model_uri: str, tracker=None, host: str = "127.0.0.1", port: int = 500
         torch_threads = max(1, (os.cpu_count() or 1) // limits.batch_workers)
     model_dir = prepare_serving_model(model_uri, tracker)
     app = build_app(model_dir, limits, {"bf16": bf16, "quantize": quantize, "torch_threads": torch_threads})
+    batcher = app.batcher
+    if batcher is not None:
+        kind = WorkerKind.PROCESS if batcher.processes is not None else WorkerKind.THREAD
+        print(describe(kind, limits.batch_workers, torch_threads), flush=True)
     print(f"serving {model_uri} on http://{host}:{port} (routes: /ping /health /version /invocations)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=str(env_value("SPARKTUNE_SERVE_LOG_LEVEL")),
-                **uvicorn_settings(limits))
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=str(env_value("SPARKTUNE_SERVE_LOG_LEVEL")),
+                    **uvicorn_settings(limits))
+    finally:
+        if batcher is not None:
+            batcher.close()
 
 
 # CLI ---------------------------------------------------------------------------------------------
@@ -863,8 +900,12 @@ class ServeSettings:
     batch_wait_ms: float = _LIMITS.batch_wait_ms
     """Micro-batching: a batch closes at most this long after its first request arrived."""
     batch_workers: int = _LIMITS.batch_workers
-    """Micro-batching: batches computed at once, each on its own thread with cores/N torch threads (unless
-    --torch-threads says otherwise)."""
+    """Micro-batching: batches computed at once, each with cores/N torch threads (unless --torch-threads says
+    otherwise)."""
+    batch_worker_kind: Literal["auto", "process", "thread"] = _LIMITS.batch_worker_kind.value
+    """Micro-batching: where each batch worker runs. process: a process of its own with its own copy of the model
+    (no shared interpreter lock; N+1 copies in memory); thread: a thread of the server (one copy); auto: processes
+    for several workers on a CPU when every copy fits in half the available memory, else threads."""
     torch_threads: int | None = None
     """Torch threads of the server (empty: cores / --batch-workers when batching, else torch's default)."""
     quantize: Literal["none", "int8"] | None = None
@@ -878,7 +919,7 @@ class ServeSettings:
         return ServeLimits(int(self.max_body_mb * 1024 * 1024), self.max_rows, self.request_timeout,
                            self.body_timeout, self.header_timeout, self.keep_alive, self.max_connections,
                            int(self.max_header_kb * 1024), self.max_text_chars, self.batch_max_rows,
-                           self.batch_wait_ms, self.batch_workers)
+                           self.batch_wait_ms, self.batch_workers, WorkerKind(self.batch_worker_kind))
 
 
 @dataclass

@@ -210,10 +210,45 @@ def test_stalled_upload_gets_408_and_cannot_hold_the_server(server):
     _assert_serves(url)
 
 
+def _server_processes(pid: int) -> list:
+    """The server's process and its model worker processes (``--batch-worker-kind process``)."""
+    import psutil
+
+    server = psutil.Process(pid)
+    return [server, *server.children(recursive=True)]
+
+
 def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of the server and its worker processes: the work may run in either."""
+    import psutil
+
+    total = 0.0
+    for process in _server_processes(pid):
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def test_by_default_batches_are_scored_in_two_worker_processes(server):
+    """On this CPU the default batch workers are processes of their own (``--batch-worker-kind auto``):
+    two of them, and a request's forward pass spends CPU in them, not in the server's process."""
+    import psutil
+
+    url, pid = server
+    workers = [p for p in psutil.Process(pid).children() if "spawn_main" in " ".join(p.cmdline())
+               and "resource_tracker" not in " ".join(p.cmdline())]
+    assert len(workers) == 2, [p.cmdline() for p in psutil.Process(pid).children()]
+
+    def worker_cpu():
+        return sum(t.user + t.system for t in (p.cpu_times() for p in workers))
+
+    before = worker_cpu()
+    r = _post(url, {"inputs": [" ".join(TEXTS * 40)] * 8})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 8
+    assert worker_cpu() - before > 0.05, "the batch was not scored in a worker process"
 
 
 def test_request_past_its_time_limit_gets_504_and_its_work_stops(server):
@@ -395,11 +430,16 @@ def test_idle_connections_time_out(server):
 
 
 def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    """Resident memory of the server and its worker processes together."""
+    import psutil
+
+    total = 0
+    for process in _server_processes(pid):
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return total / 1024 / 1024
 
 
 def test_memory_returns_after_a_burst_of_hostile_requests(server):

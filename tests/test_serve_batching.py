@@ -135,3 +135,66 @@ def test_int8_quantization_is_what_runs_and_answers_stay_close(tmp_path, minilm_
     np.testing.assert_allclose(np.stack(got["probabilities"]), np.stack(want["probabilities"]), atol=0.05)
     with pytest.raises(Exception, match="set bf16 to false or auto"):
         mlflow.pyfunc.load_model(path, model_config=load_options(path, {"quantize": "int8", "bf16": "true"}))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, minilm_path):
+    from sparktune.model import artifact
+
+    base = tmp_path_factory.mktemp("batching_procs")
+    return artifact.save_model(build_classifier(minilm_path, str(base / "clf")), str(base / "m"), "classification")
+
+
+def test_worker_processes_answer_as_the_model_in_process_and_recover_from_a_killed_worker(model_dir):
+    """Batches scored in worker processes (each its own model copy) equal the in-process model's
+    answer; a deadline already past stops the batch (TimeoutError); a killed worker is replaced by
+    a fresh process before its next batch."""
+    import os
+    import signal
+
+    import mlflow
+    import pandas as pd
+
+    from sparktune.serve_workers import ModelProcesses
+
+    texts = [f"review {i}: {'fine ' * (5 * i)}{'awful' if i % 2 else 'great'} film" for i in range(5)]
+    expected = mlflow.pyfunc.load_model(model_dir).predict(pd.DataFrame({"text": texts}))
+    workers = ModelProcesses(model_dir, {"torch_threads": 1}, 2)
+    try:
+        assert len(set(workers.pids)) == 2 and os.getpid() not in workers.pids
+        for records in (workers.score(texts, time.monotonic() + 60), workers.score(texts[:2], time.monotonic() + 60)):
+            for i, record in enumerate(records):
+                assert record["label"] == expected["label"][i]
+                np.testing.assert_allclose(record["probabilities"], expected["probabilities"][i], atol=1e-5)
+        with pytest.raises(TimeoutError):
+            workers.score(texts, time.monotonic() - 1)
+        killed = workers.pids
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        records = workers.score(texts[:1], time.monotonic() + 60)
+        assert records[0]["label"] == expected["label"][0]
+        assert set(workers.pids) - set(killed), "no fresh worker process took a killed one's place"
+    finally:
+        workers.close()
+
+
+def test_a_model_that_does_not_load_stops_the_worker_processes_with_a_clear_error(tmp_path):
+    from sparktune.errors import SparktuneError
+    from sparktune.serve_workers import ModelProcesses
+
+    with pytest.raises(SparktuneError, match="could not load the model.*--batch-worker-kind thread"):
+        ModelProcesses(str(tmp_path / "no-model"), None, 1)
+
+
+def test_processes_only_where_they_pay_and_fit():
+    from sparktune.serve_workers import WorkerKind, choose_worker_kind
+
+    gb = 1 << 30
+    auto = WorkerKind.AUTO
+    assert choose_worker_kind(auto, 2, "cpu", gb // 10, 8 * gb) == WorkerKind.PROCESS
+    assert choose_worker_kind(auto, 1, "cpu", gb // 10, 8 * gb) == WorkerKind.THREAD  # nothing runs beside it
+    assert choose_worker_kind(auto, 2, "cuda", gb // 10, 8 * gb) == WorkerKind.THREAD
+    assert choose_worker_kind(auto, 2, "cpu", 2 * gb, 8 * gb) == WorkerKind.THREAD  # 3 copies > half of 8 GB
+    assert choose_worker_kind(WorkerKind.PROCESS, 2, "cuda", 2 * gb, 8 * gb) == WorkerKind.PROCESS
+    assert choose_worker_kind(WorkerKind.THREAD, 2, "cpu", 1, 8 * gb) == WorkerKind.THREAD
