@@ -272,7 +272,6 @@ GC_FLAGS = {"parallel": "-XX:+UseParallelGC", "g1": "-XX:+UseG1GC", "none": ""}
 # Where else a collector can be chosen for the driver JVM a local start launches.
 _JAVA_OPTION_VARIABLES = ("JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "SPARK_SUBMIT_OPTS")
 _GC_FLAG = re.compile(r"-XX:\+Use\w*GC\b")
-_USER_JAVA_OPTIONS = ("spark.driver.extraJavaOptions", "spark.driver.defaultJavaOptions")
 
 
 def gc_java_options(conf: Mapping[str, str] | None = None, environ: Mapping[str, str] | None = None) -> str:
@@ -289,7 +288,8 @@ def gc_java_options(conf: Mapping[str, str] | None = None, environ: Mapping[str,
     if choice not in GC_FLAGS:
         raise SparktuneError(f"$SPARKTUNE_SPARK_GC: expected one of {', '.join(GC_FLAGS)}, found {given!r}")
     conf = conf or {}
-    if conf.get("spark.driver.extraJavaOptions") or _GC_FLAG.search(str(conf.get(_USER_JAVA_OPTIONS[1]) or "")):
+    if conf.get("spark.driver.extraJavaOptions") or _GC_FLAG.search(str(conf.get("spark.driver.defaultJavaOptions")
+                                                                             or "")):
         return ""
     if any(_GC_FLAG.search(env.get(name) or "") for name in _JAVA_OPTION_VARIABLES):
         return ""
