@@ -266,8 +266,9 @@ def session_facts(spark, cpu_count: int | None = None) -> SessionFacts:
 
 
 # SPARKTUNE_SPARK_GC -> the JVM flag. The stages are throughput batch work (read, convert, write
-# Parquet): the parallel collector spends less CPU than G1's concurrent cycles (BENCHMARKS.md,
-# "Driver JVM garbage collector"). "none" leaves the JVM's own choice (G1 on 2+ cores, 2+ GB).
+# Parquet): the parallel collector spent less JVM CPU than G1's concurrent cycles, and G1 with larger
+# regions did not do better (BENCHMARKS.md, "Driver JVM garbage collector: ParallelGC by default").
+# "none" leaves the JVM's own choice (G1 on 2+ cores and 2+ GB).
 GC_FLAGS = {"parallel": "-XX:+UseParallelGC", "g1": "-XX:+UseG1GC", "none": ""}
 # Where else a collector can be chosen for the driver JVM a local start launches.
 _JAVA_OPTION_VARIABLES = ("JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "SPARK_SUBMIT_OPTS")
