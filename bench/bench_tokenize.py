@@ -333,6 +333,9 @@ def main(argv=None) -> int:
     texts = pd.read_parquet(os.path.join(args.source, "train.parquet"), columns=["text"])["text"].tolist()
     out: dict = {"source": args.source, "master": args.master, "runs": args.runs,
                  "loadavg_at_start": os.getloadavg(), "cores": os.cpu_count(),
+                 # The driver JVM's garbage collector (SPARKTUNE_SPARK_GC, or the user's Java options).
+                 "jvm_collectors": sorted(str(b.getName()) for b in
+                                          spark._jvm.java.lang.management.ManagementFactory.getGarbageCollectorMXBeans()),
                  "planning_jobs_s": round(min(planning_seconds(spark, raw) for _ in range(1 if args.quick else 3)), 2),
                  "results": []}
     sampler = CpuSampler()

@@ -82,6 +82,10 @@ VARIABLES: tuple[Variable, ...] = (
              shown="`~/.ivy2`"),
     Variable("SPARKTUNE_IVY_SETTINGS", None, "Ivy settings file used to resolve Delta's jars the first time.",
              "spark.py", shown="`sparktune/ivysettings.xml`"),
+    Variable("SPARKTUNE_SPARK_GC", "parallel", "Garbage collector of the driver JVM (and a local cluster's "
+             "executors) of a session sparktune starts: `parallel` (throughput: the stages are batch work), `g1`, "
+             "or `none` (the JVM's own choice). Not added when `spark.driver.extraJavaOptions` is given or a "
+             "Java options variable already picks a collector.", "spark.py"),
     Variable("SPARKTUNE_VERBOSE", None, "`1`: errors keep their traceback and Java stack (as `--verbose`).",
              "cli.py", shown="off"),
     Variable("SPARKTUNE_MODEL_CACHE", None, "Where executors and servers keep models downloaded from MLflow.",
@@ -120,6 +124,11 @@ VARIABLES: tuple[Variable, ...] = (
              "spark.py", owner="Spark", shown="unset"),
     Variable("PYSPARK_GATEWAY_PORT", None, "Set by spark-submit: take its session.", "spark.py",
              owner="Spark", shown="unset"),
+    Variable("SPARK_SUBMIT_OPTS", None, "JVM options of the driver a local start launches: one naming a "
+             "collector (`-XX:+Use...GC`) keeps `SPARKTUNE_SPARK_GC` out.", "spark.py", owner="Spark", shown="unset"),
+    *(Variable(name, None, "JVM options every JVM picks up: one naming a collector (`-XX:+Use...GC`) keeps "
+               "`SPARKTUNE_SPARK_GC` out.", "spark.py", owner="Java", shown="unset")
+      for name in ("JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS")),
     Variable("SPARK_LOCAL_DIRS", None, "An executor's scratch space (model cache fallback).",
              "model/resolve.py", owner="Spark", shown="unset"),
     Variable("RANK", "0", "This process's rank (set by torchrun).", "train/dist.py, train/train.py",

@@ -7,7 +7,8 @@ Where the session comes from, first match wins:
 3. Running under ``spark-submit``: the session spark-submit configured (its ``--master``, its
    ``--conf``); sparktune only fills in Delta settings it did not give, and never overrides them.
 4. Otherwise sparktune starts the JVM itself, on ``master`` / ``SPARKTUNE_SPARK_MASTER`` /
-   ``local[*]``, with Delta's jars on the driver's and executors' classpath.
+   ``local[*]``, with Delta's jars on the driver's and executors' classpath, and the JVM's
+   garbage collector of ``SPARKTUNE_SPARK_GC`` (``parallel``) unless the user chose JVM options.
 
 Local sessions keep their catalog (a Derby metastore) and warehouse under ``SPARKTUNE_HOME``
 (default ``./.sparktune``) so that table names written by one command are found by the next,
@@ -34,6 +35,7 @@ __all__ = [
     "check_shared_path",
     "delta_maven_coordinate",
     "delta_submit_args",
+    "gc_java_options",
     "get_spark",
     "is_connect",
     "is_local_master",
@@ -263,6 +265,38 @@ def session_facts(spark, cpu_count: int | None = None) -> SessionFacts:
     return SessionFacts.from_conf(conf, connect=is_connect(spark), cpu_count=cpu_count)
 
 
+# SPARKTUNE_SPARK_GC -> the JVM flag. The stages are throughput batch work (read, convert, write
+# Parquet): the parallel collector spent less JVM CPU than G1's concurrent cycles, and G1 with larger
+# regions did not do better (BENCHMARKS.md, "Driver JVM garbage collector: ParallelGC by default").
+# "none" leaves the JVM's own choice (G1 on 2+ cores and 2+ GB).
+GC_FLAGS = {"parallel": "-XX:+UseParallelGC", "g1": "-XX:+UseG1GC", "none": ""}
+# Where else a collector can be chosen for the driver JVM a local start launches.
+_JAVA_OPTION_VARIABLES = ("JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "SPARK_SUBMIT_OPTS")
+_GC_FLAG = re.compile(r"-XX:\+Use\w*GC\b")
+
+
+def gc_java_options(conf: Mapping[str, str] | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The collector flag for the JVM of a session sparktune starts ('' for none).
+
+    ``SPARKTUNE_SPARK_GC`` picks it (``parallel`` by default, ``g1``, ``none``). Nothing is added
+    when the user already chose JVM options or a collector: ``conf`` gives the driver's
+    ``extraJavaOptions`` (they replace sparktune's) or a ``defaultJavaOptions`` naming a
+    collector, or a Java options variable names one; two collector flags stop the JVM from starting.
+    """
+    env = os.environ if environ is None else environ
+    given = env_value("SPARKTUNE_SPARK_GC", env) or ""
+    choice = given.strip().lower()
+    if choice not in GC_FLAGS:
+        raise SparktuneError(f"$SPARKTUNE_SPARK_GC: expected one of {', '.join(GC_FLAGS)}, found {given!r}")
+    conf = conf or {}
+    if conf.get("spark.driver.extraJavaOptions") or _GC_FLAG.search(str(conf.get("spark.driver.defaultJavaOptions")
+                                                                             or "")):
+        return ""
+    if any(_GC_FLAG.search(env.get(name) or "") for name in _JAVA_OPTION_VARIABLES):
+        return ""
+    return GC_FLAGS[choice]
+
+
 def _under_spark_submit() -> bool:
     # spark-submit starts the JVM first and hands the Python process its gateway.
     return bool(env_value("PYSPARK_GATEWAY_PORT"))
@@ -311,6 +345,9 @@ def get_spark(master: str | None = None, app_name: str = "sparktune", conf: dict
     master = master or str(env_value("SPARKTUNE_SPARK_MASTER"))
     log4j = _log4j_file(home)
     java_opts = f"-Dlog4j.configurationFile=file:{log4j} -Dderby.system.home={home}"
+    gc = gc_java_options(conf)
+    if gc:
+        java_opts += f" {gc}"
     settings.update({
         "spark.driver.extraJavaOptions": java_opts,
         "spark.ui.enabled": "false",
