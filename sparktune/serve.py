@@ -96,7 +96,7 @@ class ServeLimits:
     max_header_bytes: int = 64 * 1024
     max_text_chars: int = 100_000
     # Micro-batching, on by default: up to 32 rows per forward pass, no batch window (0 ms), two
-    # batches computing at once, each on its own thread with cores/2 torch threads. The measured best
+    # batches computing at once, each with cores/2 torch threads (batch_worker_kind). The measured best
     # on this 2-core CPU (BENCHMARKS.md, model server, issue 21 item 4, "light client" runs; a load
     # generator of raw keep-alive connections, arms interleaved, medians of 2-3 rounds, three runs):
     # 1.82x, 1.82x, 2.24x `mlflow models serve`'s requests/s at 8 clients and 2.20x, 2.29x, 3.19x at 32,
@@ -115,7 +115,8 @@ class ServeLimits:
     batch_workers: int = 2
     # Where each batch worker runs: auto picks a process of its own (its own model copy and interpreter
     # lock) for several workers on a CPU when every copy fits in half the available memory, else a thread
-    # (``sparktune.serve_workers``: two processes scored 1.09-1.22x two threads' rows/s on this CPU).
+    # (``sparktune.serve_workers``; behind HTTP on this CPU: 1.12-1.14x two threads' requests/s at 8
+    # clients, 1.10-1.17x at 32, and 2.12x / 2.76x `mlflow models serve`, BENCHMARKS.md).
     batch_worker_kind: WorkerKind = WorkerKind.AUTO
 
     def check(self) -> None:

@@ -3,8 +3,9 @@
 On a CPU, two batches computed at once on two threads of one process share one interpreter lock:
 an eager forward pass of a small transformer spends milliseconds per pass in Python (module calls,
 hooks), and that part runs one thread at a time. Measured on this 2-core CPU (MiniLM, bf16, one
-torch thread per worker, BENCHMARKS.md, model server): two threads scored 80.7 rows/s one row
-per pass and 107.7 four rows per pass; two processes 98.5 and 117.1. So where the model is small
+torch thread per worker, the sparktune pyfunc; ``bench/bench_serve_workers.py``, BENCHMARKS.md):
+two processes scored 1.25-1.30x two threads' rows/s at one row per batch and 1.05-1.09x at four,
+and behind the HTTP server 1.12-1.14x at 8 clients and 1.10-1.17x at 32. So where the model is small
 beside the machine's memory, each batch worker is a process holding its own copy of the model,
 and the server's event loop hands it batches over a pipe.
 
