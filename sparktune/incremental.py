@@ -12,8 +12,9 @@ rows need work:
   2. Without the feed, when every commit of the range only added files (an append, an
      insert-only ``MERGE``, a streaming append; property changes and VACUUM in between), the
      changed rows are exactly the rows of the added files: the files of the new version that the
-     old version did not have (``DataFrame.inputFiles()`` at each version, from the Delta log),
-     read directly. Not for partitioned tables or column mapping (their files do not hold the
+     old version did not have, read directly. The history and the file lists come from the Delta
+     log (``tables.commits`` and ``tables.file_layout``: delta-rs for a local table, in
+     milliseconds; else ``DESCRIBE HISTORY`` and ``inputFiles()``). Not for partitioned tables or column mapping (their files do not hold the
      rows as the table shows them).
   3. Else by comparing a hash of each row's content at the two versions (time travel; a
      ``row_id`` present at one version and not the other, or present at both with other
@@ -38,7 +39,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sparktune.tables import commit_metadata, last_commit, parse_table_ref
+from sparktune.tables import Commit, commit_metadata, commits, file_layout, last_commit, parse_table_ref
 
 __all__ = ["Applied", "ChangeSource", "SourceChanges", "apply_changes", "history_unreadable", "last_provenance",
            "source_changes"]
@@ -143,12 +144,13 @@ _REMOVALS = re.compile(r"removed|deleted|updated|deletionvector|copied", re.IGNO
 _GLOB = re.compile(r"[*?\[\]{}\\]")
 
 
-def _only_added_files(operation: str, parameters: dict, metrics: dict) -> bool:
-    """True when a commit (one DESCRIBE HISTORY row) added data files and removed none, or
-    changed no data file and nothing about how the files are read."""
+def _only_added_files(commit: Commit) -> bool:
+    """True when a commit added data files and removed none, or changed no data file and nothing
+    about how the files are read."""
+    operation, parameters, metrics = commit.operation, commit.parameters, commit.metrics
     if operation in _NO_DATA_CHANGE:
         return True
-    if any(_REMOVALS.search(k) and str(v).strip() not in ("", "0") for k, v in metrics.items()):
+    if any(_REMOVALS.search(k) and v.strip() not in ("", "0") for k, v in metrics.items()):
         return False
     if operation == "WRITE":
         return parameters.get("mode") == "Append"
@@ -157,7 +159,7 @@ def _only_added_files(operation: str, parameters: dict, metrics: dict) -> bool:
     if operation == "MERGE":  # insert-only: no rows matched, no file rewritten
         return metrics.get("numTargetFilesRemoved") == "0"
     if operation == "SET TBLPROPERTIES":
-        return "columnMapping" not in str(parameters.get("properties") or "")
+        return "columnMapping" not in parameters.get("properties", "")
     return False
 
 
@@ -167,26 +169,21 @@ def _appended_rows(spark, ref, base_version: int, version: int, columns: list[st
     hold its rows as they are (partitions, column mapping)."""
     from sparktune.tables import read_table
 
-    history = (spark.sql(f"DESCRIBE HISTORY {ref.sql}").where(f"version > {int(base_version)} AND version <= "
-                                                              f"{int(version)}")
-               .select("version", "operation", "operationParameters", "operationMetrics").collect())
-    if sorted(int(r["version"]) for r in history) != list(range(base_version + 1, version + 1)):
+    history = commits(spark, ref, base_version + 1, version)
+    if [c.version for c in history] != list(range(base_version + 1, version + 1)):
         return None  # part of the range is gone from the history
-    if not all(_only_added_files(str(r["operation"]), dict(r["operationParameters"] or {}),
-                                 {str(k): str(v) for k, v in (r["operationMetrics"] or {}).items()}) for r in history):
+    if not all(_only_added_files(c) for c in history):
         return None
-    detail = spark.sql(f"DESCRIBE DETAIL {ref.sql}").select("partitionColumns", "properties").first()
-    mapping = dict(detail["properties"] or {}).get("delta.columnMapping.mode", "none")
-    if list(detail["partitionColumns"] or []) or mapping != "none":
+    now = file_layout(spark, ref, version)
+    if now.partition_columns or now.column_mapping != "none":
         return None
-    before = set(read_table(spark, ref, version=base_version, what="source").inputFiles())
-    now = read_table(spark, ref, version=version, what="source").select(*columns)
-    added = sorted(f for f in now.inputFiles() if f not in before)
+    added = sorted(now.files - file_layout(spark, ref, base_version).files)
     if any(_GLOB.search(f) for f in added):
         return None
+    schema = read_table(spark, ref, version=version, what="source").select(*columns).schema
     if not added:
-        return now.limit(0)
-    return spark.read.schema(now.schema).parquet(*added).select(*columns)
+        return spark.createDataFrame([], schema)
+    return spark.read.schema(schema).parquet(*added).select(*columns)
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,20 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 from sparktune.errors import SparktuneError
 from sparktune.tasks import TOKENIZED
 
 __all__ = [
+    "Commit",
+    "FileLayout",
     "TableRef",
     "TableSnapshot",
     "check_writes",
     "commit_metadata",
+    "commits",
+    "file_layout",
     "last_commit",
     "parse_table_ref",
     "read_snapshot",
@@ -211,8 +216,9 @@ def _commit(spark, ref: TableRef, version: int | None) -> dict:
             "operationMetrics": dict(row["operationMetrics"] or {})}
 
 
-def _log_folder(path: str) -> str:
-    """A path table's folder as delta-rs and the OS open it: ``file:`` (any number of slashes) dropped."""
+def _os_path(path: str) -> str:
+    """A local path (a table's folder, a data file) as delta-rs and the OS open it: ``file:`` (any
+    number of slashes) dropped."""
     return "/" + path[len("file:"):].lstrip("/") if path.startswith("file:") else path
 
 
@@ -221,10 +227,94 @@ def _commit_from_log(ref: TableRef) -> dict:
     from deltalake import DeltaTable
 
     assert ref.path is not None  # _log_is_local: a path table
-    (info,) = DeltaTable(_log_folder(ref.path)).history(1)
+    (info,) = DeltaTable(_os_path(ref.path)).history(1)
     return {"version": int(info["version"]), "operation": info.get("operation"),
             "userMetadata": info.get("userMetadata"),
             "operationMetrics": {str(k): str(v) for k, v in (info.get("operationMetrics") or {}).items()}}
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One commit of a table's history, as ``DESCRIBE HISTORY`` shows it (values as text)."""
+
+    version: int
+    operation: str
+    parameters: dict[str, str]
+    metrics: dict[str, str]
+
+
+def commits(spark, ref, first: int, last: int) -> list[Commit]:
+    """The commits ``first..last`` the table's history still holds, oldest first (a version the
+    log no longer has is missing from the list). From the Delta log for a local path table
+    (``_log_is_local``), else, and on any failure there, ``DESCRIBE HISTORY``."""
+    ref = parse_table_ref(ref)
+    if _log_is_local(spark, ref):
+        try:
+            return _commits_from_log(ref, first, last)
+        except Exception:  # noqa: BLE001  (Spark SQL below reads it, or says what is wrong)
+            pass
+    rows = (spark.sql(f"DESCRIBE HISTORY {ref.sql}").where(f"version >= {int(first)} AND version <= {int(last)}")
+            .select("version", "operation", "operationParameters", "operationMetrics").collect())
+    return sorted((_commit_of(r.asDict()) for r in rows), key=lambda c: c.version)
+
+
+def _commit_of(info: Mapping) -> Commit:
+    def text(values) -> dict[str, str]:
+        return {str(k): str(v) for k, v in dict(values or {}).items()}
+
+    return Commit(int(info["version"]), str(info.get("operation")), text(info.get("operationParameters")),
+                  text(info.get("operationMetrics")))
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """Which data files make up a table at one version, and what decides how they are read."""
+
+    files: frozenset[str]
+    """The data files' absolute paths (URIs for remote storage), as Spark and delta-rs open them."""
+    partition_columns: tuple[str, ...]
+    column_mapping: str
+    """``delta.columnMapping.mode`` (``none`` when unset)."""
+
+
+def file_layout(spark, ref, version: int) -> FileLayout:
+    """The table's ``FileLayout`` at ``version``: from the Delta log for a local path table
+    (``_log_is_local``: milliseconds, where Spark builds the version's file list with a job), else,
+    and on any failure there, ``inputFiles()`` and ``DESCRIBE DETAIL`` (the latest layout)."""
+    ref = parse_table_ref(ref)
+    if _log_is_local(spark, ref):
+        try:
+            return _file_layout_from_log(ref, version)
+        except Exception:  # noqa: BLE001  (Spark below reads it, or says what is wrong)
+            pass
+    # One form for either reader (Spark gives file: URIs), so that layouts of two versions compare
+    # even when one of them had to fall back here.
+    files = frozenset(_os_path(f) for f in read_table(spark, ref, version=version, what="table").inputFiles())
+    detail = _detail(spark, ref)
+    return FileLayout(files, tuple(detail["partitionColumns"] or ()),
+                      str(dict(detail["properties"] or {}).get("delta.columnMapping.mode", "none")))
+
+
+def _commits_from_log(ref: TableRef, first: int, last: int) -> list[Commit]:
+    from deltalake import DeltaTable
+
+    assert ref.path is not None  # _log_is_local: a path table
+    found = [_commit_of(info) for info in DeltaTable(_os_path(ref.path)).history()]
+    return sorted((c for c in found if first <= c.version <= last), key=lambda c: c.version)
+
+
+def _file_layout_from_log(ref: TableRef, version: int) -> FileLayout:
+    from deltalake import DeltaTable
+
+    assert ref.path is not None  # _log_is_local: a path table
+    table = DeltaTable(_os_path(ref.path), version=int(version))
+    metadata = table.metadata()
+    # delta-rs gives the files percent-encoded ("a%20b"); the OS, Spark and ``inputFiles()`` use the
+    # real names. (It cannot open a table whose folder name holds a "%XX" itself: it decodes twice;
+    # that raises here and Spark answers instead.)
+    files = frozenset(_os_path(unquote(f)) for f in table.file_uris())
+    return FileLayout(files, tuple(metadata.partition_columns),
+                      str((metadata.configuration or {}).get("delta.columnMapping.mode", "none")))
 
 
 def _sql_str(value) -> str:
@@ -308,7 +398,7 @@ def _log_is_local(spark, ref: TableRef) -> bool:
 
     if ref.path is None or on_databricks() or (_URI.match(ref.path) and not ref.path.startswith("file:")):
         return False
-    if not os.path.isdir(os.path.join(_log_folder(ref.path), "_delta_log")) or is_connect(spark):
+    if not os.path.isdir(os.path.join(_os_path(ref.path), "_delta_log")) or is_connect(spark):
         return False
     return is_local_master(spark_master(spark))
 
@@ -392,7 +482,7 @@ def _snapshot_from_log(ref: TableRef, version: int | None, what: str) -> TableSn
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
-    location = _log_folder(ref.path)
+    location = _os_path(ref.path)
     try:
         table = DeltaTable(location)
     except TableNotFoundError:

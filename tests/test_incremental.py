@@ -37,11 +37,22 @@ def _changes(spark, path, base):
     return changes.via, keys, inserted
 
 
-@pytest.fixture
-def table(spark, tmp_path):
-    # A space, '%' and '=' in the folder: file paths as the log, the reader and Hadoop write them.
-    path = str(tmp_path / "source dir %41 a=b")
-    return path, _make(spark, path)
+@pytest.fixture(params=["delta-log", "spark"])
+def table(request, spark, tmp_path, monkeypatch):
+    """The source table, its history and files read from the Delta log (a local table on a local
+    master) or by Spark (what Connect, clusters and catalog tables use)."""
+    from sparktune import tables
+
+    # A space and '=' in the folder (and '%', which delta-rs cannot open: Spark only): file paths as
+    # the log, the readers and Hadoop write them.
+    if request.param == "spark":
+        monkeypatch.setattr(tables, "_log_is_local", lambda *_: False)
+        path = str(tmp_path / "source dir %41 a=b")
+        return path, _make(spark, path)
+    path = str(tmp_path / "source dir a=b")
+    base = _make(spark, path)
+    assert tables._commits_from_log(parse_table_ref(path), 0, base)  # the log is readable: no silent fallback
+    return path, base
 
 
 def test_appends_insert_only_merge_and_property_changes_read_only_the_added_files(spark, table):

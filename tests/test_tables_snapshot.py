@@ -2,18 +2,24 @@
 and through the Delta log, at any version; failures raise, and resume's "table was recreated"
 guard refuses a table whose identity differs or cannot be read."""
 
+import os
 import shutil
 
 import pytest
 
+from sparktune import tables
 from sparktune.errors import ConfigError, SparktuneError
 from sparktune.tables import (
     TableSnapshot,
     _commit,
     _commit_from_log,
+    _commits_from_log,
+    _file_layout_from_log,
     _log_is_local,
     _snapshot_through_spark,
     commit_metadata,
+    commits,
+    file_layout,
     last_commit,
     parse_table_ref,
     read_snapshot,
@@ -82,6 +88,55 @@ def test_latest_commit_is_the_same_from_the_delta_log_and_describe_history(spark
         checked.append((from_log["operation"], from_log["userMetadata"], metrics.get("numOutputRows")))
     assert checked[0][0] == "WRITE" and '"source_version": "7"' in checked[0][1] and checked[0][2] == "2"
     assert checked[1][0] == "DELETE" and checked[1][1] is None
+
+
+def test_commits_and_file_layouts_are_the_same_from_the_delta_log_and_through_spark(spark, tmp_path, monkeypatch):
+    """``commits`` and ``file_layout`` (the incremental builds' append-only check) read a local path
+    table's log with delta-rs; Spark (DESCRIBE HISTORY, ``inputFiles()``, DESCRIBE DETAIL: what
+    Connect, clusters and catalog tables use) gives the same commits and the same files, in one
+    path form, at every version, in a folder whose name URIs and Hadoop treat specially."""
+    path = str(tmp_path / "t dir a=b")
+    ref = parse_table_ref(path)
+    _write(spark, path, 3)  # v0
+    spark.sql(f"INSERT INTO delta.`{path}` VALUES (9, 'x')")  # v1
+    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('sparktune.note' = 'n')")  # v2
+    spark.sql(f"""MERGE INTO delta.`{path}` AS t USING (SELECT * FROM VALUES (10, 'm') AS s(id, text))
+                  AS s ON t.id = s.id WHEN NOT MATCHED THEN INSERT *""")  # v3
+    spark.sql(f"DELETE FROM delta.`{path}` WHERE id = 9")  # v4
+    assert _log_is_local(spark, ref)
+    from_log = _commits_from_log(ref, 1, 4)
+    layouts_from_log = [_file_layout_from_log(ref, v) for v in range(5)]
+    assert commits(spark, path, 1, 4) == from_log  # the log is what the public reader uses here
+    monkeypatch.setattr(tables, "_log_is_local", lambda *_: False)  # now Spark's way, as on a cluster
+    through_spark = commits(spark, path, 1, 4)
+    assert [c.version for c in from_log] == [1, 2, 3, 4]
+    assert [c.operation for c in from_log] == ["WRITE", "SET TBLPROPERTIES", "MERGE", "DELETE"]
+    for log_commit, spark_commit in zip(from_log, through_spark, strict=True):
+        assert log_commit == spark_commit
+    assert from_log[0].parameters["mode"] == "Append" and from_log[2].metrics["numTargetFilesRemoved"] == "0"
+    assert int(from_log[3].metrics["numDeletedRows"]) == 1
+    for version, log_layout in enumerate(layouts_from_log):
+        assert file_layout(spark, path, version).files == log_layout.files, version
+        assert all(f.startswith(path + "/") and os.path.isfile(f) for f in log_layout.files)
+    assert file_layout(spark, path, 4) == layouts_from_log[4]
+    assert layouts_from_log[4].partition_columns == () and layouts_from_log[4].column_mapping == "none"
+    assert len(layouts_from_log[1].files - layouts_from_log[0].files) == 1
+
+
+def test_a_folder_delta_rs_cannot_open_is_read_through_spark(spark, tmp_path):
+    """delta-rs decodes a "%41" in a folder's name (it opens "A"): the log readers raise and the
+    public readers answer through Spark, with the same file paths."""
+    path = str(tmp_path / "t %41")
+    _write(spark, path, 3)
+    spark.sql(f"INSERT INTO delta.`{path}` VALUES (9, 'x')")
+    ref = parse_table_ref(path)
+    with pytest.raises(Exception, match="t A"):
+        _commits_from_log(ref, 0, 1)
+    found = commits(spark, path, 0, 1)
+    assert [c.version for c in found] == [0, 1] and found[1].operation == "WRITE"
+    before, after = file_layout(spark, path, 0).files, file_layout(spark, path, 1).files
+    assert before < after and len(after - before) == 1  # the INSERT's one file
+    assert all(f.startswith(path + "/") and os.path.isfile(f) for f in after)
 
 
 def test_snapshot_of_a_catalog_table_names_it(spark, tmp_path):
