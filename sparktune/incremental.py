@@ -14,8 +14,8 @@ rows need work:
      changed rows are exactly the rows of the added files: the files of the new version that the
      old version did not have, read directly. The history and the file lists come from the Delta
      log (``tables.commits`` and ``tables.file_layout``: delta-rs for a local table, in
-     milliseconds; else ``DESCRIBE HISTORY`` and ``inputFiles()``). Not for partitioned tables or column mapping (their files do not hold the
-     rows as the table shows them).
+     milliseconds; else ``DESCRIBE HISTORY`` and ``inputFiles()``). Not for partitioned tables
+     or column mapping (their files do not hold the rows as the table shows them).
   3. Else by comparing a hash of each row's content at the two versions (time travel; a
      ``row_id`` present at one version and not the other, or present at both with other
      content): a full scan of both versions, always right.
