@@ -19,7 +19,7 @@ import os
 
 import pytest
 from deltalake import DeltaTable
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sparktune.errors import SparktuneError
@@ -161,6 +161,8 @@ def _csv_property(spark, tmp_path_factory, rows, stray):
 
 @settings(max_examples=CI_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(rows=csv_rows, stray=st.booleans())
+# Found in CI: a split of U+0890 (a format character since Unicode 14) was blank to Python, not to Java 17.
+@example(rows=[["0", "0", "", "\u0890"]], stray=False)
 def test_csv_any_content_is_accounted_for(spark, tmp_path_factory, rows, stray):
     _csv_property(spark, tmp_path_factory, rows, stray)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from sparktune.errors import SparktuneError
 from sparktune.ingest.frame import keep_extras, sql_str
-from sparktune.ingest.rules import BLANK_JAVA, NOT_UTF8_REASON, QUOTE_CHARS, Reason
+from sparktune.ingest.rules import NOT_UTF8_REASON, QUOTE_CHARS, Reason, blank_java
 from sparktune.redact import redact
 from sparktune.tables import spark_path
 
@@ -60,7 +60,7 @@ def _problem():
                       "size(filter(json_object_keys(value), j -> j = k)) > 1))")
     return (
         F.when(~F.expr("is_valid_utf8(value)"), F.lit(NOT_UTF8_REASON))
-        .when(F.col("value").rlike(BLANK_JAVA), F.lit(Reason.BLANK_RECORD.value))
+        .when(F.col("value").rlike(blank_java()), F.lit(Reason.BLANK_RECORD.value))
         .when(F.col("_v").isNull() & (F.size(repeated) > 0),
               F.concat(F.lit(Reason.REPEATED_KEY.value + ": the object repeats "),
                        F.substring(F.array_join(repeated, ", "), 1, QUOTE_CHARS),

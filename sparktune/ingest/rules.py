@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from enum import Enum
 
 __all__ = [
-    "BLANK_JAVA",
     "KNOWN_SPLITS",
     "LABEL_NAMES",
     "NOT_UTF8",
     "NOT_UTF8_REASON",
     "QUOTE_CHARS",
-    "TRIM_JAVA",
     "UNLABELLED_SPLITS",
     "Reason",
+    "blank_java",
     "is_blank",
+    "trim_java",
 ]
 
 LABEL_NAMES = {"neg": 0, "negative": 0, "pos": 1, "positive": 1, "unsup": -1, "unlabelled": -1, "unlabeled": -1}
 UNLABELLED_SPLITS = ("unsupervised", "unsup", "unlabelled", "unlabeled")
 KNOWN_SPLITS = ("train", "test", "validation", "valid", "dev", "eval") + UNLABELLED_SPLITS
-# Java regex (Spark's regexp functions): White_Space, control, format and separator characters.
-_BLANK_CLASS = r"[\s\p{Cc}\p{Cf}\p{Z}]"
-BLANK_JAVA = r"(?U)^" + _BLANK_CLASS + r"*$"
-TRIM_JAVA = r"(?U)^" + _BLANK_CLASS + r"+|" + _BLANK_CLASS + r"+$"
+_BLANK_CATEGORIES = ("Cc", "Cf", "Zs", "Zl", "Zp")
 # Longest piece of a bad value quoted back in a reason.
 QUOTE_CHARS = 100
 NOT_UTF8 = re.compile(r"[\udc80-\udcff]")  # bytes decoded with surrogateescape
@@ -53,5 +51,33 @@ class Reason(str, Enum):
 
 
 def is_blank(text: str) -> bool:
-    """Python's reading of the blank rule (tests use it as an oracle; Spark uses ``BLANK_JAVA``)."""
-    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Zs", "Zl", "Zp") for c in text)
+    """Python's reading of the blank rule (tests use it as an oracle; Spark uses ``blank_java()``)."""
+    return all(c.isspace() or unicodedata.category(c) in _BLANK_CATEGORIES for c in text)
+
+
+@functools.cache
+def _blank_class() -> str:
+    """A Java regex class of exactly the characters ``is_blank`` calls blank: white space, control,
+    format and separator characters, listed as code point ranges.
+
+    Not ``[\\s\\p{Cc}\\p{Cf}\\p{Z}]``: that reads the JVM's own Unicode tables, which lag Python's
+    (Java 17 has Unicode 13, Python 3.11 Unicode 14, where U+0890 and U+0891 became format
+    characters), so the same text was blank to one and not the other. Built once (~0.1 s)."""
+    blank = [c for c in range(0x110000) if is_blank(chr(c))]
+    ranges: list[list[int]] = []
+    for c in blank:
+        if ranges and ranges[-1][1] == c - 1:
+            ranges[-1][1] = c
+        else:
+            ranges.append([c, c])
+    return "[" + "".join(f"\\x{{{a:x}}}" + (f"-\\x{{{b:x}}}" if b > a else "") for a, b in ranges) + "]"
+
+
+def blank_java() -> str:
+    """Java regex (Spark's ``rlike``): the whole value is blank (``is_blank``)."""
+    return "^" + _blank_class() + "*$"
+
+
+def trim_java() -> str:
+    """Java regex (Spark's ``regexp_replace``): blank characters at either end."""
+    return "^" + _blank_class() + "+|" + _blank_class() + "+$"

@@ -11,13 +11,13 @@ from typing import Any
 
 from sparktune.ingest.frame import quote
 from sparktune.ingest.rules import (
-    BLANK_JAVA,
     LABEL_NAMES,
     NOT_UTF8_REASON,
     QUOTE_CHARS,
-    TRIM_JAVA,
     UNLABELLED_SPLITS,
     Reason,
+    blank_java,
+    trim_java,
 )
 
 __all__ = ["mark_duplicates", "validate"]
@@ -28,7 +28,7 @@ _SEP = "\u001f"
 def _trim(column):
     from pyspark.sql import functions as F
 
-    return F.regexp_replace(column, TRIM_JAVA, "")
+    return F.regexp_replace(column, trim_java(), "")
 
 
 def _missing(column):
@@ -97,7 +97,7 @@ def _reason(df, num_labels: int, extras: list, split, label):
         (F.col("_text_type").isNotNull(),
          F.concat(F.lit(Reason.TEXT_WRONG_TYPE.value + ": expected a string, found "), F.col("_text_type"))),
         (text.isNull(), F.lit(Reason.MISSING_TEXT.value)),
-        (F.coalesce(text.rlike(BLANK_JAVA), F.lit(False)), F.lit(Reason.EMPTY_TEXT.value)),
+        (F.coalesce(text.rlike(blank_java()), F.lit(False)), F.lit(Reason.EMPTY_TEXT.value)),
         (F.col("_label_type").isNotNull(), wrong(Reason.LABEL_WRONG_TYPE, F.col("_label_type"))),
         (label_missing & ~unlabelled, F.lit(Reason.MISSING_LABEL.value)),
         (label_missing, F.lit(None).cast("string")),  # unlabelled split: -1
