@@ -39,7 +39,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sparktune.tables import Commit, commit_metadata, commits, file_layout, last_commit, parse_table_ref
+from sparktune.tables import Commit, commit_metadata, commits, data_files, file_layout, last_commit, parse_table_ref
 
 __all__ = ["Applied", "ChangeSource", "SourceChanges", "apply_changes", "history_unreadable", "last_provenance",
            "source_changes"]
@@ -177,7 +177,7 @@ def _appended_rows(spark, ref, base_version: int, version: int, columns: list[st
     now = file_layout(spark, ref, version)
     if now.partition_columns or now.column_mapping != "none":
         return None
-    added = sorted(now.files - file_layout(spark, ref, base_version).files)
+    added = sorted(now.files - data_files(spark, ref, base_version))
     if any(_GLOB.search(f) for f in added):
         return None
     schema = read_table(spark, ref, version=version, what="source").select(*columns).schema

@@ -25,6 +25,7 @@ __all__ = [
     "check_writes",
     "commit_metadata",
     "commits",
+    "data_files",
     "file_layout",
     "last_commit",
     "parse_table_ref",
@@ -287,12 +288,26 @@ def file_layout(spark, ref, version: int) -> FileLayout:
             return _file_layout_from_log(ref, version)
         except Exception:  # noqa: BLE001  (Spark below reads it, or says what is wrong)
             pass
-    # One form for either reader (Spark gives file: URIs), so that layouts of two versions compare
-    # even when one of them had to fall back here.
-    files = frozenset(_os_path(f) for f in read_table(spark, ref, version=version, what="table").inputFiles())
     detail = _detail(spark, ref)
-    return FileLayout(files, tuple(detail["partitionColumns"] or ()),
+    return FileLayout(_files_through_spark(spark, ref, version), tuple(detail["partitionColumns"] or ()),
                       str(dict(detail["properties"] or {}).get("delta.columnMapping.mode", "none")))
+
+
+def data_files(spark, ref, version: int) -> frozenset[str]:
+    """``file_layout(...).files`` alone: through Spark, no ``DESCRIBE DETAIL`` for a layout not needed."""
+    ref = parse_table_ref(ref)
+    if _log_is_local(spark, ref):
+        try:
+            return _file_layout_from_log(ref, version).files
+        except Exception:  # noqa: BLE001  (Spark below reads it, or says what is wrong)
+            pass
+    return _files_through_spark(spark, ref, version)
+
+
+def _files_through_spark(spark, ref: TableRef, version: int) -> frozenset[str]:
+    # One form for either reader (Spark gives file: URIs), so that the files of two versions
+    # compare even when only one of them had to fall back here.
+    return frozenset(_os_path(f) for f in read_table(spark, ref, version=version, what="table").inputFiles())
 
 
 def _commits_from_log(ref: TableRef, first: int, last: int) -> list[Commit]:

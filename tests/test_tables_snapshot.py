@@ -19,6 +19,7 @@ from sparktune.tables import (
     _snapshot_through_spark,
     commit_metadata,
     commits,
+    data_files,
     file_layout,
     last_commit,
     parse_table_ref,
@@ -116,7 +117,7 @@ def test_commits_and_file_layouts_are_the_same_from_the_delta_log_and_through_sp
     assert from_log[0].parameters["mode"] == "Append" and from_log[2].metrics["numTargetFilesRemoved"] == "0"
     assert int(from_log[3].metrics["numDeletedRows"]) == 1
     for version, log_layout in enumerate(layouts_from_log):
-        assert file_layout(spark, path, version).files == log_layout.files, version
+        assert file_layout(spark, path, version).files == data_files(spark, path, version) == log_layout.files, version
         assert all(f.startswith(path + "/") and os.path.isfile(f) for f in log_layout.files)
     assert file_layout(spark, path, 4) == layouts_from_log[4]
     assert layouts_from_log[4].partition_columns == () and layouts_from_log[4].column_mapping == "none"
